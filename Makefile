@@ -1,0 +1,26 @@
+# The README's commands. `make test` builds everything it needs in its own virtual environment.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.goat-installed
+
+.PHONY: setup test lint bench-ops
+
+setup: $(STAMP)
+
+# torch first, then the package without build isolation: the C++ kernel (goat_runtime._C) is
+# compiled against the very torch it will run with.
+$(STAMP): pyproject.toml setup.py goat_runtime/ops/cpu/routed_lora.cpp
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0 "setuptools>=77" wheel
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[dev,gpu]'
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/pytest
+
+bench-ops: setup
+	$(BIN)/python benchmarks/bench_routed_lora.py

@@ -1,0 +1,129 @@
+"""Micro-benchmark of the CPU routed low-rank op on one SmolLM2-135M decoder layer.
+
+Prints, per batch size T and token layout, the time of the layer's four base projections
+(F.linear: fused q/k/v, o, fused gate/up, down), the time the adapters add to them (the four
+add_routed_lora calls: 16 distinct GOAT adapters, r = 8, E = 8, top_k = 2, all seven
+projections), and their ratio. Base and adapter calls are timed interleaved in one loop, so
+machine noise hits both alike; figures are medians.
+
+    python benchmarks/bench_routed_lora.py [--threads 2] [--quick] [--no-reference]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora
+from goat_runtime.ops.reference import add_routed_lora_reference
+
+HIDDEN, INTERMEDIATE, KV = 576, 1536, 192
+# (name, d_in, output slices): the fused base linears of one SmolLM2-135M decoder layer.
+PROJECTIONS = (
+    ("qkv", HIDDEN, (HIDDEN, KV, KV)),
+    ("o", HIDDEN, (HIDDEN,)),
+    ("gate_up", HIDDEN, (INTERMEDIATE, INTERMEDIATE)),
+    ("down", INTERMEDIATE, (HIDDEN,)),
+)
+NUM_SLOTS, RANK, NUM_EXPERTS, TOP_K = 16, 8, 8, 2
+
+
+def stacked_adapters(d_in: int, out_sizes: tuple[int, ...], static_rank: int,
+                     gen: torch.Generator) -> RoutedLoRAWeights:
+    """NUM_SLOTS random GOAT adapters for one fused linear, in the op's stacked layout."""
+    expert_rank = RANK // NUM_EXPERTS
+    rows = NUM_EXPERTS * expert_rank + static_rank
+    offsets = [0]
+    for size in out_sizes:
+        offsets.append(offsets[-1] + size)
+    num_slices = len(out_sizes)
+    shrink = torch.randn(NUM_SLOTS, num_slices, rows + NUM_EXPERTS, d_in, generator=gen)
+    shrink /= d_in**0.5
+    expand = torch.randn(NUM_SLOTS, rows, offsets[-1], generator=gen) / rows**0.5
+    meta = torch.tensor([NUM_EXPERTS, TOP_K, expert_rank], dtype=torch.int32)
+    meta = meta.expand(NUM_SLOTS, num_slices, 3).contiguous()
+    return RoutedLoRAWeights(shrink, expand, meta, tuple(offsets))
+
+
+def layouts(num_tokens: int) -> dict[str, torch.Tensor]:
+    """Token slot layouts: 'distinct' (token t uses slot t % 16, as in decode) and, for long
+    batches, 'segments' (16 contiguous same-slot runs, as in prefill)."""
+    out = {"distinct": (torch.arange(num_tokens) % NUM_SLOTS).to(torch.int32)}
+    if num_tokens >= 4 * NUM_SLOTS:
+        out["segments"] = (torch.arange(num_tokens) * NUM_SLOTS // num_tokens).to(torch.int32)
+    return out
+
+
+def time_layer(num_tokens: int, slots: torch.Tensor, base: list[torch.Tensor],
+               adapters: list[RoutedLoRAWeights], reps: int, warmup: int,
+               op=add_routed_lora) -> tuple[float, float]:
+    """Median seconds of the base projections and of the adapters' added time, interleaved."""
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(num_tokens, w.shape[1], generator=gen) for w in base]
+    base_times, adapter_times = [], []
+    for i in range(warmup + reps):
+        t0 = time.perf_counter()
+        ys = [F.linear(x, w) for x, w in zip(xs, base, strict=True)]
+        t1 = time.perf_counter()
+        for y, x, weights in zip(ys, xs, adapters, strict=True):
+            op(y, x, slots, weights)
+        t2 = time.perf_counter()
+        if i >= warmup:
+            base_times.append(t1 - t0)
+            adapter_times.append(t2 - t1)
+    return statistics.median(base_times), statistics.median(adapter_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--quick", action="store_true", help="few repetitions (seconds)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the reference implementation's figure")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(sum(outs), d_in, generator=gen) / d_in**0.5
+            for _, d_in, outs in PROJECTIONS]
+    configs = {
+        "unmerged (static rank 8)": [stacked_adapters(d, outs, RANK, gen)
+                                     for _, d, outs in PROJECTIONS],
+        "merged (no static term)": [stacked_adapters(d, outs, 0, gen)
+                                    for _, d, outs in PROJECTIONS],
+    }
+    reps = {1: 400, 32: 200, 512: 20}
+    if args.quick:
+        reps = {1: 50, 32: 30, 512: 3}
+
+    print(f"SmolLM2-135M layer, {NUM_SLOTS} adapters, r={RANK} E={NUM_EXPERTS} k={TOP_K}, "
+          f"threads={torch.get_num_threads()}, median times")
+    header = f"{'adapters':<26}{'T':>5}  {'layout':<9}{'base ms':>9}{'adapter ms':>12}{'ratio':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, adapters in configs.items():
+        for num_tokens, count in reps.items():
+            for layout, slots in layouts(num_tokens).items():
+                base_s, adapter_s = time_layer(num_tokens, slots, base, adapters, count,
+                                               warmup=max(3, count // 10))
+                print(f"{name:<26}{num_tokens:>5}  {layout:<9}{base_s * 1e3:>9.3f}"
+                      f"{adapter_s * 1e3:>12.3f}{adapter_s / base_s:>8.3f}")
+
+    if not args.no_reference:
+        adapters = configs["unmerged (static rank 8)"]
+        slots = layouts(32)["distinct"]
+        base_s, ref_s = time_layer(32, slots, base, adapters, reps=3, warmup=1,
+                                   op=add_routed_lora_reference)
+        print(f"reference (Python loop), unmerged, T=32 distinct: base {base_s * 1e3:.3f} ms, "
+              f"adapters {ref_s * 1e3:.3f} ms, ratio {ref_s / base_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

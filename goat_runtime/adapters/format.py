@@ -1,0 +1,344 @@
+"""Read GOAT-PEFT and PEFT LoRA checkpoints into one normalised in-memory form, checking them.
+
+Both kinds become, per adapted base Linear, an `AdaptedLinear`: stacked expert factors (plain LoRA
+is one expert), an optional router and a scale. Reading is pure: it returns a new `Adapter` or
+raises `AdapterError` naming the file, the key, what was expected and what was found, so a bad
+adapter can never disturb the adapters already being served.
+"""
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+KEY_PREFIX = "base_model.model."
+GOAT_INIT_TYPES = ("goat", "goat_mini")
+
+# PEFT config keys whose non-default values change the math in ways goat-serve does not implement.
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": (False, None),
+    "bias": ("none", None),
+    "lora_bias": (False, None),
+    "modules_to_save": (None, []),
+    "layers_to_transform": (None, []),
+    "layers_pattern": (None, []),
+    "layer_replication": (None, []),
+    "fan_in_fan_out": (False, None),
+    "megatron_config": (None,),
+    "trainable_token_indices": (None,),
+}
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be served; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class InitSignature:
+    """What a GOAT adapter's static correction depends on, besides the base weights."""
+
+    rank: int
+    num_experts: int
+    init_type: str
+    init_cof: float
+
+    def slug(self) -> str:
+        return f"r{self.rank}-e{self.num_experts}-{self.init_type}-c{self.init_cof:g}"
+
+
+@dataclass
+class AdaptedLinear:
+    """One adapter's delta on one base Linear (W: [d_out, d_in]).
+
+    delta(x) = scale * sum_e gate_e(x) * B_e (A_e x); plain LoRA is one expert with gate 1.
+    """
+
+    lora_a: torch.Tensor  # [rank, d_in]; expert e owns rows [e*expert_rank, (e+1)*expert_rank)
+    lora_b: torch.Tensor  # [d_out, rank]; expert e owns the same columns
+    router: torch.Tensor | None  # [E, d_in] for GOAT, None for plain LoRA
+    top_k: int  # 0 for plain LoRA
+    scale: float
+
+    @property
+    def num_experts(self) -> int:
+        return 0 if self.router is None else self.router.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+    @property
+    def expert_rank(self) -> int:
+        return self.rank // max(self.num_experts, 1)
+
+
+@dataclass
+class Adapter:
+    """A loaded adapter: its kind, its per-module deltas and, for GOAT, its init signature."""
+
+    name: str
+    path: Path
+    kind: str  # "goat" or "lora"
+    layers: dict[str, AdaptedLinear]  # base module name -> delta
+    signature: InitSignature | None  # GOAT only: selects the static correction
+    base_model_name_or_path: str
+
+    @property
+    def max_rank(self) -> int:
+        return max(layer.rank for layer in self.layers.values())
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(
+            layer.lora_a.numel() + layer.lora_b.numel()
+            + (0 if layer.router is None else layer.router.numel())
+            for layer in self.layers.values()
+        )
+
+
+def load_adapter(path: str | Path, base_linears: dict[str, tuple[int, int]], *,
+                 name: str | None = None, max_rank: int = 64,
+                 scale_override: float | None = None) -> Adapter:
+    """Read and check the adapter directory `path` against a base model.
+
+    base_linears: the base model's Linear layers, module name -> (d_out, d_in).
+    max_rank: the largest total rank (all experts) the server accepts.
+    scale_override: the scale to use instead of the config's, for reference runs trained with
+      a scale set from the environment (GOAT's SCALING / ETA).
+    Pickle checkpoints are refused and never opened.
+    """
+    path = Path(path)
+    config = _read_config(path)
+    weights_file = path / WEIGHTS_FILE
+    if not weights_file.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise AdapterError(
+                f"{path}: only safetensors checkpoints are loaded; found the pickle file(s) "
+                f"{', '.join(pickles)}, which are never unpickled. Convert to {WEIGHTS_FILE}.")
+        raise AdapterError(f"{path}: missing {WEIGHTS_FILE}")
+    config_file = path / CONFIG_FILE
+    peft_type = config.get("peft_type")
+    if peft_type not in ("GOAT", "LORA"):
+        raise AdapterError(
+            f"{config_file}: unknown peft_type {peft_type!r}; expected 'GOAT' or 'LORA'")
+    _check_options(config, config_file, peft_type)
+    targets = _match_targets(config, config_file, base_linears)
+    tensors = _read_tensors(weights_file)
+    if peft_type == "GOAT":
+        layers, signature = _goat_layers(config, config_file, weights_file, tensors, targets,
+                                         base_linears, scale_override)
+    else:
+        layers = _lora_layers(config, config_file, weights_file, tensors, targets, base_linears,
+                              scale_override)
+        signature = None
+    leftover = sorted(set(tensors) - _used_keys(tensors, layers, peft_type))
+    if leftover:
+        raise AdapterError(
+            f"{weights_file}: unexpected key {leftover[0]!r} ({len(leftover)} unexpected in "
+            f"all); its module is not a target of the adapter's config or not a Linear layer "
+            f"of the base model")
+    for module, layer in layers.items():
+        if layer.rank > max_rank:
+            raise AdapterError(
+                f"{weights_file}: {module} has rank {layer.rank}, over the configured maximum "
+                f"{max_rank} (--max-lora-rank)")
+    return Adapter(
+        name=name or path.name, path=path, kind=peft_type.lower(), layers=layers,
+        signature=signature,
+        base_model_name_or_path=str(config.get("base_model_name_or_path") or ""))
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_dir():
+        raise AdapterError(f"{path}: adapter directory not found")
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise AdapterError(f"{path}: missing {CONFIG_FILE}")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{config_file}: invalid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_file}: expected a JSON object, found {type(config).__name__}")
+    return config
+
+
+def _check_options(config: dict, config_file: Path, peft_type: str) -> None:
+    for key, allowed in _UNSUPPORTED_OPTIONS.items():
+        value = config.get(key)
+        if value not in allowed and not (value == {} and None in allowed):
+            raise AdapterError(
+                f"{config_file}: option {key}={value!r} is not supported (supported: "
+                f"{' or '.join(repr(a) for a in allowed)})")
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise AdapterError(f"{config_file}: {key} must be a positive number, found {value!r}")
+    if peft_type == "GOAT":
+        if config.get("use_rslora"):
+            raise AdapterError(f"{config_file}: use_rslora is not supported for GOAT adapters "
+                               f"(the GOAT scale is lora_alpha / expert rank)")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if config.get(key):
+                raise AdapterError(f"{config_file}: {key} is not supported for GOAT adapters")
+        num_experts, top_k = config.get("num_experts"), config.get("top_k")
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise AdapterError(
+                f"{config_file}: num_experts must be a positive integer, found {num_experts!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise AdapterError(
+                f"{config_file}: top_k must be an integer in [1, num_experts={num_experts}], "
+                f"found {top_k!r}")
+        if config["r"] % num_experts:
+            raise AdapterError(f"{config_file}: r={config['r']} is not divisible by "
+                               f"num_experts={num_experts}")
+        if config.get("init_type") not in GOAT_INIT_TYPES:
+            raise AdapterError(
+                f"{config_file}: init_type {config.get('init_type')!r} is not supported "
+                f"(supported: {', '.join(GOAT_INIT_TYPES)})")
+        if not isinstance(config.get("init_cof"), int | float):
+            raise AdapterError(
+                f"{config_file}: init_cof must be a number, found {config.get('init_cof')!r}")
+
+
+def _match_targets(config: dict, config_file: Path,
+                   base_linears: dict[str, tuple[int, int]]) -> list[str]:
+    """PEFT's rule: a list matches a module whose name is, or ends with '.', a listed name; a
+    string is a regular expression the whole module name must match."""
+    target_modules = config.get("target_modules")
+    if isinstance(target_modules, str):
+        targets = [m for m in base_linears if re.fullmatch(target_modules, m)]
+        wanted = [target_modules]
+    elif isinstance(target_modules, list) and target_modules:
+        targets = [m for m in base_linears
+                   if any(m == t or m.endswith("." + t) for t in target_modules)]
+        wanted = target_modules
+    else:
+        raise AdapterError(
+            f"{config_file}: target_modules must be a non-empty list or a regex string, found "
+            f"{target_modules!r}")
+    for target in wanted if isinstance(target_modules, list) else []:
+        if not any(m == target or m.endswith("." + target) for m in base_linears):
+            raise AdapterError(
+                f"{config_file}: target module {target!r} matches no Linear layer of the base "
+                f"model (its Linear layers end with: "
+                f"{', '.join(sorted({m.rsplit('.', 1)[-1] for m in base_linears}))})")
+    if not targets:
+        raise AdapterError(f"{config_file}: target_modules {wanted!r} match no Linear layer "
+                           f"of the base model")
+    return targets
+
+
+def _read_tensors(weights_file: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(
+            f"{weights_file}: not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterError(f"{weights_file}: {key} has dtype {tensor.dtype}; expected a "
+                               f"floating point tensor")
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(f"{weights_file}: {key} contains NaN or Inf values")
+    return tensors
+
+
+def _take(tensors: dict[str, torch.Tensor], weights_file: Path, key: str,
+          shape: tuple[int, ...]) -> torch.Tensor:
+    if key not in tensors:
+        raise AdapterError(f"{weights_file}: missing key {key!r}")
+    tensor = tensors[key]
+    if tuple(tensor.shape) != shape:
+        raise AdapterError(f"{weights_file}: {key} has shape {list(tensor.shape)}, expected "
+                           f"{list(shape)}")
+    return tensor.float()
+
+
+def _goat_layers(config, config_file, weights_file, tensors, targets, base_linears,
+                 scale_override) -> tuple[dict[str, AdaptedLinear], InitSignature]:
+    rank, num_experts, top_k = config["r"], config["num_experts"], config["top_k"]
+    expert_rank = rank // num_experts
+    init_type = config["init_type"]
+    if scale_override is not None:
+        scale = scale_override
+    elif "rs" in init_type:
+        scale = config["lora_alpha"] / math.sqrt(expert_rank)
+    else:
+        scale = config["lora_alpha"] / expert_rank
+    layers = {}
+    for module in targets:
+        d_out, d_in = base_linears[module]
+        prefix = KEY_PREFIX + module
+        a_experts, b_experts = [], []
+        for e in range(num_experts):
+            a = _take(tensors, weights_file, f"{prefix}.lora_A.{e}.weight", (expert_rank, d_in))
+            b = _take(tensors, weights_file, f"{prefix}.lora_B.{e}.weight", (d_out, expert_rank))
+            for twin_key, value in ((f"{prefix}.moe_layer.experts.{e}.lora_A.weight", a),
+                                    (f"{prefix}.moe_layer.experts.{e}.lora_B.weight", b)):
+                if twin_key in tensors and not torch.equal(tensors[twin_key].float(), value):
+                    raise AdapterError(
+                        f"{weights_file}: {twin_key} differs from its twin "
+                        f"{twin_key.replace('moe_layer.experts.', '').replace('lora_', '')}; the "
+                        f"reference saves identical copies")
+            a_experts.append(a)
+            b_experts.append(b)
+        router = _take(tensors, weights_file, f"{prefix}.lora_gating.weight", (num_experts, d_in))
+        layers[module] = AdaptedLinear(torch.cat(a_experts), torch.cat(b_experts, dim=1),
+                                       router, top_k, scale)
+    signature = InitSignature(rank, num_experts, init_type, float(config["init_cof"]))
+    return layers, signature
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the module's name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", module):
+            return value
+    return default
+
+
+def _lora_layers(config, config_file, weights_file, tensors, targets, base_linears,
+                 scale_override) -> dict[str, AdaptedLinear]:
+    layers = {}
+    for module in targets:
+        d_out, d_in = base_linears[module]
+        rank = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        if not isinstance(rank, int) or rank < 1:
+            raise AdapterError(f"{config_file}: rank for {module} must be a positive integer, "
+                               f"found {rank!r}")
+        if scale_override is not None:
+            scale = scale_override
+        else:
+            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        prefix = KEY_PREFIX + module
+        a = _take(tensors, weights_file, f"{prefix}.lora_A.weight", (rank, d_in))
+        b = _take(tensors, weights_file, f"{prefix}.lora_B.weight", (d_out, rank))
+        layers[module] = AdaptedLinear(a, b, None, 0, scale)
+    return layers
+
+
+def _used_keys(tensors: dict, layers: dict[str, AdaptedLinear], peft_type: str) -> set[str]:
+    used = set()
+    for module, layer in layers.items():
+        prefix = KEY_PREFIX + module
+        if peft_type == "LORA":
+            used |= {f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"}
+            continue
+        used.add(f"{prefix}.lora_gating.weight")
+        for e in range(layer.num_experts):
+            used |= {f"{prefix}.lora_A.{e}.weight", f"{prefix}.lora_B.{e}.weight",
+                     f"{prefix}.moe_layer.experts.{e}.lora_A.weight",
+                     f"{prefix}.moe_layer.experts.{e}.lora_B.weight"}
+    return used & set(tensors)

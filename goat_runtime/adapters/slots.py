@@ -1,0 +1,76 @@
+"""Device slots: the stacked shrink/expand tensors of one fused base linear, one adapter a slot.
+
+`write_slot` lays an adapter's per-slice deltas (plus their static terms) out in the op's layout
+(goat_runtime.ops.routed_lora): value rows first (experts, then static rows), router rows after.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from goat_runtime.adapters.format import AdaptedLinear
+from goat_runtime.adapters.static import Factors
+from goat_runtime.ops import RoutedLoRAWeights
+
+
+def allocate_slots(num_slots: int, out_sizes: Sequence[int], d_in: int, *, value_rows: int,
+                   max_experts: int, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> RoutedLoRAWeights:
+    """Zeroed slots for a fused linear with output slices `out_sizes`; every slot can hold, per
+    slice, `value_rows` expert plus static rows and a router of up to `max_experts` experts."""
+    offsets = [0]
+    for size in out_sizes:
+        offsets.append(offsets[-1] + size)
+    num_slices = len(out_sizes)
+    return RoutedLoRAWeights(
+        shrink=torch.zeros(num_slots, num_slices, value_rows + max_experts, d_in, dtype=dtype,
+                           device=device),
+        expand=torch.zeros(num_slots, value_rows, offsets[-1], dtype=dtype, device=device),
+        slice_meta=torch.zeros(num_slots, num_slices, 3, dtype=torch.int32, device=device),
+        out_offsets=tuple(offsets),
+    )
+
+
+def slice_rows(delta: AdaptedLinear | None, static: Factors | None) -> tuple[int, int]:
+    """(value rows, router rows) a slice needs in a slot."""
+    rows = (delta.rank if delta else 0) + (static[0].shape[0] if static else 0)
+    return rows, (delta.num_experts if delta else 0)
+
+
+def write_slot(weights: RoutedLoRAWeights, slot: int,
+               deltas: Sequence[AdaptedLinear | None],
+               statics: Sequence[Factors | None]) -> None:
+    """Put one adapter in `slot`: deltas[s] and statics[s] for each output slice s (None where
+    the adapter leaves the slice alone). Raises ValueError if it does not fit the slot."""
+    value_rows = weights.num_value_rows
+    max_experts = weights.shrink.shape[2] - value_rows
+    shrink, expand = weights.shrink[slot], weights.expand[slot]
+    shrink.zero_()
+    expand.zero_()
+    weights.slice_meta[slot].zero_()
+    offsets = weights.out_offsets
+    for s, (delta, static) in enumerate(zip(deltas, statics, strict=True)):
+        rows, experts = slice_rows(delta, static)
+        if rows > value_rows or experts > max_experts:
+            raise ValueError(f"slice {s} needs {rows} value rows and {experts} router rows; the "
+                             f"slots hold {value_rows} and {max_experts}")
+        cols = slice(offsets[s], offsets[s + 1])
+        row = 0
+        if delta is not None:
+            shrink[s, : delta.rank] = delta.lora_a
+            expand[: delta.rank, cols] = (delta.scale * delta.lora_b).T
+            if delta.router is not None:
+                shrink[s, value_rows : value_rows + experts] = delta.router
+            weights.slice_meta[slot, s] = torch.tensor(
+                [experts, delta.top_k, delta.expert_rank], dtype=torch.int32)
+            row = delta.rank
+        if static is not None:
+            c, d = static
+            shrink[s, row : row + c.shape[0]] = c
+            expand[row : row + c.shape[0], cols] = d.T
+
+
+def clear_slot(weights: RoutedLoRAWeights, slot: int) -> None:
+    weights.shrink[slot].zero_()
+    weights.expand[slot].zero_()
+    weights.slice_meta[slot].zero_()

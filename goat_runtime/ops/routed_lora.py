@@ -1,0 +1,65 @@
+"""The public routed low-rank op: one shrink (routers fused in), a top-k gate, one expand.
+
+One call serves a whole flat batch of T tokens from many adapters (GOAT_SPEC section 4). The
+adapters bound to device slots are stacked in a `RoutedLoRAWeights` per fused base linear
+(q/k/v, gate/up, o, down); each fused linear has `num_slices` output slices (3 for q/k/v), each
+with its own router and experts. The CPU path is a C++ kernel (goat_runtime._C); the CUDA path a
+Triton kernel (goat_runtime.ops.triton_kernel).
+
+Layouts, per slot a and slice s (R = max value rows, E_max = max experts over slots and slices):
+  shrink[a, s]  [R + E_max, d_in]: rows [0, R) the value rows (E expert blocks of expert_rank
+                rows, expert e at rows [e*rank, (e+1)*rank), then the static term's rows, zero
+                padded); rows [R, R + E) the router G (rows past E are unused padding).
+  expand[a]     [R, d_out]: column block [out_offsets[s], out_offsets[s+1]) belongs to slice s;
+                its row c multiplies value row c of that slice, already scaled (s * B_e^T, D^T).
+  slice_meta[a, s] int32 (num_experts E, top_k, expert_rank); E = 0 means no router: every
+                value row has gate 1 (plain LoRA). Value rows past E*expert_rank have gate 1.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RoutedLoRAWeights:
+    """The stacked adapter tensors of one fused base linear, for every device slot."""
+
+    shrink: torch.Tensor  # [num_slots, num_slices, R + E_max, d_in], float32 or bfloat16
+    expand: torch.Tensor  # [num_slots, R, d_out], same dtype as shrink
+    slice_meta: torch.Tensor  # [num_slots, num_slices, 3] int32: (E, top_k, expert_rank)
+    out_offsets: tuple[int, ...]  # num_slices + 1 column offsets into d_out
+
+    @property
+    def num_slices(self) -> int:
+        return self.shrink.shape[1]
+
+    @property
+    def num_value_rows(self) -> int:
+        return self.expand.shape[1]
+
+
+def add_routed_lora(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
+                    weights: RoutedLoRAWeights) -> None:
+    """Semantics: y[t] += X_a (gate(h) * h_values), h = S_a x[t], a = token_slots[t], per slice.
+
+    Args:
+      y: [T, d_out] float32 or bfloat16, contiguous, updated in place.
+      x: [T, d_in], same dtype as y, contiguous.
+      token_slots: [T] int32, each token's device slot, -1 for a token without an adapter.
+      weights: the stacked adapters of this fused linear (see the module docstring).
+    The gate of slice s at token t: softmax of the E router logits h[R:R+E], top_k of them kept
+    and renormalised, expert e's weight repeated over its expert_rank value rows, 1 on the rows
+    of the static term (and on every row when E = 0), 0 on experts not chosen.
+    """
+    if x.shape[0] == 0:
+        return
+    if x.is_cuda:
+        from goat_runtime.ops.triton_kernel import add_routed_lora_triton
+
+        add_routed_lora_triton(y, x, token_slots, weights)
+    else:
+        from goat_runtime import _C
+
+        _C.add_routed_lora(y, x, token_slots, weights.shrink, weights.expand,
+                           weights.slice_meta, list(weights.out_offsets))
