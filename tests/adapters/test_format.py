@@ -1,0 +1,240 @@
+"""Adapter loading: the fixture's adapters load as their reference saved them; every bad adapter
+fails with a message that says which file, which key, what was expected and what was found."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from goat_runtime.adapters.format import AdapterError, load_adapter
+from tests.adapters.adapted_model import FIXTURE
+
+HIDDEN, INTERMEDIATE, KV = 128, 352, 64
+SHAPES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN),
+          "o_proj": (HIDDEN, HIDDEN), "gate_proj": (INTERMEDIATE, HIDDEN),
+          "up_proj": (INTERMEDIATE, HIDDEN), "down_proj": (HIDDEN, INTERMEDIATE)}
+BASE_LINEARS = {
+    f"model.layers.{i}.{'self_attn' if n.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{n}": s  # noqa: E501
+    for i in range(2) for n, s in SHAPES.items()
+}
+BASE_LINEARS["lm_head"] = (320, HIDDEN)
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def copy_adapter(name: str, tmp_path: Path) -> Path:
+    target = tmp_path / name
+    shutil.copytree(FIXTURE / "adapters" / name, target)
+    target.chmod(0o755)
+    for f in target.iterdir():
+        f.chmod(0o644)
+    return target
+
+
+def edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "adapter_config.json").read_text())
+    config.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+
+
+def edit_tensors(path: Path, edit) -> None:
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+
+
+def test_goat_adapter_loads_as_saved():
+    adapter = load_adapter(FIXTURE / "adapters" / "goat0", BASE_LINEARS)
+    assert adapter.kind == "goat" and adapter.name == "goat0"
+    assert len(adapter.layers) == 14 and "lm_head" not in adapter.layers
+    q = adapter.layers["model.layers.0.self_attn.q_proj"]
+    assert (q.num_experts, q.top_k, q.expert_rank, q.rank) == (4, 2, 2, 8)
+    assert q.scale == 16 / 2  # lora_alpha / expert rank
+    assert tuple(q.lora_a.shape) == (8, 128) and tuple(q.lora_b.shape) == (128, 8)
+    assert adapter.signature.slug() == "r8-e4-goat-c0.25"
+    saved = load_file(str(FIXTURE / "adapters" / "goat0" / "adapter_model.safetensors"))
+    torch.testing.assert_close(q.lora_a[2:4], saved[f"{Q0}.lora_A.1.weight"])
+    torch.testing.assert_close(q.lora_b[:, 6:8], saved[f"{Q0}.lora_B.3.weight"])
+
+
+def test_lora_adapter_loads_with_its_scale():
+    adapter = load_adapter(FIXTURE / "adapters" / "lora0", BASE_LINEARS)
+    assert adapter.kind == "lora" and adapter.signature is None
+    down = adapter.layers["model.layers.1.mlp.down_proj"]
+    assert (down.num_experts, down.rank, down.scale) == (0, 8, 2.0)
+
+
+def test_rslora_rank_and_alpha_patterns(tmp_path):
+    path = copy_adapter("lora0", tmp_path)
+    pattern_rank = 4
+
+    def shrink_q(tensors):
+        for key in [k for k in tensors if "q_proj" in k]:
+            tensors[key] = (tensors[key][:pattern_rank] if "lora_A" in key
+                            else tensors[key][:, :pattern_rank]).contiguous()
+
+    edit_tensors(path, shrink_q)
+    edit_config(path, use_rslora=True, rank_pattern={"q_proj": pattern_rank},
+                alpha_pattern={"layers.1.self_attn.q_proj": 8})
+    adapter = load_adapter(path, BASE_LINEARS)
+    assert adapter.layers["model.layers.0.self_attn.q_proj"].rank == pattern_rank
+    assert adapter.layers["model.layers.0.self_attn.q_proj"].scale == pytest.approx(16 / 2)
+    assert adapter.layers["model.layers.1.self_attn.q_proj"].scale == pytest.approx(8 / 2)
+    assert adapter.layers["model.layers.0.mlp.up_proj"].scale == pytest.approx(16 / 8**0.5)
+
+
+def test_scale_override():
+    adapter = load_adapter(FIXTURE / "adapters" / "goat0", BASE_LINEARS, scale_override=3.5)
+    assert {layer.scale for layer in adapter.layers.values()} == {3.5}
+
+
+def test_target_modules_as_regex(tmp_path):
+    path = copy_adapter("lora0", tmp_path)
+    edit_config(path, target_modules=r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj")
+    assert len(load_adapter(path, BASE_LINEARS).layers) == 14
+
+
+def expect_error(path: Path, *fragments: str, **kwargs) -> None:
+    with pytest.raises(AdapterError) as info:
+        load_adapter(path, BASE_LINEARS, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+
+
+def test_missing_directory(tmp_path):
+    expect_error(tmp_path / "nope", "nope", "adapter directory not found")
+
+
+def test_missing_config(tmp_path):
+    path = copy_adapter("goat0", tmp_path)
+    (path / "adapter_config.json").unlink()
+    expect_error(path, str(path), "missing adapter_config.json")
+
+
+def test_missing_weights(tmp_path):
+    path = copy_adapter("goat0", tmp_path)
+    (path / "adapter_model.safetensors").unlink()
+    expect_error(path, str(path), "missing adapter_model.safetensors")
+
+
+def test_invalid_json(tmp_path):
+    path = copy_adapter("goat0", tmp_path)
+    (path / "adapter_config.json").write_text('{"peft_type": "GOAT",')
+    expect_error(path, "adapter_config.json", "invalid JSON")
+
+
+def test_unknown_peft_type(tmp_path):
+    path = copy_adapter("goat0", tmp_path)
+    edit_config(path, peft_type="IA3")
+    expect_error(path, "adapter_config.json", "unknown peft_type 'IA3'", "'GOAT' or 'LORA'")
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("use_dora", True), ("bias", "all"), ("lora_bias", True), ("modules_to_save", ["lm_head"]),
+    ("layers_to_transform", [0]), ("fan_in_fan_out", True),
+])
+def test_unsupported_options(tmp_path, option, value):
+    path = copy_adapter("lora0", tmp_path)
+    edit_config(path, **{option: value})
+    expect_error(path, "adapter_config.json", f"option {option}={value!r} is not supported")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"init_type": "pissa"}, "init_type 'pissa' is not supported"),
+    ({"top_k": 5}, "top_k must be an integer in [1, num_experts=4], found 5"),
+    ({"num_experts": 3}, "r=8 is not divisible by num_experts=3"),
+    ({"use_rslora": True}, "use_rslora is not supported for GOAT"),
+])
+def test_unsupported_goat_configs(tmp_path, changes, message):
+    path = copy_adapter("goat0", tmp_path)
+    edit_config(path, **changes)
+    expect_error(path, "adapter_config.json", message)
+
+
+def test_module_absent_from_base(tmp_path):
+    path = copy_adapter("lora0", tmp_path)
+    edit_config(path, target_modules=["q_proj", "c_attn"])
+    expect_error(path, "target module 'c_attn' matches no Linear layer", "q_proj")
+
+
+def test_key_for_module_absent_from_base(tmp_path):
+    path = copy_adapter("lora0", tmp_path)
+    extra = "base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight"
+    edit_tensors(path, lambda t: t.update({extra: torch.zeros(8, 128)}))
+    expect_error(path, "adapter_model.safetensors", f"unexpected key {extra!r}")
+
+
+def test_shape_mismatch(tmp_path):
+    path = copy_adapter("goat0", tmp_path)
+    key = f"{Q0}.lora_B.2.weight"
+    edit_tensors(path, lambda t: t.update({key: torch.zeros(96, 2)}))
+    expect_error(path, "adapter_model.safetensors", key, "shape [96, 2], expected [128, 2]")
+
+
+def test_missing_key(tmp_path):
+    path = copy_adapter("goat0", tmp_path)
+    key = f"{Q0}.lora_gating.weight"
+    edit_tensors(path, lambda t: t.pop(key))
+    expect_error(path, "adapter_model.safetensors", f"missing key {key!r}")
+
+
+def test_twin_expert_copies_must_agree(tmp_path):
+    path = copy_adapter("goat0", tmp_path)
+    key = f"{Q0}.moe_layer.experts.1.lora_A.weight"
+    edit_tensors(path, lambda t: t.update({key: t[key] + 1}))
+    expect_error(path, key, "differs from its twin")
+
+
+def test_rank_over_maximum():
+    expect_error(FIXTURE / "adapters" / "lora0", "rank 8, over the configured maximum 4",
+                 max_rank=4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values(tmp_path, bad):
+    path = copy_adapter("goat0", tmp_path)
+    key = f"{Q0}.lora_A.0.weight"
+
+    def poison(tensors):
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 3] = bad
+
+    edit_tensors(path, poison)
+    expect_error(path, "adapter_model.safetensors", key, "NaN or Inf")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_safetensors(tmp_path, damage):
+    path = copy_adapter("goat0", tmp_path)
+    weights = path / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07" * 64)
+    expect_error(path, "adapter_model.safetensors", "not a readable safetensors file")
+
+
+def test_pickle_checkpoint_is_refused_unopened(tmp_path):
+    path = copy_adapter("lora0", tmp_path)
+    (path / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+
+    class Trap:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    torch.save({"trap": Trap()}, path / "adapter_model.bin")
+    expect_error(path, "adapter_model.bin", "never unpickled")
+    assert not marker.exists()
+
+
+def test_failed_load_leaves_loaded_adapters_alone(tmp_path):
+    """Loading is pure: a bad adapter raises before anything is shared with the served ones."""
+    good = load_adapter(FIXTURE / "adapters" / "goat0", BASE_LINEARS)
+    before = {m: layer.lora_a.clone() for m, layer in good.layers.items()}
+    bad = copy_adapter("goat0", tmp_path)
+    edit_tensors(bad, lambda t: t.update({f"{Q0}.lora_A.0.weight": torch.zeros(3, 3)}))
+    with pytest.raises(AdapterError):
+        load_adapter(bad, BASE_LINEARS, name="goat0")
+    for module, value in before.items():
+        assert torch.equal(good.layers[module].lora_a, value)
