@@ -7,9 +7,15 @@ projections), and their ratio. Base and adapter calls are timed interleaved in o
 machine noise hits both alike; figures are medians.
 
     python benchmarks/bench_routed_lora.py [--threads 2] [--quick] [--no-reference]
+                                           [--weights-dtype bfloat16]
+
+Also printed per configuration: the time to merely read every stacked adapter weight once
+(torch.sum over the shrink and expand tensors, timed the same way right after the base
+projections). At decode the op is memory bound, so that time is its floor whatever the kernel.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -35,7 +41,7 @@ NUM_SLOTS, RANK, NUM_EXPERTS, TOP_K = 16, 8, 8, 2
 
 
 def stacked_adapters(d_in: int, out_sizes: tuple[int, ...], static_rank: int,
-                     gen: torch.Generator) -> RoutedLoRAWeights:
+                     gen: torch.Generator, dtype: torch.dtype = torch.float32) -> RoutedLoRAWeights:
     """NUM_SLOTS random GOAT adapters for one fused linear, in the op's stacked layout."""
     expert_rank = RANK // NUM_EXPERTS
     rows = NUM_EXPERTS * expert_rank + static_rank
@@ -48,7 +54,7 @@ def stacked_adapters(d_in: int, out_sizes: tuple[int, ...], static_rank: int,
     expand = torch.randn(NUM_SLOTS, rows, offsets[-1], generator=gen) / rows**0.5
     meta = torch.tensor([NUM_EXPERTS, TOP_K, expert_rank], dtype=torch.int32)
     meta = meta.expand(NUM_SLOTS, num_slices, 3).contiguous()
-    return RoutedLoRAWeights(shrink, expand, meta, tuple(offsets))
+    return RoutedLoRAWeights(shrink.to(dtype), expand.to(dtype), meta, tuple(offsets))
 
 
 def layouts(num_tokens: int) -> dict[str, torch.Tensor]:
@@ -80,31 +86,59 @@ def time_layer(num_tokens: int, slots: torch.Tensor, base: list[torch.Tensor],
     return statistics.median(base_times), statistics.median(adapter_times)
 
 
+def time_weight_read(base: list[torch.Tensor], adapters: list[RoutedLoRAWeights], reps: int,
+                     num_tokens: int = 32) -> tuple[float, float]:
+    """Median seconds of the base projections and of reading every adapter weight once."""
+    xs = [torch.randn(num_tokens, w.shape[1]) for w in base]
+    tensors = [t for weights in adapters for t in (weights.shrink, weights.expand)]
+    base_times, read_times = [], []
+    for i in range(3 + reps):
+        t0 = time.perf_counter()
+        for x, w in zip(xs, base, strict=True):
+            F.linear(x, w)
+        t1 = time.perf_counter()
+        for t in tensors:
+            t.sum()
+        t2 = time.perf_counter()
+        if i >= 3:
+            base_times.append(t1 - t0)
+            read_times.append(t2 - t1)
+    return statistics.median(base_times), statistics.median(read_times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--quick", action="store_true", help="few repetitions (seconds)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the reference implementation's figure")
+    parser.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of the stacked adapter weights (activations stay float32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
+    dtype = getattr(torch, args.weights_dtype)
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(sum(outs), d_in, generator=gen) / d_in**0.5
             for _, d_in, outs in PROJECTIONS]
     configs = {
-        "unmerged (static rank 8)": [stacked_adapters(d, outs, RANK, gen)
+        "unmerged (static rank 8)": [stacked_adapters(d, outs, RANK, gen, dtype)
                                      for _, d, outs in PROJECTIONS],
-        "merged (no static term)": [stacked_adapters(d, outs, 0, gen)
+        "merged (no static term)": [stacked_adapters(d, outs, 0, gen, dtype)
                                     for _, d, outs in PROJECTIONS],
     }
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f} before the run: other processes share the CPUs, "
+              "the figures (base and adapters alike) may be inflated and noisy")
     reps = {1: 400, 32: 200, 512: 20}
     if args.quick:
         reps = {1: 50, 32: 30, 512: 3}
 
     print(f"SmolLM2-135M layer, {NUM_SLOTS} adapters, r={RANK} E={NUM_EXPERTS} k={TOP_K}, "
-          f"threads={torch.get_num_threads()}, median times")
+          f"{args.weights_dtype} adapter weights, threads={torch.get_num_threads()}, "
+          "median times")
     header = f"{'adapters':<26}{'T':>5}  {'layout':<9}{'base ms':>9}{'adapter ms':>12}{'ratio':>8}"
     print(header)
     print("-" * len(header))
@@ -115,6 +149,14 @@ def main() -> None:
                                                warmup=max(3, count // 10))
                 print(f"{name:<26}{num_tokens:>5}  {layout:<9}{base_s * 1e3:>9.3f}"
                       f"{adapter_s * 1e3:>12.3f}{adapter_s / base_s:>8.3f}")
+
+    print()
+    for name, adapters in configs.items():
+        nbytes = sum(t.numel() * t.element_size() for a in adapters for t in (a.shrink, a.expand))
+        base_s, read_s = time_weight_read(base, adapters, reps[32])
+        print(f"floor, {name}: reading all {nbytes / 2**20:.1f} MiB of adapter weights once "
+              f"after the T=32 base: {read_s * 1e3:.3f} ms = {read_s / base_s:.3f} x base "
+              f"({base_s * 1e3:.3f} ms)")
 
     if not args.no_reference:
         adapters = configs["unmerged (static rank 8)"]

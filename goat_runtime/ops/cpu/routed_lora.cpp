@@ -8,34 +8,67 @@
 //
 // Strategy: tokens are grouped by slot (counting sort), and each group is cut into work items of
 // at most kMaxTokensPerItem tokens. An item reads each weight row of its slot once and applies it
-// to all its tokens (the BGMV case, one token per item, and the SGMV case, long same-slot runs,
-// are the same code). Items are pulled dynamically by torch's intra-op threads
-// (at::parallel_for); small calls run inline on the caller's thread. Each token writes only its
-// own row of y, so there are no races. Value rows whose gate is 0 (experts not chosen) are
-// neither dotted nor expanded. The inner loops are plain loops over contiguous float arrays with
-// several independent partial sums, so gcc -O3 -march=native vectorizes them (no -ffast-math
-// needed). float32 is the fast path; bfloat16 activations and/or weights are converted to
-// float32 rows on the fly (fp32 math, like the reference).
+// to all its tokens, so the BGMV case (decode: one or two tokens per slot) and the SGMV case
+// (prefill: long same-slot runs, a small GEMM) are the same code. Per item and slice:
+//   1. a dense pass over the static rows and the router rows (contiguous, needed by every
+//      token): RB x TB register tiles of dot products;
+//   2. the top-k gates; the rows of experts no token of the item chose are never read, the
+//      chosen experts' rows are dotted only with the tokens that chose them;
+//   3. the expand: y rows += coef-weighted expand rows over the slice's contiguous columns,
+//      blocks of tokens sharing each load of an expand row, accumulators in registers.
+// At decode the op is memory bound (each call reads every used slot's rows once), so reads are
+// software-prefetched a fixed distance ahead (Prefetcher). Items are pulled dynamically by the
+// threads of torch's intra-op OpenMP pool (see parallel_region: at::parallel_for itself is
+// serial in an extension built without -fopenmp); small calls run inline on the caller's
+// thread. Each token writes only its own row of y, so there are no races. Inner loops use GCC
+// vector extensions (lowered to what -march offers: AVX2 here, AVX-512 or SSE elsewhere) with
+// several independent accumulators; no -ffast-math. float32 is the fast path; bfloat16
+// activations and/or weights are converted to float32 rows on the fly (fp32 math, like the
+// reference, and for a bfloat16 y the fp32 update is rounded to bfloat16 before the add).
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <string>
 #include <vector>
 
 namespace {
 
 constexpr int kMaxTokensPerItem = 16;  // tokens of one slot processed together
-constexpr int kColTile = 64;           // output columns accumulated in registers per token
 // Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
 constexpr int64_t kParallelMinWork = 1 << 16;
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+constexpr int kVecLen = kVecBytes / static_cast<int>(sizeof(float));
+typedef float vfloat __attribute__((vector_size(kVecBytes)));
+
+inline vfloat vload(const float* p) {  // unaligned load
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+inline vfloat vsplat(float f) {  // broadcast
+  vfloat v;
+  for (int l = 0; l < kVecLen; ++l) v[l] = f;
+  return v;
+}
 
 // ------------------------------------------------------------------------------------------
 // Element conversion.
@@ -72,32 +105,39 @@ inline const float* row_as_float(const c10::BFloat16* src, int64_t n, float* scr
 }
 
 // ------------------------------------------------------------------------------------------
-// Dot products of one weight row with N token vectors, L independent partial sums per token
-// (enough accumulators to hide the FMA latency; the fixed inner loop vectorizes).
+// Dot products of one weight row with N token vectors. GCC vector extensions (portable: the
+// compiler lowers them to whatever -march offers) with U independent accumulators per token, so
+// the FMA latency is hidden and the weight row is loaded once for all N tokens.
 
-template <int N, int L>
+template <int N, int U>
 inline void dot_rows(const float* __restrict w, const float* const* xs, int64_t d,
                      float* __restrict out) {
-  float acc[N][L];
+  vfloat acc[N][U];
   for (int n = 0; n < N; ++n)
-    for (int l = 0; l < L; ++l) acc[n][l] = 0.f;
+    for (int u = 0; u < U; ++u) acc[n][u] = vfloat{};
   const float* __restrict xr[N];
   for (int n = 0; n < N; ++n) xr[n] = xs[n];
+  constexpr int64_t step = static_cast<int64_t>(U) * kVecLen;
   int64_t j = 0;
-  for (; j + L <= d; j += L) {
-    for (int n = 0; n < N; ++n) {
-      for (int l = 0; l < L; ++l) acc[n][l] += w[j + l] * xr[n][j + l];
+  for (; j + step <= d; j += step) {
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      const vfloat wv = vload(w + j + u * kVecLen);
+#pragma GCC unroll 8
+      for (int n = 0; n < N; ++n) acc[n][u] += wv * vload(xr[n] + j + u * kVecLen);
     }
   }
+  for (; j + kVecLen <= d; j += kVecLen) {
+    const vfloat wv = vload(w + j);
+    for (int n = 0; n < N; ++n) acc[n][0] += wv * vload(xr[n] + j);
+  }
   for (int n = 0; n < N; ++n) {
-    float tail = 0.f;
-    for (int64_t jj = j; jj < d; ++jj) tail += w[jj] * xr[n][jj];
-    // Pairwise reduction of the partial sums.
-    float tmp[L];
-    for (int l = 0; l < L; ++l) tmp[l] = acc[n][l];
-    for (int width = L / 2; width >= 1; width /= 2)
-      for (int l = 0; l < width; ++l) tmp[l] += tmp[l + width];
-    out[n] = tmp[0] + tail;
+    vfloat v = acc[n][0];
+    for (int u = 1; u < U; ++u) v += acc[n][u];
+    float sum = 0.f;
+    for (int l = 0; l < kVecLen; ++l) sum += v[l];
+    for (int64_t jj = j; jj < d; ++jj) sum += w[jj] * xr[n][jj];
+    out[n] = sum;
   }
 }
 
@@ -105,11 +145,63 @@ inline void dot_rows(const float* __restrict w, const float* const* xs, int64_t 
 inline void dot_many(const float* __restrict w, const float* const* xs, int count, int64_t d,
                      float* __restrict out) {
   int i = 0;
-  for (; i + 4 <= count; i += 4) dot_rows<4, 16>(w, xs + i, d, out + i);
+  for (; i + 4 <= count; i += 4) dot_rows<4, 2>(w, xs + i, d, out + i);
   switch (count - i) {
-    case 3: dot_rows<3, 16>(w, xs + i, d, out + i); break;
-    case 2: dot_rows<2, 16>(w, xs + i, d, out + i); break;
-    case 1: dot_rows<1, 32>(w, xs + i, d, out + i); break;
+    case 3: dot_rows<3, 2>(w, xs + i, d, out + i); break;
+    case 2: dot_rows<2, 4>(w, xs + i, d, out + i); break;
+    case 1: dot_rows<1, 4>(w, xs + i, d, out + i); break;
+    default: break;
+  }
+}
+
+// out[r * stride + t] = dot(w[r], xs[t]) for RB rows and TB tokens: a register tile of RB x TB
+// accumulators, so each weight load serves TB tokens and each input load RB rows.
+template <int RB, int TB>
+inline void dot_block(const float* const* w, const float* const* xs, int64_t d,
+                      float* __restrict out, int64_t stride) {
+  vfloat acc[RB][TB];
+  for (int r = 0; r < RB; ++r)
+    for (int t = 0; t < TB; ++t) acc[r][t] = vfloat{};
+  const float* __restrict wr[RB];
+  const float* __restrict xr[TB];
+  for (int r = 0; r < RB; ++r) wr[r] = w[r];
+  for (int t = 0; t < TB; ++t) xr[t] = xs[t];
+  int64_t j = 0;
+  for (; j + kVecLen <= d; j += kVecLen) {
+    vfloat xv[TB];
+#pragma GCC unroll 4
+    for (int t = 0; t < TB; ++t) xv[t] = vload(xr[t] + j);
+#pragma GCC unroll 4
+    for (int r = 0; r < RB; ++r) {
+      const vfloat wv = vload(wr[r] + j);
+#pragma GCC unroll 4
+      for (int t = 0; t < TB; ++t) acc[r][t] += wv * xv[t];
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    for (int t = 0; t < TB; ++t) {
+      float sum = 0.f;
+      for (int l = 0; l < kVecLen; ++l) sum += acc[r][t][l];
+      for (int64_t jj = j; jj < d; ++jj) sum += wr[r][jj] * xr[t][jj];
+      out[r * stride + t] = sum;
+    }
+  }
+}
+
+constexpr int kRowBlock = 3, kTokBlock = 3;
+
+inline void dot_block_any(int rb, int tb, const float* const* w, const float* const* xs,
+                          int64_t d, float* out, int64_t stride) {
+  switch (rb * 4 + tb) {
+    case 1 * 4 + 1: dot_block<1, 1>(w, xs, d, out, stride); break;
+    case 1 * 4 + 2: dot_block<1, 2>(w, xs, d, out, stride); break;
+    case 1 * 4 + 3: dot_block<1, 3>(w, xs, d, out, stride); break;
+    case 2 * 4 + 1: dot_block<2, 1>(w, xs, d, out, stride); break;
+    case 2 * 4 + 2: dot_block<2, 2>(w, xs, d, out, stride); break;
+    case 2 * 4 + 3: dot_block<2, 3>(w, xs, d, out, stride); break;
+    case 3 * 4 + 1: dot_block<3, 1>(w, xs, d, out, stride); break;
+    case 3 * 4 + 2: dot_block<3, 2>(w, xs, d, out, stride); break;
+    case 3 * 4 + 3: dot_block<3, 3>(w, xs, d, out, stride); break;
     default: break;
   }
 }
@@ -162,31 +254,39 @@ inline void add_delta(c10::BFloat16* __restrict y, const float* __restrict delta
   }
 }
 
-// acc[0:TW] = sum_r coef[r] * rows[r][0:TW]  (TW a compile-time tile width: stays in registers)
-template <int TW>
-inline void expand_tile(const float* const* rows, const float* coef, int nrows,
-                        float* __restrict acc) {
-  float a[TW];
-  for (int j = 0; j < TW; ++j) a[j] = 0.f;
-  for (int r = 0; r < nrows; ++r) {
-    const float* __restrict e = rows[r];
-    const float c = coef[r];
-    for (int j = 0; j < TW; ++j) a[j] += c * e[j];
-  }
-  for (int j = 0; j < TW; ++j) acc[j] = a[j];
-}
-
-inline void expand_tail(const float* const* rows, const float* coef, int nrows, int w,
-                        float* __restrict acc) {
-  for (int j = 0; j < w; ++j) acc[j] = 0.f;
-  for (int r = 0; r < nrows; ++r) {
-    const float* __restrict e = rows[r];
-    const float c = coef[r];
-    for (int j = 0; j < w; ++j) acc[j] += c * e[j];
-  }
-}
-
 // ------------------------------------------------------------------------------------------
+// Threads. at::parallel_for is an inline template whose parallel branch is compiled only under
+// -fopenmp (_OPENMP); in an extension built without it, it silently runs on one thread. Building
+// this extension with -fopenmp is not wanted (it may pull in a second OpenMP runtime), so the
+// kernel opens the parallel region through the GNU OpenMP entry point of the runtime torch has
+// already loaded (libgomp.so.1, looked up with RTLD_NOLOAD: never loads one), which is exactly
+// what `#pragma omp parallel` in at::parallel_for compiles to inside libtorch. Same pool, same
+// thread count (torch.set_num_threads); without that runtime the kernel runs on one thread.
+
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+
+GompParallel gomp_parallel() {
+  static const GompParallel fn = []() -> GompParallel {
+    void* lib = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD);
+    void* sym = lib != nullptr ? dlsym(lib, "GOMP_parallel") : nullptr;
+    return reinterpret_cast<GompParallel>(sym);
+  }();
+  return fn;
+}
+
+// Runs body() on every thread of torch's intra-op pool (or once, inline, without one). body
+// must not throw.
+template <typename F>
+void parallel_region(const F& body) {
+  const GompParallel fn = gomp_parallel();
+  if (fn == nullptr) {
+    body();
+    return;
+  }
+  auto trampoline = [](void* data) { (*static_cast<const F*>(data))(); };
+  // num_threads 0: the runtime's current setting (torch passes none either, see #32008).
+  fn(trampoline, const_cast<void*>(static_cast<const void*>(&body)), 0, 0);
+}
 
 struct Problem {
   int64_t num_tokens, d_in, d_out, num_slots, num_slices, shrink_rows, value_rows, max_experts;
@@ -194,12 +294,102 @@ struct Problem {
   std::vector<int64_t> offsets;      // S + 1
 };
 
+// Software prefetch queue. At decode every slot's rows come from memory once per call, so the
+// kernel is bandwidth bound, and its reads are many short row runs (router rows, static rows,
+// the chosen experts' rows, strided expand rows) that the hardware prefetchers pick up late.
+// Regions are pushed in the order they will be read, and pump(lines) prefetches the next
+// `lines` cache lines of the queue: pumping as many lines as each row read consumes keeps the
+// prefetches a fixed distance (the initial pump) ahead of the reads.
+struct Prefetcher {
+  struct Region {
+    const char* p;
+    int64_t lines;
+  };
+  std::vector<Region> queue;
+  size_t head = 0;
+
+  void reset() {
+    queue.clear();
+    head = 0;
+  }
+  void push(const void* ptr, int64_t bytes) {
+    if (bytes <= 0) return;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(ptr);
+    const uintptr_t start = a & ~static_cast<uintptr_t>(63);
+    const int64_t lines = static_cast<int64_t>((a + bytes - start + 63) / 64);
+    queue.push_back({reinterpret_cast<const char*>(start), lines});
+  }
+  void pump(int64_t lines) {
+    while (lines > 0 && head < queue.size()) {
+      Region& r = queue[head];
+      const int64_t k = std::min(lines, r.lines);
+      for (int64_t i = 0; i < k; ++i) __builtin_prefetch(r.p + i * 64, 0, 3);
+      r.p += k * 64;
+      r.lines -= k;
+      lines -= k;
+      if (r.lines == 0) ++head;
+    }
+  }
+};
+
+// Expand for a block of TB tokens of one slot: acc[t][0:V*kVecLen] = sum_r coef[t * ldc + r] *
+// rows[r][j0 : j0 + V*kVecLen]. The TB x V accumulators stay in registers and each load of an
+// expand row serves TB tokens (a token that does not use a row has coefficient 0 there).
+template <int TB, int V>
+inline void expand_block(const float* const* rows, const float* coef, int64_t ldc, int nrows,
+                         int64_t j0, float* __restrict acc) {
+  vfloat a[TB][V];
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < V; ++v) a[t][v] = vfloat{};
+  for (int r = 0; r < nrows; ++r) {
+    const float* __restrict e = rows[r] + j0;
+    vfloat c[TB];
+    for (int t = 0; t < TB; ++t) c[t] = vsplat(coef[t * ldc + r]);
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      const vfloat ev = vload(e + v * kVecLen);
+#pragma GCC unroll 4
+      for (int t = 0; t < TB; ++t) a[t][v] += c[t] * ev;
+    }
+  }
+  for (int t = 0; t < TB; ++t)
+    for (int v = 0; v < V; ++v) vstore(acc + (t * V + v) * kVecLen, a[t][v]);
+}
+
+// y rows of a block of tb tokens += their expand over `width` columns, tile by tile.
+template <int TB, typename act_t>
+void expand_tokens(const float* const* rows, const float* coef, int64_t ldc, int nrows,
+                   int64_t width, act_t* const* yrows, float* __restrict acc, Prefetcher* pf) {
+  constexpr int V = TB == 1 ? 8 : TB == 2 ? 6 : 4;  // TB x V accumulators: 8..12 registers
+  constexpr int64_t TW = V * kVecLen;
+  int64_t j0 = 0;
+  for (; j0 + TW <= width; j0 += TW) {
+    if (pf != nullptr) pf->pump(nrows * (TW * static_cast<int64_t>(sizeof(float)) / 64));
+    expand_block<TB, V>(rows, coef, ldc, nrows, j0, acc);
+    for (int t = 0; t < TB; ++t) add_delta(yrows[t] + j0, acc + t * TW, TW);
+  }
+  if (j0 < width) {
+    const int w = static_cast<int>(width - j0);
+    for (int t = 0; t < TB; ++t) {
+      float* __restrict a = acc + t * TW;
+      for (int j = 0; j < w; ++j) a[j] = 0.f;
+      for (int r = 0; r < nrows; ++r) {
+        const float* __restrict e = rows[r] + j0;
+        const float c = coef[t * ldc + r];
+        for (int j = 0; j < w; ++j) a[j] += c * e[j];
+      }
+      add_delta(yrows[t] + j0, a, w);
+    }
+  }
+}
+
 // Per-thread scratch, grown on demand and reused across calls.
 struct Scratch {
-  std::vector<float> xbuf, wrow, ebuf, logits, gates, probs, coef, acc;
+  std::vector<float> xbuf, wrow, hdense, ebuf, logits, gates, probs, coef, acc, sel_out, ecoef;
   std::vector<const float*> xptr, sel_x, erows;
   std::vector<int> sel_tok;
-  std::vector<float> sel_out, ecoef;
+  std::vector<char> expert_used, row_used;
+  Prefetcher prefetch;
 
   template <typename V>
   static typename V::value_type* get(V& v, size_t n) {
@@ -213,13 +403,31 @@ Scratch& thread_scratch() {
   return s;
 }
 
-// One work item: `n` tokens (`toks`) all bound to `slot`.
+constexpr int64_t kPrefetchLines = 96;  // prefetch distance, in 64-byte lines (6 KiB)
+constexpr int kExpandTokens = 3;      // tokens expanded together (register tile, see below)
+
+// Queue the rows of (slot, slice) read before its gates are known: the static rows and the
+// router rows, rows [E * expert_rank, R + E), contiguous.
+template <typename w_t>
+void push_slice_start(Prefetcher& pf, const Problem& p, const w_t* shrink, int64_t slot,
+                      int64_t s) {
+  const int32_t* m = p.meta + (slot * p.num_slices + s) * 3;
+  const int64_t E = m[0], expert_rows = E > 0 ? E * m[2] : 0;
+  const w_t* sh = shrink + (slot * p.num_slices + s) * p.shrink_rows * p.d_in;
+  pf.push(sh + expert_rows * p.d_in,
+          (p.value_rows + E - expert_rows) * p.d_in * static_cast<int64_t>(sizeof(w_t)));
+}
+
+// One work item: `n` tokens (`toks`) all bound to `slot`; `next_slot` is the slot of the item
+// this thread does next (-1: none), whose first rows are prefetched at the end of this one.
 template <typename act_t, typename w_t>
 void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
-                  const w_t* expand, int64_t slot, const int32_t* toks, int n) {
+                  const w_t* expand, int64_t slot, const int32_t* toks, int n,
+                  int64_t next_slot) {
   Scratch& sc = thread_scratch();
   const int64_t d_in = p.d_in, d_out = p.d_out, R = p.value_rows;
   const int64_t emax = std::max<int64_t>(p.max_experts, 1);
+  const int64_t row_lines = (d_in * static_cast<int64_t>(sizeof(w_t)) + 63) / 64;
 
   // Token inputs as float rows.
   const float** xp = Scratch::get(sc.xptr, n);
@@ -233,7 +441,7 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
     }
   }
   float* wrow = std::is_same_v<w_t, float> ? nullptr
-                                           : Scratch::get(sc.wrow, std::max(d_in, d_out));
+                                           : Scratch::get(sc.wrow, kRowBlock * d_in);
   float* logits = Scratch::get(sc.logits, n * emax);
   float* gates = Scratch::get(sc.gates, n * emax);
   float* probs = Scratch::get(sc.probs, emax);
@@ -241,48 +449,97 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
   const float** sel_x = Scratch::get(sc.sel_x, n);
   int* sel_tok = Scratch::get(sc.sel_tok, n);
   float* sel_out = Scratch::get(sc.sel_out, n);
-  const float** erows = Scratch::get(sc.erows, std::max<int64_t>(R, 1));
-  float* ecoef = Scratch::get(sc.ecoef, std::max<int64_t>(R, 1));
-  float* acc = Scratch::get(sc.acc, kColTile);
+  float* acc = Scratch::get(sc.acc, 12 * kVecLen);
+  char* expert_used = Scratch::get(sc.expert_used, emax);
+  char* row_used = Scratch::get(sc.row_used, std::max<int64_t>(R, 1));
+  Prefetcher& pf = sc.prefetch;
+  pf.reset();
+  push_slice_start(pf, p, shrink, slot, 0);
+  pf.pump(kPrefetchLines);
 
   for (int64_t s = 0; s < p.num_slices; ++s) {
     const int32_t* m = p.meta + (slot * p.num_slices + s) * 3;
     const int E = m[0], top_k = m[1], er = E > 0 ? m[2] : 0;
     const int64_t expert_rows = static_cast<int64_t>(E) * er;
     const w_t* sh = shrink + (slot * p.num_slices + s) * p.shrink_rows * d_in;
+    const int64_t o0 = p.offsets[s], o1 = p.offsets[s + 1], width = o1 - o0;
+    const w_t* ex = expand + slot * R * d_out + o0;
 
-    // Router logits and gates.
-    if (E > 0) {
-      for (int e = 0; e < E; ++e) {
-        const float* g = row_as_float(sh + (R + e) * d_in, d_in, wrow);
-        dot_many(g, xp, n, d_in, sel_out);
-        for (int i = 0; i < n; ++i) logits[i * emax + e] = sel_out[i];
+    // Dense pass over rows [expert_rows, R + E): the static rows then the router rows,
+    // contiguous in memory and needed by every token whatever the routing.
+    const int64_t dense_rows = R + E - expert_rows;
+    float* hd = Scratch::get(sc.hdense, std::max<int64_t>(dense_rows * n, 1));  // [row][n]
+    {
+      const w_t* rows = sh + expert_rows * d_in;
+      const float* wb[kRowBlock];
+      for (int64_t r0 = 0; r0 < dense_rows; r0 += kRowBlock) {
+        const int rb = static_cast<int>(std::min<int64_t>(kRowBlock, dense_rows - r0));
+        pf.pump(rb * row_lines);
+        for (int r = 0; r < rb; ++r) {
+          wb[r] = row_as_float(rows + (r0 + r) * d_in, d_in, wrow + (wrow ? r * d_in : 0));
+        }
+        for (int t0 = 0; t0 < n; t0 += kTokBlock) {
+          const int tb = std::min(kTokBlock, n - t0);
+          dot_block_any(rb, tb, wb, xp + t0, d_in, hd + r0 * n + t0, n);
+        }
       }
-      for (int i = 0; i < n; ++i) topk_gate(logits + i * emax, E, top_k, gates + i * emax, probs);
+    }
+    for (int64_t c = expert_rows; c < R; ++c) {
+      for (int i = 0; i < n; ++i) coef[i * R + c] = hd[(c - expert_rows) * n + i];
     }
 
-    // Value rows: h[c] only for the tokens whose gate on row c is nonzero; coef = gate * h.
-    for (int64_t c = 0; c < R; ++c) {
+    // Gates; which experts any token of the item chose.
+    if (E > 0) {
+      const float* router = hd + (R - expert_rows) * n;  // [e][n]
+      for (int i = 0; i < n; ++i) {
+        for (int e = 0; e < E; ++e) logits[i * emax + e] = router[e * n + i];
+        topk_gate(logits + i * emax, E, top_k, gates + i * emax, probs);
+      }
+      for (int e = 0; e < E; ++e) {
+        expert_used[e] = 0;
+        for (int i = 0; i < n; ++i) expert_used[e] |= gates[i * emax + e] != 0.f;
+      }
+    }
+    for (int64_t c = 0; c < R; ++c) row_used[c] = c >= expert_rows || expert_used[c / er];
+
+    // Now the rest of this slice's reads are known: queue them, then the next slice's start.
+    for (int e = 0; e < E; ++e) {
+      if (expert_used[e]) pf.push(sh + e * er * d_in, er * d_in * sizeof(w_t));
+    }
+    if (width > 0) {
+      for (int64_t c = 0; c < R; ++c) {
+        if (row_used[c]) pf.push(ex + c * d_out, width * sizeof(w_t));
+      }
+    }
+    if (s + 1 < p.num_slices) {
+      push_slice_start(pf, p, shrink, slot, s + 1);
+    } else if (next_slot >= 0) {
+      push_slice_start(pf, p, shrink, next_slot, 0);
+    }
+
+    // The chosen experts' rows: h[c] only for the tokens that chose the expert; coef = gate * h.
+    for (int64_t c = 0; c < expert_rows; ++c) {
+      for (int i = 0; i < n; ++i) coef[i * R + c] = 0.f;
+      if (!row_used[c]) continue;
       int cnt = 0;
       for (int i = 0; i < n; ++i) {
-        const float g = c < expert_rows ? gates[i * emax + c / er] : 1.f;
-        coef[i * R + c] = g;
-        if (g != 0.f) {
+        if (gates[i * emax + c / er] != 0.f) {
           sel_tok[cnt] = i;
           sel_x[cnt] = xp[i];
           ++cnt;
         }
       }
-      if (cnt == 0) continue;
+      pf.pump(row_lines);
       const float* row = row_as_float(sh + c * d_in, d_in, wrow);
       dot_many(row, sel_x, cnt, d_in, sel_out);
-      for (int j = 0; j < cnt; ++j) coef[sel_tok[j] * R + c] *= sel_out[j];
+      for (int j = 0; j < cnt; ++j) {
+        const int i = sel_tok[j];
+        coef[i * R + c] = gates[i * emax + c / er] * sel_out[j];
+      }
     }
 
     // Expand: y[t, off_s:off_{s+1}] += sum_c coef[c] * expand[slot, c, off_s:off_{s+1}].
-    const int64_t o0 = p.offsets[s], o1 = p.offsets[s + 1], width = o1 - o0;
     if (width == 0) continue;
-    const w_t* ex = expand + slot * R * d_out + o0;
     // Rows as float: direct for float weights; for bfloat16 convert the rows any token needs.
     const float* ex_f = nullptr;
     int64_t ex_stride = d_out;
@@ -291,35 +548,41 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
     } else {
       float* eb = Scratch::get(sc.ebuf, R * width);
       for (int64_t c = 0; c < R; ++c) {
-        bool needed = false;
-        for (int i = 0; i < n && !needed; ++i) needed = coef[i * R + c] != 0.f;
-        if (needed) to_float(ex + c * d_out, width, eb + c * width);
+        if (row_used[c]) to_float(ex + c * d_out, width, eb + c * width);
       }
       ex_f = eb;
       ex_stride = width;
     }
-    for (int i = 0; i < n; ++i) {
+    // Blocks of up to kExpandTokens tokens: the union of the rows they use (coefficient 0 for a
+    // token that does not use one), expanded together so each expand row load serves the block.
+    const float** brows = Scratch::get(sc.erows, std::max<int64_t>(R, 1));
+    float* bcoef = Scratch::get(sc.ecoef, kExpandTokens * std::max<int64_t>(R, 1));
+    act_t* yrows[kExpandTokens];
+    for (int b0 = 0; b0 < n; b0 += kExpandTokens) {
+      const int tb = std::min(kExpandTokens, n - b0);
       int nr = 0;
       for (int64_t c = 0; c < R; ++c) {
-        const float cf = coef[i * R + c];
-        if (cf != 0.f) {
-          erows[nr] = ex_f + c * ex_stride;
-          ecoef[nr] = cf;
-          ++nr;
-        }
+        bool used = false;
+        for (int t = 0; t < tb; ++t) used |= coef[(b0 + t) * R + c] != 0.f;
+        if (!used) continue;
+        brows[nr] = ex_f + c * ex_stride;
+        for (int t = 0; t < tb; ++t) bcoef[t * R + nr] = coef[(b0 + t) * R + c];
+        ++nr;
       }
       if (nr == 0) continue;
-      act_t* yr = y + static_cast<int64_t>(toks[i]) * d_out + o0;
-      int64_t j0 = 0;
-      for (; j0 + kColTile <= width; j0 += kColTile) {
-        expand_tile<kColTile>(erows, ecoef, nr, acc);
-        add_delta(yr + j0, acc, kColTile);
-        for (int r = 0; r < nr; ++r) erows[r] += kColTile;
-      }
-      if (j0 < width) {
-        const int w = static_cast<int>(width - j0);
-        expand_tail(erows, ecoef, nr, w, acc);
-        add_delta(yr + j0, acc, w);
+      for (int t = 0; t < tb; ++t) yrows[t] = y + static_cast<int64_t>(toks[b0 + t]) * d_out + o0;
+      // The first block reads the (float) rows from memory: keep the prefetches ahead of it.
+      Prefetcher* bpf = b0 == 0 && std::is_same_v<w_t, float> ? &pf : nullptr;
+      switch (tb) {
+        case 1:
+          expand_tokens<1>(brows, bcoef, R, nr, width, yrows, acc, bpf);
+          break;
+        case 2:
+          expand_tokens<2>(brows, bcoef, R, nr, width, yrows, acc, bpf);
+          break;
+        default:
+          expand_tokens<3>(brows, bcoef, R, nr, width, yrows, acc, bpf);
+          break;
       }
     }
   }
@@ -335,23 +598,34 @@ void run(const Problem& p, const at::Tensor& y, const at::Tensor& x, const at::T
   const w_t* sp = shrink.data_ptr<w_t>();
   const w_t* ep = expand.data_ptr<w_t>();
   const int64_t num_items = static_cast<int64_t>(item_len.size());
-  auto do_item = [&](int64_t it) {
+  // Item `it`, then (on this thread) item `next`, whose first rows it prefetches.
+  auto do_item = [&](int64_t it, int64_t next) {
     process_item<act_t, w_t>(p, xp, yp, sp, ep, item_slot[it], order.data() + item_start[it],
-                             item_len[it]);
+                             item_len[it], next < num_items ? item_slot[next] : -1);
   };
   if (!parallel) {
-    for (int64_t it = 0; it < num_items; ++it) do_item(it);
+    for (int64_t it = 0; it < num_items; ++it) do_item(it, it + 1);
     return;
   }
   // Dynamic scheduling: items differ in size (skewed popularity), so each pool thread pulls the
   // next item from a shared counter instead of taking a fixed range.
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      for (int64_t it = next.fetch_add(1); it < num_items; it = next.fetch_add(1)) do_item(it);
+  std::atomic_flag failed = ATOMIC_FLAG_INIT;
+  std::exception_ptr error;
+  parallel_region([&]() {
+    try {
+      // Each thread claims its next item before doing the current one, to prefetch it.
+      for (int64_t it = next.fetch_add(1); it < num_items;) {
+        const int64_t following = next.fetch_add(1);
+        do_item(it, following);
+        it = following;
+      }
+    } catch (...) {  // e.g. std::bad_alloc growing the scratch: rethrown on the caller's thread
+      if (!failed.test_and_set()) error = std::current_exception();
+      next.store(num_items);
     }
   });
+  if (error) std::rethrow_exception(error);
 }
 
 std::string dtype_name(const at::Tensor& t) { return std::string(c10::toString(t.scalar_type())); }
@@ -479,7 +753,9 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
   }
 
   // ---- work items: each slot's tokens cut into chunks ----
-  const int threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  at::internal::lazy_init_num_threads();
+  const int threads =
+      at::in_parallel_region() || gomp_parallel() == nullptr ? 1 : at::get_num_threads();
   const int64_t work_per_token = p.num_slices * p.shrink_rows * p.d_in + p.value_rows * p.d_out;
   const bool parallel = threads > 1 && used_tokens > 1 &&
                         used_tokens * work_per_token >= kParallelMinWork;
@@ -524,5 +800,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(in place; see goat_runtime.ops.routed_lora)",
         pybind11::arg("y"), pybind11::arg("x"), pybind11::arg("token_slots"),
         pybind11::arg("shrink"), pybind11::arg("expand"), pybind11::arg("slice_meta"),
-        pybind11::arg("out_offsets"));
+        pybind11::arg("out_offsets"),
+        // Arguments are converted with the GIL held; the kernel runs without it.
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
