@@ -1,0 +1,116 @@
+"""Where a decode step's time goes: paged attention vs the linear layers, on SmolLM2-135M shapes
+(hidden 576, 9 heads, 3 KV heads, head_dim 64, 30 layers) with random weights.
+
+    .venv/bin/python benchmarks/bench_model_step.py [--seqs 32] [--context 200] [--dtype bf16]
+"""
+
+import argparse
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from goat_runtime.engine.context import build_step_context, step_context
+from goat_runtime.engine.kv_cache import KVCache
+from goat_runtime.model.config import ModelConfig
+from goat_runtime.model.layers import FusedLinear, PagedAttention
+from goat_runtime.model.llama import LlamaForCausalLM
+
+SMOLLM2_135M = {
+    "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000,
+    "tie_word_embeddings": True,
+}
+
+totals: dict[str, float] = defaultdict(float)
+
+
+def timed(name: str, fn: Callable) -> Callable:
+    def wrapper(self, *args):
+        start = time.perf_counter()
+        out = fn(self, *args)
+        totals[name] += time.perf_counter() - start
+        return out
+    return wrapper
+
+
+def per_sequence_decode(self: PagedAttention, q, k, v):
+    """The alternative to the batched decode: one SDPA per sequence (for comparison)."""
+    from goat_runtime.engine.context import get_step_context
+
+    ctx = get_step_context()
+    k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+    v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+    k_flat.index_copy_(0, ctx.slot_mapping, k)
+    v_flat.index_copy_(0, ctx.slot_mapping, v)
+    out = torch.empty_like(q)
+    d = ctx.decode
+    for row, (token, length) in enumerate(zip(d.token_indices.tolist(), ctx.context_lens,
+                                              strict=True)):
+        slots = d.context_slots[row, :length]
+        out[token] = F.scaled_dot_product_attention(
+            q[token][:, None], k_flat[slots].transpose(0, 1), v_flat[slots].transpose(0, 1),
+            enable_gqa=True)[:, 0]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqs", type=int, default=32)
+    parser.add_argument("--context", type=int, default=200)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    torch.manual_seed(0)
+    config = ModelConfig.from_dict(SMOLLM2_135M)
+    model = LlamaForCausalLM(config, dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # unit-scale activations: no denormals
+            p.fill_(1.0) if "norm" in name else p.normal_(0, p.shape[-1] ** -0.5)
+    rng = random.Random(0)
+    lens = [args.context + rng.randint(-20, 20) for _ in range(args.seqs)]
+    blocks_per_seq = -(-(max(lens) + 1) // args.block_size)
+    model.attach_kv_cache(KVCache(config, args.seqs * blocks_per_seq, args.block_size, dtype))
+    order = list(range(args.seqs * blocks_per_seq))
+    rng.shuffle(order)  # scattered blocks, as after a while of serving
+    tables = [order[i * blocks_per_seq : (i + 1) * blocks_per_seq] for i in range(args.seqs)]
+    positions, ctx = build_step_context([1] * args.seqs, lens, tables, [-1] * args.seqs,
+                                        args.block_size)
+    input_ids = torch.randint(0, config.vocab_size, (args.seqs,))
+
+    def run() -> None:
+        with torch.inference_mode(), step_context(ctx):
+            model.compute_logits(model(input_ids, positions))
+
+    print(f"{args.seqs} decode sequences, context {min(lens)}..{max(lens)}, {args.dtype}, "
+          f"{torch.get_num_threads()} threads")
+    attention_forward = PagedAttention.forward
+    FusedLinear.forward = timed("linear", FusedLinear.forward)
+    for label, attention in (("batched decode", attention_forward),
+                             ("per-sequence loop", per_sequence_decode)):
+        PagedAttention.forward = timed("attention", attention)
+        run()
+        totals.clear()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            run()
+        step_ms = (time.perf_counter() - start) * 1e3 / args.steps
+        attn_ms = totals["attention"] * 1e3 / args.steps
+        linear_ms = totals["linear"] * 1e3 / args.steps
+        print(f"{label:>18}: step {step_ms:6.2f} ms | attention {attn_ms:6.2f} ms "
+              f"({attn_ms / config.num_layers:.3f}/layer) | linears {linear_ms:6.2f} ms | "
+              f"other {step_ms - attn_ms - linear_ms:6.2f} ms (norms, rope, lm_head, ...)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The paged KV cache: per-layer K/V tensors of fixed-size blocks, and the block allocator.
+
+A sequence's tokens live in the blocks its block table lists, token p at slot
+block_table[p // block_size] * block_size + p % block_size. Blocks carry reference counts so
+that sequences can later share prefix blocks (prefix caching comes with the scheduler).
+"""
+
+from collections import deque
+
+import torch
+
+from goat_runtime.model.config import ModelConfig
+
+
+def block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes over all layers, K and V."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+
+
+def cache_blocks_for_budget(memory_bytes: int, config: ModelConfig, block_size: int,
+                            dtype: torch.dtype) -> int:
+    """How many blocks fit in `memory_bytes` (0 if not even one does)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, found {block_size}")
+    return max(0, memory_bytes // block_bytes(config, block_size, dtype))
+
+
+class KVCache:
+    """k[layer] / v[layer]: [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"a KV cache needs at least one block of at least one token, "
+                             f"got {num_blocks} blocks of {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+
+
+class NoFreeBlocksError(RuntimeError):
+    """The cache has fewer free blocks than asked for; the scheduler must wait or preempt."""
+
+
+class BlockAllocator:
+    """Free list plus reference counts over block ids 0..num_blocks-1."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def ref_count(self, block: int) -> int:
+        return self._refs[block]
+
+    def allocate(self, n: int = 1) -> list[int]:
+        """n fresh blocks with reference count 1; all or nothing."""
+        if n > len(self._free):
+            raise NoFreeBlocksError(f"asked for {n} KV blocks, {len(self._free)} free")
+        blocks = [self._free.popleft() for _ in range(n)]
+        for b in blocks:
+            self._refs[b] = 1
+        return blocks
+
+    def share(self, block: int) -> None:
+        """One more owner of an allocated block."""
+        if self._refs[block] < 1:
+            raise ValueError(f"block {block} is not allocated")
+        self._refs[block] += 1
+
+    def free(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; a block with none left returns to the free list."""
+        for b in blocks:
+            if self._refs[b] < 1:
+                raise ValueError(f"block {b} is freed more times than it was allocated")
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                self._free.append(b)

@@ -1,0 +1,153 @@
+"""The model's building blocks: RMSNorm, rotary embedding, fused linear (+ routed adapter delta)
+and paged attention. Batch metadata comes from the installed StepContext, never from arguments.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from goat_runtime.engine.context import get_step_context
+from goat_runtime.model.config import RopeConfig
+from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    # Filled by the loader; inference only, so no autograd.
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, *, dtype: torch.dtype,
+                 device: torch.device | str):
+        super().__init__()
+        self.eps = eps
+        self.weight = _empty(size, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As transformers: normalise in float32, cast back, then scale (matters in bf16).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for the step's positions, computed once per forward and shared by all layers."""
+
+    def __init__(self, head_dim: int, rope: RopeConfig, device: torch.device | str):
+        super().__init__()
+        self.register_buffer("inv_freq", rope.inv_freq(head_dim).to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [T, head_dim], float32
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; the rotate-half convention of transformers' Llama."""
+    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class FusedLinear(nn.Module):
+    """Base projections sharing one input, fused into one weight [sum(out_sizes), d_in], plus
+    the routed delta of the adapter in each token's slot once an adapter manager attaches one.
+
+    slice_names: the checkpoint module name of each output slice (e.g. ...q_proj, k_proj,
+    v_proj), the names adapters and static components refer to.
+    """
+
+    def __init__(self, d_in: int, out_sizes: Sequence[int], slice_names: Sequence[str], *,
+                 bias: bool, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.d_in = d_in
+        self.out_sizes = tuple(out_sizes)
+        self.slice_names = tuple(slice_names)
+        offsets = [0]
+        for size in out_sizes:
+            offsets.append(offsets[-1] + size)
+        self.out_offsets = tuple(offsets)
+        self.weight = _empty(offsets[-1], d_in, dtype=dtype, device=device)
+        self.bias = _empty(offsets[-1], dtype=dtype, device=device) if bias else None
+        self.routed: RoutedLoRAWeights | None = None
+
+    def slice_weight(self, s: int) -> torch.Tensor:
+        """A view of slice s's rows: writes (loading, merging static terms) go to the fused one."""
+        return self.weight.data[self.out_offsets[s] : self.out_offsets[s + 1]]
+
+    def slice_bias(self, s: int) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return self.bias.data[self.out_offsets[s] : self.out_offsets[s + 1]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.routed is not None:
+            ctx = get_step_context()
+            if ctx.has_adapter_tokens:  # a base-only step skips the op altogether
+                add_routed_lora(y, x.contiguous(), ctx.token_adapter_slots, self.routed)
+        return y
+
+
+class PagedAttention(nn.Module):
+    """Causal GQA attention over a paged KV cache (k_cache/v_cache attached by the engine).
+
+    Writes the step's K/V at the context's slot mapping, then attends: sequences with several
+    query tokens one by one (query i of a sequence with context C and Q queries sees keys
+    0..C-Q+i), single-token (decode) sequences all together over their padded contexts.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
+                 sliding_window: int | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.sliding_window = sliding_window
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, kv_heads, head_dim]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] -> [T, heads, head_dim]."""
+        if self.k_cache is None or self.v_cache is None:
+            raise RuntimeError("no KV cache attached; call model.attach_kv_cache(cache) first")
+        ctx = get_step_context()
+        k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, ctx.slot_mapping, k)
+        v_flat.index_copy_(0, ctx.slot_mapping, v)
+        out = torch.empty_like(q)
+        window = self.sliding_window
+        for seq in ctx.prefills:
+            rows = slice(seq.start, seq.start + seq.query_len)
+            if seq.context_slots is None:  # nothing cached before: use this step's K/V as is
+                keys, values = k[rows], v[rows]
+            else:
+                keys = k_flat.index_select(0, seq.context_slots)
+                values = v_flat.index_select(0, seq.context_slots)
+            mask = None
+            if seq.context_slots is not None or window is not None:
+                key_pos = torch.arange(seq.context_len, device=q.device)
+                query_pos = key_pos[seq.context_len - seq.query_len :, None]
+                mask = key_pos[None, :] <= query_pos
+                if window is not None:
+                    mask &= key_pos[None, :] > query_pos - window
+            out[rows] = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                values.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
+                enable_gqa=True)[0].transpose(0, 1)
+        if ctx.decode is not None:
+            d = ctx.decode
+            # index_select, not k_flat[slots]: several times faster on the CPU.
+            shape = (*d.context_slots.shape, self.num_kv_heads, self.head_dim)
+            flat_slots = d.context_slots.flatten()
+            keys = k_flat.index_select(0, flat_slots).view(shape).transpose(1, 2)
+            values = v_flat.index_select(0, flat_slots).view(shape).transpose(1, 2)
+            mask = d.valid
+            if window is not None:
+                mask = mask & (d.key_positions > d.query_positions - window)[:, None, None, :]
+            out[d.token_indices] = F.scaled_dot_product_attention(
+                q[d.token_indices][:, :, None], keys, values, attn_mask=mask,
+                enable_gqa=True)[:, :, 0]
+        return out

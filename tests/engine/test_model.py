@@ -1,0 +1,337 @@
+"""The model executor against the fixture's reference outputs and against transformers."""
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from goat_runtime.adapters.binding import bind_adapters, linear_shapes, slice_weights
+from goat_runtime.adapters.format import load_adapter
+from goat_runtime.adapters.static import StaticComponents
+from goat_runtime.engine.context import build_step_context, get_step_context, step_context
+from goat_runtime.engine.kv_cache import (
+    BlockAllocator,
+    KVCache,
+    NoFreeBlocksError,
+    block_bytes,
+    cache_blocks_for_budget,
+)
+from goat_runtime.model import LlamaForCausalLM, ModelConfig, load_model
+from tests.adapters.adapted_model import FIXTURE
+
+REFERENCE = load_file(str(FIXTURE / "reference_outputs.safetensors"))
+ADAPTERS = ["goat0", "goat1", "lora0"]
+PROMPTS = [REFERENCE[f"input_{i}"].tolist() for i in range(3)]
+
+
+@dataclass
+class Seq:
+    adapter_slot: int
+    num_cached: int = 0
+    blocks: list[int] = field(default_factory=list)
+
+
+class Driver:
+    """The engine's bookkeeping in miniature: block tables, cached counts, one step at a time."""
+
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int = 256, block_size: int = 4):
+        self.model, self.block_size = model, block_size
+        model.attach_kv_cache(KVCache(model.config, num_blocks, block_size,
+                                      dtype=model.embed_tokens.dtype))
+        self.allocator = BlockAllocator(num_blocks)
+        self.allocator.allocate(3)  # so that no table starts at block 0
+
+    @torch.inference_mode()
+    def step(self, batch: list[tuple[Seq, list[int]]], all_logits: bool = False) -> torch.Tensor:
+        """Run each sequence's new tokens; logits of every token or of each sequence's last."""
+        for seq, tokens in batch:
+            needed = -(-(seq.num_cached + len(tokens)) // self.block_size) - len(seq.blocks)
+            seq.blocks += self.allocator.allocate(max(needed, 0))
+        positions, ctx = build_step_context(
+            [len(t) for _, t in batch], [s.num_cached + len(t) for s, t in batch],
+            [s.blocks for s, _ in batch], [s.adapter_slot for s, _ in batch], self.block_size,
+            all_logits=all_logits)
+        input_ids = torch.tensor([tok for _, tokens in batch for tok in tokens])
+        with step_context(ctx):
+            logits = self.model.compute_logits(self.model(input_ids, positions))
+        for seq, tokens in batch:
+            seq.num_cached += len(tokens)
+        return logits
+
+
+def split_rows(logits: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+    return list(logits.split(lengths))
+
+
+@pytest.fixture(scope="module")
+def base_model() -> LlamaForCausalLM:
+    return load_model(FIXTURE / "base")
+
+
+def adapted_model(merged: bool, cache_dir) -> tuple[LlamaForCausalLM, dict[str, int]]:
+    """goat0, goat1, lora0 in slots 0..2, the base's own term in slot 3; name -> token slot."""
+    model = load_model(FIXTURE / "base")
+    linears = model.fused_linears()
+    static = StaticComponents(slice_weights(linears), cache_dir)
+    adapters = [load_adapter(FIXTURE / "adapters" / a, linear_shapes(linears)) for a in ADAPTERS]
+    if merged:
+        static.merge(adapters[0].signature, adapters[0].layers)
+    bind_adapters(linears, [*adapters, None], static)
+    return model, {"goat0": 0, "goat1": 1, "lora0": 2, "base": 3 if merged else -1}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["unmerged", "merged"])
+def adapted(request, tmp_path_factory):
+    return adapted_model(request.param, tmp_path_factory.mktemp("static"))
+
+
+# (1) base prompt logits
+
+
+def test_base_logits_one_sequence_per_step(base_model):
+    for i, prompt in enumerate(PROMPTS):
+        logits = Driver(base_model).step([(Seq(-1), prompt)], all_logits=True)
+        torch.testing.assert_close(logits, REFERENCE[f"base_logits_{i}"], atol=1e-4, rtol=0)
+
+
+def test_base_logits_one_flat_batch(base_model):
+    logits = Driver(base_model).step([(Seq(-1), p) for p in PROMPTS], all_logits=True)
+    for i, rows in enumerate(split_rows(logits, [len(p) for p in PROMPTS])):
+        torch.testing.assert_close(rows, REFERENCE[f"base_logits_{i}"], atol=1e-4, rtol=0)
+
+
+def test_last_token_logits_by_default(base_model):
+    logits = Driver(base_model).step([(Seq(-1), p) for p in PROMPTS])
+    expected = torch.stack([REFERENCE[f"base_logits_{i}"][-1] for i in range(3)])
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+
+
+# (2) adapters, merged and unmerged static components
+
+
+def test_adapter_logits_each_alone(adapted):
+    model, slots = adapted
+    for name, slot in slots.items():
+        for i, prompt in enumerate(PROMPTS):
+            logits = Driver(model).step([(Seq(slot), prompt)], all_logits=True)
+            torch.testing.assert_close(logits, REFERENCE[f"{name}_logits_{i}"], atol=1e-4,
+                                       rtol=0, msg=f"{name} prompt {i}")
+
+
+def test_adapter_logits_mixed_in_one_batch(adapted):
+    model, slots = adapted
+    batch = [(name, i) for i in range(3) for name in slots]
+    logits = Driver(model).step([(Seq(slots[n]), PROMPTS[i]) for n, i in batch],
+                                all_logits=True)
+    for (name, i), rows in zip(batch, split_rows(logits, [len(PROMPTS[i]) for _, i in batch]),
+                               strict=True):
+        torch.testing.assert_close(rows, REFERENCE[f"{name}_logits_{i}"], atol=1e-4, rtol=0,
+                                   msg=f"{name} prompt {i}")
+
+
+def test_merged_static_is_in_the_weights(tmp_path):
+    """Merged, a base request without its slot is off: the base slot is not vacuous."""
+    model, _ = adapted_model(True, tmp_path)
+    logits = Driver(model).step([(Seq(-1), PROMPTS[1])], all_logits=True)
+    assert (logits - REFERENCE["base_logits_1"]).abs().max() > 1e-3
+
+
+# (3) incremental greedy decode through the paged cache
+
+
+def test_greedy_decode_batched(adapted):
+    """All 12 (adapter, prompt) pairs decode together, half of them joining one step late, so
+    steps mix prefills with decodes; block_size 4 spreads every table over several blocks."""
+    model, slots = adapted
+    driver = Driver(model, block_size=4)
+    runs = [(name, i, Seq(slots[name])) for i in range(3) for name in slots]
+    generated: dict[int, list[int]] = {k: [] for k in range(len(runs))}
+    late = set(range(1, len(runs), 2))
+    for step in range(13):
+        batch, members = [], []
+        for k, (_, i, seq) in enumerate(runs):
+            if (k in late and step == 0) or len(generated[k]) == 12:
+                continue
+            batch.append((seq, PROMPTS[i] if seq.num_cached == 0 else generated[k][-1:]))
+            members.append(k)
+        next_tokens = driver.step(batch).argmax(-1).tolist()
+        for k, token in zip(members, next_tokens, strict=True):
+            generated[k].append(token)
+    assert len({b for _, _, s in runs for b in s.blocks}) == sum(len(s.blocks) for *_, s in runs)
+    for k, (name, i, seq) in enumerate(runs):
+        assert len(seq.blocks) >= 4
+        assert generated[k] == REFERENCE[f"{name}_greedy_{i}"].tolist(), f"{name} prompt {i}"
+
+
+# (4) chunked prefill
+
+
+def test_chunked_prefill_matches(adapted):
+    model, slots = adapted
+    driver = Driver(model, block_size=4)
+    prompt = PROMPTS[2]
+    seqs = {name: Seq(slot) for name, slot in slots.items()}
+    # Chunks end mid-block; the second step also carries a one-token chunk of prompt 0.
+    first = driver.step([(seqs[n], prompt[:10]) for n in slots], all_logits=True)
+    tail = Seq(slots["goat1"])
+    driver.step([(tail, PROMPTS[0][:4])])
+    second = driver.step([(seqs[n], prompt[10:]) for n in slots] + [(tail, PROMPTS[0][4:])],
+                         all_logits=True)
+    for k, name in enumerate(slots):
+        rows = torch.cat([first[10 * k : 10 * (k + 1)],
+                          second[23 * k : 23 * (k + 1)]])
+        torch.testing.assert_close(rows, REFERENCE[f"{name}_logits_2"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(second[-1], REFERENCE["goat1_logits_0"][-1], atol=1e-4, rtol=0)
+
+
+def test_bfloat16_close_to_reference(tmp_path):
+    model = load_model(FIXTURE / "base", dtype=torch.bfloat16)
+    linears = model.fused_linears()
+    static = StaticComponents(slice_weights(linears), tmp_path)
+    goat0 = load_adapter(FIXTURE / "adapters" / "goat0", linear_shapes(linears))
+    bind_adapters(linears, [goat0], static)
+    logits = Driver(model).step([(Seq(0), PROMPTS[1]), (Seq(-1), PROMPTS[1])], all_logits=True)
+    for name, rows in zip(["goat0", "base"], split_rows(logits, [17, 17]), strict=True):
+        assert (rows - REFERENCE[f"{name}_logits_1"]).abs().max() < 0.03  # measured: 0.007
+
+
+# (5) configs refused
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    config = json.loads((FIXTURE / "base" / "config.json").read_text())
+    with pytest.raises(ValueError, match="gpt2"):
+        ModelConfig.from_dict({**config, "model_type": "gpt2", "architectures": ["GPT2LMHead"]})
+    (tmp_path / "config.json").write_text(json.dumps(
+        {**config, "architectures": ["LlamaForSequenceClassification"]}))
+    with pytest.raises(ValueError, match="LlamaForSequenceClassification"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0},
+                                  {"type": "dynamic", "factor": 2.0}])
+def test_unsupported_rope_is_named(rope):
+    config = json.loads((FIXTURE / "base" / "config.json").read_text())
+    with pytest.raises(ValueError, match=rope.get("rope_type", rope.get("type"))):
+        ModelConfig.from_dict({**config, "rope_scaling": rope})
+
+
+# (6) other Llama-family checkpoints against transformers
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=80, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def hf_model(model_type: str, tmp_path, *, max_shard_size: str | None = None, **overrides):
+    """A random transformers model saved to tmp_path, with weights large enough that every
+    part (norms, biases, q/k norms) visibly moves the logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.2 if p.ndim == 1 else p.shape[-1] ** -0.5))
+    model.eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(tmp_path, **kwargs)
+    return model
+
+
+HF_CASES = {
+    "qwen2_bias": ("qwen2", {}),
+    "qwen3_qk_norm": ("qwen3", {"head_dim": 24}),
+    "mistral_window": ("mistral", {"sliding_window": 5}),
+    "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 5,
+                               "max_window_layers": 1}),
+    "llama_tied": ("llama", {"tie_word_embeddings": True}),
+    "llama_sharded": ("llama", {"max_shard_size": "40KB"}),
+    "llama_biases": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "llama3_rope": ("llama", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    "linear_rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4,
+                                                  "factor": 2.0}}),
+}
+
+
+@pytest.mark.parametrize("case", HF_CASES)
+def test_matches_transformers(case, tmp_path):
+    model_type, overrides = HF_CASES[case]
+    reference = hf_model(model_type, tmp_path, **overrides)
+    if case == "llama_sharded":
+        assert (tmp_path / "model.safetensors.index.json").is_file()
+    if case == "llama_tied":
+        assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
+    ids = torch.randint(0, TINY["vocab_size"], (19,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(ids[None]).logits[0]
+    model = load_model(tmp_path)
+    if case == "qwen3_qk_norm":
+        assert model.config.qk_norm and model.config.head_dim == 24
+    if case == "qwen2_window":
+        assert model.config.sliding_windows == (None, 5)
+    # The whole prompt at once, then in chunks ending with single-token (decode) steps.
+    for chunks in ([19], [7, 5, 1, 1, 4, 1]):
+        driver, seq, rows = Driver(model, block_size=4), Seq(-1), []
+        start = 0
+        for n in chunks:
+            rows.append(driver.step([(seq, ids[start : start + n].tolist())], all_logits=True))
+            start += n
+        torch.testing.assert_close(torch.cat(rows), expected, atol=1e-4, rtol=0,
+                                   msg=f"{case} chunks {chunks}")
+
+
+# Smaller parts
+
+
+def test_step_contexts_do_not_nest(base_model):
+    _, ctx = build_step_context([1], [1], [[0]], [-1], 4)
+    with pytest.raises(RuntimeError, match="no step context"):
+        get_step_context()
+    with step_context(ctx):
+        assert get_step_context() is ctx
+        with pytest.raises(RuntimeError, match="nest"), step_context(ctx):
+            pass
+    with pytest.raises(RuntimeError, match="no step context"):
+        get_step_context()
+
+
+def test_short_block_table_refused():
+    with pytest.raises(ValueError, match="block table"):
+        build_step_context([5], [9], [[0, 1]], [-1], 4)
+
+
+def test_block_allocator_refcounts():
+    allocator = BlockAllocator(4)
+    a = allocator.allocate(3)
+    assert allocator.num_free == 1
+    with pytest.raises(NoFreeBlocksError):
+        allocator.allocate(2)
+    allocator.share(a[0])
+    allocator.free(a)
+    assert allocator.num_free == 3 and allocator.ref_count(a[0]) == 1
+    allocator.free(a[:1])
+    assert allocator.num_free == 4
+    with pytest.raises(ValueError, match="freed more"):
+        allocator.free(a[:1])
+
+
+def test_fixture_config():
+    config = ModelConfig.from_pretrained(FIXTURE / "base")
+    assert (config.head_dim, config.num_kv_heads, config.eos_token_ids) == (32, 2, (2,))
+    assert not (config.qkv_bias or config.qk_norm or config.tie_word_embeddings)
+
+
+def test_cache_blocks_for_budget():
+    config = ModelConfig.from_pretrained(FIXTURE / "base")
+    per_block = 2 * 2 * 16 * 2 * 32 * 4  # K and V, 2 layers, 16 tokens, 2 heads, dim 32, fp32
+    assert block_bytes(config, 16, torch.float32) == per_block
+    assert cache_blocks_for_budget(10 * per_block + 1, config, 16, torch.float32) == 10
+    assert cache_blocks_for_budget(10 * per_block, config, 16, torch.bfloat16) == 20
