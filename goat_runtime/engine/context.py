@@ -98,11 +98,14 @@ class StepContext:
 def build_step_context(query_lens: Sequence[int], context_lens: Sequence[int],
                        block_tables: Sequence[Sequence[int]], adapter_slots: Sequence[int],
                        block_size: int, device: torch.device | str = "cpu", *,
-                       all_logits: bool = False) -> tuple[torch.Tensor, StepContext]:
+                       all_logits: bool = False,
+                       num_logits: Sequence[int] | None = None) -> tuple[torch.Tensor, StepContext]:
     """(positions [T], StepContext) for sequences laid out one after another in the flat batch.
 
     adapter_slots: each sequence's adapter slot (-1: base), repeated over its query tokens.
     all_logits: logits for every token (prompt logprobs), not only each sequence's last one.
+    num_logits: per sequence, how many of its last query tokens give logits (0: none, as for a
+      prompt chunk that is not the last); overrides all_logits.
     """
     positions: list[int] = []
     slots: list[int] = []
@@ -120,7 +123,10 @@ def build_step_context(query_lens: Sequence[int], context_lens: Sequence[int],
         token_slots += [a] * q
     width = max((len(t) for t in block_tables), default=0)
     padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
-    last = [s + q - 1 for s, q in zip(starts, query_lens, strict=True)]
+    if num_logits is None:
+        num_logits = list(query_lens) if all_logits else [1] * len(query_lens)
+    logits_indices = [i for s, q, k in zip(starts, query_lens, num_logits, strict=True)
+                      for i in range(s + q - k, s + q)]
     ctx = StepContext(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(len(padded),
@@ -129,8 +135,7 @@ def build_step_context(query_lens: Sequence[int], context_lens: Sequence[int],
         query_lens=tuple(query_lens),
         context_lens=tuple(context_lens),
         token_adapter_slots=torch.tensor(token_slots, dtype=torch.int32, device=device),
-        logits_indices=torch.tensor(range(len(positions)) if all_logits else last,
-                                    dtype=torch.int64, device=device),
+        logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
         block_size=block_size,
     )
     return torch.tensor(positions, dtype=torch.int64, device=device), ctx

@@ -1,0 +1,359 @@
+"""Adapters by name across three tiers: disk (the adapter directory), host memory (an LRU of
+loaded, checked adapters with their static terms) and device slots (the stacked tensors the
+routed op reads, one slot per adapter, `max_loras` of them).
+
+Loading from disk runs on one background thread, so the running batch never waits for it; the
+scheduler admits a request once its adapter is on the host, and `bind` puts a step's adapters
+in slots before the forward. The same name requested twice while loading loads once. Every
+static-component computation runs on that same thread (StaticComponents is not thread-safe).
+"""
+
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from goat_runtime.adapters.binding import linear_shapes, slice_weights
+from goat_runtime.adapters.format import CONFIG_FILE, Adapter, AdapterError, load_adapter
+from goat_runtime.adapters.slots import allocate_slots, slice_rows, write_slot
+from goat_runtime.adapters.static import Factors, StaticComponents
+from goat_runtime.engine.outputs import AdapterInfo, EngineError, EngineListener
+from goat_runtime.model.layers import FusedLinear
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HostAdapter:
+    adapter: Adapter | None  # None: the base model's own slot (merged static terms undone)
+    terms: dict[str, Factors]  # static terms on top of the served weights
+    load_id: int  # distinguishes a reload under the same name (prefix-cache keys use it)
+    pinned: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def cache_key(self) -> str:
+        return f"{self.adapter.name if self.adapter else ''}#{self.load_id}"
+
+
+class AdapterManager:
+    def __init__(self, linears: list[FusedLinear], *, adapter_dir: Path | None, max_loras: int,
+                 max_cpu_adapters: int, max_lora_rank: int, static_cache_dir: Path | None,
+                 listener: EngineListener | None = None):
+        self.linears = linears
+        self.adapter_dir = adapter_dir
+        self.max_loras, self.max_cpu_adapters = max_loras, max_cpu_adapters
+        self.max_lora_rank = max_lora_rank
+        self.listener = listener
+        self.shapes = linear_shapes(linears)
+        self.static = StaticComponents(slice_weights(linears), static_cache_dir)
+        self._lock = threading.Lock()  # host/loading maps: read by the server thread too
+        self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU order
+        self._loading: dict[str, Future] = {}
+        self._failed: dict[str, Exception] = {}
+        self._registered: dict[str, Path] = {}  # loaded by path (not from the adapter dir)
+        self._refs: Counter[str] = Counter()  # unfinished requests per adapter
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+        self._load_ids = itertools.count(1)
+        # Device slots: slot i holds _slots[i] (a name) or None; the base, when it needs a slot
+        # (merged static terms), owns the extra last slot.
+        self._slots: list[str | None] = [None] * max_loras
+        self._slot_used: list[float] = [0.0] * max_loras
+        self._value_rows, self._max_experts = 1, 0
+        self.base: HostAdapter | None = None
+        self._allocate()
+
+    # ---- start-up --------------------------------------------------------------------------
+
+    def merge_static(self, names_and_paths: Iterable[tuple[str, Path]]) -> None:
+        """Fold the most common GOAT init signature among these adapters into the base weights;
+        the base then keeps a slot of its own to undo it."""
+        counts: dict = {}
+        for name, path in names_and_paths:
+            try:
+                adapter = load_adapter(path, self.shapes, name=name, max_rank=self.max_lora_rank)
+            except AdapterError as exc:
+                logger.warning("merge-static: skipping %s: %s", name, exc)
+                continue
+            if adapter.signature is not None:
+                entry = counts.setdefault(adapter.signature, [0, set()])
+                entry[0] += 1
+                entry[1].update(adapter.layers)
+        if not counts:
+            logger.info("merge-static: no GOAT adapter found, nothing merged")
+            return
+        signature, (count, modules) = max(counts.items(), key=lambda kv: kv[1][0])
+        self.static.merge(signature, sorted(modules))
+        logger.info("merged the static components of %s (%d adapters)", signature.slug(), count)
+        self.base = HostAdapter(None, self.static.static_terms(None), load_id=0, pinned=True)
+        self._allocate()
+
+    # ---- names ------------------------------------------------------------------------------
+
+    def path_of(self, name: str) -> Path | None:
+        """Where an adapter not loaded yet would come from: the path it was registered with,
+        or <adapter_dir>/<name>."""
+        if name in self._registered:
+            return self._registered[name]
+        if self.adapter_dir is None or "/" in name or name in (".", ".."):
+            return None
+        path = self.adapter_dir / name
+        return path if (path / CONFIG_FILE).is_file() else None
+
+    def known(self, name: str) -> bool:
+        with self._lock:
+            if name in self._host or name in self._loading:
+                return True
+        return self.path_of(name) is not None
+
+    def is_loaded(self, name: str) -> bool:
+        with self._lock:
+            return name in self._host
+
+    def infos(self) -> list[AdapterInfo]:
+        with self._lock:
+            infos = {name: AdapterInfo(name, h.adapter.kind, True,
+                                       "device" if name in self._slots else "host")
+                     for name, h in self._host.items() if h.adapter is not None}
+        if self.adapter_dir is not None and self.adapter_dir.is_dir():
+            for path in sorted(self.adapter_dir.iterdir()):
+                if path.name not in infos and (path / CONFIG_FILE).is_file():
+                    infos[path.name] = AdapterInfo(path.name, _kind_on_disk(path), False, "disk")
+        return sorted(infos.values(), key=lambda i: i.name)
+
+    # ---- loading ----------------------------------------------------------------------------
+
+    def request_load(self, name: str, path: Path | None = None, *, pinned: bool = False) -> Future:
+        """Start loading `name` (from `path`, or the adapter directory) unless it is loaded or
+        loading; the future resolves when it is on the host (or fails with AdapterError)."""
+        with self._lock:
+            if name in self._host:
+                done: Future = Future()
+                done.set_result(None)
+                return done
+            if name in self._loading:
+                return self._loading[name]
+            self._failed.pop(name, None)
+            if path is not None:
+                self._registered[name] = path
+            path = self.path_of(name)
+            if path is None:
+                raise EngineError(f"The model `{name}` does not exist.", status=404)
+            future = self._executor.submit(self._load, name, path, pinned)
+            self._loading[name] = future
+            return future
+
+    def _load(self, name: str, path: Path, pinned: bool) -> None:
+        start = time.monotonic()
+        try:
+            adapter = load_adapter(path, self.shapes, name=name, max_rank=self.max_lora_rank)
+            terms = self.static.static_terms(adapter)
+        except Exception as exc:
+            with self._lock:
+                self._loading.pop(name, None)
+                self._failed[name] = exc
+                self._registered.pop(name, None)
+            raise
+        host = HostAdapter(adapter, terms, next(self._load_ids), pinned=pinned)
+        with self._lock:
+            self._host[name] = host
+            self._loading.pop(name, None)
+        seconds = time.monotonic() - start
+        logger.info("loaded adapter %s (%s) in %.2fs", name, adapter.kind, seconds)
+        if self.listener:
+            self.listener.on_adapter_loaded(name, seconds)
+            self.listener.on_adapter_location(name, "host")
+
+    def status(self, name: str) -> str:
+        """"ready" (on the host), "loading", "failed" or "unknown"."""
+        with self._lock:
+            if name in self._host:
+                return "ready"
+            if name in self._loading:
+                return "loading"
+            if name in self._failed:
+                return "failed"
+        return "unknown"
+
+    def take_failure(self, name: str) -> Exception | None:
+        with self._lock:
+            return self._failed.get(name)
+
+    def get(self, name: str | None) -> HostAdapter | None:
+        """The host entry of a loaded adapter (None: the base, or an adapter not loaded)."""
+        if name is None:
+            return self.base
+        with self._lock:
+            host = self._host.get(name)
+            if host is not None:
+                self._host.move_to_end(name)
+                host.last_used = time.monotonic()
+            return host
+
+    def acquire(self, name: str) -> None:
+        with self._lock:
+            self._refs[name] += 1
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self._refs[name] -= 1
+            if self._refs[name] <= 0:
+                del self._refs[name]
+        self._trim_host()
+
+    def unload(self, name: str) -> None:
+        """Forget a loaded adapter whose requests have all finished."""
+        with self._lock:
+            host = self._host.get(name)
+            if host is None:
+                raise EngineError(f"The adapter `{name}` is not loaded.", status=404)
+            if self._refs[name]:
+                raise RuntimeError(f"adapter {name} still has {self._refs[name]} requests")
+            del self._host[name]
+            self._registered.pop(name, None)
+        self._drop_slot(name)
+        if self.listener:
+            self.listener.on_adapter_location(name, None)
+
+    def refs(self, name: str) -> int:
+        with self._lock:
+            return self._refs[name]
+
+    def _trim_host(self) -> None:
+        """Evict least recently used host adapters over max_cpu_adapters (never pinned ones,
+        ones with requests, or ones in a device slot)."""
+        evicted = []
+        with self._lock:
+            excess = len(self._host) - self.max_cpu_adapters
+            for name, host in list(self._host.items()):
+                if excess <= 0:
+                    break
+                if host.pinned or self._refs[name] or name in self._slots:
+                    continue
+                del self._host[name]
+                evicted.append(name)
+                excess -= 1
+        for name in evicted:
+            if self.listener:
+                self.listener.on_adapter_evicted(name, "host")
+                self.listener.on_adapter_location(name, None)
+
+    # ---- device slots -----------------------------------------------------------------------
+
+    def has_slot(self, name: str) -> bool:
+        return name in self._slots
+
+    def can_bind(self, names: set[str], extra: str) -> bool:
+        """Whether `extra` can join a step whose adapters are `names`: at most max_loras distinct
+        adapters per step, as many as there are slots."""
+        return extra in names or len(names) < self.max_loras
+
+    def bind(self, names: Iterable[str]) -> dict[str | None, int]:
+        """Put the step's adapters in device slots (evicting least recently used ones outside
+        the step); returns name -> slot, with None -> the base's slot (-1 when the base needs
+        none)."""
+        names = set(names)
+        if len(names) > self.max_loras:
+            raise RuntimeError(f"{len(names)} adapters in one step, max_loras is {self.max_loras}")
+        now = time.monotonic()
+        mapping: dict[str | None, int] = {None: self.max_loras if self.base else -1}
+        for name in sorted(names):
+            if name in self._slots:
+                slot = self._slots.index(name)
+            else:
+                slot = self._free_slot(names)
+                self._write(slot, name)
+            self._slot_used[slot] = now
+            mapping[name] = slot
+        return mapping
+
+    def _free_slot(self, keep: set[str]) -> int:
+        candidates = [i for i, n in enumerate(self._slots) if n is None or n not in keep]
+        slot = min(candidates, key=lambda i: (self._slots[i] is not None, self._slot_used[i]))
+        old = self._slots[slot]
+        if old is not None:
+            self._slots[slot] = None
+            if self.listener:
+                self.listener.on_adapter_evicted(old, "device")
+                self.listener.on_adapter_location(old, "host")
+        return slot
+
+    def _write(self, slot: int, name: str) -> None:
+        host = self.get(name)
+        if host is None:
+            raise RuntimeError(f"adapter {name} is not loaded")
+        value_rows, experts = self._needs(host)
+        if value_rows > self._value_rows or experts > self._max_experts:
+            # Slots are sized to the largest resident adapter (the kernel reads every value row
+            # of a slice), so a bigger one regrows them all.
+            self._value_rows = max(self._value_rows, value_rows)
+            self._max_experts = max(self._max_experts, experts)
+            self._allocate()
+        self._write_host(slot, host)
+        self._slots[slot] = name
+        if self.listener:
+            self.listener.on_adapter_location(name, "device")
+
+    def _needs(self, host: HostAdapter) -> tuple[int, int]:
+        rows, experts = 1, 0
+        for linear in self.linears:
+            for module in linear.slice_names:
+                delta = host.adapter.layers.get(module) if host.adapter else None
+                r, e = slice_rows(delta, host.terms.get(module))
+                rows, experts = max(rows, r), max(experts, e)
+        return rows, experts
+
+    def _write_host(self, slot: int, host: HostAdapter) -> None:
+        with torch.no_grad():
+            for linear in self.linears:
+                deltas = [host.adapter.layers.get(n) if host.adapter else None
+                          for n in linear.slice_names]
+                write_slot(linear.routed, slot, deltas,
+                           [host.terms.get(n) for n in linear.slice_names])
+
+    def _allocate(self) -> None:
+        """(Re)allocate every linear's slots at the current size and rewrite their contents."""
+        if self.base is not None:
+            rows, experts = self._needs(self.base)
+            self._value_rows = max(self._value_rows, rows)
+            self._max_experts = max(self._max_experts, experts)
+        num_slots = self.max_loras + (1 if self.base else 0)
+        for linear in self.linears:
+            linear.routed = allocate_slots(
+                num_slots, linear.out_sizes, linear.d_in, value_rows=self._value_rows,
+                max_experts=self._max_experts, dtype=linear.weight.dtype,
+                device=linear.weight.device)
+        for slot, name in enumerate(self._slots):
+            host = self.get(name) if name else None
+            if host is not None:
+                self._write_host(slot, host)
+            else:
+                self._slots[slot] = None
+        if self.base is not None:
+            self._write_host(self.max_loras, self.base)
+
+    def _drop_slot(self, name: str) -> None:
+        if name in self._slots:
+            self._slots[self._slots.index(name)] = None
+
+    def device_adapters(self) -> list[str]:
+        return [n for n in self._slots if n is not None]
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _kind_on_disk(path: Path) -> str:
+    try:
+        peft_type = json.loads((path / CONFIG_FILE).read_text()).get("peft_type", "")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return {"GOAT": "goat", "LORA": "lora"}.get(peft_type, "unknown")

@@ -1,0 +1,208 @@
+"""The asyncio front of the engine: add a request, get an async stream of its outputs.
+
+The LLMEngine runs on its own thread (torch releases the GIL in its kernels, so the server's
+event loop stays responsive). Everything that touches engine state runs on that thread:
+callers post commands to it, and it posts each output back to the caller's event loop.
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from goat_runtime.engine.config import EngineConfig
+from goat_runtime.engine.engine import LLMEngine
+from goat_runtime.engine.outputs import (
+    AdapterInfo,
+    EngineError,
+    EngineListener,
+    EngineStats,
+    RequestOutput,
+)
+from goat_runtime.engine.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig, listener: EngineListener | None = None):
+        self.engine = LLMEngine(config, listener)
+        self.config = config
+        self.tokenizer = self.engine.tokenizer
+        self.base_name = config.base_name
+        self.max_model_len = self.engine.max_model_len
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._unloading: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._accepting = True
+        self._error: BaseException | None = None
+        self._stats = EngineStats(0, 0, 0.0)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="goat-engine", daemon=True)
+            self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._error is None
+
+    async def shutdown(self, timeout: float = 0.0) -> None:
+        """Stop accepting requests, let running ones finish within `timeout` seconds, abort the
+        rest and stop the engine thread."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self._streams and time.monotonic() < deadline and self.is_alive:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+        self.engine.adapters.shutdown()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._run_commands()
+                if not self.engine.has_work():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                outputs = self.engine.step()
+                self._deliver(outputs)
+                running, waiting, usage = self.engine.stats()
+                self._stats = EngineStats(running, waiting, usage)
+                if not outputs and not self.engine.scheduler.running:
+                    # Only requests whose adapters are loading: wait for a load or a command.
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            self._run_commands()
+        except BaseException as exc:  # the loop is dead: fail every stream, /health turns 503
+            logger.exception("engine loop failed")
+            self._error = exc
+            for loop, stream in list(self._streams.values()):
+                loop.call_soon_threadsafe(stream.put_nowait, EngineError(
+                    f"The engine failed: {exc}", status=500))
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _post(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            entry = self._streams.get(out.request_id)
+            if entry is not None:
+                loop, stream = entry
+                loop.call_soon_threadsafe(stream.put_nowait, out)
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the stream early aborts the request."""
+        if not self._accepting or not self.is_alive:
+            raise EngineError("The server is shutting down.", status=503)
+        if adapter in self._unloading:
+            raise EngineError(f"The model `{adapter}` does not exist.", status=404)
+        self.engine.check_request(prompt_token_ids, params, adapter)
+        if request_id in self._streams:
+            raise EngineError(f"Request id {request_id!r} is already running.", status=400)
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, stream)
+
+        def add() -> None:
+            try:
+                self.engine.add_request(request_id, prompt_token_ids, params, adapter)
+            except Exception as exc:
+                loop.call_soon_threadsafe(stream.put_nowait, exc)
+                return
+            future = self.engine.adapters.request_load(adapter) if adapter else None
+            if future is not None:
+                future.add_done_callback(lambda _: self._wake.set())
+
+        self._post(add)
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.error is not None:
+                    finished = True
+                    raise item.error
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._post(lambda: self.engine.abort(request_id))
+
+    def abort(self, request_id: str) -> None:
+        entry = self._streams.pop(request_id, None)
+
+        def run() -> None:
+            out = self.engine.abort(request_id)
+            if out is not None and entry is not None:
+                entry[0].call_soon_threadsafe(entry[1].put_nowait, out)
+
+        self._post(run)
+
+    # ---- adapters ---------------------------------------------------------------------------
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return [i for i in self.engine.adapters.infos() if i.name not in self._unloading]
+
+    async def load_adapter(self, name: str, path: Path) -> None:
+        if self.engine.adapters.is_loaded(name) or self.engine.adapters.status(name) == "loading":
+            raise EngineError(f"The adapter `{name}` is already loaded.", status=400)
+        future = self.engine.adapters.request_load(name, Path(path))
+        await asyncio.wrap_future(future)
+
+    async def unload_adapter(self, name: str) -> None:
+        """Forget an adapter once its running requests have finished (new ones get 404)."""
+        if not self.engine.adapters.is_loaded(name) or name in self._unloading:
+            raise EngineError(f"The adapter `{name}` is not loaded.", status=404)
+        self._unloading.add(name)
+        try:
+            while self.engine.adapters.refs(name):
+                await asyncio.sleep(0.05)
+            done = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+
+            def run() -> None:
+                try:
+                    self.engine.adapters.unload(name)
+                    loop.call_soon_threadsafe(done.set_result, None)
+                except Exception as exc:
+                    loop.call_soon_threadsafe(done.set_exception, exc)
+
+            self._post(run)
+            await done
+        finally:
+            self._unloading.discard(name)
+
+    def stats(self) -> EngineStats:
+        return self._stats

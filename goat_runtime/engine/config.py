@@ -1,0 +1,63 @@
+"""EngineConfig: everything the engine is built from (the server's flags map onto it)."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    model_dir: Path
+    adapter_dir: Path | None = None  # adapters known by folder name, loaded on first use
+    adapters: dict[str, Path] = field(default_factory=dict)  # loaded at start and pinned
+    served_model_name: str | None = None  # the base's name in requests; default: folder name
+    dtype: str = "auto"  # auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16
+    device: str = "auto"  # auto, cpu, cuda
+    max_loras: int = 8  # adapters resident in device slots (distinct adapters per step)
+    max_cpu_adapters: int = 32  # adapters kept loaded in host memory (LRU)
+    max_lora_rank: int = 64
+    max_num_seqs: int = 64  # running sequences per step
+    max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    kv_cache_memory: int = 1 << 30  # bytes for K/V blocks
+    block_size: int = 16
+    merge_static: bool = False  # fold the most common GOAT init signature into the base
+    enable_prefix_caching: bool = True
+    static_cache_dir: Path | None = None  # default: $GOAT_CACHE_DIR/static
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        if self.adapter_dir is not None:
+            self.adapter_dir = Path(self.adapter_dir)
+        self.adapters = {name: Path(p) for name, p in self.adapters.items()}
+        for name in ("max_loras", "max_cpu_adapters", "max_lora_rank", "max_num_seqs",
+                     "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_cpu_adapters < self.max_loras:
+            raise ValueError(f"max_cpu_adapters ({self.max_cpu_adapters}) must be at least "
+                             f"max_loras ({self.max_loras}): device adapters live on the host too")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda was asked for but torch sees no CUDA device")
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            # bfloat16 matmul is ~100x slower than float32 on CPUs without AVX-512 BF16.
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_name or self.model_dir.name

@@ -1,0 +1,295 @@
+"""The synchronous engine: step() = schedule -> bind adapters -> forward -> sample -> emit.
+
+One base model, many adapters: each step runs every scheduled sequence, whatever its adapter,
+in one forward pass; the step context carries each token's adapter slot to the routed op.
+Everything here runs on one thread (the async front's engine thread, or a test's).
+"""
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+from transformers import AutoTokenizer
+
+from goat_runtime.engine.adapter_manager import AdapterManager
+from goat_runtime.engine.config import EngineConfig
+from goat_runtime.engine.context import build_step_context, step_context
+from goat_runtime.engine.detokenizer import IncrementalDetokenizer
+from goat_runtime.engine.kv_cache import BlockAllocator, KVCache, cache_blocks_for_budget
+from goat_runtime.engine.outputs import (
+    CompletionDelta,
+    EngineError,
+    EngineListener,
+    RequestOutput,
+)
+from goat_runtime.engine.request import Request, Sequence, SequenceStatus
+from goat_runtime.engine.sampler import SamplingRow, make_generator, prompt_logprobs, sample
+from goat_runtime.engine.sampling import SamplingParams
+from goat_runtime.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from goat_runtime.model import load_model
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, listener: EngineListener | None = None):
+        self.config = config
+        self.listener = listener
+        self.device, dtype = config.torch_device, config.torch_dtype
+        self.model = load_model(config.model_dir, dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(config.model_dir))
+        model_config = self.model.config
+        self.vocab_size = model_config.vocab_size
+        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        self.block_size = config.block_size
+        num_blocks = cache_blocks_for_budget(config.kv_cache_memory, model_config,
+                                             config.block_size, dtype)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {config.kv_cache_memory} bytes holds no KV block "
+                             f"of {config.block_size} tokens for this model")
+        self.num_blocks = num_blocks
+        self.model.attach_kv_cache(KVCache(model_config, num_blocks, config.block_size, dtype,
+                                           self.device))
+        self.allocator = BlockAllocator(num_blocks)
+        self.adapters = AdapterManager(
+            self.model.fused_linears(), adapter_dir=config.adapter_dir,
+            max_loras=config.max_loras, max_cpu_adapters=config.max_cpu_adapters,
+            max_lora_rank=config.max_lora_rank, static_cache_dir=config.static_cache_dir,
+            listener=listener)
+        if config.merge_static:
+            self.adapters.merge_static(self._adapter_candidates())
+        for name, path in config.adapters.items():  # fail at start, not at the first request
+            self.adapters.request_load(name, path, pinned=True).result()
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                            config.block_size, config.enable_prefix_caching),
+            self.allocator, self.adapters)
+        eos = set(model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.requests: dict[str, Request] = {}
+
+    def _adapter_candidates(self) -> list:
+        candidates = list(self.config.adapters.items())
+        if self.config.adapter_dir is not None and self.config.adapter_dir.is_dir():
+            candidates += [(p.name, p) for p in sorted(self.config.adapter_dir.iterdir())
+                           if self.adapters.path_of(p.name) == p]
+        return candidates
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids: Seq[int], params: SamplingParams,
+                      adapter: str | None) -> None:
+        """Raise EngineError (400 or 404) for a request the engine cannot serve."""
+        if not prompt_token_ids:
+            raise EngineError("The prompt is empty.", status=400)
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise EngineError(f"Token id {bad} is out of vocabulary (size {self.vocab_size}).",
+                              status=400)
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise EngineError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {total} tokens ({len(prompt_token_ids)} in the prompt, "
+                f"{params.max_tokens} for the completion).", status=400)
+        if -(-total // self.block_size) > self.num_blocks:
+            raise EngineError(f"The request needs {total} tokens of KV cache; the cache holds "
+                              f"{self.num_blocks * self.block_size}.", status=400)
+        if adapter is not None and not self.adapters.known(adapter):
+            raise EngineError(f"The model `{adapter}` does not exist.", status=404)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter: str | None = None) -> None:
+        if request_id in self.requests:
+            raise EngineError(f"Request id {request_id!r} is already running.", status=400)
+        self.check_request(prompt_token_ids, params, adapter)
+        if adapter is not None:
+            self.adapters.request_load(adapter)
+            self.adapters.acquire(adapter)
+        request = Request(request_id, list(prompt_token_ids), params, adapter)
+        for i in range(params.n):
+            seq = Sequence(request, i, make_generator(params.seed, i, self.device))
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens, stop=params.stop)
+            request.sequences.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now, freeing its blocks and adapter reference."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        request.aborted = True
+        deltas = []
+        for seq in request.sequences:
+            if seq.status is not SequenceStatus.FINISHED:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+                deltas.append(CompletionDelta(seq.index, "", [], None, "abort"))
+        return self._finish_request(request, deltas)
+
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs = self._fail_unloadable()
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return outputs
+        now = time.monotonic()
+        for item in scheduled:
+            if item.seq.request.first_scheduled_time is None:
+                item.seq.request.first_scheduled_time = now
+        logits, rows = self._forward(scheduled)
+        sampled: list[Sequence] = []
+        for item in scheduled:
+            self.scheduler.computed(item)
+            seq = item.seq
+            if seq.num_computed_tokens == seq.num_tokens:
+                sampled.append(seq)
+        deltas: dict[str, list[CompletionDelta]] = {}
+        if sampled:
+            result = sample(logits[[rows[id(s)] for s in sampled]], [
+                SamplingRow(s.request.params, s.request.prompt_token_ids, s.output_token_ids,
+                            s.generator, self.eos_token_ids) for s in sampled])
+            for seq, token, lp in zip(sampled, result.token_ids, result.logprobs, strict=True):
+                delta = self._append(seq, token, lp)
+                if delta is not None:
+                    deltas.setdefault(seq.request.request_id, []).append(delta)
+        for request_id, request_deltas in deltas.items():
+            request = self.requests[request_id]
+            if request.finished:
+                outputs.append(self._finish_request(request, request_deltas))
+            else:
+                outputs.append(self._output(request, request_deltas, finished=False))
+        if self.listener:
+            self.listener.on_step(len(scheduled), sum(i.num_new_tokens for i in scheduled),
+                                  sorted({i.seq.adapter for i in scheduled if i.seq.adapter}))
+        return outputs
+
+    @torch.inference_mode()
+    def _forward(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, dict[int, int]]:
+        """Run the step; returns the logits rows and, per sampled sequence, its row."""
+        slots = self.adapters.bind({i.seq.adapter for i in scheduled if i.seq.adapter})
+        input_ids: list[int] = []
+        num_logits: list[int] = []
+        rows: dict[int, int] = {}
+        prompt_rows: list[tuple[Request, int, int]] = []  # (request, first row, count)
+        num_rows = 0
+        for item in scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            start = seq.num_computed_tokens
+            input_ids += seq.token_ids[start : start + n]
+            completes = start + n == seq.num_tokens
+            wants_prompt = self._wants_prompt_logprobs(seq)
+            k = n if wants_prompt else (1 if completes else 0)
+            if wants_prompt:
+                prompt_rows.append((seq.request, num_rows, n))
+            if completes:
+                rows[id(seq)] = num_rows + k - 1
+            num_logits.append(k)
+            num_rows += k
+        positions, ctx = build_step_context(
+            [i.num_new_tokens for i in scheduled],
+            [i.seq.num_computed_tokens + i.num_new_tokens for i in scheduled],
+            [i.seq.blocks for i in scheduled], [slots[i.seq.adapter] for i in scheduled],
+            self.block_size, self.device, num_logits=num_logits)
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
+        with step_context(ctx):
+            logits = self.model.compute_logits(self.model(ids, positions))
+        for request, first, count in prompt_rows:
+            request.prompt_logits.append(logits[first : first + count].cpu())
+        return logits, rows
+
+    @staticmethod
+    def _wants_prompt_logprobs(seq: Sequence) -> bool:
+        request = seq.request
+        return (request.params.prompt_logprobs is not None and seq.index == 0
+                and request.prompt_logprobs is None
+                and seq.num_computed_tokens < len(request.prompt_token_ids))
+
+    def _append(self, seq: Sequence, token: int, logprobs) -> CompletionDelta | None:
+        """Add a sampled token; returns the sequence's delta (None while its text is held)."""
+        request, params = seq.request, seq.request.params
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        if request.params.prompt_logprobs is not None and request.prompt_logprobs is None \
+                and seq.index == 0:
+            request.prompt_logprobs = prompt_logprobs(
+                torch.cat(request.prompt_logits), request.prompt_token_ids,
+                params.prompt_logprobs)
+            request.prompt_logits.clear()
+        seq.output_token_ids.append(token)
+        finish, stop_reason = None, None
+        if token in params.stop_token_ids:
+            finish, stop_reason = "stop", token
+        elif token in self.eos_token_ids and not params.ignore_eos:
+            finish = "stop"
+        if finish is None:
+            text = seq.detokenizer.add([token])
+            if seq.detokenizer.stop_reason is not None:  # the stop string is not emitted
+                finish, stop_reason = "stop", seq.detokenizer.stop_reason
+            elif (len(seq.output_token_ids) >= params.max_tokens
+                  or seq.num_tokens >= self.max_model_len):
+                finish = "length"
+                text += seq.detokenizer.finish()
+        else:  # a stop token or EOS: in token_ids, not in the text
+            text = seq.detokenizer.finish()
+        if finish is not None:
+            seq.finish_reason, seq.stop_reason = finish, stop_reason
+            self.scheduler.finish(seq)
+        return CompletionDelta(seq.index, text, [token],
+                               [logprobs] if params.logprobs is not None else None,
+                               finish, stop_reason)
+
+    def _output(self, request: Request, deltas: list[CompletionDelta],
+                finished: bool) -> RequestOutput:
+        first = request.prompt_logprobs is not None and not request.prompt_logprobs_sent
+        if first:
+            request.prompt_logprobs_sent = True
+        return RequestOutput(request.request_id, deltas, finished,
+                             len(request.prompt_token_ids),
+                             prompt_logprobs=request.prompt_logprobs if first else None)
+
+    def _finish_request(self, request: Request, deltas: list[CompletionDelta]) -> RequestOutput:
+        out = self._output(request, deltas, finished=True)
+        now = time.monotonic()
+        out.metrics = {
+            "arrival_time": request.arrival_time,
+            "first_scheduled_time": request.first_scheduled_time or now,
+            "first_token_time": request.first_token_time or now,
+            "finished_time": now,
+        }
+        del self.requests[request.request_id]
+        if request.adapter is not None:
+            self.adapters.release(request.adapter)
+        return out
+
+    def _fail_unloadable(self) -> list[RequestOutput]:
+        """End the requests whose adapter failed to load, with the loader's error."""
+        outputs = []
+        for request in list(self.requests.values()):
+            name = request.adapter
+            if name is None or self.adapters.status(name) != "failed":
+                continue
+            if any(s.status is SequenceStatus.RUNNING for s in request.sequences):
+                continue
+            exc = self.adapters.take_failure(name)
+            for seq in request.sequences:
+                self.scheduler.finish(seq)
+            out = self._finish_request(request, [])
+            out.error = EngineError(f"Adapter `{name}` could not be loaded: {exc}", status=400)
+            outputs.append(out)
+        return outputs
+
+    def stats(self) -> tuple[int, int, float]:
+        """(running sequences, waiting sequences, KV cache usage)."""
+        used = 1.0 - self.allocator.num_free / self.num_blocks
+        return len(self.scheduler.running), len(self.scheduler.waiting), used

@@ -1,0 +1,71 @@
+"""What the engine streams back for a request: one RequestOutput per step that produced tokens.
+
+Text and tokens are deltas (what is new since the previous output of the same request), so a
+streaming server forwards them as they are and a non-streaming one concatenates them.
+"""
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# token id -> logprob of the chosen token and the top alternatives at one position
+TokenLogprobs = dict[int, float]
+
+
+@dataclass
+class CompletionDelta:
+    index: int  # which of the request's n completions
+    text: str  # new text (stop strings excluded; held back while a stop string may be forming)
+    token_ids: list[int]  # new tokens
+    logprobs: list[TokenLogprobs] | None  # one dict per new token, when asked for
+    finish_reason: str | None = None  # "stop" or "length" once finished, "abort" if aborted
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    outputs: list[CompletionDelta]
+    finished: bool  # every completion has finished; the stream ends after this output
+    num_prompt_tokens: int
+    # First output only, when prompt_logprobs was asked for: None for the first prompt token.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # filled in the last output
+    error: Exception | None = None  # the request failed (finished is True); streams raise it
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (for example its adapter could not be loaded); the
+    stream raises it. `status` is the HTTP status a server should answer with."""
+
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    kind: str  # "goat" or "lora"
+    loaded: bool
+    location: str  # "device", "host" or "disk"
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks in use, 0..1
+
+
+class EngineListener(Protocol):
+    """Engine-side events for metrics; called from the engine thread."""
+
+    def on_step(self, num_seqs: int, num_tokens: int, adapters: list[str]) -> None: ...
+
+    def on_adapter_loaded(self, name: str, seconds: float) -> None: ...
+
+    def on_adapter_evicted(self, name: str, tier: str) -> None: ...
+
+    def on_adapter_location(self, name: str, location: str | None) -> None: ...
+
+    def on_expert_selections(self, adapter: str, counts: list[int]) -> None: ...

@@ -1,0 +1,76 @@
+"""A request and its sequences: what the scheduler moves between the waiting and running queues.
+
+A request with n completions is n sequences sharing its prompt, adapter and parameters, each
+with its own generator, output and KV blocks (vLLM V1 fans n out the same way).
+"""
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from goat_runtime.engine.sampling import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    adapter: str | None  # None: the base model
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    sequences: list["Sequence"] = field(default_factory=list)
+    prompt_logprobs: list | None = None  # filled once the prompt has been computed
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)  # per prefill chunk
+    prompt_logprobs_sent: bool = False
+    aborted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.status is SequenceStatus.FINISHED for s in self.sequences)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion: its tokens (prompt, then output), cache blocks and progress."""
+
+    request: Request
+    index: int
+    generator: torch.Generator
+    output_token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    blocks: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full, computed blocks
+    num_cached_hits: int = 0  # prompt tokens served from the prefix cache (last admission)
+    passed_over: int = 0  # times a later sequence was admitted while this one waited for a slot
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    detokenizer: object = None  # IncrementalDetokenizer, attached by the engine
+    pending_logprobs: list = field(default_factory=list)  # of tokens not yet emitted
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def adapter(self) -> str | None:
+        return self.request.adapter
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than one token still to compute (the prompt, or a recompute after preemption)."""
+        return self.num_tokens - self.num_computed_tokens > 1

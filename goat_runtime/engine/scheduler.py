@@ -1,0 +1,199 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step, running sequences go first (oldest first): a decode takes one token, a prompt the
+next chunk of it, within a per-step token budget (chunked prefill). When the KV cache cannot
+hold a running sequence's next tokens, the newest running sequence is preempted (its blocks
+freed, its tokens recomputed later, ahead of everything waiting). Then waiting sequences are
+admitted first come, first served while the budget, the sequence cap, the KV cache and the
+device adapter slots allow. A sequence whose adapter needs a slot while all are held may be
+passed over by sequences of resident adapters, but only `max_passed_over` times: then admission
+stops until running sequences finish and free a slot for it. A sequence whose KV blocks do not
+fit stops admission at once (it is never passed over). Adapters still loading from disk do not
+hold anything up.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from goat_runtime.engine.adapter_manager import AdapterManager
+from goat_runtime.engine.kv_cache import BlockAllocator, block_hash
+from goat_runtime.engine.request import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    enable_prefix_caching: bool = True
+    max_passed_over: int = 32
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed this step, from seq.num_computed_tokens on
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator,
+                 adapters: AdapterManager):
+        self.config = config
+        self.allocator = allocator
+        self.adapters = adapters
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        scheduled_ids: set[int] = set()
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted below for an older one
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self._grow(seq, n):
+                victim = next((s for s in reversed(self.running) if id(s) not in scheduled_ids),
+                              None)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                scheduled.append(ScheduledSeq(seq, n))
+                scheduled_ids.add(id(seq))
+                budget -= n
+        if not preempted:
+            scheduled += self._admit(budget)
+        return scheduled
+
+    def _admit(self, budget: int) -> list[ScheduledSeq]:
+        admitted: list[ScheduledSeq] = []
+        held = {s.adapter for s in self.running if s.adapter is not None}
+        kept: deque[Sequence] = deque()
+        slot_blocked: list[Sequence] = []
+        stop = False
+        while self.waiting:
+            seq = self.waiting.popleft()
+            if stop or budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                kept.append(seq)
+                stop = True
+                continue
+            name = seq.adapter
+            if name is not None and self.adapters.status(name) != "ready":
+                kept.append(seq)  # still loading (failures are the engine's to report)
+                continue
+            if name is not None and not self.adapters.can_bind(held, name):
+                kept.append(seq)
+                slot_blocked.append(seq)
+                if seq.passed_over >= self.config.max_passed_over:
+                    stop = True  # let running sequences drain and free a slot for it
+                continue
+            n = self._start(seq, budget)
+            if n == 0:  # its KV blocks do not fit: first come, first served
+                kept.append(seq)
+                stop = True
+                continue
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if name is not None:
+                held.add(name)
+            admitted.append(ScheduledSeq(seq, n))
+            budget -= n
+            for blocked in slot_blocked:
+                blocked.passed_over += 1
+        self.waiting = kept
+        return admitted
+
+    def _start(self, seq: Sequence, budget: int) -> int:
+        """Give a waiting sequence its cached prefix blocks and the blocks of its first chunk;
+        returns the chunk's size, 0 (holding nothing) if the blocks do not fit."""
+        hits: list[int] = []
+        hashes: list[bytes] = []
+        request = seq.request
+        if self.config.enable_prefix_caching and request.params.prompt_logprobs is None:
+            bs = self.config.block_size
+            tokens = seq.token_ids
+            key = self._cache_key(seq)
+            parent = None
+            # Never the last token: its logits are needed, so at least one token is computed.
+            for i in range((len(tokens) - 1) // bs):
+                parent = block_hash(parent, key, tokens[i * bs : (i + 1) * bs])
+                block = self.allocator.lookup(parent)
+                if block is None:
+                    break
+                hits.append(block)
+                hashes.append(parent)
+        seq.blocks, seq.block_hashes = hits, hashes
+        seq.num_computed_tokens = seq.num_cached_hits = len(hits) * self.config.block_size
+        n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        if not self._grow(seq, n):
+            self.allocator.free(hits)
+            seq.blocks, seq.block_hashes = [], []
+            seq.num_computed_tokens = seq.num_cached_hits = 0
+            return 0
+        return n
+
+    def _grow(self, seq: Sequence, n: int) -> bool:
+        """Allocate the blocks `seq` needs for `n` more tokens, if the cache has them."""
+        needed = -(-(seq.num_computed_tokens + n) // self.config.block_size) - len(seq.blocks)
+        if needed > self.allocator.num_free:
+            return False
+        if needed > 0:
+            seq.blocks += self.allocator.allocate(needed)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release_blocks(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # ---- after the step ---------------------------------------------------------------------
+
+    def computed(self, item: ScheduledSeq) -> None:
+        """The step computed `item`'s tokens: advance it and cache its newly full blocks."""
+        seq = item.seq
+        seq.num_computed_tokens += item.num_new_tokens
+        if not self.config.enable_prefix_caching:
+            return
+        bs = self.config.block_size
+        tokens = seq.token_ids
+        key = self._cache_key(seq)
+        while len(seq.block_hashes) < seq.num_computed_tokens // bs:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            digest = block_hash(parent, key, tokens[i * bs : (i + 1) * bs])
+            seq.block_hashes.append(digest)
+            self.allocator.register(seq.blocks[i], digest)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence from the queues and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release_blocks(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _release_blocks(self, seq: Sequence) -> None:
+        self.allocator.free(seq.blocks)
+        seq.blocks, seq.block_hashes = [], []
+        seq.num_computed_tokens = 0
+
+    def _cache_key(self, seq: Sequence) -> str:
+        host = self.adapters.get(seq.adapter) if seq.adapter is not None else None
+        return host.cache_key if host is not None else ""
