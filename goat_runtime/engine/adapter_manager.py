@@ -118,6 +118,15 @@ class AdapterManager:
         with self._lock:
             return name in self._host
 
+    def info(self, name: str) -> AdapterInfo | None:
+        with self._lock:
+            host = self._host.get(name)
+            if host is not None and host.adapter is not None:
+                return AdapterInfo(name, host.adapter.kind, True,
+                                   "device" if name in self._slots else "host")
+        path = self.path_of(name)
+        return AdapterInfo(name, _kind_on_disk(path), False, "disk") if path else None
+
     def infos(self) -> list[AdapterInfo]:
         with self._lock:
             infos = {name: AdapterInfo(name, h.adapter.kind, True,
@@ -343,6 +352,18 @@ class AdapterManager:
     def _drop_slot(self, name: str) -> None:
         if name in self._slots:
             self._slots[self._slots.index(name)] = None
+
+    def expert_counts_buffer(self) -> torch.Tensor | None:
+        """A zeroed [slots, max experts] int64 tensor for the routed op to count into (None when
+        no resident adapter has a router)."""
+        if self._max_experts == 0:
+            return None
+        routed = self.linears[0].routed
+        return torch.zeros(routed.shrink.shape[0], self._max_experts, dtype=torch.int64,
+                           device=routed.shrink.device)
+
+    def slot_owner(self, slot: int) -> str | None:
+        return self._slots[slot] if 0 <= slot < self.max_loras else None
 
     def device_adapters(self) -> list[str]:
         return [n for n in self._slots if n is not None]

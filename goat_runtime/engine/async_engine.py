@@ -74,14 +74,14 @@ class AsyncEngine:
         try:
             while not self._stop:
                 self._run_commands()
+                self._refresh_stats()
                 if not self.engine.has_work():
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
                 outputs = self.engine.step()
                 self._deliver(outputs)
-                running, waiting, usage = self.engine.stats()
-                self._stats = EngineStats(running, waiting, usage)
+                self._refresh_stats()
                 if not outputs and not self.engine.scheduler.running:
                     # Only requests whose adapters are loading: wait for a load or a command.
                     self._wake.wait(0.05)
@@ -93,6 +93,10 @@ class AsyncEngine:
             for loop, stream in list(self._streams.values()):
                 loop.call_soon_threadsafe(stream.put_nowait, EngineError(
                     f"The engine failed: {exc}", status=500))
+
+    def _refresh_stats(self) -> None:
+        running, waiting, usage = self.engine.stats()
+        self._stats = EngineStats(running, waiting, usage)
 
     def _run_commands(self) -> None:
         while True:
@@ -174,6 +178,12 @@ class AsyncEngine:
 
     def list_adapters(self) -> list[AdapterInfo]:
         return [i for i in self.engine.adapters.infos() if i.name not in self._unloading]
+
+    def adapter_info(self, name: str) -> AdapterInfo | None:
+        """One adapter's entry (loaded, or available in the adapter directory), or None."""
+        if name in self._unloading:
+            return None
+        return self.engine.adapters.info(name)
 
     async def load_adapter(self, name: str, path: Path) -> None:
         if self.engine.adapters.is_loaded(name) or self.engine.adapters.status(name) == "loading":

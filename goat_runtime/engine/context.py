@@ -46,6 +46,8 @@ class StepContext:
     token_adapter_slots: torch.Tensor  # [T] int32, -1: the base model
     logits_indices: torch.Tensor  # [N] int64: flat tokens whose hidden states give logits
     block_size: int
+    # [num_slots, E] int64: the routed op counts the experts each slot's routers choose (metrics)
+    expert_counts: torch.Tensor | None = None
     # Derived once per step (not per layer): the attention's gather plan.
     has_adapter_tokens: bool = field(init=False)
     prefills: tuple[PrefillSeq, ...] = field(init=False)

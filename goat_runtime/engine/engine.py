@@ -201,12 +201,21 @@ class LLMEngine:
             [i.seq.num_computed_tokens + i.num_new_tokens for i in scheduled],
             [i.seq.blocks for i in scheduled], [slots[i.seq.adapter] for i in scheduled],
             self.block_size, self.device, num_logits=num_logits)
+        if self.listener is not None and len(slots) > 1:
+            ctx.expert_counts = self.adapters.expert_counts_buffer()
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         with step_context(ctx):
             logits = self.model.compute_logits(self.model(ids, positions))
+        if ctx.expert_counts is not None:
+            self._report_expert_counts(ctx.expert_counts.cpu(), slots)
         for request, first, count in prompt_rows:
             request.prompt_logits.append(logits[first : first + count].cpu())
         return logits, rows
+
+    def _report_expert_counts(self, counts: torch.Tensor, slots: dict[str | None, int]) -> None:
+        for name, slot in slots.items():
+            if name is not None and counts[slot].any():
+                self.listener.on_expert_selections(name, counts[slot].tolist())
 
     @staticmethod
     def _wants_prompt_logprobs(seq: Sequence) -> bool:

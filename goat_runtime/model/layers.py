@@ -88,7 +88,8 @@ class FusedLinear(nn.Module):
         if self.routed is not None:
             ctx = get_step_context()
             if ctx.has_adapter_tokens:  # a base-only step skips the op altogether
-                add_routed_lora(y, x.contiguous(), ctx.token_adapter_slots, self.routed)
+                add_routed_lora(y, x.contiguous(), ctx.token_adapter_slots, self.routed,
+                                ctx.expert_counts)
         return y
 
 

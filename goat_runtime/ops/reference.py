@@ -25,9 +25,10 @@ def gate_from_logits(logits: torch.Tensor, num_experts: int, top_k: int, expert_
 
 
 def add_routed_lora_reference(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
-                              weights) -> None:
+                              weights, expert_counts: torch.Tensor | None = None) -> None:
     """Semantics: y[t] += X[a] (gate(h) * h[:R]) with h = S[a] x[t], a = token_slots[t], per
-    slice; tokens with slot -1 are left alone. Shapes as in `add_routed_lora`. fp32 math."""
+    slice; tokens with slot -1 are left alone; expert_counts[a, e] += chosen (token, slice)
+    pairs. Shapes as in `add_routed_lora`. fp32 math."""
     num_value_rows = weights.expand.shape[1]
     offsets = weights.out_offsets
     for t in range(x.shape[0]):
@@ -40,5 +41,9 @@ def add_routed_lora_reference(y: torch.Tensor, x: torch.Tensor, token_slots: tor
             values = h[:num_value_rows]
             logits = h[num_value_rows : num_value_rows + num_experts]
             gate = gate_from_logits(logits, num_experts, top_k, expert_rank, num_value_rows)
+            if expert_counts is not None and num_experts:
+                chosen = gate[: num_experts * expert_rank : expert_rank] > 0
+                width = min(num_experts, expert_counts.shape[1])
+                expert_counts[slot, :width] += chosen[:width].to(expert_counts.dtype)
             expand = weights.expand[slot, :, offsets[s] : offsets[s + 1]].float()
             y[t, offsets[s] : offsets[s + 1]] += ((gate * values) @ expand).to(y.dtype)

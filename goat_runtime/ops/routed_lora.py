@@ -40,7 +40,8 @@ class RoutedLoRAWeights:
 
 
 def add_routed_lora(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
-                    weights: RoutedLoRAWeights) -> None:
+                    weights: RoutedLoRAWeights,
+                    expert_counts: torch.Tensor | None = None) -> None:
     """Semantics: y[t] += X_a (gate(h) * h_values), h = S_a x[t], a = token_slots[t], per slice.
 
     Args:
@@ -48,6 +49,9 @@ def add_routed_lora(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
       x: [T, d_in], same dtype as y, contiguous.
       token_slots: [T] int32, each token's device slot, -1 for a token without an adapter.
       weights: the stacked adapters of this fused linear (see the module docstring).
+      expert_counts: optional [num_slots, E] int64, contiguous: expert_counts[a, e] += the number
+        of (token, slice) pairs of slot a whose router chose expert e (e < E; wider routers'
+        higher experts are not counted).
     The gate of slice s at token t: softmax of the E router logits h[R:R+E], top_k of them kept
     and renormalised, expert e's weight repeated over its expert_rank value rows, 1 on the rows
     of the static term (and on every row when E = 0), 0 on experts not chosen.
@@ -57,9 +61,9 @@ def add_routed_lora(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
     if x.is_cuda:
         from goat_runtime.ops.triton_kernel import add_routed_lora_triton
 
-        add_routed_lora_triton(y, x, token_slots, weights)
+        add_routed_lora_triton(y, x, token_slots, weights, expert_counts=expert_counts)
     else:
         from goat_runtime import _C
 
         _C.add_routed_lora(y, x, token_slots, weights.shrink, weights.expand,
-                           weights.slice_meta, list(weights.out_offsets))
+                           weights.slice_meta, list(weights.out_offsets), expert_counts)

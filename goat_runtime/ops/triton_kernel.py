@@ -39,14 +39,15 @@ _TILE_ELEMENTS = 4096
 
 @triton.jit
 def _routed_lora_kernel(
-    y_ptr, x_ptr, slots_ptr, shrink_ptr, expand_ptr, meta_ptr, offsets_ptr,
-    num_slots, d_in, num_value_rows, max_experts,
+    y_ptr, x_ptr, slots_ptr, shrink_ptr, expand_ptr, meta_ptr, offsets_ptr, counts_ptr,
+    num_slots, d_in, num_value_rows, max_experts, counts_width,
     stride_yt, stride_yn,
     stride_xt, stride_xk,
     stride_sa, stride_ss, stride_sr, stride_sk,
     stride_ea, stride_er, stride_en,
     stride_ma, stride_ms, stride_mf,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    COUNT_EXPERTS: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1).to(tl.int64)
@@ -105,6 +106,10 @@ def _routed_lora_kernel(
         # Gate: the chosen expert's weight on its rows, 0 on the others' rows, 1 past
         # E * expert_rank (the static term's rows, and every row when E = 0).
         gate = tl.where(chosen, probs / tl.maximum(total, 1e-30), 0.0)
+        if COUNT_EXPERTS:  # one count per chosen expert: at its first value row
+            first_row = chosen & expert_rows & (rows % tl.maximum(expert_rank, 1) == 0)
+            tl.atomic_add(counts_ptr + slot * counts_width + owner, 1,
+                          mask=first_row & (owner < counts_width))
         gated = tl.where(expert_rows, gate, 1.0) * values
 
         # Expand: y[t, slice columns] += gated @ X[a][:, slice columns], tiled over columns.
@@ -184,7 +189,8 @@ def _validate(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
 
 def add_routed_lora_triton(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
                            weights: RoutedLoRAWeights, *, block_k: int | None = None,
-                           block_n: int | None = None) -> None:
+                           block_n: int | None = None,
+                           expert_counts: torch.Tensor | None = None) -> None:
     """Semantics: y[t] += X_a (gate(h) * h[:R]), h = S[a, s] x[t], a = token_slots[t], per slice.
 
     Args:
@@ -194,6 +200,8 @@ def add_routed_lora_triton(y: torch.Tensor, x: torch.Tensor, token_slots: torch.
       weights: shrink [num_slots, num_slices, R + E_max, d_in] and expand [num_slots, R, d_out],
         x's dtype; slice_meta [num_slots, num_slices, 3] int32 (E, top_k, expert_rank);
         out_offsets, num_slices + 1 column offsets into d_out.
+      expert_counts: optional [num_slots, E] int64, contiguous, on x's device: += the chosen
+        (token, slice) pairs per slot and expert.
       block_k, block_n: optional tile sizes (powers of two) over d_in and over a slice's output
         columns; by default chosen from the shapes.
     token_slots and slice_meta are not range-checked on the host (that would synchronise the
@@ -217,9 +225,19 @@ def add_routed_lora_triton(y: torch.Tensor, x: torch.Tensor, token_slots: torch.
     block_n = block_n or _block(slice_width, max(16, _TILE_ELEMENTS // block_r))
     offsets = _offsets_tensor(tuple(weights.out_offsets), x.device)
     shrink, expand, meta = weights.shrink, weights.expand, weights.slice_meta
+    if expert_counts is not None and (expert_counts.dtype != torch.int64
+                                      or expert_counts.dim() != 2
+                                      or expert_counts.shape[0] != shrink.shape[0]
+                                      or not expert_counts.is_contiguous()
+                                      or expert_counts.device != x.device):
+        raise ValueError(f"expert_counts must be contiguous int64 [{shrink.shape[0]}, E] on "
+                         f"{x.device}; got {expert_counts.dtype} {tuple(expert_counts.shape)}")
+    counts = expert_counts if expert_counts is not None else offsets  # unused when not counting
     _routed_lora_kernel[(num_tokens, num_slices)](
-        y, x, token_slots, shrink, expand, meta, offsets,
+        y, x, token_slots, shrink, expand, meta, offsets, counts,
         shrink.shape[0], d_in, num_value_rows, max_experts,
+        expert_counts.shape[1] if expert_counts is not None else 0,
         *y.stride(), *x.stride(), *shrink.stride(), *expand.stride(), *meta.stride(),
         BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_N=block_n,
+        COUNT_EXPERTS=expert_counts is not None,
     )

@@ -287,3 +287,19 @@ def test_invalid_inputs_raise(case, message):
     with pytest.raises((RuntimeError, ValueError), match=message):
         call()
     assert torch.equal(y, before)  # validation happens before anything is written
+
+
+@pytest.mark.parametrize("popularity", ["distinct", "zipf", "identical"])
+def test_expert_counts_match_reference(popularity):
+    """Counting what the routers choose: per slot and expert, over slices, as the reference."""
+    spec = [SliceSpec(40, 8, 2, 1, 4), SliceSpec(24, 4, 3, 2, 0), SliceSpec(16, 0, 0, 0, 4)]
+    weights = random_weights([spec] * 6, 48, seed=21)
+    slots = token_slots(300, 6, popularity, seed=4, none_fraction=0.2)
+    x = torch.randn(300, 48, generator=torch.Generator().manual_seed(5))
+    counts = torch.zeros(6, 8, dtype=torch.int64)
+    expected = torch.zeros(6, 8, dtype=torch.int64)
+    add_routed_lora(torch.zeros(300, 80), x, slots, weights, counts)
+    add_routed_lora_reference(torch.zeros(300, 80), x, slots, weights, expected)
+    assert torch.equal(counts, expected)
+    tokens_per_slot = torch.bincount(slots[slots >= 0].long(), minlength=6)
+    assert torch.equal(counts.sum(1), tokens_per_slot * (2 + 3))  # top_k of the routed slices

@@ -191,6 +191,18 @@ INVALID = {
 }
 
 
+def test_expert_counts_match_reference():
+    spec = [_slice(40, 8, 2, 1, 4), _slice(24, 4, 3, 2, 0)]
+    weights = random_weights([spec] * 4, 48, seed=21)
+    slots = token_slots(60, 4, "zipf", seed=4, none_fraction=0.2)
+    x = torch.randn(60, 48, generator=torch.Generator().manual_seed(5))
+    counts = torch.zeros(4, 8, dtype=torch.int64)
+    expected = torch.zeros(4, 8, dtype=torch.int64)
+    add_routed_lora_triton(torch.zeros(60, 64), x, slots, weights, expert_counts=counts)
+    add_routed_lora_reference(torch.zeros(60, 64), x, slots, weights, expected)
+    assert torch.equal(counts, expected) and counts.sum() > 0
+
+
 @pytest.mark.parametrize("name", list(INVALID))
 def test_invalid_inputs_raise_value_error(name):
     y, x, slots, weights = _inputs()

@@ -25,6 +25,8 @@
 // several independent accumulators; no -ffast-math. float32 is the fast path; bfloat16
 // activations and/or weights are converted to float32 rows on the fly (fp32 math, like the
 // reference, and for a bfloat16 y the fp32 update is rounded to bfloat16 before the add).
+// Optionally, expert_counts[slot, e] counts the tokens whose router chose expert e (summed over
+// slices): what the routers actually do, for the server's metrics.
 
 #include <torch/extension.h>
 
@@ -39,6 +41,7 @@
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -292,6 +295,8 @@ struct Problem {
   int64_t num_tokens, d_in, d_out, num_slots, num_slices, shrink_rows, value_rows, max_experts;
   const int32_t* meta;               // [A, S, 3]
   std::vector<int64_t> offsets;      // S + 1
+  int64_t* expert_counts = nullptr;  // [A, counts_width] int64, or none: experts chosen
+  int64_t counts_width = 0;
 };
 
 // Software prefetch queue. At decode every slot's rows come from memory once per call, so the
@@ -496,8 +501,14 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
         topk_gate(logits + i * emax, E, top_k, gates + i * emax, probs);
       }
       for (int e = 0; e < E; ++e) {
-        expert_used[e] = 0;
-        for (int i = 0; i < n; ++i) expert_used[e] |= gates[i * emax + e] != 0.f;
+        int64_t chosen = 0;
+        for (int i = 0; i < n; ++i) chosen += gates[i * emax + e] != 0.f;
+        expert_used[e] = chosen > 0;
+        if (chosen > 0 && p.expert_counts != nullptr && e < p.counts_width) {
+          // Other threads may count the same slot's other tokens: relaxed atomics suffice.
+          __atomic_fetch_add(p.expert_counts + slot * p.counts_width + e, chosen,
+                             __ATOMIC_RELAXED);
+        }
       }
     }
     for (int64_t c = 0; c < R; ++c) row_used[c] = c >= expert_rows || expert_used[c / er];
@@ -643,7 +654,8 @@ void check_cpu_contiguous(const at::Tensor& t, const char* name) {
 
 void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slots,
                      const at::Tensor& shrink, const at::Tensor& expand,
-                     const at::Tensor& slice_meta, const std::vector<int64_t>& out_offsets) {
+                     const at::Tensor& slice_meta, const std::vector<int64_t>& out_offsets,
+                     const std::optional<at::Tensor>& expert_counts) {
   // ---- validation ----
   check_cpu_contiguous(y, "y");
   check_cpu_contiguous(x, "x");
@@ -710,6 +722,15 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
   }
   p.offsets = out_offsets;
   p.meta = slice_meta.data_ptr<int32_t>();
+  if (expert_counts.has_value()) {
+    const at::Tensor& c = *expert_counts;
+    check_cpu_contiguous(c, "expert_counts");
+    TORCH_CHECK(c.scalar_type() == at::kLong && c.dim() == 2 && c.size(0) == p.num_slots,
+                "add_routed_lora: expert_counts must be int64 [num_slots = ", p.num_slots,
+                ", E], got ", dtype_name(c), " ", c.sizes());
+    p.expert_counts = c.data_ptr<int64_t>();
+    p.counts_width = c.size(1);
+  }
 
   const int64_t T = p.num_tokens;
   if (T == 0) return;
@@ -800,7 +821,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(in place; see goat_runtime.ops.routed_lora)",
         pybind11::arg("y"), pybind11::arg("x"), pybind11::arg("token_slots"),
         pybind11::arg("shrink"), pybind11::arg("expand"), pybind11::arg("slice_meta"),
-        pybind11::arg("out_offsets"),
+        pybind11::arg("out_offsets"), pybind11::arg("expert_counts") = pybind11::none(),
         // Arguments are converted with the GIL held; the kernel runs without it.
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -1,0 +1,573 @@
+"""Train a small GOAT adapter on a base model, fp32 on the CPU, and save it for serving.
+
+The adapter math is the runtime's own, not a second implementation: every adapted projection
+adds `add_routed_lora_reference` (the differentiable test oracle of the serving kernels) on top
+of the base projection, with the adapter laid out by `slots.write_slot` exactly as the engine
+lays it out, the GOAT static residual included as the slot's static rows, taken from
+`StaticComponents` with the adapter's InitSignature. What is trained is therefore what is served,
+unmerged or with the residual merged into the base weights (up to float rounding).
+
+GOAT initialisation (GOAT_SPEC section 3, the reference's `goat` / `goat_mini` init): per target
+weight W = U diag(S) Vh, expert e gets the rank_e singular triplets `selected_indices` picks,
+A_e = sqrt(S_sel / (s rho)) Vh_sel and B_e = U_sel sqrt(S_sel / (s rho)) (s the adapter's scale,
+rho = 10), so s B_e A_e = U_e S_e Vh_e / rho; the served weight is W' = W - (init_cof / rho)
+sum_e U_e S_e Vh_e; the router is initialised as the reference's `nn.Linear(d_in, E, bias=False)`
+(uniform in +-1/sqrt(d_in)); init_cof defaults to the reference's 1/E. With top-k routing the
+initial model is NOT the base model: a token's experts add (1/rho) sum_{e in top-k} w_e U_e S_e
+Vh_e while W' removes (init_cof/rho) of all E pieces. Only a dense router with uniform weights
+and init_cof = 1/E cancels exactly (what the tests check to pin the conventions down).
+
+Load balancing: the reference's per-layer loss E * sum_e f_e P_e (f_e: the fraction of tokens
+whose top-k includes expert e, so sum_e f_e = k; P_e: the mean router probability of e), summed
+over the adapted modules and added with coefficient aux_loss_coeff (the reference scripts use
+1e-3). The reference's expert dropout is not applied (the routed op has none; it is 0.05 there).
+
+Training sequences share their chat template's system prompt: a batch is packed into one flat
+token stream whose common prefix is computed once and attended by every sequence (a block
+mask), which is exactly the per-sequence computation at a fraction of the cost.
+
+    python -m goat_runtime.adapters.train --task uppercase --out adapters/uppercase --steps 60
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from goat_runtime.adapters.binding import slice_weights
+from goat_runtime.adapters.format import GOAT_INIT_TYPES, AdaptedLinear, InitSignature
+from goat_runtime.adapters.slots import allocate_slots, write_slot
+from goat_runtime.adapters.static import RHO, Factors, StaticComponents, selected_indices
+from goat_runtime.adapters.tasks import (
+    TASKS,
+    Example,
+    Task,
+    answer_ids,
+    eval_examples,
+    get_task,
+    prompt_ids,
+)
+from goat_runtime.adapters.writer import ALL_PROJECTIONS, save_adapter
+from goat_runtime.model import LlamaForCausalLM, load_model
+from goat_runtime.model.layers import FusedLinear, apply_rotary
+from goat_runtime.ops.reference import add_routed_lora_reference
+from goat_runtime.ops.routed_lora import RoutedLoRAWeights
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """The shape of the GOAT adapter to train (what adapter_config.json will say)."""
+
+    rank: int = 8  # total over all experts
+    num_experts: int = 4
+    top_k: int = 2
+    lora_alpha: float = 16.0  # scale = lora_alpha / expert rank, as the loader computes it
+    init_type: str = "goat"  # or "goat_mini"
+    init_cof: float | None = None  # None: the reference's default, 1 / num_experts
+    target_modules: tuple[str, ...] = ("o_proj", "down_proj")
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.num_experts < 1 or self.rank % self.num_experts:
+            raise ValueError(f"rank ({self.rank}) must be a positive multiple of num_experts "
+                             f"({self.num_experts})")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got "
+                             f"{self.top_k}")
+        if self.init_type not in GOAT_INIT_TYPES:
+            raise ValueError(f"init_type must be one of {', '.join(GOAT_INIT_TYPES)}, got "
+                             f"{self.init_type!r}")
+        unknown = sorted(set(self.target_modules) - set(ALL_PROJECTIONS))
+        if unknown or not self.target_modules:
+            raise ValueError(f"target_modules must be a non-empty subset of "
+                             f"{', '.join(ALL_PROJECTIONS)}; got {list(self.target_modules)}")
+
+    @property
+    def expert_rank(self) -> int:
+        return self.rank // self.num_experts
+
+    @property
+    def scale(self) -> float:
+        return self.lora_alpha / self.expert_rank
+
+    @property
+    def cof(self) -> float:
+        return 1.0 / self.num_experts if self.init_cof is None else self.init_cof
+
+    @property
+    def signature(self) -> InitSignature:
+        return InitSignature(self.rank, self.num_experts, self.init_type, float(self.cof))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults: what the demo adapters use."""
+
+    task: str
+    out: Path
+    model_dir: Path | None = None  # None: the embedded SmolLM2-135M-Instruct
+    adapter: AdapterSpec = field(default_factory=AdapterSpec)
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup_steps: int = 5  # linear warmup, then cosine decay to lr / 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    aux_loss_coeff: float = 1e-3
+    seed: int = 0
+    threads: int = 1
+    eval_prompts: int = 0  # > 0: measure accuracy with the engine after training
+    static_cache_dir: Path | None = None  # None: the server's default cache
+
+
+def load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The reference's per-layer GOAT load-balancing loss, E * sum_e f_e P_e.
+
+    router_logits: [T, E] for T tokens. f_e = (tokens whose top-k includes e) / T, counted
+    without gradient; P_e = mean over tokens of softmax(logits)[e]. A uniform router gives k.
+    """
+    num_tokens, num_experts = router_logits.shape
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    selected = torch.topk(probs, top_k, dim=-1).indices
+    fractions = torch.bincount(selected.reshape(-1), minlength=num_experts).float() / num_tokens
+    return num_experts * torch.sum(fractions * probs.mean(dim=0))
+
+
+@dataclass
+class PackedBatch:
+    """Sequences packed into one flat stream, their longest common prefix stored once.
+
+    Token i attends token j iff j is not after i in its sequence and j is in the shared prefix
+    or in i's own segment; loss_rows/labels: the flat rows whose logits predict each target."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    segments: torch.Tensor  # [T] int64: -1 for the shared prefix, else the sequence index
+    loss_rows: torch.Tensor  # [N] int64
+    labels: torch.Tensor  # [N] int64
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    def attention_mask(self, window: int | None = None) -> torch.Tensor:
+        """[T, T] bool, True where attention is allowed."""
+        seg, pos = self.segments, self.positions
+        mask = (pos[None, :] <= pos[:, None]) & (
+            (seg[None, :] == seg[:, None]) | (seg[None, :] == -1))
+        if window is not None:
+            mask &= pos[None, :] > pos[:, None] - window
+        return mask
+
+
+def pack(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> PackedBatch:
+    """Pack sequences (prompt + answer tokens); the loss covers tokens past each prompt."""
+    if not sequences or any(len(s) < 2 for s in sequences):
+        raise ValueError("every sequence needs at least two tokens")
+    shared = min(len(s) for s in sequences) - 1  # every sequence keeps a token of its own
+    first = sequences[0]
+    for s in sequences[1:]:
+        shared = next((i for i in range(shared) if s[i] != first[i]), shared)
+    ids, positions, segments = list(first[:shared]), list(range(shared)), [-1] * shared
+    loss_rows, labels = [], []
+    for index, (s, prompt_len) in enumerate(zip(sequences, prompt_lens, strict=True)):
+        start = len(ids)
+
+        def row(j: int, start: int = start) -> int:  # flat row of token j of this sequence
+            return j if j < shared else start + j - shared
+
+        ids += s[shared:]
+        positions += range(shared, len(s))
+        segments += [index] * (len(s) - shared)
+        for j in range(max(prompt_len, 1), len(s)):
+            loss_rows.append(row(j - 1))
+            labels.append(s[j])
+    as_long = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    return PackedBatch(as_long(ids), as_long(positions), as_long(segments), as_long(loss_rows),
+                       as_long(labels))
+
+
+class GoatTrainer(torch.nn.Module):
+    """A frozen base model plus trainable GOAT adapter parameters on its target projections.
+
+    The forward is the runtime model's computation written out with plain attention over a
+    packed batch (no KV cache); each adapted projection adds the routed op's reference
+    implementation, with this adapter (and its static residual) in slot 0 of the serving layout.
+    """
+
+    def __init__(self, model_dir: str | Path, spec: AdapterSpec, *, seed: int = 0,
+                 static_cache_dir: Path | None = None):
+        super().__init__()
+        self.model_dir, self.spec = Path(model_dir), spec
+        self.base: LlamaForCausalLM = load_model(self.model_dir, torch.float32, "cpu")
+        self.base.eval()
+        linears = self.base.fused_linears()
+        weights = slice_weights(linears)
+        self.modules_by_linear: dict[FusedLinear, list[tuple[int, str]]] = {}
+        for linear in linears:
+            chosen = [(s, name) for s, name in enumerate(linear.slice_names)
+                      if name.rsplit(".", 1)[-1] in spec.target_modules]
+            if chosen:
+                self.modules_by_linear[linear] = chosen
+        self.module_names = [name for chosen in self.modules_by_linear.values()
+                             for _, name in chosen]
+        if not self.module_names:
+            raise ValueError(f"{model_dir}: no Linear layer matches target_modules "
+                             f"{list(spec.target_modules)}")
+        for name in self.module_names:
+            n = min(weights[name].shape)
+            if n // spec.num_experts < spec.expert_rank:
+                raise ValueError(f"{name} {list(weights[name].shape)} cannot host "
+                                 f"{spec.num_experts} experts of rank {spec.expert_rank}")
+        # The residual exactly as serving computes it (and from the same disk cache).
+        static = StaticComponents(weights, static_cache_dir)
+        self.static: dict[str, Factors] = static.factors(spec.signature, self.module_names)
+        gen = torch.Generator().manual_seed(seed)
+        self.lora_a = torch.nn.ParameterDict()
+        self.lora_b = torch.nn.ParameterDict()
+        self.router = torch.nn.ParameterDict()
+        for name in self.module_names:
+            a, b = goat_expert_init(weights[name], spec)
+            d_in = a.shape[1]
+            bound = 1.0 / math.sqrt(d_in)  # nn.Linear's default init, as the reference's router
+            key = self._key(name)
+            self.lora_a[key] = torch.nn.Parameter(a)
+            self.lora_b[key] = torch.nn.Parameter(b)
+            self.router[key] = torch.nn.Parameter(
+                (torch.rand(spec.num_experts, d_in, generator=gen) * 2 - 1) * bound)
+        self.router_logits: dict[str, torch.Tensor] = {}  # of the last forward, per module
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The adapter's parameters (the base model's are frozen)."""
+        return [*self.lora_a.values(), *self.lora_b.values(), *self.router.values()]
+
+    @staticmethod
+    def _key(module: str) -> str:
+        return module.replace(".", "__")  # ParameterDict keys cannot contain dots
+
+    def adapter_layers(self, detach: bool = True) -> dict[str, AdaptedLinear]:
+        """Module name -> this adapter's delta (the format load_adapter returns)."""
+        layers = {}
+        for name in self.module_names:
+            key = self._key(name)
+            a, b, g = self.lora_a[key], self.lora_b[key], self.router[key]
+            if detach:
+                a, b, g = a.detach().clone(), b.detach().clone(), g.detach().clone()
+            layers[name] = AdaptedLinear(a, b, g, self.spec.top_k, self.spec.scale)
+        return layers
+
+    def _slot_weights(self) -> dict[str, RoutedLoRAWeights]:
+        """Per adapted module, a one-slot, one-slice serving layout of the adapter (router,
+        experts scaled by s, static rows), built differentiably from the parameters."""
+        spec, out = self.spec, {}
+        for name, layer in self.adapter_layers(detach=False).items():
+            c, _ = self.static[name]
+            weights = allocate_slots(1, [layer.lora_b.shape[0]], layer.lora_a.shape[1],
+                                     value_rows=spec.rank + c.shape[0],
+                                     max_experts=spec.num_experts)
+            write_slot(weights, 0, [layer], [self.static[name]])
+            out[name] = weights
+        return out
+
+    def _project(self, linear: FusedLinear, x: torch.Tensor,
+                 slots: dict[str, RoutedLoRAWeights], token_slots: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, linear.weight, linear.bias)
+        for s, name in self.modules_by_linear.get(linear, ()):
+            weights = slots[name]
+            cols = y[:, linear.out_offsets[s] : linear.out_offsets[s + 1]]
+            add_routed_lora_reference(cols, x, token_slots, weights)
+            if self.training:
+                self.router_logits[name] = x @ self.router[self._key(name)].T
+        return y
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        """The final-norm hidden states [T, hidden] of every packed token."""
+        model, config = self.base, self.base.config
+        slots = self._slot_weights()
+        token_slots = torch.zeros(batch.num_tokens, dtype=torch.int32)
+        masks: dict[int | None, torch.Tensor] = {}
+        self.router_logits = {}
+        x = F.embedding(batch.input_ids, model.embed_tokens)
+        cos, sin = model.rotary(batch.positions)
+        for i, layer in enumerate(model.layers):
+            window = config.sliding_windows[i]
+            if window not in masks:
+                masks[window] = batch.attention_mask(window)
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q, k, v = self._project(attn.qkv_proj, h, slots, token_slots).split(
+                [attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+            q = q.reshape(-1, attn.num_heads, attn.head_dim)
+            k = k.reshape(-1, attn.num_kv_heads, attn.head_dim)
+            v = v.reshape(-1, attn.num_kv_heads, attn.head_dim)
+            if attn.q_norm is not None and attn.k_norm is not None:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                attn_mask=masks[window], enable_gqa=True)[0].transpose(0, 1)
+            x = x + self._project(attn.o_proj, out.reshape(-1, attn.q_size), slots,
+                                  token_slots)
+            mlp = layer.mlp
+            gate, up = self._project(mlp.gate_up_proj, layer.post_attention_layernorm(x), slots,
+                                     token_slots).split(mlp.intermediate_size, dim=-1)
+            x = x + self._project(mlp.down_proj, F.silu(gate) * up, slots, token_slots)
+        return model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.base.lm_head).float()
+
+    def losses(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy over the target tokens, summed load-balancing loss)."""
+        hidden = self.hidden_states(batch)
+        lm_loss = F.cross_entropy(self.logits(hidden[batch.loss_rows]), batch.labels)
+        aux = sum((load_balancing_loss(logits, self.spec.top_k)
+                   for logits in self.router_logits.values()), torch.zeros(()))
+        return lm_loss, aux
+
+    @torch.no_grad()
+    def sequence_logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Logits [len, vocab] of every position of one sequence, in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.logits(self.hidden_states(pack([list(token_ids)], [0])))
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def greedy(self, token_ids: Sequence[int], max_tokens: int,
+               stop_ids: Sequence[int] = ()) -> list[int]:
+        """Greedy continuation, recomputing the whole sequence at each token (no cache)."""
+        tokens, out = list(token_ids), []
+        for _ in range(max_tokens):
+            token = int(self.sequence_logits(tokens)[-1].argmax())
+            out.append(token)
+            tokens.append(token)
+            if token in stop_ids:
+                break
+        return out
+
+    def save(self, path: str | Path, base_model_name_or_path: str = "") -> Path:
+        """Write the adapter as a GOAT-PEFT folder the server loads."""
+        spec = self.spec
+        return save_adapter(path, self.adapter_layers(), kind="goat", rank=spec.rank,
+                            lora_alpha=spec.lora_alpha,
+                            base_model_name_or_path=base_model_name_or_path,
+                            init_type=spec.init_type, init_cof=spec.cof)
+
+
+def goat_expert_init(weight: torch.Tensor, spec: AdapterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's SVD init of the stacked experts: (lora_a [r, d_in], lora_b [d_out, r])
+    with s * B_e A_e = U_e S_e Vh_e / rho on the triplets `selected_indices` picks."""
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    sel = selected_indices(s.shape[0], spec.signature)
+    root = torch.sqrt(s[sel] / (spec.scale * RHO))
+    return ((root[:, None] * vh[sel]).float().contiguous(),
+            (u[:, sel] * root[None, :]).float().contiguous())
+
+
+# Training loop
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    seconds: float
+    losses: list[float]  # per step: the language-model loss
+    aux_losses: list[float]
+    initial_loss: float  # on the first batch, before any update
+    base_loss: float  # the base model (no adapter) on the first batch
+    num_parameters: int
+    size_bytes: int
+    eval: dict | None = None
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(config.steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def batches(task: Task, tokenizer, batch_size: int, seed: int,
+            held_out: Sequence[Example]) -> Callable[[], tuple[PackedBatch, list[Example]]]:
+    """Fresh training batches from `seed`, never a held-out prompt."""
+    rng, skip = random.Random(seed), {e.prompt for e in held_out}
+
+    def next_batch() -> tuple[PackedBatch, list[Example]]:
+        examples: list[Example] = []
+        while len(examples) < batch_size:
+            example = task.sample(rng)
+            if example.prompt not in skip:
+                examples.append(example)
+        prompts = [prompt_ids(tokenizer, e.prompt) for e in examples]
+        seqs = [p + answer_ids(tokenizer, e.answer) for p, e in zip(prompts, examples,
+                                                                     strict=True)]
+        return pack(seqs, [len(p) for p in prompts]), examples
+
+    return next_batch
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # plain lines on stderr
+        return None
+    return tqdm(total=total, file=sys.stderr, desc="training", unit="step", dynamic_ncols=True)
+
+
+def train(config: TrainConfig, task: Task | None = None, *, progress: bool = True) -> TrainResult:
+    """Train a GOAT adapter on `task` (default: config.task) and save it to config.out."""
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model_dir = config.model_dir
+    if model_dir is None:
+        from goat_runtime.default_model import default_model_dir
+
+        model_dir = default_model_dir()
+    task = task or get_task(config.task)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    trainer = GoatTrainer(model_dir, config.adapter, seed=config.seed,
+                          static_cache_dir=config.static_cache_dir)
+    held_out = eval_examples(task, max(config.eval_prompts, 50))
+    next_batch = batches(task, tokenizer, config.batch_size, config.seed, held_out)
+    optimizer = torch.optim.AdamW(trainer.trainable_parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    losses, aux_losses = [], []
+    started = time.monotonic()
+    bar = _progress(config.steps) if progress else None
+    first_batch, _ = next_batch()
+    with torch.no_grad():
+        initial_loss = trainer.losses(first_batch)[0].item()
+        base_loss = base_model_loss(trainer, first_batch)
+    trainer.train()
+    for step in range(config.steps):
+        batch = first_batch if step == 0 else next_batch()[0]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        lm_loss, aux = trainer.losses(batch)
+        loss = lm_loss + config.aux_loss_coeff * aux
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainer.trainable_parameters(), config.max_grad_norm)
+        optimizer.step()
+        losses.append(lm_loss.item())
+        aux_losses.append(aux.item())
+        if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", aux=f"{aux_losses[-1]:.3f}")
+            bar.update(1)
+        elif progress:
+            print(f"step {step + 1}/{config.steps} loss {losses[-1]:.4f} aux "
+                  f"{aux_losses[-1]:.4f} ({time.monotonic() - started:.0f}s)", file=sys.stderr,
+                  flush=True)
+    if bar is not None:
+        bar.close()
+    seconds = time.monotonic() - started
+    trainer.eval()
+    out = trainer.save(config.out, base_name(Path(model_dir)))
+    result = TrainResult(
+        out=out, steps=config.steps, seconds=seconds, losses=losses, aux_losses=aux_losses,
+        initial_loss=initial_loss, base_loss=base_loss,
+        num_parameters=sum(p.numel() for p in trainer.trainable_parameters()),
+        size_bytes=(out / "adapter_model.safetensors").stat().st_size)
+    if config.eval_prompts > 0:
+        from goat_runtime.adapters.tasks import evaluate
+
+        ev = evaluate(model_dir, out, task, config.eval_prompts,
+                      static_cache_dir=config.static_cache_dir)
+        result.eval = {"n": ev.n, "adapter_accuracy": ev.adapter_accuracy,
+                       "base_accuracy": ev.base_accuracy, "samples": ev.samples[:5]}
+    return result
+
+
+@torch.no_grad()
+def base_model_loss(trainer: GoatTrainer, batch: PackedBatch) -> float:
+    """The loss of the base model itself (no adapter, no residual) on `batch`."""
+    saved = trainer.modules_by_linear
+    trainer.modules_by_linear = {}
+    try:
+        hidden = trainer.hidden_states(batch)
+        return F.cross_entropy(trainer.logits(hidden[batch.loss_rows]), batch.labels).item()
+    finally:
+        trainer.modules_by_linear = saved
+
+
+def base_name(model_dir: Path) -> str:
+    from goat_runtime.default_model import HF_REPO_ID, MODEL_NAME
+
+    return HF_REPO_ID if model_dir.name == MODEL_NAME else str(model_dir)
+
+
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m goat_runtime.adapters.train",
+        description="Train a GOAT adapter on a synthetic task (fp32, CPU) and save it as a "
+                    "GOAT-PEFT folder the server loads.")
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    p.add_argument("--model", type=Path, default=None,
+                   help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
+    d = TrainConfig(task="", out=Path())
+    a = AdapterSpec()
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--rank", type=int, default=a.rank, help="total rank over all experts")
+    p.add_argument("--experts", type=int, default=a.num_experts)
+    p.add_argument("--top-k", type=int, default=a.top_k)
+    p.add_argument("--alpha", type=float, default=a.lora_alpha, help="lora_alpha")
+    p.add_argument("--init-type", choices=GOAT_INIT_TYPES, default=a.init_type)
+    p.add_argument("--init-cof", type=float, default=None,
+                   help="static residual coefficient (default 1/experts, as the reference)")
+    p.add_argument("--targets", default=",".join(a.target_modules),
+                   help=f"comma-separated projections (default {','.join(a.target_modules)})")
+    p.add_argument("--aux-loss-coeff", type=float, default=d.aux_loss_coeff)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default 1)")
+    p.add_argument("--eval", type=int, default=0, metavar="N",
+                   help="after training, measure accuracy on N held-out prompts with the engine")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        spec = AdapterSpec(rank=args.rank, num_experts=args.experts, top_k=args.top_k,
+                           lora_alpha=args.alpha, init_type=args.init_type,
+                           init_cof=args.init_cof,
+                           target_modules=tuple(t.strip() for t in args.targets.split(",")
+                                                if t.strip()))
+        config = TrainConfig(task=args.task, out=args.out, model_dir=args.model, adapter=spec,
+                             steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             seed=args.seed, aux_loss_coeff=args.aux_loss_coeff,
+                             threads=args.threads, eval_prompts=args.eval)
+        result = train(config, progress=not args.quiet)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    summary = {k: v for k, v in asdict(result).items() if k not in ("losses", "aux_losses")}
+    summary.update(out=str(result.out), seconds=round(result.seconds, 1),
+                   final_loss=round(sum(result.losses[-5:]) / len(result.losses[-5:]), 4))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""`goat-serve`: start the OpenAI-compatible server (or, with a first argument `adapters`, run
+the adapter tools)."""
+
+import argparse
+import asyncio
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from server.protocol import valid_name
+
+logger = logging.getLogger("server")
+
+REPO_ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '2GiB', '512MiB', '1G', '1.5gb' or '1048576'. K/M/G/T are powers of 1000,
+    Ki/Mi/Gi/Ti powers of 1024; a trailing 'B' is optional."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: use bytes or a unit, e.g. 2GiB, 512MiB, 1G")
+    value = float(match.group(1)) * _UNITS[(match.group(2) or "").lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be at least one byte")
+    return int(value)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def _named_adapter(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not path or not valid_name(name):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=PATH with NAME matching [A-Za-z0-9][A-Za-z0-9._-]*, got {text!r}")
+    return name, Path(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="goat-serve",
+        description="Serve a base model with GOAT and LoRA adapters over an OpenAI-compatible "
+                    "HTTP API. Run `goat-serve adapters --help` for the adapter tools.")
+    p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR", type=Path,
+                   help="base model directory (config, safetensors, tokenizer). Default: the "
+                        "embedded SmolLM2-135M-Instruct, with the repository's demo adapters")
+    g = p.add_argument_group("adapters")
+    g.add_argument("--adapter-dir", type=Path, metavar="DIR",
+                   help="folder of adapter folders, served by folder name and loaded on first "
+                        "use")
+    g.add_argument("--adapter", action="append", type=_named_adapter, default=[],
+                   metavar="NAME=PATH", help="preload and pin an adapter (repeatable)")
+    g.add_argument("--allowed-adapter-root", action="append", type=Path, default=[],
+                   metavar="DIR", help="a further folder /v1/load_lora_adapter may load from "
+                                       "(repeatable); by default only --adapter-dir")
+    g.add_argument("--max-loras", type=_positive, default=8, metavar="N",
+                   help="adapters resident on the device at once (default 8)")
+    g.add_argument("--max-cpu-adapters", type=_positive, default=32, metavar="N",
+                   help="adapters kept in host memory (default 32)")
+    g.add_argument("--max-lora-rank", type=_positive, default=64, metavar="N",
+                   help="largest adapter rank accepted, all experts together (default 64)")
+    g.add_argument("--merge-static", action="store_true",
+                   help="merge GOAT's static correction into the base weights (saves compute "
+                        "when most requests share one adapter signature)")
+    m = p.add_argument_group("model and engine")
+    m.add_argument("--served-model-name", metavar="NAME",
+                   help="name of the base model in the API (default: MODEL_DIR's folder name)")
+    m.add_argument("--max-num-seqs", type=_positive, default=64, metavar="N",
+                   help="sequences running at once (default 64)")
+    m.add_argument("--max-model-len", type=_positive, metavar="N",
+                   help="context length, prompt plus output (default: the model's)")
+    m.add_argument("--kv-cache-memory", type=parse_size, default=1 << 30, metavar="SIZE",
+                   help="KV cache size, e.g. 2GiB, 512MiB, 1G (default 1GiB)")
+    m.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weight and activation dtype (default auto)")
+    m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (default auto: cuda if available)")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    s.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health and "
+                        "/metrics (repeatable for several keys; also read from "
+                        "GOAT_SERVE_API_KEY, which keeps it out of the process list)")
+    s.add_argument("--max-queued-requests", type=int, metavar="N",
+                   help="sequences allowed to wait for a slot; more get 429 with Retry-After "
+                        "(default: no limit)")
+    s.add_argument("--max-request-bytes", type=parse_size, default=4 << 20, metavar="SIZE",
+                   help="largest request body; larger gets 413 (default 4MiB)")
+    s.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0, metavar="S",
+                   help="on SIGTERM, seconds in-flight requests get to finish before they are "
+                        "aborted (default 30)")
+    s.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "adapters":
+        # A model directory literally named 'adapters' can still be served as ./adapters.
+        from goat_runtime.adapters.tools import main as adapter_tools
+
+        return adapter_tools(args_list[1:]) or 0
+    args = build_parser().parse_args(args_list)
+    serve(args)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from goat_runtime.engine.async_engine import AsyncEngine
+    from goat_runtime.engine.config import EngineConfig
+    from server.app import Settings, create_app, drain
+    from server.metrics import ServerMetrics
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_dir, adapter_dir = args.model_dir, args.adapter_dir
+    if model_dir is None:
+        from goat_runtime.default_model import default_model_dir
+
+        try:
+            model_dir = default_model_dir()
+        except Exception as exc:  # missing wheel, failed conversion: say so, no traceback
+            raise SystemExit(f"goat-serve: cannot prepare the default model: {exc}") from exc
+        if adapter_dir is None and REPO_ADAPTERS.is_dir():
+            adapter_dir = REPO_ADAPTERS
+    try:
+        config = EngineConfig(
+            model_dir=Path(model_dir), adapter_dir=adapter_dir, adapters=dict(args.adapter),
+            served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+            max_loras=args.max_loras, max_cpu_adapters=args.max_cpu_adapters,
+            max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+            merge_static=args.merge_static)
+    except ValueError as exc:
+        raise SystemExit(f"goat-serve: error: {exc}") from exc
+    env_key = os.environ.get("GOAT_SERVE_API_KEY")
+    settings = Settings(
+        api_keys=tuple(args.api_key) + ((env_key,) if env_key else ()),
+        allowed_adapter_roots=tuple(args.allowed_adapter_root),
+        max_queued_requests=args.max_queued_requests,
+        max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout)
+    metrics = ServerMetrics(max_loras=args.max_loras)
+    logger.info("loading %s", model_dir)
+    engine = AsyncEngine(config, listener=metrics)
+    app = create_app(engine, settings, metrics)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list | None = None) -> None:
+            # Drain alongside uvicorn's own shutdown: it stops accepting and waits for open
+            # connections, while the drain lets in-flight requests finish, then aborts them.
+            draining = asyncio.ensure_future(drain(app))
+            await super().shutdown(sockets)
+            await draining
+
+    uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                               timeout_graceful_shutdown=args.shutdown_timeout + 5,
+                               timeout_keep_alive=5)
+    Server(uv_config).run()

@@ -1,0 +1,215 @@
+"""Prometheus metrics, prefixed `goat_`, in a registry of their own (several apps can live in one
+process), plus vLLM's `vllm:lora_requests_info` for gateways that route on it.
+
+`ServerMetrics` is also the engine's `EngineListener`. Adapter label values only ever come from
+adapters the engine has loaded, or the base's served name; a request whose adapter never loaded
+is counted under UNRESOLVED, so a client cannot mint label values.
+"""
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+UNRESOLVED = "_unresolved"  # cannot collide: adapter names start with a letter or digit
+
+_LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+            10.0, 20.0, 40.0, 80.0)
+_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+              0.75, 1.0, 2.5)
+_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_ADAPTERS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class RequestTracker:
+    """One API request's life: waiting until its first output, then running, then finished."""
+
+    def __init__(self, metrics: "ServerMetrics", label: str, lora: str | None, seqs: int):
+        self._metrics = metrics
+        self.label = label  # the adapter label, final once the adapter has produced output
+        self.lora = lora  # adapter name for vllm:lora_requests_info; None for the base
+        self.seqs = seqs  # engine sequences it occupies (prompts x n)
+        self.arrival = time.monotonic()
+        self.first_output: float | None = None
+        self.done = False
+
+    def started(self, label: str) -> None:
+        """The first output arrived: the adapter is loaded, so its name is a safe label."""
+        if self.first_output is None:
+            self.first_output = time.monotonic()
+            self.label = label
+
+    def finish(self, outcome: str, prompt_tokens: int = 0, generation_tokens: int = 0,
+               timings: list[dict[str, float]] | None = None,
+               longest_completion: int = 0) -> None:
+        """Record the outcome ("success", "error", "abort" or "rejected") once."""
+        if self.done:
+            return
+        self.done = True
+        m = self._metrics
+        m._forget(self)
+        m.requests.labels(self.label, outcome).inc()
+        if prompt_tokens:
+            m.prompt_tokens.labels(self.label).inc(prompt_tokens)
+        if generation_tokens:
+            m.generation_tokens.labels(self.label).inc(generation_tokens)
+        if outcome != "success":
+            return
+        now = time.monotonic()
+        timing = _merge_timings(timings or [])
+        arrival = timing.get("arrival_time", self.arrival)
+        first_token = timing.get("first_token_time", self.first_output or now)
+        finished = timing.get("finished_time", now)
+        m.ttft.labels(self.label).observe(max(0.0, first_token - arrival))
+        m.e2e.labels(self.label).observe(max(0.0, finished - arrival))
+        if "first_scheduled_time" in timing:
+            m.queue_time.labels(self.label).observe(
+                max(0.0, timing["first_scheduled_time"] - arrival))
+        if longest_completion > 1:
+            m.tpot.labels(self.label).observe(
+                max(0.0, finished - first_token) / (longest_completion - 1))
+
+
+def _merge_timings(timings: list[dict[str, float]]) -> dict[str, float]:
+    """One request's timings from its engine requests' (several prompts): earliest start, latest
+    end."""
+    merged: dict[str, float] = {}
+    for timing in timings:
+        for key, value in timing.items():
+            pick = max if key == "finished_time" else min
+            merged[key] = pick(merged[key], value) if key in merged else value
+    return merged
+
+
+class ServerMetrics:
+    """The server's metrics and the engine's listener (called from the engine thread)."""
+
+    def __init__(self, max_loras: int = 0, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.max_loras = max_loras
+        self._engine: Any = None
+        self._lock = threading.Lock()
+        self._in_flight: set[RequestTracker] = set()
+        r = self.registry
+        self.requests = Counter("goat_requests", "API requests by adapter and outcome "
+                                "(success, error, abort, rejected).", ["adapter", "outcome"],
+                                registry=r)
+        self.prompt_tokens = Counter("goat_prompt_tokens", "Prompt tokens processed.",
+                                     ["adapter"], registry=r)
+        self.generation_tokens = Counter("goat_generation_tokens", "Tokens generated.",
+                                         ["adapter"], registry=r)
+        self.ttft = Histogram("goat_time_to_first_token_seconds", "Time to first token.",
+                              ["adapter"], buckets=_LATENCY, registry=r)
+        self.tpot = Histogram("goat_time_per_output_token_seconds",
+                              "Time per output token after the first.", ["adapter"],
+                              buckets=_PER_TOKEN, registry=r)
+        self.e2e = Histogram("goat_e2e_request_latency_seconds", "End-to-end request latency.",
+                             ["adapter"], buckets=_LATENCY, registry=r)
+        self.queue_time = Histogram("goat_request_queue_time_seconds",
+                                    "Time from arrival to first scheduling.", ["adapter"],
+                                    buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram("goat_batch_size", "Sequences per engine step.",
+                                    buckets=_COUNTS, registry=r)
+        self.batch_tokens = Histogram("goat_batch_tokens", "Tokens per engine step.",
+                                      buckets=_COUNTS, registry=r)
+        self.batch_adapters = Histogram("goat_batch_adapters",
+                                        "Distinct adapters per engine step.",
+                                        buckets=_ADAPTERS, registry=r)
+        self.adapter_loads = Counter("goat_adapter_loads", "Adapters loaded from disk.",
+                                     ["adapter"], registry=r)
+        self.adapter_load_seconds = Histogram("goat_adapter_load_seconds",
+                                              "Time to load an adapter.", buckets=_LATENCY,
+                                              registry=r)
+        self.adapter_evictions = Counter("goat_adapter_evictions",
+                                         "Adapters evicted, by tier left (device or host).",
+                                         ["adapter", "tier"], registry=r)
+        self.adapter_resident = Gauge("goat_adapter_resident",
+                                      "1 where an adapter resides (device or host), else 0.",
+                                      ["adapter", "location"], registry=r)
+        self.expert_selections = Counter("goat_router_expert_selections",
+                                         "GOAT router top-k selections per expert, summed over "
+                                         "layers and modules.", ["adapter", "expert"],
+                                         registry=r)
+        r.register(_LiveCollector(self))
+
+    def attach(self, engine: Any) -> None:
+        """The engine whose stats() feed the running/waiting/KV gauges at scrape time."""
+        self._engine = engine
+
+    # ---- requests (event loop) ----
+
+    def track(self, label: str, lora: str | None, seqs: int = 1) -> RequestTracker:
+        tracker = RequestTracker(self, label, lora, seqs)
+        with self._lock:
+            self._in_flight.add(tracker)
+        return tracker
+
+    def _forget(self, tracker: RequestTracker) -> None:
+        with self._lock:
+            self._in_flight.discard(tracker)
+
+    def in_flight_seqs(self) -> int:
+        with self._lock:
+            return sum(t.seqs for t in self._in_flight)
+
+    def lora_requests(self) -> tuple[list[str], list[str]]:
+        """Adapters of running and of waiting requests (vLLM's lora_requests_info)."""
+        with self._lock:
+            trackers = list(self._in_flight)
+        running = sorted({t.lora for t in trackers if t.lora and t.first_output is not None})
+        waiting = sorted({t.lora for t in trackers if t.lora and t.first_output is None})
+        return running, waiting
+
+    # ---- EngineListener (engine thread) ----
+
+    def on_step(self, num_seqs: int, num_tokens: int, adapters: list[str]) -> None:
+        self.batch_size.observe(num_seqs)
+        self.batch_tokens.observe(num_tokens)
+        self.batch_adapters.observe(len(set(adapters)))
+
+    def on_adapter_loaded(self, name: str, seconds: float) -> None:
+        self.adapter_loads.labels(name).inc()
+        self.adapter_load_seconds.observe(seconds)
+
+    def on_adapter_evicted(self, name: str, tier: str) -> None:
+        self.adapter_evictions.labels(name, tier).inc()
+
+    def on_adapter_location(self, name: str, location: str | None) -> None:
+        for place in ("device", "host"):
+            self.adapter_resident.labels(name, place).set(1 if place == location else 0)
+
+    def on_expert_selections(self, adapter: str, counts: list[int]) -> None:
+        for expert, count in enumerate(counts):
+            if count:
+                self.expert_selections.labels(adapter, str(expert)).inc(count)
+
+
+class _LiveCollector(Collector):
+    """Gauges read at scrape time: the engine's queue and KV cache, and vLLM's LoRA info."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._metrics._engine
+        stats = engine.stats() if engine is not None else None
+        yield GaugeMetricFamily("goat_num_requests_running", "Requests running in the engine.",
+                                value=stats.num_running if stats else 0)
+        yield GaugeMetricFamily("goat_num_requests_waiting", "Requests waiting in the engine.",
+                                value=stats.num_waiting if stats else 0)
+        yield GaugeMetricFamily("goat_kv_cache_usage_perc",
+                                "Fraction of KV cache blocks in use (0..1).",
+                                value=stats.kv_cache_usage if stats else 0.0)
+        running, waiting = self._metrics.lora_requests()
+        # As vLLM exports it: label values are comma-joined adapter names, the value is the
+        # time of the reading. One series at a time, so cardinality stays bounded.
+        info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                 labels=["running_lora_adapters", "max_lora",
+                                         "waiting_lora_adapters"])
+        info.add_metric([",".join(running), str(self._metrics.max_loras), ",".join(waiting)],
+                        time.time())
+        yield info

@@ -1,0 +1,164 @@
+"""The command line: flags, sizes, defaults, the `adapters` dispatch, and `python -m server` as a
+real process that drains on SIGTERM."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server import cli
+from tests.server.conftest import FIXTURE, PROMPTS, copy_adapters, greedy, token_ids
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("1048576", 1 << 20), ("2GiB", 2 << 30), ("512MiB", 512 << 20), ("512mib", 512 << 20),
+    ("1G", 10**9), ("1GB", 10**9), ("1.5Gi", 3 << 29), ("64KiB", 64 << 10), ("10k", 10_000),
+    ("7B", 7),
+])
+def test_parse_size(text: str, expected: int) -> None:
+    assert cli.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1G", "1XB", "1 2", "0", "1e9"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(Exception, match="size"):
+        cli.parse_size(text)
+
+
+def test_help_explains_every_flag() -> None:
+    text = cli.build_parser().format_help()
+    for flag in ("--adapter-dir", "--adapter ", "--served-model-name", "--host", "--port",
+                 "--api-key", "--max-loras", "--max-cpu-adapters", "--max-lora-rank",
+                 "--max-num-seqs", "--max-model-len", "--kv-cache-memory",
+                 "--max-queued-requests", "--dtype", "--device", "--merge-static",
+                 "--shutdown-timeout", "--allowed-adapter-root", "MODEL_DIR"):
+        assert flag in text, flag
+
+
+def test_parsing() -> None:
+    args = cli.build_parser().parse_args([
+        "/m", "--adapter", "a=/x", "--adapter", "b.1=/y", "--api-key", "k1", "--api-key", "k2",
+        "--kv-cache-memory", "2GiB", "--dtype", "bfloat16", "--max-queued-requests", "3",
+        "--allowed-adapter-root", "/r1", "--allowed-adapter-root", "/r2"])
+    assert args.model_dir == Path("/m")
+    assert args.adapter == [("a", Path("/x")), ("b.1", Path("/y"))]
+    assert args.api_key == ["k1", "k2"]
+    assert args.kv_cache_memory == 2 << 30
+    assert args.allowed_adapter_root == [Path("/r1"), Path("/r2")]
+    defaults = cli.build_parser().parse_args([])
+    assert (defaults.model_dir, defaults.host, defaults.port) == (None, "127.0.0.1", 8000)
+    assert defaults.kv_cache_memory == 1 << 30 and defaults.max_queued_requests is None
+    for bad in (["--adapter", "no-equals"], ["--adapter", "../x=/p"], ["--max-loras", "0"],
+                ["--dtype", "float16"], ["--kv-cache-memory", "lots"],
+                ["--shutdown-timeout", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(bad)
+
+
+def test_adapters_subcommand_dispatches_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
+    import goat_runtime.adapters.tools as tools
+
+    seen = []
+    monkeypatch.setattr(tools, "main", lambda argv: seen.append(argv) or 3)
+    assert cli.main(["adapters", "inspect", "/some/adapter", "--json"]) == 3
+    assert seen == [["inspect", "/some/adapter", "--json"]]
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_default_model_and_demo_adapters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without MODEL_DIR: the embedded default model and the repository's adapters/."""
+    import goat_runtime.default_model as default_model
+    import goat_runtime.engine.async_engine as async_engine
+
+    captured = {}
+
+    class Recorder:
+        def __init__(self, config, listener=None):
+            captured["config"], captured["listener"] = config, listener
+            raise _Stop
+
+    monkeypatch.setattr(default_model, "default_model_dir", lambda: FIXTURE / "base")
+    monkeypatch.setattr(async_engine, "AsyncEngine", Recorder)
+    with pytest.raises(_Stop):
+        cli.main(["--max-loras", "2", "--adapter", "pinned=/p"])
+    config = captured["config"]
+    assert config.model_dir == FIXTURE / "base" and config.base_name == "base"
+    assert config.adapter_dir == REPO / "adapters"
+    assert config.adapters == {"pinned": Path("/p")} and config.max_loras == 2
+    assert captured["listener"] is not None  # the metrics listen to the engine
+    with pytest.raises(_Stop):
+        cli.main([str(FIXTURE / "base"), "--served-model-name", "tiny"])
+    assert captured["config"].adapter_dir is None  # an explicit model: no demo adapters
+    assert captured["config"].base_name == "tiny"
+    with pytest.raises(SystemExit, match="max_cpu_adapters"):
+        cli.main([str(FIXTURE / "base"), "--max-loras", "8", "--max-cpu-adapters", "2"])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_python_m_server_drains_on_sigterm(tmp_path: Path) -> None:
+    """A real process: serves, then on SIGTERM finishes what fits in --shutdown-timeout, aborts
+    the rest (its stream ends with an error event), refuses new work and exits."""
+    port = _free_port()
+    adapter_dir = copy_adapters(tmp_path / "adapters")
+    env = os.environ | {"GOAT_CACHE_DIR": str(tmp_path / "cache"), "GOAT_SERVE_API_KEY": "k"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", str(FIXTURE / "base"), "--adapter-dir",
+         str(adapter_dir), "--port", str(port), "--dtype", "float32", "--device", "cpu",
+         "--kv-cache-memory", "32MiB", "--shutdown-timeout", "1", "--log-level", "warning"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": "Bearer k"}
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+            quick = http.post("/v1/completions", json={
+                "model": "goat0", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0,
+                "ignore_eos": True})
+            assert token_ids(quick.json()["choices"][0]["text"]) == greedy("goat0", 0)
+            body = {"model": "goat1", "prompt": PROMPTS[0], "max_tokens": 500, "n": 8,
+                    "ignore_eos": True, "stream": True}
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")
+                sent = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                events = [line[len("data: "):] for line in lines if line]
+            elapsed = time.monotonic() - sent
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "aborted" and "shutting down" in error["message"]
+        assert 0.9 < elapsed < 10
+        proc.wait(timeout=30)
+        assert proc.returncode in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

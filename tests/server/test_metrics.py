@@ -1,0 +1,187 @@
+"""/metrics after traffic over several adapters, parsed with prometheus-client's parser: request
+counts and tokens by adapter, latency histograms, engine gauges, adapter residency and
+evictions, vLLM's lora_requests_info, and bounded label values."""
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.metrics import UNRESOLVED, ServerMetrics
+from tests.server.conftest import BASE, PROMPTS, LiveServer, start_real_server
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    # One device slot and two host slots, so the traffic below evicts from both tiers.
+    server = start_real_server(tmp_path_factory.mktemp("metrics"), max_loras=1,
+                               max_cpu_adapters=2)
+    yield server
+    server.stop()
+
+
+Samples = dict[tuple[str, frozenset], float]
+
+
+def scrape(http: httpx.Client) -> tuple[Samples, dict[str, str]]:
+    response = http.get("/metrics")
+    assert response.status_code == 200
+    samples: Samples = {}
+    types: dict[str, str] = {}
+    for family in text_string_to_metric_families(response.text):
+        types[family.name] = family.type
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples, types
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def labels_of(samples: Samples, name: str, label: str) -> set[str]:
+    return {dict(key)[label] for (n, key) in samples if n == name and label in dict(key)}
+
+
+def test_metrics_after_traffic(live: LiveServer) -> None:
+    plan = [(BASE, 0, 3), ("goat0", 0, 4), ("goat0", 1, 5), ("goat1", 2, 6), ("lora0", 1, 2)]
+    with live.http() as http:
+        for model, i, max_tokens in plan:
+            response = http.post("/v1/completions", json={
+                "model": model, "prompt": PROMPTS[i], "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": True})
+            assert response.status_code == 200
+        chat = http.post("/v1/chat/completions", json={
+            "model": "goat1", "messages": [{"role": "user", "content": "w5"}], "max_tokens": 2,
+            "stream": True})
+        assert chat.status_code == 200
+        # lora0 is loaded (goat0 has been evicted from the host by now): its own label
+        assert http.post("/v1/completions", json={"model": "lora0", "prompt": "w5",
+                                                   "temperature": 7}).status_code == 400
+        assert http.post("/v1/completions", json={"model": "attacker-chosen-name",
+                                                   "prompt": "w5"}).status_code == 404
+        samples, types = scrape(http)
+
+    def requests(adapter: str, outcome: str = "success") -> float:
+        return value(samples, "goat_requests_total", adapter=adapter, outcome=outcome)
+
+    assert types["goat_requests"] == "counter"
+    assert (requests(BASE), requests("goat0"), requests("goat1"), requests("lora0")) == (
+        1, 2, 2, 1)
+    assert requests("lora0", "error") == 1
+    assert "attacker-chosen-name" not in str(samples)
+    expected_prompt = {BASE: 5, "goat0": 5 + 17, "goat1": 33 + 3, "lora0": 17}
+    for adapter, tokens in expected_prompt.items():
+        assert value(samples, "goat_prompt_tokens_total", adapter=adapter) == tokens
+    assert value(samples, "goat_generation_tokens_total", adapter="goat0") == 9
+    assert value(samples, "goat_generation_tokens_total", adapter="goat1") == 8
+    for name in ("goat_time_to_first_token_seconds", "goat_e2e_request_latency_seconds",
+                 "goat_request_queue_time_seconds", "goat_time_per_output_token_seconds"):
+        assert types[name] == "histogram"
+        assert value(samples, f"{name}_count", adapter="goat0") == 2, name
+        assert value(samples, f"{name}_count", adapter="lora0") == 1, name
+    assert value(samples, "goat_e2e_request_latency_seconds_sum", adapter="goat1") > 0
+    assert value(samples, "goat_batch_size_count") > 0
+    assert value(samples, "goat_batch_adapters_count") > 0
+    assert value(samples, "goat_batch_tokens_sum") >= sum(expected_prompt.values())
+    assert value(samples, "goat_num_requests_running") == 0
+    assert value(samples, "goat_num_requests_waiting") == 0
+    assert 0.0 <= value(samples, "goat_kv_cache_usage_perc") <= 1.0
+    # adapters: loads, where they reside, evictions (one device slot, two host slots)
+    for adapter in ("goat0", "goat1", "lora0"):
+        assert value(samples, "goat_adapter_loads_total", adapter=adapter) >= 1
+    assert value(samples, "goat_adapter_load_seconds_count") >= 3
+    # goat1 ran last (the chat), lora0 before it; goat0 has left both tiers
+    assert value(samples, "goat_adapter_resident", adapter="goat1", location="device") == 1
+    assert value(samples, "goat_adapter_resident", adapter="lora0", location="host") == 1
+    assert value(samples, "goat_adapter_resident", adapter="lora0", location="device") == 0
+    assert value(samples, "goat_adapter_resident", adapter="goat0", location="device") == 0
+    assert value(samples, "goat_adapter_resident", adapter="goat0", location="host") == 0
+    assert value(samples, "goat_adapter_evictions_total", adapter="goat0", tier="device") >= 1
+    assert sum(v for (n, _), v in samples.items()
+               if n == "goat_adapter_evictions_total" and ("tier", "host") in _) >= 1
+    # label values only from the base and loaded adapters (or the fixed UNRESOLVED)
+    allowed = {BASE, "goat0", "goat1", "lora0", UNRESOLVED}
+    for name in ("goat_requests_total", "goat_prompt_tokens_total",
+                 "goat_e2e_request_latency_seconds_count", "goat_adapter_resident"):
+        assert labels_of(samples, name, "adapter") <= allowed, name
+
+
+def test_lora_requests_info_while_streaming(live: LiveServer) -> None:
+    with live.http() as http:
+        samples, types = scrape(http)
+        assert types["vllm:lora_requests_info"] == "gauge"
+        idle = [dict(k) for (n, k) in samples if n == "vllm:lora_requests_info"]
+        assert idle == [{"running_lora_adapters": "", "waiting_lora_adapters": "",
+                         "max_lora": "1"}]
+        body = {"model": "goat1", "prompt": PROMPTS[0], "max_tokens": 300, "ignore_eos": True,
+                "stream": True}
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()  # keep it: dropping the iterator closes the stream
+            assert next(lines).startswith("data: ")
+            samples, _ = scrape(http)
+        [(key, stamp)] = [(dict(k), v) for (n, k), v in samples.items()
+                          if n == "vllm:lora_requests_info"]
+        assert key["running_lora_adapters"] == "goat1"
+        assert key["waiting_lora_adapters"] == ""
+        assert abs(stamp - time.time()) < 60  # vLLM's value: a timestamp
+
+
+def test_unresolved_adapter_label(live: LiveServer) -> None:
+    """A request whose adapter fails to load is counted, but not under its name."""
+    folder = live.adapter_dir / "corrupt"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{ not json")
+    with live.http() as http:
+        assert http.post("/v1/completions", json={"model": "corrupt", "prompt": "w5",
+                                                   "max_tokens": 2}).status_code == 400
+        samples, _ = scrape(http)
+    assert value(samples, "goat_requests_total", adapter=UNRESOLVED, outcome="error") >= 1
+    assert "corrupt" not in labels_of(samples, "goat_requests_total", "adapter")
+
+
+def test_router_expert_selections_from_the_engine(live: LiveServer) -> None:
+    with live.http() as http:
+        assert http.post("/v1/completions", json={"model": "goat0", "prompt": PROMPTS[1],
+                                                   "max_tokens": 4}).status_code == 200
+        samples, _ = scrape(http)
+    counts = {dict(k)["expert"]: v for (n, k), v in samples.items()
+              if n == "goat_router_expert_selections_total" and ("adapter", "goat0") in k}
+    assert set(counts) <= {"0", "1", "2", "3"} and sum(counts.values()) > 0
+
+
+def test_listener_events_from_the_engine_thread() -> None:
+    metrics = ServerMetrics(max_loras=3)
+
+    def engine_thread() -> None:
+        metrics.on_step(4, 40, ["a", "b", "a"])
+        metrics.on_adapter_loaded("a", 0.25)
+        metrics.on_adapter_location("a", "device")
+        metrics.on_adapter_location("a", "host")
+        metrics.on_adapter_evicted("a", "device")
+        metrics.on_expert_selections("a", [3, 0, 5, 1])
+        metrics.on_expert_selections("a", [1, 0, 0, 0])
+
+    thread = threading.Thread(target=engine_thread)
+    thread.start()
+    thread.join()
+    from prometheus_client import generate_latest
+
+    samples: Samples = {}
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for s in family.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    assert value(samples, "goat_batch_adapters_sum") == 2
+    assert value(samples, "goat_batch_size_sum") == 4
+    assert value(samples, "goat_adapter_resident", adapter="a", location="host") == 1
+    assert value(samples, "goat_adapter_resident", adapter="a", location="device") == 0
+    assert value(samples, "goat_adapter_evictions_total", adapter="a", tier="device") == 1
+    assert value(samples, "goat_router_expert_selections_total", adapter="a", expert="0") == 4
+    assert value(samples, "goat_router_expert_selections_total", adapter="a", expert="2") == 5
+    assert ("goat_router_expert_selections_total",
+            frozenset({("adapter", "a"), ("expert", "1")})) not in samples
+    # two apps' metrics live side by side: separate registries
+    assert ServerMetrics().registry is not metrics.registry
