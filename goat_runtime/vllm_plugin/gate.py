@@ -1,0 +1,49 @@
+"""The top-k router gate of many tokens at once, for vLLM's stacked slot layout.
+
+`goat_runtime.ops.reference.gate_from_logits` states the semantics for one token; this is the
+same gate vectorised over a batch whose tokens belong to slots with different (E, k, expert
+rank), because vLLM calls a layer once per step for the whole flat batch. Tests check it
+against the reference, token by token.
+
+Row layout of one slot's shrink output h (see `loader.py`): rows [0, E) are the router logits,
+rows [E, E + E * expert_rank) the experts' values, later rows the static term (gate 1).
+"""
+
+import torch
+
+
+def gate_rows(logits: torch.Tensor, meta: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Semantics: per token t with meta[t] = (E, k, rank_e), the multiplier of each of the
+    num_rows shrink rows: 0 on the E router rows, the renormalised top-k softmax weight of
+    expert e on its rank_e value rows, 1 on every later row (static term, plain LoRA: E = 0).
+
+    logits: [T, E_max] float32 router logits (columns past a token's E are ignored).
+    meta: [T, 3] int64 (E, k, rank_e); E = 0 means no router.
+    Returns [T, num_rows] float32.
+    """
+    num_tokens, e_max = logits.shape
+    device = logits.device
+    num_experts, top_k, expert_rank = meta[:, 0:1], meta[:, 1:2], meta[:, 2:3]
+    rows = torch.arange(num_rows, device=device).unsqueeze(0)  # [1, R]
+    gate = torch.ones(num_tokens, num_rows, dtype=torch.float32, device=device)
+    if e_max == 0:
+        return gate
+    cols = torch.arange(e_max, device=device).unsqueeze(0)
+    masked = logits.float().masked_fill(cols >= num_experts, float("-inf"))
+    # A token without a router (E = 0) has no finite logit: give it a dummy one, its gate
+    # is all ones below anyway.
+    masked[:, 0] = torch.where(num_experts[:, 0] > 0, masked[:, 0], 0.0)
+    probs = torch.softmax(masked, dim=-1)
+    k_max = int(top_k.max().clamp(min=1))
+    top_w, top_i = torch.topk(probs, k_max, dim=-1)
+    top_w = top_w.masked_fill(torch.arange(k_max, device=device).unsqueeze(0) >= top_k, 0.0)
+    top_w = top_w / top_w.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    expert_w = torch.zeros(num_tokens, e_max, dtype=torch.float32, device=device)
+    expert_w.scatter_(1, top_i, top_w)
+    value = rows - num_experts  # value row index past the router rows
+    is_router = rows < num_experts
+    is_expert = (value >= 0) & (value < num_experts * expert_rank)
+    expert_of_row = torch.where(is_expert, value // expert_rank.clamp(min=1), 0)
+    routed = torch.gather(expert_w, 1, expert_of_row.clamp(max=e_max - 1))
+    gate = torch.where(is_expert, routed, gate)
+    return gate.masked_fill(is_router, 0.0)

@@ -1,0 +1,159 @@
+"""Hook (a): read a GOAT adapter directory into vLLM's LoRAModel, through goat-serve's loader.
+
+vLLM stores, per adapted sub-module and slot, one shrink matrix A (rows x d_in) and one expand
+matrix B (d_out x rows), and adds B (A x). A GOAT adapter fits that shape with the routers
+stacked in front (GOAT_SPEC section 4):
+
+    shrink = [ G ; A_0 ; ... ; A_{E-1} ; C ]        [E + r + r_c, d_in]
+    expand = [ 0 | s B_0 | ... | s B_{E-1} | D ]     [d_out, E + r + r_c]
+
+with scaling 1; the layers in `layers.py` put the top-k gate between the two halves. (C, D) is
+the static residual of the adapter's init signature (`goat_runtime.adapters.static`), computed
+once from the base checkpoint's weights and cached on disk. Checkpoints that are not GOAT go to
+vLLM's own loader unchanged.
+"""
+
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from goat_runtime.adapters.format import CONFIG_FILE, KEY_PREFIX, Adapter, load_adapter
+from goat_runtime.adapters.static import StaticComponents
+
+logger = logging.getLogger(__name__)
+
+# Per adapted sub-module (vLLM name): (num_experts, top_k, expert_rank); the layers read it.
+GoatMeta = dict[str, tuple[int, int, int]]
+
+_NOT_LINEAR = ("embed_tokens", "lm_head", "norm")
+
+
+@dataclass
+class BaseCheckpoint:
+    """The served base model's Linear weights, read from its checkpoint (never from the TP
+    shards a worker holds), so every tensor-parallel rank derives the same factors."""
+
+    path: Path
+    shapes: dict[str, tuple[int, int]]
+    static: StaticComponents
+
+
+_base_lock = threading.Lock()
+_base: BaseCheckpoint | None = None
+_base_model: str | None = None  # set by hooks.py when the LoRA manager is created
+_max_lora_rank = 16
+
+
+def set_base_model(model: str, revision: str | None = None,
+                   max_lora_rank: int | None = None) -> None:
+    """Record the served base model (a directory or a hub id already in the local cache) and
+    the engine's --max-lora-rank."""
+    global _base_model, _base, _max_lora_rank
+    if max_lora_rank is not None:
+        _max_lora_rank = max_lora_rank
+    path = Path(model)
+    if not path.is_dir():
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(model, revision=revision, local_files_only=True))
+    if _base is not None and _base.path != path:
+        _base = None
+    _base_model = str(path)
+
+
+def base_checkpoint() -> BaseCheckpoint:
+    global _base
+    with _base_lock:
+        if _base is None:
+            if _base_model is None:
+                raise RuntimeError("goat vLLM plugin: the base model is unknown (the LoRA "
+                                   "manager hook did not run); is the plugin registered?")
+            path = Path(_base_model)
+            weights: dict[str, torch.Tensor] = {}
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise RuntimeError(f"goat vLLM plugin: {path} has no *.safetensors files; "
+                                   f"GOAT static components need the base weights")
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118
+                        if not key.endswith(".weight") or any(p in key for p in _NOT_LINEAR):
+                            continue
+                        tensor = f.get_tensor(key)
+                        if tensor.ndim == 2 and tensor.is_floating_point():
+                            weights[key.removesuffix(".weight")] = tensor
+            shapes = {m: (w.shape[0], w.shape[1]) for m, w in weights.items()}
+            _base = BaseCheckpoint(path, shapes, StaticComponents(weights))
+        return _base
+
+
+def is_goat_dir(lora_dir: str) -> bool:
+    try:
+        config = json.loads((Path(lora_dir) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("peft_type") == "GOAT"
+
+
+def stacked_factors(adapter: Adapter, static: StaticComponents
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
+    """Per module: (shrink [E + r + r_c, d_in], expand [d_out, E + r + r_c], (E, k, rank_e))."""
+    terms = static.static_terms(adapter)
+    out = {}
+    for module, layer in adapter.layers.items():
+        shrink = [layer.router, layer.lora_a]
+        d_out = layer.lora_b.shape[0]
+        expand = [torch.zeros(d_out, layer.num_experts), layer.scale * layer.lora_b]
+        if module in terms:
+            c, d = terms[module]
+            shrink.append(c)
+            expand.append(d)
+        out[module] = (torch.cat(shrink).float().contiguous(),
+                       torch.cat(expand, dim=1).float().contiguous(),
+                       (layer.num_experts, layer.top_k, layer.expert_rank))
+    return out
+
+
+def load_goat_lora_model(lora_model_cls, lora_dir: str, *, lora_model_id: int,
+                         max_lora_rank: int, dtype: torch.dtype | None, weights_mapper=None):
+    """A vLLM LoRAModel for the GOAT directory lora_dir, with `goat_meta` attached."""
+    from vllm.lora.lora_weights import LoRALayerWeights
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    base = base_checkpoint()
+    adapter = load_adapter(lora_dir, base.shapes, max_rank=1 << 30)
+    if adapter.kind != "goat":
+        raise ValueError(f"{lora_dir} is not a GOAT adapter")
+    loras: dict[str, LoRALayerWeights] = {}
+    meta: GoatMeta = {}
+    rank = 0
+    for module, (shrink, expand, module_meta) in stacked_factors(adapter, base.static).items():
+        rows = shrink.shape[0]
+        if rows > max_lora_rank:
+            raise ValueError(
+                f"{lora_dir}: GOAT module {module} needs {rows} LoRA rows (E={module_meta[0]} "
+                f"router rows + r={adapter.layers[module].rank} expert rows + "
+                f"{rows - module_meta[0] - adapter.layers[module].rank} static rows), over "
+                f"--max-lora-rank {max_lora_rank}; raise --max-lora-rank to one of vLLM's "
+                f"allowed values >= {rows} (1, 8, 16, 32, 64, 128, 256, 320, 512)")
+        name, _ = parse_fine_tuned_lora_name(f"{KEY_PREFIX}{module}.lora_A.weight",
+                                             weights_mapper)
+        loras[name] = LoRALayerWeights(name, rows, 1, shrink.to(dtype=dtype),
+                                       expand.to(dtype=dtype), scaling=1.0)
+        meta[name] = module_meta
+        rank = max(rank, rows)
+    model = lora_model_cls(lora_model_id, rank, loras)
+    model.goat_meta = meta
+    logger.info("goat vLLM plugin: loaded GOAT adapter %s (%d modules, %d LoRA rows, "
+                "static components %s)", lora_dir, len(loras), rank,
+                "cached" if base.static.svd_runs == 0 else f"{base.static.svd_runs} SVDs")
+    return model
+
+
+def max_lora_rank() -> int:
+    return _max_lora_rank

@@ -1,0 +1,78 @@
+"""Runs in the vLLM virtual environment (see conftest.py): starts one vLLM engine with the goat
+plugin and writes what the tests compare with the fixture's reference to a safetensors file.
+
+    python driver.py SCENARIO OUT.safetensors
+
+Scenarios: "main" (max_loras 3: each adapter alone, then all adapters and the base mixed in one
+batch), "max_loras1" (one slot: base requests beside adapter requests), "tp2" (tensor parallel
+2, the mixed batch). Keys: {run}/{name}/{i}/greedy [12] and {run}/{name}/{i}/prompt_logprobs
+[len - 1, vocab] (dense: every token's logprob at every prompt position after the first).
+"""
+
+import os
+import sys
+import time
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures",
+                       "goat-peft-tiny")
+ADAPTERS = ("goat0", "goat1", "lora0")
+VOCAB = 320
+
+
+def main() -> None:
+    scenario, out_path = sys.argv[1], sys.argv[2]
+    os.environ["VLLM_PLUGINS"] = "goat"
+    if scenario == "tp2":
+        # vLLM's CPU workers bind one NUMA node each by default; a one-node test machine
+        # needs an explicit core per rank.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    import torch
+    from safetensors.torch import load_file, save_file
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    ref = load_file(os.path.join(FIXTURE, "reference_outputs.safetensors"))
+    inputs = [ref[f"input_{i}"].tolist() for i in range(3)]
+    lora = {name: LoRARequest(name, k + 1, os.path.join(FIXTURE, "adapters", name))
+            for k, name in enumerate(ADAPTERS)}
+    start = time.time()
+    llm = LLM(model=os.path.join(FIXTURE, "base"), dtype="float32", enforce_eager=True,
+              max_model_len=64, enable_lora=True,
+              max_loras=1 if scenario == "max_loras1" else 3, max_lora_rank=32,
+              max_num_seqs=16, max_num_batched_tokens=512, kv_cache_memory_bytes=32 << 20,
+              max_logprobs=VOCAB, seed=0,
+              tensor_parallel_size=2 if scenario == "tp2" else 1)
+    print(f"engine started in {time.time() - start:.1f}s", flush=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                            prompt_logprobs=VOCAB)
+    results: dict[str, torch.Tensor] = {}
+
+    def run(tag: str, batch: list[tuple[str, int]]) -> None:
+        """One generate call: every request is submitted before the engine steps."""
+        outs = llm.generate([{"prompt_token_ids": inputs[i]} for _, i in batch], params,
+                            lora_request=[lora.get(name) for name, _ in batch], use_tqdm=False)
+        for (name, i), out in zip(batch, outs, strict=True):
+            results[f"{tag}/{name}/{i}/greedy"] = torch.tensor(out.outputs[0].token_ids)
+            dense = torch.full((len(inputs[i]) - 1, VOCAB), float("nan"))
+            for pos, entry in enumerate(out.prompt_logprobs[1:]):
+                for token, logprob in entry.items():
+                    dense[pos, token] = logprob.logprob
+            results[f"{tag}/{name}/{i}/prompt_logprobs"] = dense
+
+    if scenario == "main":
+        for name in ("base", *ADAPTERS):
+            run("alone", [(name, i) for i in range(3)])
+        run("mixed", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
+    elif scenario == "max_loras1":
+        for name in ADAPTERS:
+            run(f"beside_{name}", [("base", 1), (name, 1), ("base", 2), (name, 0)])
+    elif scenario == "tp2":
+        run("mixed", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    save_file({k: v.contiguous() for k, v in results.items()}, out_path)
+    print(f"done in {time.time() - start:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
