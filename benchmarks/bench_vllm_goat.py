@@ -124,7 +124,8 @@ def main() -> None:
         prepare(root)
         print(f"vLLM + goat plugin, SmolLM2-135M shapes, random weights, fp32: {args.requests} "
               f"requests x ({args.prompt} prompt + {args.output} generated) tokens, "
-              f"{NUM_ADAPTERS} adapters, greedy, ignore_eos", flush=True)
+              f"{NUM_ADAPTERS} adapters, greedy, ignore_eos; load average "
+              f"{os.getloadavg()[0]:.2f} at start", flush=True)
         results = {}
         for kind in ("lora", "goat"):
             cmd = [sys.executable, __file__, "--case", kind, "--root", str(root),
@@ -139,6 +140,8 @@ def main() -> None:
             results[kind] = json.loads(line.removeprefix(RESULT))["tok_s"]
             print(f"16 {kind.upper():<5} (max_lora_rank {CASES[kind]:>2}) "
                   f"{results[kind]:8.1f} tok/s", flush=True)
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"load average (1, 5, 15 min): {load} on {os.cpu_count()} cores", flush=True)
         ratio = results["goat"] / results["lora"]
         print(f"GOAT / LoRA = {ratio:.3f}x (goal >= 0.9x): {'met' if ratio >= 0.9 else 'NOT met'}")
 

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight and activation dtype (default auto)")
     m.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run (default auto: cuda if available)")
+    m.add_argument("--engine", choices=("goat", "vllm"), default="goat",
+                   help="goat: goat-serve's engine (default); vllm: vLLM's engine with the goat "
+                        "plugin, run in the vLLM environment (GOAT_VLLM_VENV, docs/vllm.md)")
+    m.add_argument("--tensor-parallel-size", type=_positive, default=1, metavar="N",
+                   help="devices one model is split over (--engine vllm only; default 1)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
@@ -120,7 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from goat_runtime.adapters.tools import main as adapter_tools
 
         return adapter_tools(args_list[1:]) or 0
-    args = build_parser().parse_args(args_list)
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    if args.engine == "vllm":
+        from goat_runtime.vllm_plugin.async_engine import reexec_in_vllm_venv
+
+        reexec_in_vllm_venv(args_list)  # returns only where vLLM is importable
+    elif args.tensor_parallel_size != 1:
+        parser.error("--tensor-parallel-size needs --engine vllm")
     serve(args)
     return 0
 
@@ -163,7 +175,12 @@ def serve(args: argparse.Namespace) -> None:
         max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout)
     metrics = ServerMetrics(max_loras=args.max_loras)
     logger.info("loading %s", model_dir)
-    engine = AsyncEngine(config, listener=metrics)
+    if args.engine == "vllm":
+        from goat_runtime.vllm_plugin.async_engine import build_engine
+
+        engine = build_engine(config, metrics, args.tensor_parallel_size)
+    else:
+        engine = AsyncEngine(config, listener=metrics)
     app = create_app(engine, settings, metrics)
 
     class Server(uvicorn.Server):

@@ -1,4 +1,4 @@
-"""Install the three hooks into a running vLLM process (idempotent: vLLM may load plugins
+"""Install the hooks into a running vLLM process (idempotent: vLLM may load plugins
 several times per process).
 
 (a) `LoRAModel.from_local_checkpoint`: GOAT directories are read by goat-serve's loader
@@ -9,6 +9,8 @@ several times per process).
 (c) `LoRAModelManager.activate_adapter`: after vLLM copies an adapter into a slot, each layer
     is told that slot's (E, k, rank_e) per slice. `LoRAModelManager.__init__` is wrapped too,
     to learn the base checkpoint and refuse the options the hooks do not cover.
+(d) the front end (`validate.py`): adapters are read and checked in the API-server process
+    before a worker loads them, since a failed load in a worker stops vLLM's engine.
 """
 
 import functools
@@ -68,7 +70,7 @@ def install() -> None:
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.model_manager import LoRAModelManager
 
-    from goat_runtime.vllm_plugin import loader
+    from goat_runtime.vllm_plugin import loader, validate
     from goat_runtime.vllm_plugin.layers import GoatLinearMixin, GoatLogitsMixin
 
     # (b) the layer classes, in place.
@@ -131,5 +133,8 @@ def install() -> None:
         return activated
 
     LoRAModelManager.activate_adapter = activate_adapter
+
+    # (d) the front end: adapters are checked before a worker loads them (validate.py).
+    validate.install()
     _installed = True
     logger.info("goat vLLM plugin: hooks installed")

@@ -30,6 +30,22 @@ class GoatLinearMixin:
         self.goat_meta = torch.zeros(max_loras + 1, self.n_slices, 3, dtype=torch.long,
                                      device=self.device)
         self.goat_slots: set[int] = set()
+        # Per slot: the shrink rows the adapter uses (<= max_lora_rank; the rest are zero). The
+        # CPU path multiplies only these: a GOAT slot uses E + r + r_c rows (24 for r = E = 8),
+        # which vLLM's allowed ranks round up to 32.
+        self.goat_rows = [self.lora_a_stacked[0].shape[2]] * max_loras
+        self.goat_views: list = [None] * max_loras
+
+    def set_lora(self, index, lora_a, lora_b) -> None:
+        super().set_lora(index, lora_a, lora_b)
+        parts = lora_a if isinstance(lora_a, (list, tuple)) else [lora_a]
+        rows = [t.shape[0] for t in parts if t is not None]
+        n = self.goat_rows[index] = min(max(rows, default=0), self.lora_a_stacked[0].shape[2])
+        # Transposed views of the slot's used rows (the stacked buffers are written in place,
+        # so views stay valid): slicing them per call is a large share of the CPU path's time.
+        self.goat_views[index] = (
+            [a[index, 0, :n].t() for a in self.lora_a_stacked],
+            [b[index, 0, :, :n].t() for b in self.lora_b_stacked])
 
     def set_goat_meta(self, index: int, meta: list[tuple[int, int, int]]) -> None:
         self.goat_meta[index] = torch.tensor(meta, dtype=torch.long)
@@ -50,62 +66,96 @@ class GoatLinearMixin:
             output = output.flatten(0, 1)
             x = x.flatten(0, 1)
         slots = self.punica_wrapper.token_lora_indices
-        num_rows = self.lora_b_stacked[0].shape[-1]
         if x.is_cuda:
             # vLLM's kernels skip slot -1 on CUDA and are fused; reuse them for both halves.
+            num_rows = self.lora_b_stacked[0].shape[-1]
             h = torch.zeros(self.n_slices, x.shape[0], num_rows, dtype=torch.float32,
                             device=x.device)
             self.punica_wrapper.add_shrink(h, x, self.lora_a_stacked, 1.0)
-            self._goat_gate(h, slots)
+            if self.goat_slots:
+                self._goat_gate(h, self.goat_meta[slots], int(self.goat_meta[..., 0].max()))
             self.punica_wrapper.add_expand(output, h, self.lora_b_stacked, self.output_slices,
                                            offset_start=0, add_inputs=True)
         else:
-            self._apply_cpu(x, output, slots, num_rows)
+            self._apply_cpu(x, output, slots)
         if original_shape is not None:
             output = output.reshape(original_shape)
         return output
 
-    def _apply_cpu(self, x: torch.Tensor, output: torch.Tensor, slots: torch.Tensor,
-                   num_rows: int) -> None:
-        """Shrink, gate and expand grouped by slot; tokens of slot -1 are left alone."""
+    def _apply_cpu(self, x: torch.Tensor, output: torch.Tensor, slots: torch.Tensor) -> None:
+        """Shrink, gate and expand with the tokens sorted by slot (each slot's tokens one
+        contiguous block, so its matmuls read and write views, not gathered copies), over
+        only the rows each slot uses; tokens of slot -1 are left alone. Every branch depends
+        only on the batch's adapters, which all TP ranks share (their slot numbers differ)."""
         slot_list = slots.tolist()
-        present = sorted({s for s in slot_list if s >= 0})
-        if not present:
+        counts: dict[int, int] = {}
+        for s in slot_list:
+            if s >= 0:
+                counts[s] = counts.get(s, 0) + 1
+        if not counts:
             return
-        groups = [(s, (slots == s).nonzero().squeeze(1)) for s in present]
-        h = torch.zeros(self.n_slices, x.shape[0], num_rows, dtype=torch.float32,
+        order = torch.argsort(slots, stable=True)[len(slot_list) - sum(counts.values()):]
+        groups, start = [], 0
+        for s in sorted(counts):  # a slot never set (no views) adds nothing
+            n = self.goat_rows[s] if self.goat_views[s] is not None else 0
+            groups.append((s, start, start + counts[s], n))
+            start += counts[s]
+        num_rows = max(g[3] for g in groups)
+        if num_rows == 0:
+            return
+        xs = x.index_select(0, order)
+        if xs.dtype != torch.float32:
+            xs = xs.float()
+        h = torch.zeros(self.n_slices, xs.shape[0], num_rows, dtype=torch.float32,
                         device=x.device)
-        xf = x.float()
-        for i in range(self.n_slices):
-            a = self.lora_a_stacked[i]
-            for s, rows in groups:
-                h[i, rows] = xf[rows] @ a[s, 0].float().t()
-        self._goat_gate(h, slots)
-        offset = 0
-        for i, width in enumerate(self.output_slices):
-            b = self.lora_b_stacked[i]
-            out = output[:, offset:offset + width]
-            for s, rows in groups:
-                out[rows] += (h[i, rows] @ b[s, 0].float().t()).to(output.dtype)
-            offset += width
+        for s, lo, hi, n in groups:
+            if n == 0:
+                continue
+            xg = xs[lo:hi]
+            for i, a_t in enumerate(self.goat_views[s][0]):
+                torch.matmul(xg, a_t if a_t.dtype == torch.float32 else a_t.float(),
+                             out=h[i, lo:hi, :n])
+        goat = [s for s in counts if s in self.goat_slots]
+        if goat:
+            e_max = int(self.goat_meta[goat, :, 0].max())
+            self._goat_gate(h, self.goat_meta[slots.index_select(0, order)], e_max,
+                            order=order, num_tokens=len(slot_list))
+        delta = torch.zeros(xs.shape[0], output.shape[1], dtype=torch.float32, device=x.device)
+        for s, lo, hi, n in groups:
+            if n == 0:
+                continue
+            offset = 0
+            for i, (width, b_t) in enumerate(zip(self.output_slices, self.goat_views[s][1],
+                                                 strict=True)):
+                torch.matmul(h[i, lo:hi, :n], b_t if b_t.dtype == torch.float32 else b_t.float(),
+                             out=delta[lo:hi, offset:offset + width])
+                offset += width
+        output.index_add_(0, order, delta.to(output.dtype))
 
-    def _goat_gate(self, h: torch.Tensor, slots: torch.Tensor) -> None:
-        """h [n_slices, T, R] *= the gate of each token's slot, in place. Must run on every
-        tensor-parallel rank alike (it may all-reduce): its branches depend only on the batch's
-        slots, which all ranks share."""
-        if not self.goat_slots:
-            return
-        meta = self.goat_meta[slots]  # [T, n_slices, 3]; slot -1 -> the zero row
-        e_max = int(self.goat_meta[..., 0].max())
+    def _goat_gate(self, h: torch.Tensor, meta: torch.Tensor, e_max: int, *,
+                   order: torch.Tensor | None = None, num_tokens: int = 0) -> None:
+        """h [n_slices, T, R] *= the gate of each token's slot (meta [T, n_slices, 3]: the
+        tokens' slot metadata), in place, all slices in one gate call. Must run on every
+        tensor-parallel rank alike (it may all-reduce): callers decide by the batch's
+        adapters. h's tokens are the batch's `order` (slot-sorted) when given: slot numbers
+        differ between ranks (each worker's manager assigns its own), so the router logits are
+        all-reduced in the batch's own token order (num_tokens), never in slot order."""
         if e_max == 0:
             return
+        n_slices, rows_t, num_rows = h.shape
         logits = h[:, :, :e_max].clone()  # a copy: the shared buffer must stay partial
         if self.goat_row_parallel and self.tp_size > 1:
             from vllm.distributed import tensor_model_parallel_all_reduce
 
-            logits = tensor_model_parallel_all_reduce(logits)
-        for i in range(self.n_slices):
-            h[i] *= gate_rows(logits[i], meta[:, i], h.shape[-1])
+            if order is None:
+                logits = tensor_model_parallel_all_reduce(logits)
+            else:
+                batch = logits.new_zeros(n_slices, num_tokens, e_max)
+                batch[:, order] = logits
+                logits = tensor_model_parallel_all_reduce(batch)[:, order]
+        gate = gate_rows(logits.reshape(n_slices * rows_t, e_max),
+                         meta.transpose(0, 1).reshape(n_slices * rows_t, 3), num_rows)
+        h *= gate.view(n_slices, rows_t, num_rows)
 
 
 class GoatLogitsMixin:

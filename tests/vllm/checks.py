@@ -76,11 +76,106 @@ def resolver_finds_adapters() -> None:
         assert resolve(bad) is None, bad
 
 
+def _bad_adapters():
+    import tempfile
+    from pathlib import Path
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    from tests.vllm.bad_adapters import make_bad_adapters
+
+    return make_bad_adapters(Path(tempfile.mkdtemp(prefix="goat-bad-")))
+
+
+def adapters_validated() -> None:
+    """The front-end check: the fixture's adapters pass, corrupt and too-large ones are refused
+    with the reason, --max-lora-rank included."""
+    from goat_runtime.vllm_plugin.validate import validate
+
+    base = os.path.join(FIXTURE, "base")
+    for name in ("goat0", "goat1", "lora0"):
+        validate(os.path.join(FIXTURE, "adapters", name), base, None, 32)
+    bad = _bad_adapters()
+    for name, needle in (("corrupt", "not a readable safetensors file"),
+                         ("too_large", "needs 40 LoRA rows (E=8 router rows + r=16 expert "
+                                       "rows + 16 static rows), over --max-lora-rank 32")):
+        for _ in range(2):  # the second answer comes from the cache, the same
+            try:
+                validate(str(bad[name]), base, None, 32)
+            except ValueError as exc:
+                assert needle in str(exc) and str(bad[name]) in str(exc), exc
+            else:
+                raise AssertionError(f"{name} accepted")
+    try:
+        validate(os.path.join(FIXTURE, "adapters", "goat0"), base, None, 16)
+    except ValueError as exc:
+        assert "needs 20 LoRA rows" in str(exc) and "--max-lora-rank 16" in str(exc), exc
+    else:
+        raise AssertionError("goat0 accepted at --max-lora-rank 16")
+
+
+def server_refuses_bad_adapters() -> None:
+    """vLLM's OpenAI model registry (behind /v1/load_lora_adapter, --lora-modules and the
+    resolver) with the plugin's hooks: a bad adapter is a 400 with the reason and never
+    reaches the engine; good adapters still load."""
+    from vllm.entrypoints.openai.models.protocol import BaseModelPath
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    from goat_runtime.vllm_plugin import hooks
+    from goat_runtime.vllm_plugin.resolver import make_resolver
+
+    hooks.install()
+    bad = _bad_adapters()
+    base = os.path.join(FIXTURE, "base")
+    added: list[str] = []
+
+    async def add_lora(request) -> bool:
+        added.append(request.lora_name)
+        return True
+
+    model_config = SimpleNamespace(model=base, revision=None, max_model_len=64)
+    engine = SimpleNamespace(
+        model_config=model_config, renderer=None, input_processor=None, add_lora=add_lora,
+        vllm_config=SimpleNamespace(model_config=model_config,
+                                    lora_config=SimpleNamespace(max_lora_rank=32)))
+    LoRAResolverRegistry.resolvers.pop("goat-test", None)
+    LoRAResolverRegistry.register_resolver("goat-test", make_resolver(bad["goat0"].parent))
+    models = OpenAIServingModels(engine, [BaseModelPath(name="base", model_path=base)])
+
+    async def scenario() -> None:
+        for name, reason in (("corrupt", "not a readable safetensors file"),
+                             ("too_large", "needs 40 LoRA rows")):
+            for out in (await models.load_lora_adapter(LoadLoRAAdapterRequest(
+                    lora_name=name, lora_path=str(bad[name]))),
+                        await models.resolve_lora(name)):
+                assert isinstance(out, ErrorResponse), out
+                assert out.error.code == 400, out
+                assert f"'{name}' refused" in out.error.message, out
+                assert reason in out.error.message, out
+        assert added == [], added  # nothing bad reached the engine
+        out = await models.load_lora_adapter(LoadLoRAAdapterRequest(
+            lora_name="lora0", lora_path=os.path.join(FIXTURE, "adapters", "lora0")))
+        assert isinstance(out, str) and "Success" in out, out
+        out = await models.resolve_lora("goat0")
+        assert isinstance(out, LoRARequest), out
+        assert added == ["lora0", "goat0"], added
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        LoRAResolverRegistry.resolvers.pop("goat-test", None)
+
+
 def main() -> None:
     checks = {"other_version_refused": other_version_refused,
               "pinned_version_accepted": pinned_version_accepted,
               "fully_sharded_refused": fully_sharded_refused,
-              "resolver_finds_adapters": resolver_finds_adapters}
+              "resolver_finds_adapters": resolver_finds_adapters,
+              "adapters_validated": adapters_validated,
+              "server_refuses_bad_adapters": server_refuses_bad_adapters}
     for name in sys.argv[1:] or checks:
         check(name, checks[name])
 

@@ -4,7 +4,8 @@ plugin and writes what the tests compare with the fixture's reference to a safet
     python driver.py SCENARIO OUT.safetensors
 
 Scenarios: "main" (max_loras 3: each adapter alone, then all adapters and the base mixed in one
-batch), "max_loras1" (one slot: base requests beside adapter requests), "tp2" (tensor parallel
+batch, then a corrupt and a too-large adapter each in a batch (refused), then the mixed batch
+again), "max_loras1" (one slot: base requests beside adapter requests), "tp2" (tensor parallel
 2, the mixed batch). Keys: {run}/{name}/{i}/greedy [12] and {run}/{name}/{i}/prompt_logprobs
 [len - 1, vocab] (dense: every token's logprob at every prompt position after the first).
 """
@@ -12,6 +13,7 @@ batch), "max_loras1" (one slot: base requests beside adapter requests), "tp2" (t
 import os
 import sys
 import time
+from pathlib import Path
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures",
                        "goat-peft-tiny")
@@ -63,6 +65,21 @@ def main() -> None:
         for name in ("base", *ADAPTERS):
             run("alone", [(name, i) for i in range(3)])
         run("mixed", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
+        # Bad adapters fail their own generate call with the reason; the engine keeps serving.
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+        import tempfile
+
+        from tests.vllm.bad_adapters import make_bad_adapters
+
+        bad = make_bad_adapters(Path(tempfile.mkdtemp(prefix="goat-bad-")))
+        for k, name in enumerate(("corrupt", "too_large")):
+            lora[name] = LoRARequest(name, 10 + k, str(bad[name]))
+            try:
+                run(f"bad_{name}", [("goat0", 0), (name, 1), ("base", 2)])
+            except ValueError as exc:
+                results[f"refused/{name}"] = torch.tensor([1])
+                print(f"refused {name}: {exc}", flush=True)
+        run("after_bad", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
     elif scenario == "max_loras1":
         for name in ADAPTERS:
             run(f"beside_{name}", [("base", 1), (name, 1), ("base", 2), (name, 0)])

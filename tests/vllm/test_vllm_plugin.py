@@ -70,6 +70,18 @@ def test_mixed_batch_with_prompt_logprobs(main_run, reference, name):
         _check(main_run, reference, "mixed", name, i)
 
 
+@pytest.mark.parametrize("bad", ["corrupt", "too_large"])
+def test_bad_adapter_fails_alone(main_run, reference, bad):
+    """A corrupt or too-large adapter is refused in the front end (stock vLLM 0.32 lets the
+    worker fail, which kills the engine); the same engine then serves every adapter and the
+    base exactly as before."""
+    assert f"refused/{bad}" in main_run, f"{bad} was not refused"
+    assert not any(key.startswith(f"bad_{bad}/") for key in main_run), "the batch ran"
+    for name in NAMES:
+        for i in range(3):
+            _check(main_run, reference, "after_bad", name, i)
+
+
 @pytest.mark.parametrize("adapter", ["goat0", "goat1", "lora0"])
 def test_max_loras_1_base_stays_base(max_loras1_run, reference, adapter):
     """One slot: base requests batched beside an adapter's got that adapter in stock vLLM."""
@@ -85,7 +97,8 @@ def test_tensor_parallel_2(tp2_run, reference, name):
 
 
 @pytest.mark.parametrize("check", ["other_version_refused", "pinned_version_accepted",
-                                   "fully_sharded_refused", "resolver_finds_adapters"])
+                                   "fully_sharded_refused", "resolver_finds_adapters",
+                                   "adapters_validated", "server_refuses_bad_adapters"])
 def test_plugin_checks(vllm_python, check):
     result = run_in_vllm(vllm_python, "checks.py", check, timeout=300)
     assert f"ok {check}" in result.stdout, result.stdout
