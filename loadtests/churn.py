@@ -316,7 +316,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--work-dir", type=Path, default=d.work_dir)
     p.add_argument("--out-dir", type=Path, default=d.out_dir)
-    p.add_argument("--plot-dir", type=Path, default=d.plot_dir, help="'' for no plots")
+    p.add_argument("--plot-dir", default=str(d.plot_dir), help="'' for no plots")
     p.add_argument("--kind", choices=("goat", "lora"), default=d.kind)
     p.add_argument("--num-adapters", type=int, default=d.num_adapters)
     p.add_argument("--resident-adapters", type=int, default=d.resident_adapters)
@@ -335,7 +335,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
     if a.resident_adapters > a.num_adapters:
         p.error("--resident-adapters must not exceed --num-adapters")
     return ChurnConfig(
-        work_dir=a.work_dir, out_dir=a.out_dir, plot_dir=a.plot_dir if str(a.plot_dir) else None,
+        work_dir=a.work_dir, out_dir=a.out_dir, plot_dir=Path(a.plot_dir) if a.plot_dir else None,
         kind=a.kind, num_adapters=a.num_adapters, resident_adapters=a.resident_adapters,
         max_loras=a.max_loras, max_cpu_adapters=a.max_cpu_adapters, zipf_alpha=a.zipf_alpha,
         concurrency=a.concurrency, num_requests=a.num_requests, prompt_len=a.prompt_len,

@@ -450,7 +450,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     )
     p.add_argument("--work-dir", type=Path, default=d.work_dir, help="model and adapters")
     p.add_argument("--out-dir", type=Path, default=d.out_dir, help="JSON results and logs")
-    p.add_argument("--plot-dir", type=Path, default=d.plot_dir, help="PNG plots ('' for none)")
+    p.add_argument("--plot-dir", default=str(d.plot_dir), help="PNG plots ('' for none)")
     p.add_argument("--vllm-venv", type=Path, default=d.vllm_venv)
     p.add_argument("--vllm-python", default=d.vllm_python, help="makes the vLLM venv")
     p.add_argument("--vllm-threads", default=",".join(d.vllm_threads),
@@ -482,7 +482,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     if not math.isfinite(a.poisson_rate) or a.poisson_rate <= 0:
         p.error("--poisson-rate must be a positive number")
     return BenchConfig(
-        work_dir=a.work_dir, out_dir=a.out_dir, plot_dir=a.plot_dir if str(a.plot_dir) else None,
+        work_dir=a.work_dir, out_dir=a.out_dir, plot_dir=Path(a.plot_dir) if a.plot_dir else None,
         vllm_venv=a.vllm_venv, vllm_python=a.vllm_python, vllm_threads=threads,
         skip_vllm=a.skip_vllm, num_adapters=a.num_adapters, concurrency=a.concurrency,
         num_requests=a.num_requests, prompt_len=a.prompt_len, output_len=a.output_len,
