@@ -17,18 +17,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_engine import SMOLLM2_135M
 from goat_runtime.engine.context import build_step_context, step_context
 from goat_runtime.engine.kv_cache import KVCache
 from goat_runtime.model.config import ModelConfig
 from goat_runtime.model.layers import FusedLinear, PagedAttention
 from goat_runtime.model.llama import LlamaForCausalLM
-
-SMOLLM2_135M = {
-    "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-    "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
-    "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000,
-    "tie_word_embeddings": True,
-}
 
 totals: dict[str, float] = defaultdict(float)
 
