@@ -57,10 +57,22 @@ class Sequence:
     stop_reason: str | int | None = None
     detokenizer: object = None  # IncrementalDetokenizer, attached by the engine
     pending_logprobs: list = field(default_factory=list)  # of tokens not yet emitted
+    _token_ids: list[int] = field(init=False, repr=False)  # prompt + output, see token_ids
+
+    def __post_init__(self) -> None:
+        self._token_ids = self.request.prompt_token_ids + self.output_token_ids
 
     @property
     def token_ids(self) -> list[int]:
-        return self.request.prompt_token_ids + self.output_token_ids
+        """The prompt, then the output. One list kept per sequence and extended with the tokens
+        appended to `output_token_ids` since the last call (read it, do not modify it)."""
+        tokens, output = self._token_ids, self.output_token_ids
+        new = len(output) - (len(tokens) - len(self.request.prompt_token_ids))
+        if new > 0:
+            tokens += output[-new:]
+        elif new < 0:  # output_token_ids was shortened: start again
+            tokens = self._token_ids = self.request.prompt_token_ids + output
+        return tokens
 
     @property
     def num_tokens(self) -> int:
