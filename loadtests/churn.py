@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -32,9 +31,11 @@ if __package__ in (None, ""):
 
 from loadtests.common import (
     BASE_NAME,
+    CACHE,
     REPO,
     GoatServeConfig,
     ServerProcess,
+    add_max_busy_arg,
     base_linears,
     cpu_busy,
     format_table,
@@ -52,7 +53,6 @@ from loadtests.loadgen import LoadConfig, LoadResult, run_load
 from loadtests.report import LatencyStats, RequestRecord, format_summary
 from loadtests.workload import LengthDist
 
-CACHE = Path(os.environ.get("GOAT_CACHE_DIR", Path.home() / ".cache" / "goat-serve"))
 GOAL = 0.8
 
 
@@ -328,9 +328,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)
     p.add_argument("--output-len", type=int, default=d.output_len)
     p.add_argument("--poll", type=float, default=d.poll_s, help="/metrics poll interval (s)")
-    p.add_argument("--max-busy", type=float, default=None,
-                   help="before each run, wait (up to 2 min) until other jobs use at most this "
-                        "fraction (0-1) of the CPUs: they skew every figure on a shared machine")
+    add_max_busy_arg(p)
     a = p.parse_args(argv)
     if a.resident_adapters > a.num_adapters:
         p.error("--resident-adapters must not exceed --num-adapters")

@@ -7,6 +7,7 @@ stops the worker processes it spawned (vLLM's engine core), and only those.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -29,6 +30,8 @@ if str(REPO) not in sys.path:  # run as `python loadtests/x.py`: make the repo i
 from loadtests.workload import WORDS  # noqa: E402
 
 PYTHON = Path(sys.executable)  # the interpreter running the scripts (the repo venv)
+# Work directories, results and vLLM's virtual environment of the load-test scripts.
+CACHE = Path(os.environ.get("GOAT_CACHE_DIR", Path.home() / ".cache" / "goat-serve"))
 BASE_NAME = "smollm2-135m-random"  # the served name of the base model, on every server
 
 
@@ -394,6 +397,14 @@ def wait_for_quiet(max_busy: float | None, timeout_s: float = 120.0) -> float | 
         print(f"waiting: other jobs keep {busy:.0%} of the CPUs busy (load {load_avg()})",
               file=sys.stderr, flush=True)
         time.sleep(20)
+
+
+def add_max_busy_arg(parser: argparse.ArgumentParser) -> None:
+    """The scripts' --max-busy option, for `wait_for_quiet`."""
+    parser.add_argument("--max-busy", type=float, default=None,
+                        help="before each run, wait (up to 2 min) until other jobs use at most "
+                             "this fraction (0-1) of the CPUs: they skew every figure on a "
+                             "shared machine")
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

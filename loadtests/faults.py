@@ -43,8 +43,10 @@ if __package__ in (None, ""):
 
 from loadtests.common import (
     BASE_NAME,
+    CACHE,
     GoatServeConfig,
     ServerProcess,
+    add_max_busy_arg,
     base_linears,
     cpu_busy,
     format_table,
@@ -61,7 +63,6 @@ from loadtests.loadgen import LoadConfig, check_loopback, run_load
 from loadtests.report import LatencyStats, format_summary
 from loadtests.workload import LengthDist, arrival_offsets, synth_prompt
 
-CACHE = Path(os.environ.get("GOAT_CACHE_DIR", Path.home() / ".cache" / "goat-serve"))
 CORRUPT = ("corrupt-weights", "corrupt-config")
 
 
@@ -560,9 +561,7 @@ def parse_args(argv: Sequence[str] | None = None) -> FaultsConfig:
     ap.add_argument("--capacity-duration", type=float, default=d.capacity_duration_s)
     ap.add_argument("--disconnect-clients", type=int, default=d.disconnect_clients)
     ap.add_argument("--corrupt-load-duration", type=float, default=d.corrupt_load_duration_s)
-    ap.add_argument("--max-busy", type=float, default=None,
-                    help="before each run, wait (up to 2 min) until other jobs use at most this "
-                         "fraction (0-1) of the CPUs: they skew every figure on a shared machine")
+    add_max_busy_arg(ap)
     a = ap.parse_args(argv)
     if not (math.isfinite(a.overload_factor) and a.overload_factor > 0):
         ap.error("--overload-factor must be positive")

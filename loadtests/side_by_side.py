@@ -35,9 +35,11 @@ if __package__ in (None, ""):
 
 from loadtests.common import (
     BASE_NAME,
+    CACHE,
     REPO,
     GoatServeConfig,
     ServerProcess,
+    add_max_busy_arg,
     base_linears,
     cpu_busy,
     format_table,
@@ -54,7 +56,6 @@ from loadtests.loadgen import LoadConfig, LoadResult, run_load
 from loadtests.report import Summary, format_summary
 from loadtests.workload import LengthDist
 
-CACHE = Path(os.environ.get("GOAT_CACHE_DIR", Path.home() / ".cache" / "goat-serve"))
 VLLM_VERSION = "0.32.0"
 # vLLM's offline API on this machine, measured before (32 requests, 128 + 128 tokens, fp32).
 OFFLINE_VLLM = {"base": "87", "lora": "29-34"}
@@ -466,9 +467,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--poisson-rate", type=float, default=d.poisson_rate, help="req/s")
     p.add_argument("--poisson-duration", type=float, default=d.poisson_duration_s, help="s")
     p.add_argument("--kv-cache-gib", type=int, default=d.kv_cache_gib)
-    p.add_argument("--max-busy", type=float, default=None,
-                   help="before each run, wait (up to 2 min) until other jobs use at most this "
-                        "fraction (0-1) of the CPUs: they skew every figure on a shared machine")
+    add_max_busy_arg(p)
     p.add_argument("--only", default="",
                    help="comma-separated case keys (or prefixes) to run, e.g. goat-base,"
                         "vllm-base-tauto; default: all")
