@@ -10,7 +10,7 @@ setup: $(STAMP)
 
 # torch first, then the package without build isolation: the C++ kernel (goat_runtime._C) is
 # compiled against the very torch it will run with.
-$(STAMP): pyproject.toml setup.py goat_runtime/ops/cpu/routed_lora.cpp
+$(STAMP): pyproject.toml setup.py $(wildcard goat_runtime/ops/cpu/*.cpp goat_runtime/ops/cpu/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0 "setuptools>=77" wheel
 	$(BIN)/pip install --quiet --no-build-isolation -e '.[dev,gpu]'

@@ -1,6 +1,8 @@
-"""Builds the CPU routed low-rank kernel (goat_runtime._C) against the installed torch."""
+"""Builds the CPU kernels (goat_runtime._C: routed low-rank op, paged decode attention) against
+the installed torch."""
 
 import os
+from glob import glob
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -13,7 +15,8 @@ setup(
     ext_modules=[
         CppExtension(
             "goat_runtime._C",
-            ["goat_runtime/ops/cpu/routed_lora.cpp"],
+            sorted(glob("goat_runtime/ops/cpu/*.cpp")),
+            depends=glob("goat_runtime/ops/cpu/*.h"),
             extra_compile_args=["-O3", f"-march={arch}", "-ffp-contract=fast"],
         )
     ],

@@ -1,5 +1,6 @@
 """Where a decode step's time goes: paged attention vs the linear layers, on SmolLM2-135M shapes
-(hidden 576, 9 heads, 3 KV heads, head_dim 64, 30 layers) with random weights.
+(hidden 576, 9 heads, 3 KV heads, head_dim 64, 30 layers) with random weights, with the decode
+attention's C++ kernel and with the torch path (gather the contexts, one masked SDPA).
 
     .venv/bin/python benchmarks/bench_model_step.py [--seqs 32] [--context 200] [--dtype bf16]
 """
@@ -13,16 +14,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_engine import SMOLLM2_135M
 from goat_runtime.engine.context import build_step_context, step_context
 from goat_runtime.engine.kv_cache import KVCache
+from goat_runtime.model import layers
 from goat_runtime.model.config import ModelConfig
 from goat_runtime.model.layers import FusedLinear, PagedAttention
 from goat_runtime.model.llama import LlamaForCausalLM
+from goat_runtime.ops.paged_attention import (
+    paged_decode_attention,
+    paged_decode_attention_torch,
+)
 
 totals: dict[str, float] = defaultdict(float)
 
@@ -34,26 +39,6 @@ def timed(name: str, fn: Callable) -> Callable:
         totals[name] += time.perf_counter() - start
         return out
     return wrapper
-
-
-def per_sequence_decode(self: PagedAttention, q, k, v):
-    """The alternative to the batched decode: one SDPA per sequence (for comparison)."""
-    from goat_runtime.engine.context import get_step_context
-
-    ctx = get_step_context()
-    k_flat = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)
-    v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
-    k_flat.index_copy_(0, ctx.slot_mapping, k)
-    v_flat.index_copy_(0, ctx.slot_mapping, v)
-    out = torch.empty_like(q)
-    d = ctx.decode
-    for row, (token, length) in enumerate(zip(d.token_indices.tolist(), ctx.context_lens,
-                                              strict=True)):
-        slots = d.context_slots[row, :length]
-        out[token] = F.scaled_dot_product_attention(
-            q[token][:, None], k_flat[slots].transpose(0, 1), v_flat[slots].transpose(0, 1),
-            enable_gqa=True)[:, 0]
-    return out
 
 
 def main() -> None:
@@ -88,11 +73,12 @@ def main() -> None:
 
     print(f"{args.seqs} decode sequences, context {min(lens)}..{max(lens)}, {args.dtype}, "
           f"{torch.get_num_threads()} threads")
-    attention_forward = PagedAttention.forward
     FusedLinear.forward = timed("linear", FusedLinear.forward)
-    for label, attention in (("batched decode", attention_forward),
-                             ("per-sequence loop", per_sequence_decode)):
-        PagedAttention.forward = timed("attention", attention)
+    PagedAttention.forward = timed("attention", PagedAttention.forward)
+    # The decode attention as the CPU runs it, and the torch path other devices run.
+    for label, decode_attention in (("C++ decode kernel", paged_decode_attention),
+                                    ("torch gather+SDPA", paged_decode_attention_torch)):
+        layers.paged_decode_attention = decode_attention
         run()
         totals.clear()
         start = time.perf_counter()

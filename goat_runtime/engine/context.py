@@ -30,10 +30,9 @@ class DecodeBatch:
     """All sequences with one query token, attended together over their padded contexts."""
 
     token_indices: torch.Tensor  # [S] int64 flat token of each sequence
-    context_slots: torch.Tensor  # [S, L] int64 cache slots, L = the longest context (padded)
-    key_positions: torch.Tensor  # [1, L] int64
-    query_positions: torch.Tensor  # [S, 1] int64 = context_len - 1
-    valid: torch.Tensor  # [S, 1, 1, L] bool: key within the sequence's context
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    context_lens: torch.Tensor  # [S] int64
+    max_context_len: int
 
 
 @dataclass
@@ -86,14 +85,12 @@ class StepContext:
     def _decode_batch(self, seqs: list[int]) -> DecodeBatch:
         device = self.block_tables.device
         lens = [self.context_lens[i] for i in seqs]
-        context_lens = torch.tensor(lens, device=device)
-        key_positions = torch.arange(max(lens), device=device)[None]
+        all_seqs = len(seqs) == self.block_tables.shape[0]  # a pure decode step: no copy
         return DecodeBatch(
             token_indices=torch.tensor([self.seq_starts[i] for i in seqs], device=device),
-            context_slots=self._context_slots(seqs, max(lens)),
-            key_positions=key_positions,
-            query_positions=(context_lens - 1)[:, None],
-            valid=(key_positions < context_lens[:, None])[:, None, None, :],
+            block_tables=self.block_tables if all_seqs else self.block_tables[seqs],
+            context_lens=torch.tensor(lens, dtype=torch.int64, device=device),
+            max_context_len=max(lens),
         )
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from goat_runtime.engine.context import get_step_context
 from goat_runtime.model.config import RopeConfig
-from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora
+from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora, paged_decode_attention
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -102,7 +102,8 @@ class PagedAttention(nn.Module):
 
     Writes the step's K/V at the context's slot mapping, then attends: sequences with several
     query tokens one by one (query i of a sequence with context C and Q queries sees keys
-    0..C-Q+i), single-token (decode) sequences all together over their padded contexts.
+    0..C-Q+i), single-token (decode) sequences all together with `paged_decode_attention`,
+    which reads their contexts from the cache.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -122,8 +123,13 @@ class PagedAttention(nn.Module):
         v_flat = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)
         k_flat.index_copy_(0, ctx.slot_mapping, k)
         v_flat.index_copy_(0, ctx.slot_mapping, v)
-        out = torch.empty_like(q)
         window = self.sliding_window
+        d = ctx.decode
+        if d is not None and not ctx.prefills:  # decode only: the tokens are the sequences
+            return paged_decode_attention(q, self.k_cache, self.v_cache, d.block_tables,
+                                          d.context_lens, d.max_context_len,
+                                          self.head_dim**-0.5, window)
+        out = torch.empty_like(q)
         for seq in ctx.prefills:
             rows = slice(seq.start, seq.start + seq.query_len)
             if seq.context_slots is None:  # nothing cached before: use this step's K/V as is
@@ -142,17 +148,8 @@ class PagedAttention(nn.Module):
                 q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
                 values.transpose(0, 1)[None], attn_mask=mask, is_causal=mask is None,
                 enable_gqa=True)[0].transpose(0, 1)
-        if ctx.decode is not None:
-            d = ctx.decode
-            # index_select, not k_flat[slots]: several times faster on the CPU.
-            shape = (*d.context_slots.shape, self.num_kv_heads, self.head_dim)
-            flat_slots = d.context_slots.flatten()
-            keys = k_flat.index_select(0, flat_slots).view(shape).transpose(1, 2)
-            values = v_flat.index_select(0, flat_slots).view(shape).transpose(1, 2)
-            mask = d.valid
-            if window is not None:
-                mask = mask & (d.key_positions > d.query_positions - window)[:, None, None, :]
-            out[d.token_indices] = F.scaled_dot_product_attention(
-                q[d.token_indices][:, :, None], keys, values, attn_mask=mask,
-                enable_gqa=True)[:, :, 0]
+        if d is not None:
+            out[d.token_indices] = paged_decode_attention(
+                q[d.token_indices], self.k_cache, self.v_cache, d.block_tables, d.context_lens,
+                d.max_context_len, self.head_dim**-0.5, window)
         return out

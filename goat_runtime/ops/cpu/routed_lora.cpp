@@ -28,12 +28,7 @@
 // Optionally, expert_counts[slot, e] counts the tokens whose router chose expert e (summed over
 // slices): what the routers actually do, for the server's metrics.
 
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-
-#include <dlfcn.h>
+#include "common.h"
 
 #include <algorithm>
 #include <atomic>
@@ -45,67 +40,12 @@
 #include <string>
 #include <vector>
 
+namespace goat_cpu {
 namespace {
 
 constexpr int kMaxTokensPerItem = 16;  // tokens of one slot processed together
 // Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
 constexpr int64_t kParallelMinWork = 1 << 16;
-
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-#elif defined(__AVX__)
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
-constexpr int kVecLen = kVecBytes / static_cast<int>(sizeof(float));
-typedef float vfloat __attribute__((vector_size(kVecBytes)));
-
-inline vfloat vload(const float* p) {  // unaligned load
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
-inline vfloat vsplat(float f) {  // broadcast
-  vfloat v;
-  for (int l = 0; l < kVecLen; ++l) v[l] = f;
-  return v;
-}
-
-// ------------------------------------------------------------------------------------------
-// Element conversion.
-
-inline float bf16_to_float(c10::BFloat16 v) {
-  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
-
-inline void to_float(const float* __restrict src, int64_t n, float* __restrict dst) {
-  std::memcpy(dst, src, n * sizeof(float));
-}
-
-inline void to_float(const c10::BFloat16* __restrict src, int64_t n, float* __restrict dst) {
-  const uint16_t* __restrict s = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof(f));
-    dst[i] = f;
-  }
-}
-
-// A row of n elements as float32: the row itself for float, a converted copy in `scratch`
-// otherwise.
-inline const float* row_as_float(const float* src, int64_t /*n*/, float* /*scratch*/) {
-  return src;
-}
-inline const float* row_as_float(const c10::BFloat16* src, int64_t n, float* scratch) {
-  to_float(src, n, scratch);
-  return scratch;
-}
 
 // ------------------------------------------------------------------------------------------
 // Dot products of one weight row with N token vectors. GCC vector extensions (portable: the
@@ -257,39 +197,6 @@ inline void add_delta(c10::BFloat16* __restrict y, const float* __restrict delta
   }
 }
 
-// ------------------------------------------------------------------------------------------
-// Threads. at::parallel_for is an inline template whose parallel branch is compiled only under
-// -fopenmp (_OPENMP); in an extension built without it, it silently runs on one thread. Building
-// this extension with -fopenmp is not wanted (it may pull in a second OpenMP runtime), so the
-// kernel opens the parallel region through the GNU OpenMP entry point of the runtime torch has
-// already loaded (libgomp.so.1, looked up with RTLD_NOLOAD: never loads one), which is exactly
-// what `#pragma omp parallel` in at::parallel_for compiles to inside libtorch. Same pool, same
-// thread count (torch.set_num_threads); without that runtime the kernel runs on one thread.
-
-using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
-
-GompParallel gomp_parallel() {
-  static const GompParallel fn = []() -> GompParallel {
-    void* lib = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD);
-    void* sym = lib != nullptr ? dlsym(lib, "GOMP_parallel") : nullptr;
-    return reinterpret_cast<GompParallel>(sym);
-  }();
-  return fn;
-}
-
-// Runs body() on every thread of torch's intra-op pool (or once, inline, without one). body
-// must not throw.
-template <typename F>
-void parallel_region(const F& body) {
-  const GompParallel fn = gomp_parallel();
-  if (fn == nullptr) {
-    body();
-    return;
-  }
-  auto trampoline = [](void* data) { (*static_cast<const F*>(data))(); };
-  // num_threads 0: the runtime's current setting (torch passes none either, see #32008).
-  fn(trampoline, const_cast<void*>(static_cast<const void*>(&body)), 0, 0);
-}
 
 struct Problem {
   int64_t num_tokens, d_in, d_out, num_slots, num_slices, shrink_rows, value_rows, max_experts;
@@ -814,8 +721,7 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "CPU kernel of the routed low-rank op (GOAT LoRA mixture-of-experts adapters)";
+void register_routed_lora(pybind11::module_& m) {
   m.def("add_routed_lora", &add_routed_lora,
         "y[t] += X_a (gate(h) * h[:R]), h = S_a x[t], a = token_slots[t], per output slice "
         "(in place; see goat_runtime.ops.routed_lora)",
@@ -825,3 +731,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         // Arguments are converted with the GIL held; the kernel runs without it.
         pybind11::call_guard<pybind11::gil_scoped_release>());
 }
+
+}  // namespace goat_cpu
