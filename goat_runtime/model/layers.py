@@ -12,6 +12,21 @@ from goat_runtime.engine.context import get_step_context
 from goat_runtime.model.config import RopeConfig
 from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora, paged_decode_attention
 
+# Up to this many rows (tokens), fp32 linears on the CPU go through oneDNN: measured here
+# (SmolLM2 shapes, 2 threads), it is 1.1-2x faster than the default MKL GEMM at decode batch
+# sizes (2x on the 49152-row lm_head at 32 tokens) and up to 15% slower beyond about 256 rows.
+ONEDNN_MAX_ROWS = 256
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def fast_linear(x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [T, d_in], routed to the faster GEMM for T on the CPU."""
+    if (_HAS_ONEDNN and x.is_cpu and x.dtype == torch.float32
+            and 0 < x.shape[0] <= ONEDNN_MAX_ROWS):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     # Filled by the loader; inference only, so no autograd.
@@ -88,7 +103,7 @@ class FusedLinear(nn.Module):
         return self.bias.data[self.out_offsets[s] : self.out_offsets[s + 1]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = fast_linear(x, self.weight, self.bias)
         if self.routed is not None:
             ctx = get_step_context()
             if ctx.has_adapter_tokens:  # a base-only step skips the op altogether

@@ -19,6 +19,7 @@ from goat_runtime.model.layers import (
     RotaryEmbedding,
     _empty,
     apply_rotary,
+    fast_linear,
 )
 
 if TYPE_CHECKING:  # the cache module needs ModelConfig; importing it here would be circular
@@ -121,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of the step context's logits_indices."""
         selected = hidden[get_step_context().logits_indices]
-        return F.linear(selected, self.lm_head).float()
+        return fast_linear(selected, self.lm_head).float()
 
     def attach_kv_cache(self, cache: "KVCache") -> None:
         for i, layer in enumerate(self.layers):

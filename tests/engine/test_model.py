@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from goat_runtime.adapters.binding import bind_adapters, linear_shapes, slice_weights
@@ -19,6 +20,7 @@ from goat_runtime.engine.kv_cache import (
     cache_blocks_for_budget,
 )
 from goat_runtime.model import LlamaForCausalLM, ModelConfig, load_model
+from goat_runtime.model.layers import ONEDNN_MAX_ROWS, fast_linear
 from tests.adapters.adapted_model import FIXTURE
 
 REFERENCE = load_file(str(FIXTURE / "reference_outputs.safetensors"))
@@ -335,3 +337,15 @@ def test_cache_blocks_for_budget():
     assert block_bytes(config, 16, torch.float32) == per_block
     assert cache_blocks_for_budget(10 * per_block + 1, config, 16, torch.float32) == 10
     assert cache_blocks_for_budget(10 * per_block, config, 16, torch.bfloat16) == 20
+
+
+@pytest.mark.parametrize("rows", [1, 32, ONEDNN_MAX_ROWS, ONEDNN_MAX_ROWS + 1])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_linear_is_f_linear(rows, bias):
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 40, generator=gen)
+    b = torch.randn(96, generator=gen) if bias else None
+    x = torch.randn(40, rows, generator=gen).t()  # a non-contiguous input too
+    for inputs in (x, x.contiguous()):
+        torch.testing.assert_close(fast_linear(inputs, weight, b), F.linear(inputs, weight, b),
+                                   rtol=1e-5, atol=1e-5)
