@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,7 +260,7 @@ class AdapterManager:
     def has_slot(self, name: str) -> bool:
         return name in self._slots
 
-    def can_bind(self, names: set[str], extra: str) -> bool:
+    def can_bind(self, names: Collection[str], extra: str) -> bool:
         """Whether `extra` can join a step whose adapters are `names`: at most max_loras distinct
         adapters per step, as many as there are slots."""
         return extra in names or len(names) < self.max_loras

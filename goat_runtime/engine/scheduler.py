@@ -6,13 +6,14 @@ hold a running sequence's next tokens, the newest running sequence is preempted 
 freed, its tokens recomputed later, ahead of everything waiting). Then waiting sequences are
 admitted first come, first served while the budget, the sequence cap, the KV cache and the
 device adapter slots allow. A sequence whose adapter needs a slot while all are held may be
-passed over by sequences of resident adapters, but only `max_passed_over` times: then admission
-stops until running sequences finish and free a slot for it. A sequence whose KV blocks do not
-fit stops admission at once (it is never passed over). Adapters still loading from disk do not
-hold anything up.
+passed over by sequences of resident adapters, but only `max_passed_over` times: then one held
+adapter, the one with the fewest running sequences, is drained (no new sequence of it is
+admitted) until its last one finishes and its slot goes to the waiting adapter; the others keep
+the batch full meanwhile. A sequence whose KV blocks do not fit stops admission at once (it is
+never passed over). Adapters still loading from disk do not hold anything up.
 """
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from goat_runtime.engine.adapter_manager import AdapterManager
@@ -44,6 +45,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # The held adapter admitting nothing new until it frees its slot for one passed over.
+        self.draining: str | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -81,7 +84,9 @@ class Scheduler:
 
     def _admit(self, budget: int) -> list[ScheduledSeq]:
         admitted: list[ScheduledSeq] = []
-        held = {s.adapter for s in self.running if s.adapter is not None}
+        held = Counter(s.adapter for s in self.running if s.adapter is not None)
+        if self.draining not in held:  # drained: its slot is free for the waiting adapter
+            self.draining = None
         kept: deque[Sequence] = deque()
         slot_blocked: list[Sequence] = []
         stop = False
@@ -95,11 +100,15 @@ class Scheduler:
             if name is not None and self.adapters.status(name) != "ready":
                 kept.append(seq)  # still loading (failures are the engine's to report)
                 continue
-            if name is not None and not self.adapters.can_bind(held, name):
+            if name is not None and not self.adapters.can_bind(held.keys(), name):
                 kept.append(seq)
                 slot_blocked.append(seq)
-                if seq.passed_over >= self.config.max_passed_over:
-                    stop = True  # let running sequences drain and free a slot for it
+                if seq.passed_over >= self.config.max_passed_over and self.draining is None:
+                    # The adapter with the fewest running sequences frees a slot soonest.
+                    self.draining = min(held, key=held.__getitem__)
+                continue
+            if name is not None and name == self.draining:
+                kept.append(seq)
                 continue
             n = self._start(seq, budget)
             if n == 0:  # its KV blocks do not fit: first come, first served
@@ -109,7 +118,7 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if name is not None:
-                held.add(name)
+                held[name] += 1
             admitted.append(ScheduledSeq(seq, n))
             budget -= n
             for blocked in slot_blocked:
