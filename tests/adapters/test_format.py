@@ -205,6 +205,17 @@ def test_non_finite_values(tmp_path, bad):
     expect_error(path, "adapter_model.safetensors", key, "NaN or Inf")
 
 
+def test_integer_tensor(tmp_path):
+    path = copy_adapter("goat0", tmp_path)
+    key = f"{Q0}.lora_B.1.weight"
+
+    def to_int(tensors):
+        tensors[key] = tensors[key].to(torch.int32)
+
+    edit_tensors(path, to_int)
+    expect_error(path, "adapter_model.safetensors", key, "expected a floating point tensor")
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_safetensors(tmp_path, damage):
     path = copy_adapter("goat0", tmp_path)
