@@ -34,9 +34,9 @@ def gate_rows(logits: torch.Tensor, meta: torch.Tensor, num_rows: int) -> torch.
     # is all ones below anyway.
     masked[:, 0] = torch.where(num_experts[:, 0] > 0, masked[:, 0], 0.0)
     probs = torch.softmax(masked, dim=-1)
-    k_max = int(top_k.max().clamp(min=1))
-    top_w, top_i = torch.topk(probs, k_max, dim=-1)
-    top_w = top_w.masked_fill(torch.arange(k_max, device=device).unsqueeze(0) >= top_k, 0.0)
+    # All E_max sorted, then each token's first k kept: no host sync to find the largest k.
+    top_w, top_i = torch.topk(probs, e_max, dim=-1)
+    top_w = top_w.masked_fill(torch.arange(e_max, device=device).unsqueeze(0) >= top_k, 0.0)
     top_w = top_w / top_w.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     expert_w = torch.zeros(num_tokens, e_max, dtype=torch.float32, device=device)
     expert_w.scatter_(1, top_i, top_w)

@@ -30,6 +30,7 @@ class GoatLinearMixin:
         self.goat_meta = torch.zeros(max_loras + 1, self.n_slices, 3, dtype=torch.long,
                                      device=self.device)
         self.goat_slots: set[int] = set()
+        self.goat_num_experts = [0] * (max_loras + 1)  # max E over slices, host-side: no sync
         # Per slot: the shrink rows the adapter uses (<= max_lora_rank; the rest are zero). The
         # CPU path multiplies only these: a GOAT slot uses E + r + r_c rows (24 for r = E = 8),
         # which vLLM's allowed ranks round up to 32.
@@ -49,6 +50,7 @@ class GoatLinearMixin:
 
     def set_goat_meta(self, index: int, meta: list[tuple[int, int, int]]) -> None:
         self.goat_meta[index] = torch.tensor(meta, dtype=torch.long)
+        self.goat_num_experts[index] = max((e for e, _, _ in meta), default=0)
         if any(e for e, _, _ in meta):
             self.goat_slots.add(index)
         else:
@@ -58,6 +60,7 @@ class GoatLinearMixin:
         super().reset_lora(index)
         if hasattr(self, "goat_meta"):
             self.goat_meta[index] = 0
+            self.goat_num_experts[index] = 0
             self.goat_slots.discard(index)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -73,7 +76,7 @@ class GoatLinearMixin:
                             device=x.device)
             self.punica_wrapper.add_shrink(h, x, self.lora_a_stacked, 1.0)
             if self.goat_slots:
-                self._goat_gate(h, self.goat_meta[slots], int(self.goat_meta[..., 0].max()))
+                self._goat_gate(h, self.goat_meta[slots], max(self.goat_num_experts))
             self.punica_wrapper.add_expand(output, h, self.lora_b_stacked, self.output_slices,
                                            offset_start=0, add_inputs=True)
         else:
@@ -117,7 +120,7 @@ class GoatLinearMixin:
                              out=h[i, lo:hi, :n])
         goat = [s for s in counts if s in self.goat_slots]
         if goat:
-            e_max = int(self.goat_meta[goat, :, 0].max())
+            e_max = max(self.goat_num_experts[s] for s in goat)
             self._goat_gate(h, self.goat_meta[slots.index_select(0, order)], e_max,
                             order=order, num_tokens=len(slot_list))
         delta = torch.zeros(xs.shape[0], output.shape[1], dtype=torch.float32, device=x.device)

@@ -37,6 +37,7 @@ def _layer(a, b, widths, slot_of: list[int], slots: torch.Tensor, tp_size: int =
     layer.lora_a_stacked = [torch.zeros(n, 1, MAX_RANK, d_in) for _ in widths]
     layer.lora_b_stacked = [torch.zeros(n, 1, w, MAX_RANK) for w in widths]
     layer.goat_meta = torch.zeros(n + 1, len(widths), 3, dtype=torch.long)
+    layer.goat_num_experts = [0] * (n + 1)
     layer.goat_slots, layer.goat_rows, layer.goat_views = set(), [0] * n, [None] * n
     for j, slot in enumerate(slot_of):
         rows = ADAPTERS[j][3]

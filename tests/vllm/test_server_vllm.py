@@ -4,6 +4,7 @@ module: greedy completions of the base and of GOAT and LoRA adapters against the
 reference, adapter listing and loading, a bad adapter refused alone (400, the engine keeps
 serving), metrics, unload. Slow: ~1 min."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,22 +45,20 @@ def _call(base: str, path: str, body: dict | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-@pytest.fixture(scope="module")
-def server(vllm_python, tmp_path_factory):
-    adapters = tmp_path_factory.mktemp("adapters")
-    make_bad_adapters(adapters)  # corrupt, too_large, goat0
-    for name in ("goat1", "lora0"):
-        shutil.copytree(FIXTURE / "adapters" / name, adapters / name)
+@contextlib.contextmanager
+def running_server(adapters: Path, log: Path, *extra: str,
+                   env_extra: dict[str, str] | None = None) -> Iterator[str]:
+    """goat-serve --engine vllm on the fixture's base; yields its URL once /health answers."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    env = {**os.environ, "GOAT_VLLM_VENV": str(VENV)}
+    env = {**os.environ, "GOAT_VLLM_VENV": str(VENV), **(env_extra or {})}
     env.pop("VLLM_PLUGINS", None)
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server", str(FIXTURE / "base"), "--engine", "vllm",
              "--adapter-dir", str(adapters), "--port", str(port), "--dtype", "float32",
              "--max-loras", "2", "--max-lora-rank", "32", "--max-model-len", "64",
-             "--kv-cache-memory", "32MiB", "--max-num-seqs", "8", "--log-level", "warning"],
+             "--kv-cache-memory", "32MiB", "--max-num-seqs", "8", "--log-level", "warning",
+             *extra],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -75,7 +75,7 @@ def server(vllm_python, tmp_path_factory):
             if time.monotonic() > deadline:
                 raise AssertionError(f"server not up:\n{log.read_text()[-6000:]}")
             time.sleep(1)
-        yield base, adapters
+        yield base
     finally:
         proc.terminate()
         try:
@@ -85,11 +85,32 @@ def server(vllm_python, tmp_path_factory):
             proc.wait()
 
 
+@pytest.fixture(scope="module")
+def server(vllm_python, tmp_path_factory):
+    adapters = tmp_path_factory.mktemp("adapters")
+    make_bad_adapters(adapters)  # corrupt, too_large, goat0
+    for name in ("goat1", "lora0"):
+        shutil.copytree(FIXTURE / "adapters" / name, adapters / name)
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    with running_server(adapters, log) as base:
+        yield base, adapters
+
+
 def _greedy_text(base: str, model: str, prompt: list[int]) -> tuple[int, dict]:
     status, text = _call(base, "/v1/completions", {
         "model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0,
         "ignore_eos": True})
     return status, json.loads(text)
+
+
+def check_reference(base: str, model: str, name: str, ref: dict, tokenizer) -> None:
+    """The fixture's reference greedy continuations of `name` from `model` over HTTP."""
+    for i in range(3):
+        status, body = _greedy_text(base, model, ref[f"input_{i}"].tolist())
+        assert status == 200, body
+        # vLLM detokenizes in the prompt's context: a leading space may differ.
+        expected = tokenizer.decode(ref[f"{name}_greedy_{i}"].tolist()).strip()
+        assert body["choices"][0]["text"].strip() == expected, (model, i, body)
 
 
 def test_vllm_engine_serves_goat_api(server):
@@ -104,12 +125,7 @@ def test_vllm_engine_serves_goat_api(server):
     assert {"base", "goat0", "goat1", "lora0", "corrupt", "too_large"} <= ids, ids
 
     def check(model: str, name: str) -> None:
-        for i in range(3):
-            status, body = _greedy_text(base, model, ref[f"input_{i}"].tolist())
-            assert status == 200, body
-            # vLLM detokenizes in the prompt's context: a leading space may differ.
-            expected = tokenizer.decode(ref[f"{name}_greedy_{i}"].tolist()).strip()
-            assert body["choices"][0]["text"].strip() == expected, (model, i, body)
+        check_reference(base, model, name, ref, tokenizer)
 
     for name in ("base", "goat0", "goat1", "lora0"):
         check(name, name)
@@ -136,3 +152,20 @@ def test_vllm_engine_serves_goat_api(server):
                          {"lora_name": "again", "lora_path": str(adapters / "goat0")})
     assert status == 200, body
     check("again", "goat0")
+
+
+def test_tensor_parallel_2_over_http(vllm_python, tmp_path):
+    """--tensor-parallel-size reaches vLLM: two workers, the row-parallel layers' router logits
+    all-reduced, and every adapter's reference tokens unchanged."""
+    from transformers import AutoTokenizer
+
+    ref = load_file(str(FIXTURE / "reference_outputs.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(str(FIXTURE / "base"))
+    log = tmp_path / "server.log"
+    # vLLM's CPU workers each bind a NUMA node by default; this machine has one, so each
+    # worker gets one core (docs/vllm.md).
+    with running_server(FIXTURE / "adapters", log, "--tensor-parallel-size", "2",
+                        env_extra={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as base:
+        for name in ("base", "goat0", "lora0"):
+            check_reference(base, name, name, ref, tokenizer)
+    assert "world_size=2" in log.read_text()
