@@ -27,7 +27,7 @@ class PrefillSeq:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """All sequences with one query token, attended together over their padded contexts."""
+    """All sequences with one query token, attended together (`paged_decode_attention`)."""
 
     token_indices: torch.Tensor  # [S] int64 flat token of each sequence
     block_tables: torch.Tensor  # [S, max_blocks] int32
