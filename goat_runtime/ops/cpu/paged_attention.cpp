@@ -6,13 +6,12 @@
 //
 // Why a kernel: the torch path gathers every sequence's K and V into a padded [S, KVH, L, D]
 // copy, then runs SDPA with a mask; on the CPU the gather costs more than the attention itself
-// and dominated the decode step after the linears. Here one work item is one (sequence, KV
-// head, or all of a sequence's KV heads when there are enough sequences): it reads each cached
-// key and value row once, software-prefetched a few rows ahead, for the H / KVH query heads that
-// share it (GQA), keeps the scores in a per-thread buffer (two passes: scores, then
-// softmax-weighted values) and writes its heads' rows of out. Items are pulled dynamically by
-// the threads of torch's pool (sequences differ in length). float32 math; bfloat16 tensors are converted row by
-// row.
+// and dominated the decode step after the linears. Here a work item is a sequence with all its
+// KV heads (or, with few sequences, a single KV head): it reads each cached key and value row
+// once, software-prefetched a few rows ahead, for the H / KVH query heads that share it (GQA),
+// keeps the scores in a per-thread buffer (two passes: scores, then softmax-weighted values)
+// and writes its heads' rows of out. Items are pulled dynamically by the threads of torch's
+// pool (sequences differ in length). float32 math; bfloat16 tensors are converted row by row.
 
 #include "common.h"
 
