@@ -22,6 +22,7 @@ from goat_runtime.engine.outputs import (
     EngineError,
     EngineListener,
     RequestOutput,
+    check_prompt,
 )
 from goat_runtime.engine.request import Request, Sequence, SequenceStatus
 from goat_runtime.engine.sampler import SamplingRow, make_generator, prompt_logprobs, sample
@@ -83,18 +84,8 @@ class LLMEngine:
     def check_request(self, prompt_token_ids: Seq[int], params: SamplingParams,
                       adapter: str | None) -> None:
         """Raise EngineError (400 or 404) for a request the engine cannot serve."""
-        if not prompt_token_ids:
-            raise EngineError("The prompt is empty.", status=400)
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise EngineError(f"Token id {bad} is out of vocabulary (size {self.vocab_size}).",
-                              status=400)
+        check_prompt(prompt_token_ids, params.max_tokens, self.vocab_size, self.max_model_len)
         total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise EngineError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {total} tokens ({len(prompt_token_ids)} in the prompt, "
-                f"{params.max_tokens} for the completion).", status=400)
         if -(-total // self.block_size) > self.num_blocks:
             raise EngineError(f"The request needs {total} tokens of KV cache; the cache holds "
                               f"{self.num_blocks * self.block_size}.", status=400)

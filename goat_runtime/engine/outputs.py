@@ -4,6 +4,7 @@ Text and tokens are deltas (what is new since the previous output of the same re
 streaming server forwards them as they are and a non-streaming one concatenates them.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,6 +41,24 @@ class EngineError(RuntimeError):
     def __init__(self, message: str, status: int = 500):
         super().__init__(message)
         self.status = status
+
+
+def check_prompt(prompt_token_ids: Sequence[int], max_tokens: int, vocab_size: int,
+                 max_model_len: int) -> None:
+    """Raise EngineError (400) for a prompt no engine can serve: empty, a token outside the
+    vocabulary, or prompt + max_tokens over the model's context length."""
+    if not prompt_token_ids:
+        raise EngineError("The prompt is empty.", status=400)
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise EngineError(f"Token id {bad} is out of vocabulary (size {vocab_size}).",
+                          status=400)
+    total = len(prompt_token_ids) + max_tokens
+    if total > max_model_len:
+        raise EngineError(
+            f"This model's maximum context length is {max_model_len} tokens. However, "
+            f"you requested {total} tokens ({len(prompt_token_ids)} in the prompt, "
+            f"{max_tokens} for the completion).", status=400)
 
 
 @dataclass(frozen=True)

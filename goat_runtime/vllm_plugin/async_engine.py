@@ -31,6 +31,7 @@ from goat_runtime.engine.outputs import (
     EngineListener,
     EngineStats,
     RequestOutput,
+    check_prompt,
 )
 from goat_runtime.engine.sampling import SamplingParams
 
@@ -206,20 +207,6 @@ class VllmAsyncEngine:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def _check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_token_ids:
-            raise EngineError("The prompt is empty.", status=400)
-        vocab = len(self.tokenizer)
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise EngineError(f"Token id {bad} is out of vocabulary (size {vocab}).", status=400)
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise EngineError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {total} tokens ({len(prompt_token_ids)} in the prompt, "
-                f"{params.max_tokens} for the completion).", status=400)
-
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams,
                        adapter: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -229,7 +216,8 @@ class VllmAsyncEngine:
             raise EngineError("The server is shutting down.", status=503)
         if adapter in self._unloading:
             raise EngineError(f"The model `{adapter}` does not exist.", status=404)
-        self._check(prompt_token_ids, params)
+        check_prompt(prompt_token_ids, params.max_tokens, len(self.tokenizer),
+                     self.max_model_len)
         if request_id in self._streams:
             raise EngineError(f"Request id {request_id!r} is already running.", status=400)
         lora = await self._lora_request(adapter) if adapter else None
