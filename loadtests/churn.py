@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -51,7 +52,7 @@ from loadtests.common import (
 )
 from loadtests.loadgen import LoadConfig, LoadResult, run_load
 from loadtests.report import LatencyStats, RequestRecord, format_summary
-from loadtests.workload import LengthDist
+from loadtests.workload import AdapterChooser, LengthDist
 
 GOAL = 0.8
 
@@ -91,6 +92,8 @@ class ChurnRun:
     load_count: float = 0.0  # server-side adapter loads during the run
     load_seconds_sum: float = 0.0
     cores: float = 0.0  # CPU cores the server used during the run
+    seqs_per_step: float = 0.0  # mean sequences per engine step (goat_batch_size)
+    slot_bound: float = 0.0  # the same for an engine limited only by its slots (slot_bound)
     others_busy: float = 0.0  # share of the CPUs other jobs used just before it started
 
 
@@ -163,6 +166,38 @@ def first_uses(records: Sequence[RequestRecord]) -> list[RequestRecord]:
     return out
 
 
+def slot_bound(num_adapters: int, max_loras: int, concurrency: int, zipf_alpha: float,
+               steps_per_request: int, num_requests: int = 20000, seed: int = 0) -> float:
+    """Mean sequences per step of an ideal engine whose only limit is its adapter slots, under
+    the benchmark's closed loop: every request takes `steps_per_request` steps; each step runs
+    every waiting request whose adapter holds a slot, then free slots go to the waiting
+    adapters first come, first served (an adapter keeps its slot while it has requests)."""
+    chooser = AdapterChooser([str(i) for i in range(num_adapters)], "zipf",
+                             random.Random(seed), zipf_alpha)
+    waiting = [chooser.choose() for _ in range(concurrency)]
+    running: list[list] = []  # [adapter, steps left]
+    done = steps = seq_steps = 0
+    while done < num_requests:
+        held = {a for a, _ in running}
+        still = []
+        for adapter in waiting:
+            if adapter in held or len(held) < max_loras:
+                held.add(adapter)
+                running.append([adapter, steps_per_request])
+            else:
+                still.append(adapter)
+        waiting = still
+        steps += 1
+        seq_steps += len(running)
+        for seq in running:
+            seq[1] -= 1
+        finished = sum(1 for seq in running if seq[1] == 0)
+        running = [seq for seq in running if seq[1] > 0]
+        done += finished
+        waiting += [chooser.choose() for _ in range(finished)]
+    return seq_steps / steps
+
+
 def load_config(config: ChurnConfig, url: str, models: list[str], seed: int) -> LoadConfig:
     return LoadConfig(
         models=models, url=url, concurrency=config.concurrency, num_requests=config.num_requests,
@@ -174,7 +209,8 @@ def load_config(config: ChurnConfig, url: str, models: list[str], seed: int) -> 
 
 
 def measure(
-    config: ChurnConfig, label: str, server: ServerProcess, models: list[str], warm: list[str]
+    config: ChurnConfig, label: str, server: ServerProcess, models: list[str], warm: list[str],
+    max_loras: int,
 ) -> ChurnRun:
     """Start the server, load the `warm` adapters, run the Zipf load with polling, stop."""
     busy = wait_for_quiet(config.max_busy)
@@ -205,6 +241,12 @@ def measure(
             before, "goat_adapter_load_seconds_count")
         run.load_seconds_sum = metric_sum(after, "goat_adapter_load_seconds_sum") - metric_sum(
             before, "goat_adapter_load_seconds_sum")
+        steps = metric_sum(after, "goat_batch_size_count") - metric_sum(
+            before, "goat_batch_size_count")
+        seqs = metric_sum(after, "goat_batch_size_sum") - metric_sum(before, "goat_batch_size_sum")
+        run.seqs_per_step = seqs / steps if steps else 0.0
+        run.slot_bound = slot_bound(len(models), max_loras, config.concurrency, config.zipf_alpha,
+                                    config.output_len)
         return run
     finally:
         server.stop()
@@ -222,11 +264,12 @@ def report(config: ChurnConfig, baseline: ChurnRun, churn: ChurnRun) -> str:
             run.label, f"{s.num_ok}/{s.num_requests}", len(s.requests_by_adapter),
             int(run.load_count), s.request_throughput, s.output_token_throughput,
             pct(s.ttft_ms, 50), pct(s.ttft_ms, 99), pct(s.tpot_ms, 50), pct(s.tpot_ms, 99),
-            run.cores, f"{run.others_busy:.0%}",
+            run.seqs_per_step, run.slot_bound, run.cores, f"{run.others_busy:.0%}",
         ])
     main_table = format_table(
         ["run", "ok", "adapters used", "disk loads", "req/s", "out tok/s", "TTFT p50 ms",
-         "TTFT p99", "TPOT p50 ms", "TPOT p99", "cores used", "others busy before"],
+         "TTFT p99", "TPOT p50 ms", "TPOT p99", "seqs/step", "slot bound", "cores used",
+         "others busy before"],
         rows,
     )
     records = churn.result.records
@@ -267,6 +310,14 @@ def report(config: ChurnConfig, baseline: ChurnRun, churn: ChurnRun) -> str:
         + (f"{mean_load * 1000:.0f} ms" if mean_load is not None else "-") + ".",
         "",
         f"Throughput, churn / resident: {ratio:.2f}x (goal >= {GOAL:g}x: {verdict}).",
+        "",
+        f"'seqs/step': sequences per engine step, from the server's goat_batch_size. 'slot "
+        f"bound': the same for an ideal engine limited only by its adapter slots, under this "
+        f"closed loop (`slot_bound`, simulated): with {config.max_loras} slots over "
+        f"{config.num_adapters} adapters it runs {churn.slot_bound:.1f} of "
+        f"{config.concurrency} sequences per step, "
+        f"{churn.slot_bound / baseline.slot_bound:.2f}x the resident run's "
+        f"{baseline.slot_bound:.1f}.",
     ])
 
 
@@ -291,14 +342,15 @@ def run(config: ChurnConfig) -> tuple[ChurnRun, ChurnRun]:
                         **common),
         logs / "resident.log",
     )
-    baseline = measure(config, f"{config.resident_adapters} resident", baseline_server, hot, hot)
+    baseline = measure(config, f"{config.resident_adapters} resident", baseline_server, hot, hot,
+                       config.resident_adapters)
     churn_server = goat_serve(
         GoatServeConfig(model_dir, folder, max_loras=config.max_loras,
                         max_cpu_adapters=config.max_cpu_adapters, **common),
         logs / "churn.log",
     )
     churn = measure(config, f"{config.num_adapters} on disk, churn", churn_server, names,
-                    [BASE_NAME])
+                    [BASE_NAME], config.max_loras)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     for tag, r in (("resident", baseline), ("churn", churn)):
         r.result.write_json(config.out_dir / f"{tag}.json")

@@ -1,7 +1,8 @@
 """Device slots: the stacked shrink/expand tensors of one fused base linear, one adapter a slot.
 
 `write_slot` lays an adapter's per-slice deltas (plus their static terms) out in the op's layout
-(goat_runtime.ops.routed_lora): value rows first (experts, then static rows), router rows after.
+(goat_runtime.ops.routed_lora): value rows first (experts, then static rows), router rows after;
+`write_slice` writes one slice from blocks of rows (the vLLM plugin's slots use it too).
 """
 
 from collections.abc import Sequence
@@ -42,32 +43,45 @@ def write_slot(weights: RoutedLoRAWeights, slot: int,
                statics: Sequence[Factors | None]) -> None:
     """Put one adapter in `slot`: deltas[s] and statics[s] for each output slice s (None where
     the adapter leaves the slice alone). Raises ValueError if it does not fit the slot."""
+    clear_slot(weights, slot)
+    for s, (delta, static) in enumerate(zip(deltas, statics, strict=True)):
+        blocks = []
+        if delta is not None:
+            blocks.append((delta.lora_a, delta.scale * delta.lora_b))
+        if static is not None:
+            blocks.append(static)
+        router = delta.router if delta is not None else None
+        write_slice(weights, slot, s, blocks, router,
+                    delta.top_k if router is not None else 0,
+                    delta.expert_rank if router is not None else 0)
+
+
+def write_slice(weights: RoutedLoRAWeights, slot: int, s: int,
+                blocks: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                router: torch.Tensor | None = None, top_k: int = 0,
+                expert_rank: int = 0) -> None:
+    """Write output slice `s` of `slot`: its value rows are the blocks' (shrink [n, d_in],
+    expand [d_out_s, n], already scaled), in order (the experts' block first, then the static
+    term's); `router` [E, d_in] routes top_k of E experts of expert_rank rows each (None: no
+    router, every row has gate 1). Raises ValueError if they do not fit the slot."""
     value_rows = weights.num_value_rows
     max_experts = weights.shrink.shape[2] - value_rows
-    shrink, expand = weights.shrink[slot], weights.expand[slot]
-    shrink.zero_()
-    expand.zero_()
-    weights.slice_meta[slot].zero_()
-    offsets = weights.out_offsets
-    for s, (delta, static) in enumerate(zip(deltas, statics, strict=True)):
-        rows, experts = slice_rows(delta, static)
-        if rows > value_rows or experts > max_experts:
-            raise ValueError(f"slice {s} needs {rows} value rows and {experts} router rows; the "
-                             f"slots hold {value_rows} and {max_experts}")
-        cols = slice(offsets[s], offsets[s + 1])
-        row = 0
-        if delta is not None:
-            shrink[s, : delta.rank] = delta.lora_a
-            expand[: delta.rank, cols] = (delta.scale * delta.lora_b).T
-            if delta.router is not None:
-                shrink[s, value_rows : value_rows + experts] = delta.router
-            weights.slice_meta[slot, s] = torch.tensor(
-                [experts, delta.top_k, delta.expert_rank], dtype=torch.int32)
-            row = delta.rank
-        if static is not None:
-            c, d = static
-            shrink[s, row : row + c.shape[0]] = c
-            expand[row : row + c.shape[0], cols] = d.T
+    rows = sum(a.shape[0] for a, _ in blocks)
+    experts = router.shape[0] if router is not None else 0
+    if rows > value_rows or experts > max_experts:
+        raise ValueError(f"slice {s} needs {rows} value rows and {experts} router rows; the "
+                         f"slots hold {value_rows} and {max_experts}")
+    shrink, expand = weights.shrink[slot, s], weights.expand[slot]
+    cols = slice(weights.out_offsets[s], weights.out_offsets[s + 1])
+    row = 0
+    for a, b in blocks:
+        shrink[row : row + a.shape[0]] = a
+        expand[row : row + a.shape[0], cols] = b.T
+        row += a.shape[0]
+    if router is not None:
+        shrink[value_rows : value_rows + experts] = router
+        weights.slice_meta[slot, s] = torch.tensor([experts, top_k, expert_rank],
+                                                   dtype=torch.int32)
 
 
 def clear_slot(weights: RoutedLoRAWeights, slot: int) -> None:

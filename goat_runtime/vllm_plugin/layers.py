@@ -3,19 +3,37 @@
 Each stock class in `vllm.lora.utils._all_lora_classes` that wraps a linear layer is replaced by
 a subclass that overrides `_apply_lora_to_output`: shrink every token with its slot's stacked
 matrix, gate the rows (top-k of the router rows for GOAT slots, all ones for plain LoRA), then
-expand. Plain LoRA slots go through the same path, so they share its fixes:
+expand. Plain LoRA slots go through the same path, so they share its fixes. Two ways:
 
-- tokens of no adapter (slot -1) get no delta. vLLM 0.32's CPU ops index the weights with -1,
-  i.e. the last slot, so with max_loras=1 a base request batched with an adapter request got
-  that adapter; here such tokens are skipped (on CUDA the punica kernels skip them already).
-- row-parallel layers (o_proj, down_proj) see partial sums of the shrink under tensor
-  parallelism: the router logits are all-reduced on a copy before the gate. The value rows stay
-  partial; the layer's own all-reduce of its output sums them after the (linear) expand.
+- on the CPU, goat-serve's fused kernel (`goat_runtime.ops.add_routed_lora`, the engine's own
+  op) in one call per layer. It needs the slots in its layout, so each layer keeps a copy of
+  vLLM's stacked buffers in that layout, rewritten whenever vLLM fills a slot. Tokens of no
+  adapter (slot -1) get no delta: vLLM 0.32's CPU ops index the weights with -1, i.e. the last
+  slot, so with max_loras=1 a base request batched with an adapter request got that adapter.
+- elsewhere (CUDA, and row-parallel layers under tensor parallelism on the CPU), vLLM's punica
+  shrink and expand with the gate (`gate.py`) between them. Row-parallel layers (o_proj,
+  down_proj) see partial sums of the shrink under tensor parallelism: the router logits are
+  all-reduced on a copy before the gate. The value rows stay partial; the layer's own
+  all-reduce of its output sums them after the (linear) expand. On the CPU the rows of slot -1
+  tokens are zeroed before the expand.
 """
 
 import torch
 
+from goat_runtime.adapters.slots import allocate_slots, clear_slot, write_slice
+from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora
 from goat_runtime.vllm_plugin.gate import gate_rows
+
+
+def require_cpu_kernel() -> None:
+    try:
+        from goat_runtime import _C  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            f"goat vLLM plugin: on the CPU the GOAT layers run goat-serve's C++ kernel "
+            f"(goat_runtime._C), which does not load here ({e}); build it against this "
+            f"environment's torch (`pip install --no-build-isolation -e .` in the checkout, or "
+            f"`pip install goat-serve[vllm]`)") from e
 
 
 class GoatLinearMixin:
@@ -31,30 +49,40 @@ class GoatLinearMixin:
                                      device=self.device)
         self.goat_slots: set[int] = set()
         self.goat_num_experts = [0] * (max_loras + 1)  # max E over slices, host-side: no sync
-        # Per slot: the shrink rows the adapter uses (<= max_lora_rank; the rest are zero). The
-        # CPU path multiplies only these: a GOAT slot uses E + r + r_c rows (24 for r = E = 8),
-        # which vLLM's allowed ranks round up to 32.
-        self.goat_rows = [self.lora_a_stacked[0].shape[2]] * max_loras
-        self.goat_views: list = [None] * max_loras
+        # Per slot and slice: the shrink rows the adapter uses (<= max_lora_rank).
+        self.goat_rows = [[0] * self.n_slices for _ in range(max_loras)]
+        self.goat_fused = self.lora_a_stacked[0].device.type == "cpu" and not (
+            self.goat_row_parallel and self.tp_size > 1)
+        if self.goat_fused:
+            require_cpu_kernel()
+        # The fused kernel's copy of the slots, sized to the largest adapter set so far (the
+        # kernel reads every value row of a slice); slots filled by set_lora whose GOAT
+        # metadata has not come yet are `goat_unwritten`.
+        self.goat_routed: RoutedLoRAWeights | None = None
+        self.goat_written: set[int] = set()
+        self.goat_unwritten: set[int] = set()
 
     def set_lora(self, index, lora_a, lora_b) -> None:
         super().set_lora(index, lora_a, lora_b)
         parts = lora_a if isinstance(lora_a, (list, tuple)) else [lora_a]
-        rows = [t.shape[0] for t in parts if t is not None]
-        n = self.goat_rows[index] = min(max(rows, default=0), self.lora_a_stacked[0].shape[2])
-        # Transposed views of the slot's used rows (the stacked buffers are written in place,
-        # so views stay valid): slicing them per call is a large share of the CPU path's time.
-        self.goat_views[index] = (
-            [a[index, 0, :n].t() for a in self.lora_a_stacked],
-            [b[index, 0, :, :n].t() for b in self.lora_b_stacked])
+        max_rows = self.lora_a_stacked[0].shape[2]
+        rows = [0 if t is None else min(t.shape[0], max_rows) for t in parts]
+        if len(rows) != self.n_slices:  # vLLM expands packed groups that do not match
+            rows = [max(rows, default=0)] * self.n_slices
+        self.goat_rows[index] = rows
+        self.goat_unwritten.add(index)
 
     def set_goat_meta(self, index: int, meta: list[tuple[int, int, int]]) -> None:
+        """Called by the activate hook right after vLLM filled slot `index` (set_lora)."""
         self.goat_meta[index] = torch.tensor(meta, dtype=torch.long)
         self.goat_num_experts[index] = max((e for e, _, _ in meta), default=0)
         if any(e for e, _, _ in meta):
             self.goat_slots.add(index)
         else:
             self.goat_slots.discard(index)
+        if self.goat_fused:
+            self._write_routed(index)
+        self.goat_unwritten.discard(index)
 
     def reset_lora(self, index: int) -> None:
         super().reset_lora(index)
@@ -62,6 +90,43 @@ class GoatLinearMixin:
             self.goat_meta[index] = 0
             self.goat_num_experts[index] = 0
             self.goat_slots.discard(index)
+            self.goat_rows[index] = [0] * self.n_slices
+            self.goat_unwritten.discard(index)
+            self.goat_written.discard(index)
+            if self.goat_routed is not None:
+                clear_slot(self.goat_routed, index)
+
+    def _write_routed(self, index: int) -> None:
+        """Copy slot `index` from vLLM's stacked buffers into the fused kernel's layout,
+        regrowing the copy (and rewriting its slots) if the slot needs more rows."""
+        experts = [int(e) for e in self.goat_meta[index, :, 0].tolist()]
+        value_rows = max(r - e for r, e in zip(self.goat_rows[index], experts, strict=True))
+        routed = self.goat_routed
+        if (routed is None or value_rows > routed.num_value_rows
+                or max(experts) > routed.shrink.shape[2] - routed.num_value_rows):
+            old_rows = routed.num_value_rows if routed is not None else 1
+            old_experts = routed.shrink.shape[2] - old_rows if routed is not None else 0
+            self.goat_routed = allocate_slots(
+                self.lora_a_stacked[0].shape[0], self.output_slices,
+                self.lora_a_stacked[0].shape[3], value_rows=max(old_rows, value_rows),
+                max_experts=max(old_experts, max(experts)), dtype=self.lora_a_stacked[0].dtype,
+                device=self.lora_a_stacked[0].device)
+            for other in self.goat_written - {index}:
+                self._write_slot(other)
+        self._write_slot(index)
+        self.goat_written.add(index)
+
+    def _write_slot(self, index: int) -> None:
+        clear_slot(self.goat_routed, index)
+        for s, (a_stacked, b_stacked) in enumerate(zip(self.lora_a_stacked,
+                                                       self.lora_b_stacked, strict=True)):
+            rows = self.goat_rows[index][s]
+            num_experts, top_k, expert_rank = (int(v) for v in self.goat_meta[index, s])
+            if rows == 0:
+                continue
+            a, b = a_stacked[index, 0, :rows], b_stacked[index, 0, :, :rows]
+            write_slice(self.goat_routed, index, s, [(a[num_experts:], b[:, num_experts:])],
+                        a[:num_experts] if num_experts else None, top_k, expert_rank)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         original_shape = output.shape if output.ndim == 3 else None
@@ -69,96 +134,53 @@ class GoatLinearMixin:
             output = output.flatten(0, 1)
             x = x.flatten(0, 1)
         slots = self.punica_wrapper.token_lora_indices
-        if x.is_cuda:
-            # vLLM's kernels skip slot -1 on CUDA and are fused; reuse them for both halves.
+        if self.goat_fused:
+            self._apply_fused(x, output, slots)
+        else:
             num_rows = self.lora_b_stacked[0].shape[-1]
             h = torch.zeros(self.n_slices, x.shape[0], num_rows, dtype=torch.float32,
                             device=x.device)
             self.punica_wrapper.add_shrink(h, x, self.lora_a_stacked, 1.0)
+            if not x.is_cuda:  # vLLM's CPU ops gave slot -1 the last slot's rows
+                h[:, slots[: x.shape[0]] < 0] = 0.0
             if self.goat_slots:
                 self._goat_gate(h, self.goat_meta[slots], max(self.goat_num_experts))
             self.punica_wrapper.add_expand(output, h, self.lora_b_stacked, self.output_slices,
                                            offset_start=0, add_inputs=True)
-        else:
-            self._apply_cpu(x, output, slots)
         if original_shape is not None:
             output = output.reshape(original_shape)
         return output
 
-    def _apply_cpu(self, x: torch.Tensor, output: torch.Tensor, slots: torch.Tensor) -> None:
-        """Shrink, gate and expand with the tokens sorted by slot (each slot's tokens one
-        contiguous block, so its matmuls read and write views, not gathered copies), over
-        only the rows each slot uses; tokens of slot -1 are left alone. Every branch depends
-        only on the batch's adapters, which all TP ranks share (their slot numbers differ)."""
-        slot_list = slots.tolist()
-        counts: dict[int, int] = {}
-        for s in slot_list:
-            if s >= 0:
-                counts[s] = counts.get(s, 0) + 1
-        if not counts:
+    def _apply_fused(self, x: torch.Tensor, output: torch.Tensor, slots: torch.Tensor) -> None:
+        if self.goat_unwritten:
+            raise RuntimeError(
+                f"goat vLLM plugin: slots {sorted(self.goat_unwritten)} were filled without "
+                f"their GOAT metadata (the activate_adapter hook did not run)")
+        if self.goat_routed is None or x.shape[0] == 0:
             return
-        order = torch.argsort(slots, stable=True)[len(slot_list) - sum(counts.values()):]
-        groups, start = [], 0
-        for s in sorted(counts):  # a slot never set (no views) adds nothing
-            n = self.goat_rows[s] if self.goat_views[s] is not None else 0
-            groups.append((s, start, start + counts[s], n))
-            start += counts[s]
-        num_rows = max(g[3] for g in groups)
-        if num_rows == 0:
-            return
-        xs = x.index_select(0, order)
-        if xs.dtype != torch.float32:
-            xs = xs.float()
-        h = torch.zeros(self.n_slices, xs.shape[0], num_rows, dtype=torch.float32,
-                        device=x.device)
-        for s, lo, hi, n in groups:
-            if n == 0:
-                continue
-            xg = xs[lo:hi]
-            for i, a_t in enumerate(self.goat_views[s][0]):
-                torch.matmul(xg, a_t if a_t.dtype == torch.float32 else a_t.float(),
-                             out=h[i, lo:hi, :n])
-        goat = [s for s in counts if s in self.goat_slots]
-        if goat:
-            e_max = max(self.goat_num_experts[s] for s in goat)
-            self._goat_gate(h, self.goat_meta[slots.index_select(0, order)], e_max,
-                            order=order, num_tokens=len(slot_list))
-        delta = torch.zeros(xs.shape[0], output.shape[1], dtype=torch.float32, device=x.device)
-        for s, lo, hi, n in groups:
-            if n == 0:
-                continue
-            offset = 0
-            for i, (width, b_t) in enumerate(zip(self.output_slices, self.goat_views[s][1],
-                                                 strict=True)):
-                torch.matmul(h[i, lo:hi, :n], b_t if b_t.dtype == torch.float32 else b_t.float(),
-                             out=delta[lo:hi, offset:offset + width])
-                offset += width
-        output.index_add_(0, order, delta.to(output.dtype))
+        token_slots = torch.full((x.shape[0],), -1, dtype=torch.int32)
+        token_slots[: slots.shape[0]] = slots[: x.shape[0]]
+        y = output if output.is_contiguous() else output.contiguous()
+        add_routed_lora(y, x.contiguous(), token_slots, self.goat_routed)
+        if y is not output:
+            output.copy_(y)
 
-    def _goat_gate(self, h: torch.Tensor, meta: torch.Tensor, e_max: int, *,
-                   order: torch.Tensor | None = None, num_tokens: int = 0) -> None:
+    def _goat_gate(self, h: torch.Tensor, meta: torch.Tensor, e_max: int) -> None:
         """h [n_slices, T, R] *= the gate of each token's slot (meta [T, n_slices, 3]: the
         tokens' slot metadata), in place, all slices in one gate call. Must run on every
-        tensor-parallel rank alike (it may all-reduce): callers decide by the batch's
-        adapters. h's tokens are the batch's `order` (slot-sorted) when given: slot numbers
-        differ between ranks (each worker's manager assigns its own), so the router logits are
-        all-reduced in the batch's own token order (num_tokens), never in slot order."""
+        tensor-parallel rank alike (it may all-reduce): the batch's adapters decide, which all
+        ranks share."""
         if e_max == 0:
             return
-        n_slices, rows_t, num_rows = h.shape
+        n_slices, num_tokens, num_rows = h.shape
         logits = h[:, :, :e_max].clone()  # a copy: the shared buffer must stay partial
         if self.goat_row_parallel and self.tp_size > 1:
             from vllm.distributed import tensor_model_parallel_all_reduce
 
-            if order is None:
-                logits = tensor_model_parallel_all_reduce(logits)
-            else:
-                batch = logits.new_zeros(n_slices, num_tokens, e_max)
-                batch[:, order] = logits
-                logits = tensor_model_parallel_all_reduce(batch)[:, order]
-        gate = gate_rows(logits.reshape(n_slices * rows_t, e_max),
-                         meta.transpose(0, 1).reshape(n_slices * rows_t, 3), num_rows)
-        h *= gate.view(n_slices, rows_t, num_rows)
+            logits = tensor_model_parallel_all_reduce(logits)
+        gate = gate_rows(logits.reshape(n_slices * num_tokens, e_max),
+                         meta.transpose(0, 1).reshape(n_slices * num_tokens, 3), num_rows)
+        h *= gate.view(n_slices, num_tokens, num_rows)
 
 
 class GoatLogitsMixin:

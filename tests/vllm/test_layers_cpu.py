@@ -1,59 +1,93 @@
-"""The CPU path of the GOAT linear layers (slot-sorted, rows trimmed to those in use, one gate
-call per layer) against a dense per-token reference, at tensor parallel 1 and at a simulated
-tensor parallel 2 whose ranks number the slots differently (as vLLM's workers do). Runs in
-goat-serve's own environment: the layer mixin is driven directly, vLLM's all-reduce is stood in
-for by threads."""
+"""The GOAT linear layers' two paths against a dense per-token reference, in goat-serve's own
+environment: the layer mixin runs on a stand-in for vLLM's stock layer class (its stacked slot
+buffers, set_lora, reset_lora) and for vLLM's CPU punica ops (which index the weights of slot -1
+with the last slot, as vLLM 0.32's do). The fused path (the engine's C++ kernel) serves the CPU;
+the punica path serves row-parallel layers under tensor parallelism, simulated here by two
+threads whose ranks number the slots differently (as vLLM's workers do)."""
 
 import sys
 import threading
 import types
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from goat_runtime.ops.reference import gate_from_logits
 from goat_runtime.vllm_plugin.layers import GoatLinearMixin
 
 MAX_RANK = 32
-# slot contents: (E, k, rank_e, rows in use); E = 0 is plain LoRA
+# adapters: (E, k, rank_e, rows in use = E router rows + value rows); E = 0 is plain LoRA
 ADAPTERS = [(4, 2, 2, 20), (0, 0, 0, 8), (8, 2, 1, 24)]
 
 
-def _weights(d_in: int, widths: list[int], gen: torch.Generator):
-    a, b = [], []
-    for width in widths:
-        a.append([torch.randn(rows, d_in, generator=gen) for *_, rows in ADAPTERS])
-        b.append([torch.randn(width, rows, generator=gen) for *_, rows in ADAPTERS])
-    return a, b
+class StockLayer:
+    """What the mixin uses of vLLM's BaseLinearLayerWithLoRA: per slice, stacked buffers
+    lora_a [max_loras, 1, max_rank, d_in] and lora_b [max_loras, 1, width, max_rank]."""
+
+    def __init__(self, widths: list[int], d_in: int, tp_size: int = 1):
+        self.output_slices, self.n_slices = tuple(widths), len(widths)
+        self.tp_size, self.device, self.d_in = tp_size, torch.device("cpu"), d_in
+
+    def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
+        rank = lora_config.max_lora_rank
+        self.lora_a_stacked = tuple(torch.zeros(max_loras, 1, rank, self.d_in)
+                                    for _ in self.output_slices)
+        self.lora_b_stacked = tuple(torch.zeros(max_loras, 1, w, rank)
+                                    for w in self.output_slices)
+
+    def reset_lora(self, index: int) -> None:
+        for t in self.lora_a_stacked + self.lora_b_stacked:
+            t[index] = 0
+
+    def set_lora(self, index, lora_a, lora_b) -> None:
+        self.reset_lora(index)
+        if isinstance(lora_a, torch.Tensor):  # a one-slice layer gets tensors, not lists
+            lora_a, lora_b = [lora_a], [lora_b]
+        for i, (a, b) in enumerate(zip(lora_a, lora_b, strict=True)):
+            self.lora_a_stacked[i][index, 0, : a.shape[0]] = a
+            self.lora_b_stacked[i][index, 0, :, : b.shape[1]] = b
 
 
-def _layer(a, b, widths, slot_of: list[int], slots: torch.Tensor, tp_size: int = 1):
-    """A GOAT layer whose slot slot_of[j] holds adapter j."""
-    layer = type("Layer", (GoatLinearMixin,), {"goat_row_parallel": tp_size > 1})()
-    n = len(ADAPTERS)
-    layer.n_slices, layer.output_slices, layer.tp_size = len(widths), widths, tp_size
-    layer.device = "cpu"
-    d_in = a[0][0].shape[1]
-    layer.lora_a_stacked = [torch.zeros(n, 1, MAX_RANK, d_in) for _ in widths]
-    layer.lora_b_stacked = [torch.zeros(n, 1, w, MAX_RANK) for w in widths]
-    layer.goat_meta = torch.zeros(n + 1, len(widths), 3, dtype=torch.long)
-    layer.goat_num_experts = [0] * (n + 1)
-    layer.goat_slots, layer.goat_rows, layer.goat_views = set(), [0] * n, [None] * n
-    for j, slot in enumerate(slot_of):
-        rows = ADAPTERS[j][3]
-        for i in range(len(widths)):
-            layer.lora_a_stacked[i][slot, 0, :rows] = a[i][j]
-            layer.lora_b_stacked[i][slot, 0, :, :rows] = b[i][j]
-        # what LoRAModelManager does: set_lora (the base class's, here by hand), then meta
-        layer.goat_rows[slot] = rows
-        layer.goat_views[slot] = ([t[slot, 0, :rows].t() for t in layer.lora_a_stacked],
-                                  [t[slot, 0, :, :rows].t() for t in layer.lora_b_stacked])
-        layer.set_goat_meta(slot, [ADAPTERS[j][:3]] * len(widths))
-    layer.punica_wrapper = SimpleNamespace(token_lora_indices=slots)
+class PunicaCPU:
+    """vLLM 0.32's CPU shrink and expand: each token's slot indexes the stacked weights."""
+
+    def __init__(self, slots: torch.Tensor):
+        self.token_lora_indices = slots
+
+    def add_shrink(self, y, x, lora_a_stacked, scale) -> None:
+        for i, a in enumerate(lora_a_stacked):
+            y[i] += scale * torch.einsum("ti,tri->tr", x, a[self.token_lora_indices, 0])
+
+    def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start, add_inputs) -> None:
+        offset = offset_start
+        for i, (b, width) in enumerate(zip(lora_b_stacked, output_slices, strict=True)):
+            y[:, offset : offset + width] += torch.einsum(
+                "tr,tor->to", x[i], b[self.token_lora_indices, 0])
+            offset += width
+
+
+def make_layer(widths: list[int], d_in: int, tp_size: int = 1, num_slots: int = 3):
+    cls = type("Layer", (GoatLinearMixin, StockLayer), {"goat_row_parallel": tp_size > 1})
+    layer = cls(widths, d_in, tp_size)
+    layer.create_lora_weights(num_slots, SimpleNamespace(max_lora_rank=MAX_RANK))
     return layer
 
 
-def _reference(x, a, b, widths, adapter_of: list[int]) -> torch.Tensor:
+def fill(layer, slot: int, j: int, a, b) -> None:
+    """What LoRAModelManager.activate_adapter does with the hook: set_lora, then the meta."""
+    layer.set_lora(slot, [a[i][j] for i in range(layer.n_slices)],
+                   [b[i][j] for i in range(layer.n_slices)])
+    layer.set_goat_meta(slot, [ADAPTERS[j][:3]] * layer.n_slices)
+
+
+def weights(d_in: int, widths: list[int], gen: torch.Generator):
+    a = [[torch.randn(rows, d_in, generator=gen) for *_, rows in ADAPTERS] for _ in widths]
+    b = [[torch.randn(w, rows, generator=gen) for *_, rows in ADAPTERS] for w in widths]
+    return a, b
+
+
+def reference(x, a, b, widths, adapter_of: list[int]) -> torch.Tensor:
     out = torch.zeros(x.shape[0], sum(widths), dtype=torch.float64)
     for t, j in enumerate(adapter_of):
         if j < 0:
@@ -66,37 +100,70 @@ def _reference(x, a, b, widths, adapter_of: list[int]) -> torch.Tensor:
             if e:
                 gate[:e] = 0
                 gate[e:] = gate_from_logits(h[:e].float(), e, k, r, rows - e).double()
-            out[t, offset:offset + width] = b[i][j].double() @ (gate * h)
+            out[t, offset : offset + width] = b[i][j].double() @ (gate * h)
             offset += width
     return out
 
 
-def _batch(gen):
-    adapter_of = torch.randint(-1, len(ADAPTERS), (40,), generator=gen).tolist()
-    return adapter_of
+def run(layer, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    layer.punica_wrapper = PunicaCPU(torch.tensor(slots))
+    output = torch.zeros(x.shape[0], sum(layer.output_slices))
+    return layer._apply_lora_to_output(x, output)
 
 
-def test_cpu_path_matches_reference():
+def check(output: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(output.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_path_matches_reference():
     gen = torch.Generator().manual_seed(0)
     widths = [48, 16, 16]
-    a, b = _weights(64, widths, gen)
-    adapter_of = _batch(gen)
+    a, b = weights(64, widths, gen)
+    adapter_of = torch.randint(-1, len(ADAPTERS), (40,), generator=gen).tolist()
     slot_of = [2, 0, 1]
-    slots = torch.tensor([slot_of[j] if j >= 0 else -1 for j in adapter_of])
+    layer = make_layer(widths, 64)
+    for j, slot in enumerate(slot_of):
+        fill(layer, slot, j, a, b)
+    assert layer.goat_fused
     x = torch.randn(len(adapter_of), 64, generator=gen)
-    output = torch.zeros(len(adapter_of), sum(widths))
-    _layer(a, b, widths, slot_of, slots)._apply_lora_to_output(x, output)
-    torch.testing.assert_close(output.double(), _reference(x, a, b, widths, adapter_of),
-                               rtol=1e-4, atol=1e-4)
+    output = run(layer, x, [slot_of[j] if j >= 0 else -1 for j in adapter_of])
+    check(output, reference(x, a, b, widths, adapter_of))
+
+
+def test_slots_refilled_regrown_and_reset():
+    """A small adapter first, then a larger one regrows the kernel's copy (rewriting the
+    first); a slot refilled with another adapter, then reset, serves it and then nothing."""
+    gen = torch.Generator().manual_seed(2)
+    widths = [24, 8]
+    a, b = weights(32, widths, gen)
+    layer = make_layer(widths, 32)
+    fill(layer, 0, 1, a, b)  # plain LoRA, 8 rows
+    fill(layer, 1, 2, a, b)  # GOAT, E = 8: regrows
+    x = torch.randn(6, 32, generator=gen)
+    check(run(layer, x, [0, 1, -1, 1, 0, 0]), reference(x, a, b, widths, [1, 2, -1, 2, 1, 1]))
+    fill(layer, 0, 0, a, b)  # slot 0 now holds a GOAT adapter with E = 4
+    check(run(layer, x, [0, 1, 0, -1, 1, 0]), reference(x, a, b, widths, [0, 2, 0, -1, 2, 0]))
+    layer.reset_lora(1)
+    check(run(layer, x, [0, 1, 0, -1, 1, 0]), reference(x, a, b, widths, [0, -1, 0, -1, -1, 0]))
+
+
+def test_slot_without_meta_is_refused():
+    gen = torch.Generator().manual_seed(3)
+    a, b = weights(16, [8], gen)
+    layer = make_layer([8], 16)
+    layer.set_lora(0, a[0][0], b[0][0])  # a single slice: tensors, not lists
+    with pytest.raises(RuntimeError, match="without their GOAT metadata"):
+        run(layer, torch.randn(2, 16), [0, 0])
 
 
 def test_row_parallel_ranks_with_different_slot_numbers(monkeypatch):
-    """Two ranks, each holding half of d_in and its own slot numbering: the router logits must
-    be summed token by token, not slot-sorted row by row."""
+    """Two ranks, each holding half of d_in and its own slot numbering, on the punica path:
+    the router logits are summed token by token, and the base tokens (slot -1) get nothing
+    though the stand-in's ops give them the last slot's rows."""
     gen = torch.Generator().manual_seed(1)
     widths = [32]
-    a, b = _weights(64, widths, gen)
-    adapter_of = _batch(gen)
+    a, b = weights(64, widths, gen)
+    adapter_of = torch.randint(-1, len(ADAPTERS), (40,), generator=gen).tolist()
     x = torch.randn(len(adapter_of), 64, generator=gen)
     barrier, parts = threading.Barrier(2), {}
 
@@ -111,16 +178,21 @@ def test_row_parallel_ranks_with_different_slot_numbers(monkeypatch):
     distributed.tensor_model_parallel_all_reduce = all_reduce
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
     monkeypatch.setitem(sys.modules, "vllm.distributed", distributed)
-    outputs = {}
+    outputs, errors = {}, []
 
     def rank(r: int, slot_of: list[int]) -> None:
-        half = slice(32 * r, 32 * (r + 1))
-        a_r = [[m[:, half] for m in per_slice] for per_slice in a]
-        slots = torch.tensor([slot_of[j] if j >= 0 else -1 for j in adapter_of])
-        out = torch.zeros(len(adapter_of), 32)
-        _layer(a_r, b, widths, slot_of, slots, tp_size=2)._apply_lora_to_output(
-            x[:, half].contiguous(), out)
-        outputs[r] = out
+        try:
+            half = slice(32 * r, 32 * (r + 1))
+            a_r = [[m[:, half] for m in per_slice] for per_slice in a]
+            layer = make_layer(widths, 32, tp_size=2)
+            assert not layer.goat_fused
+            for j, slot in enumerate(slot_of):
+                fill(layer, slot, j, a_r, b)
+            outputs[r] = run(layer, x[:, half].contiguous(),
+                             [slot_of[j] if j >= 0 else -1 for j in adapter_of])
+        except BaseException as e:  # surfaced below, not lost in the thread
+            errors.append(e)
+            barrier.abort()
 
     threads = [threading.Thread(target=rank, args=(0, [0, 1, 2]), name="r0"),
                threading.Thread(target=rank, args=(1, [2, 0, 1]), name="r1")]
@@ -128,5 +200,5 @@ def test_row_parallel_ranks_with_different_slot_numbers(monkeypatch):
         t.start()
     for t in threads:
         t.join(60)
-    torch.testing.assert_close((outputs[0] + outputs[1]).double(),
-                               _reference(x, a, b, widths, adapter_of), rtol=1e-4, atol=1e-4)
+    assert not errors, errors
+    check(outputs[0] + outputs[1], reference(x, a, b, widths, adapter_of))

@@ -1,0 +1,19 @@
+"""The churn benchmark's slot bound: an ideal engine's sequences per step under its closed loop."""
+
+from loadtests.churn import slot_bound
+
+
+def test_enough_slots_run_every_client():
+    assert slot_bound(16, 16, 32, 1.0, 10, num_requests=500) == 32.0
+    assert slot_bound(1, 1, 8, 1.0, 10, num_requests=500) == 8.0
+
+
+def test_one_slot_over_many_uniform_adapters_runs_about_one():
+    bound = slot_bound(1000, 1, 4, 0.0, 10, num_requests=500)
+    assert 1.0 <= bound < 1.1
+
+
+def test_more_slots_run_more():
+    bounds = [slot_bound(200, n, 32, 1.0, 20, num_requests=3000) for n in (4, 8, 16, 32)]
+    assert bounds == sorted(bounds)
+    assert bounds[0] < bounds[-1] <= 32.0
