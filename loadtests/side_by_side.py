@@ -168,6 +168,9 @@ def vllm_server(
         "DO_NOT_TRACK": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        # Stock vLLM: vLLM loads every installed general plugin unless told which, and the
+        # venv the tests build has goat's linked (its layers would serve the LoRA adapters).
+        "VLLM_PLUGINS": "",
     }
     if threads != "auto":
         # By default vLLM reserves one core for its front end and binds compute to the rest:
