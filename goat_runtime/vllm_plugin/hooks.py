@@ -7,7 +7,8 @@ several times per process).
     the matching order is kept, by a subclass with the GOAT gate (`layers.py`); the logits
     processor's LoRA class likewise.
 (c) `LoRAModelManager.activate_adapter`: after vLLM copies an adapter into a slot, each layer
-    is told that slot's (E, k, rank_e) per slice. `LoRAModelManager.__init__` is wrapped too,
+    is told that slot's (E, k, rank_e) per slice (on the CPU it then copies the slot into the
+    fused kernel's layout). `LoRAModelManager.__init__` is wrapped too,
     to learn the base checkpoint and refuse the options the hooks do not cover.
 (d) the front end (`validate.py`): adapters are read and checked in the API-server process
     before a worker loads them, since a failed load in a worker stops vLLM's engine.
