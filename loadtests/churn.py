@@ -170,7 +170,7 @@ def slot_bound(num_adapters: int, max_loras: int, concurrency: int, zipf_alpha: 
                steps_per_request: int, num_requests: int = 20000, seed: int = 0) -> float:
     """Mean sequences per step of an ideal engine whose only limit is its adapter slots, under
     the benchmark's closed loop: every request takes `steps_per_request` steps; each step runs
-    every waiting request whose adapter holds a slot, then free slots go to the waiting
+    every waiting request whose adapter holds a slot, and free slots go to the waiting
     adapters first come, first served (an adapter keeps its slot while it has requests)."""
     chooser = AdapterChooser([str(i) for i in range(num_adapters)], "zipf",
                              random.Random(seed), zipf_alpha)
