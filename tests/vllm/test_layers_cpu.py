@@ -202,3 +202,12 @@ def test_row_parallel_ranks_with_different_slot_numbers(monkeypatch):
         t.join(60)
     assert not errors, errors
     check(outputs[0] + outputs[1], reference(x, a, b, widths, adapter_of))
+
+
+def test_missing_cpu_kernel_is_a_clear_error(monkeypatch):
+    import goat_runtime
+
+    monkeypatch.delattr(goat_runtime, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "goat_runtime._C", None)
+    with pytest.raises(RuntimeError, match=r"C\+\+ kernel .* does not load here"):
+        make_layer([8], 16)
