@@ -60,6 +60,22 @@ def residual_factors(weight: torch.Tensor, signature: InitSignature) -> Factors:
     return c.float().contiguous(), d.float().contiguous()
 
 
+def most_common_signature(adapters: Iterable[Adapter]
+                          ) -> tuple[InitSignature, frozenset[str], int] | None:
+    """The init signature shared by the most GOAT adapters among `adapters` (the first seen on
+    a tie), the modules those adapters target, and their count; None without GOAT adapters:
+    what `merge` folds in when a server merges static components."""
+    counts: dict[InitSignature, tuple[int, frozenset[str]]] = {}
+    for adapter in adapters:
+        if adapter.signature is not None:
+            count, modules = counts.get(adapter.signature, (0, frozenset()))
+            counts[adapter.signature] = (count + 1, modules | frozenset(adapter.layers))
+    if not counts:
+        return None
+    signature, (count, modules) = max(counts.items(), key=lambda kv: kv[1][0])
+    return signature, modules, count
+
+
 def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
     """A digest of the named weights' values (dtype and shape included)."""
     h = hashlib.blake2b(digest_size=20)

@@ -24,7 +24,7 @@ import torch
 from goat_runtime.adapters.binding import linear_shapes, slice_weights
 from goat_runtime.adapters.format import CONFIG_FILE, Adapter, AdapterError, load_adapter
 from goat_runtime.adapters.slots import allocate_slots, slice_rows, write_slot
-from goat_runtime.adapters.static import Factors, StaticComponents
+from goat_runtime.adapters.static import Factors, StaticComponents, most_common_signature
 from goat_runtime.engine.outputs import AdapterInfo, EngineError, EngineListener
 from goat_runtime.model.layers import FusedLinear
 
@@ -76,21 +76,18 @@ class AdapterManager:
     def merge_static(self, names_and_paths: Iterable[tuple[str, Path]]) -> None:
         """Fold the most common GOAT init signature among these adapters into the base weights;
         the base then keeps a slot of its own to undo it."""
-        counts: dict = {}
+        adapters = []
         for name, path in names_and_paths:
             try:
-                adapter = load_adapter(path, self.shapes, name=name, max_rank=self.max_lora_rank)
+                adapters.append(load_adapter(path, self.shapes, name=name,
+                                             max_rank=self.max_lora_rank))
             except AdapterError as exc:
                 logger.warning("merge-static: skipping %s: %s", name, exc)
-                continue
-            if adapter.signature is not None:
-                entry = counts.setdefault(adapter.signature, [0, set()])
-                entry[0] += 1
-                entry[1].update(adapter.layers)
-        if not counts:
+        chosen = most_common_signature(adapters)
+        if chosen is None:
             logger.info("merge-static: no GOAT adapter found, nothing merged")
             return
-        signature, (count, modules) = max(counts.items(), key=lambda kv: kv[1][0])
+        signature, modules, count = chosen
         self.static.merge(signature, sorted(modules))
         logger.info("merged the static components of %s (%d adapters)", signature.slug(), count)
         self.base = HostAdapter(None, self.static.static_terms(None), load_id=0, pinned=True)
