@@ -12,10 +12,13 @@ several times per process).
     to learn the base checkpoint and refuse the options the hooks do not cover.
 (d) the front end (`validate.py`): adapters are read and checked in the API-server process
     before a worker loads them, since a failed load in a worker stops vLLM's engine.
+(e) `process_weights_after_loading` of vLLM's model loader: with GOAT_VLLM_MERGE_STATIC set,
+    static components are merged into the base weights first (`merge.py`).
 """
 
 import functools
 import logging
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +70,12 @@ def install() -> None:
     if _installed:
         return
     import vllm.lora.utils as lora_utils
+    import vllm.model_executor.model_loader.base_loader as base_loader
     from vllm.lora.layers import LogitsProcessorWithLoRA
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.model_manager import LoRAModelManager
 
-    from goat_runtime.vllm_plugin import loader, validate
+    from goat_runtime.vllm_plugin import loader, merge, validate
     from goat_runtime.vllm_plugin.layers import GoatLinearMixin, GoatLogitsMixin
 
     # (b) the layer classes, in place.
@@ -114,8 +118,24 @@ def install() -> None:
                                   vllm_config.model_config.revision,
                                   lora_config.max_lora_rank if lora_config else None)
         original_init(self, *args, **kwargs)
+        if os.environ.get(merge.ENV) and merge.merged_layers == 0:
+            raise RuntimeError(f"goat vLLM plugin: {merge.ENV} is set but no static component "
+                               f"was merged: the model was not loaded through vLLM's default "
+                               f"loader (load_format auto or safetensors)")
 
     LoRAModelManager.__init__ = manager_init
+
+    # (e) static components merged into the base weights while they load (merge.py), before
+    # vLLM's CPU layers repack them.
+    original_process = base_loader.process_weights_after_loading
+
+    @functools.wraps(original_process)
+    def process_weights_after_loading(model, model_config, target_device):
+        if os.environ.get(merge.ENV):
+            merge.merge_into_model(model, model_config)
+        return original_process(model, model_config, target_device)
+
+    base_loader.process_weights_after_loading = process_weights_after_loading
 
     original_activate = LoRAModelManager.activate_adapter
 
@@ -125,12 +145,14 @@ def install() -> None:
         if activated:
             index = self.lora_index_to_id.index(lora_id)
             meta = getattr(self._registered_adapters[lora_id], "goat_meta", None) or {}
+            merged = getattr(self._registered_adapters[lora_id], "goat_merged", set())
             for name, module in self.modules.items():
                 if isinstance(module, GoatLinearMixin):
                     subs = self.packed_modules.get(name, [name])
                     if len(subs) != module.n_slices:
                         subs = [name] * module.n_slices
-                    module.set_goat_meta(index, [meta.get(s, (0, 0, 0)) for s in subs])
+                    module.set_goat_meta(index, [meta.get(s, (0, 0, 0)) for s in subs],
+                                         [s in merged for s in subs])
         return activated
 
     LoRAModelManager.activate_adapter = activate_adapter

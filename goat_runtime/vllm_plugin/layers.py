@@ -16,6 +16,9 @@ expand. Plain LoRA slots go through the same path, so they share its fixes. Two 
   all-reduced on a copy before the gate. The value rows stay partial; the layer's own
   all-reduce of its output sums them after the (linear) expand. On the CPU the rows of slot -1
   tokens are zeroed before the expand.
+
+When static components are merged into the base weights (`merge.py`), the tokens whose slot
+does not carry the merged term get it subtracted again, as one low-rank term per layer.
 """
 
 import torch
@@ -48,6 +51,10 @@ class GoatLinearMixin:
         self.goat_meta = torch.zeros(max_loras + 1, self.n_slices, 3, dtype=torch.long,
                                      device=self.device)
         self.goat_slots: set[int] = set()
+        # Per slot and slice: the static term merged into the base weights (merge.py) is the
+        # slot's own, so its tokens are not undone there; the last row (slot -1) stays False.
+        self.goat_covered = torch.zeros(max_loras + 1, self.n_slices, dtype=torch.bool,
+                                        device=self.device)
         self.goat_num_experts = [0] * (max_loras + 1)  # max E over slices, host-side: no sync
         # Per slot and slice: the shrink rows the adapter uses (<= max_lora_rank).
         self.goat_rows = [[0] * self.n_slices for _ in range(max_loras)]
@@ -72,9 +79,12 @@ class GoatLinearMixin:
         self.goat_rows[index] = rows
         self.goat_unwritten.add(index)
 
-    def set_goat_meta(self, index: int, meta: list[tuple[int, int, int]]) -> None:
-        """Called by the activate hook right after vLLM filled slot `index` (set_lora)."""
+    def set_goat_meta(self, index: int, meta: list[tuple[int, int, int]],
+                      covered: list[bool] | None = None) -> None:
+        """Called by the activate hook right after vLLM filled slot `index` (set_lora);
+        covered: per slice, whether the slot's static term is the one merged into the base."""
         self.goat_meta[index] = torch.tensor(meta, dtype=torch.long)
+        self.goat_covered[index] = torch.tensor(covered or [False] * self.n_slices)
         self.goat_num_experts[index] = max((e for e, _, _ in meta), default=0)
         if any(e for e, _, _ in meta):
             self.goat_slots.add(index)
@@ -88,6 +98,7 @@ class GoatLinearMixin:
         super().reset_lora(index)
         if hasattr(self, "goat_meta"):
             self.goat_meta[index] = 0
+            self.goat_covered[index] = False
             self.goat_num_experts[index] = 0
             self.goat_slots.discard(index)
             self.goat_rows[index] = [0] * self.n_slices
@@ -147,6 +158,9 @@ class GoatLinearMixin:
                 self._goat_gate(h, self.goat_meta[slots], max(self.goat_num_experts))
             self.punica_wrapper.add_expand(output, h, self.lora_b_stacked, self.output_slices,
                                            offset_start=0, add_inputs=True)
+        undo = getattr(self.base_layer, "goat_undo", None)
+        if undo is not None:
+            self._undo_merged(x, output, slots, *undo)
         if original_shape is not None:
             output = output.reshape(original_shape)
         return output
@@ -164,6 +178,20 @@ class GoatLinearMixin:
         add_routed_lora(y, x.contiguous(), token_slots, self.goat_routed)
         if y is not output:
             output.copy_(y)
+
+    def _undo_merged(self, x: torch.Tensor, output: torch.Tensor, slots: torch.Tensor,
+                     c: torch.Tensor, d: torch.Tensor, row_slice: torch.Tensor) -> None:
+        """output -= (x C^T * need) D^T for the tokens whose slot does not cover the merged
+        static term (merge.py): c [R, d_in] and d [d_out, R] this rank's shards, row_slice [R]
+        the slice of each row, need [T, R] whether the token's slot leaves that slice undone.
+        Row-parallel layers under tensor parallelism get partial sums, which the layer's
+        all-reduce adds up like the rest of its output."""
+        need = ~self.goat_covered[slots[: x.shape[0]].long()][:, row_slice.to(slots.device)]
+        tokens = need.any(dim=1).nonzero().squeeze(1)
+        if tokens.numel() == 0:
+            return
+        h = (x[tokens] @ c.t()) * need[tokens]
+        output.index_add_(0, tokens, h @ d.t(), alpha=-1.0)
 
     def _goat_gate(self, h: torch.Tensor, meta: torch.Tensor, e_max: int) -> None:
         """h [n_slices, T, R] *= the gate of each token's slot (meta [T, n_slices, 3]: the

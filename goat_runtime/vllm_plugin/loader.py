@@ -9,7 +9,8 @@ stacked in front (GOAT_SPEC section 4):
 
 with scaling 1; the layers in `layers.py` put the top-k gate between the two halves. (C, D) is
 the static residual of the adapter's init signature (`goat_runtime.adapters.static`), computed
-once from the base checkpoint's weights and cached on disk. Checkpoints that are not GOAT go to
+once from the base checkpoint's weights and cached on disk; it is left out where it is merged
+into the base weights (`merge.py`). Checkpoints that are not GOAT go to
 vLLM's own loader unchanged.
 """
 
@@ -24,6 +25,7 @@ from safetensors import safe_open
 
 from goat_runtime.adapters.format import CONFIG_FILE, KEY_PREFIX, Adapter, load_adapter
 from goat_runtime.adapters.static import StaticComponents
+from goat_runtime.vllm_plugin.merge import merge_target
 
 logger = logging.getLogger(__name__)
 
@@ -100,16 +102,18 @@ def is_goat_dir(lora_dir: str) -> bool:
     return isinstance(config, dict) and config.get("peft_type") == "GOAT"
 
 
-def stacked_factors(adapter: Adapter, static: StaticComponents
+def stacked_factors(adapter: Adapter, static: StaticComponents,
+                    covered: frozenset[str] = frozenset()
                     ) -> dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
-    """Per module: (shrink [E + r + r_c, d_in], expand [d_out, E + r + r_c], (E, k, rank_e))."""
-    terms = static.static_terms(adapter)
+    """Per module: (shrink [E + r + r_c, d_in], expand [d_out, E + r + r_c], (E, k, rank_e)).
+    Modules in `covered` have their static term merged into the base weights: r_c = 0."""
+    terms = {} if adapter.signature is None else static.factors(adapter.signature, adapter.layers)
     out = {}
     for module, layer in adapter.layers.items():
         shrink = [layer.router, layer.lora_a]
         d_out = layer.lora_b.shape[0]
         expand = [torch.zeros(d_out, layer.num_experts), layer.scale * layer.lora_b]
-        if module in terms:
+        if module not in covered:
             c, d = terms[module]
             shrink.append(c)
             expand.append(d)
@@ -131,8 +135,12 @@ def load_goat_lora_model(lora_model_cls, lora_dir: str, *, lora_model_id: int,
         raise ValueError(f"{lora_dir} is not a GOAT adapter")
     loras: dict[str, LoRALayerWeights] = {}
     meta: GoatMeta = {}
+    target = merge_target(base.shapes)
+    covered = target.covered(adapter) if target is not None else frozenset()
+    merged: set[str] = set()
     rank = 0
-    for module, (shrink, expand, module_meta) in stacked_factors(adapter, base.static).items():
+    for module, (shrink, expand, module_meta) in stacked_factors(adapter, base.static,
+                                                                 covered).items():
         rows = shrink.shape[0]
         if rows > max_lora_rank:
             raise ValueError(
@@ -146,9 +154,12 @@ def load_goat_lora_model(lora_model_cls, lora_dir: str, *, lora_model_id: int,
         loras[name] = LoRALayerWeights(name, rows, 1, shrink.to(dtype=dtype),
                                        expand.to(dtype=dtype), scaling=1.0)
         meta[name] = module_meta
+        if module in covered:
+            merged.add(name)
         rank = max(rank, rows)
     model = lora_model_cls(lora_model_id, rank, loras)
     model.goat_meta = meta
+    model.goat_merged = merged  # sub-modules whose static term is in the base weights
     logger.info("goat vLLM plugin: loaded GOAT adapter %s (%d modules, %d LoRA rows, "
                 "static components %s)", lora_dir, len(loras), rank,
                 "cached" if base.static.svd_runs == 0 else f"{base.static.svd_runs} SVDs")

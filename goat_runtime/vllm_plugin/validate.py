@@ -23,6 +23,7 @@ from pathlib import Path
 
 from goat_runtime.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, load_adapter
 from goat_runtime.vllm_plugin.loader import is_goat_dir
+from goat_runtime.vllm_plugin.merge import merge_target
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +71,16 @@ def linear_shapes(path: Path) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def lora_rows(adapter) -> dict[str, int]:
+def lora_rows(adapter, covered: frozenset[str] = frozenset()) -> dict[str, int]:
     """Per module, the LoRA rows the vLLM slot needs (`loader.stacked_factors`' layout):
-    E router rows + r expert rows + the static residual's rows (GOAT), r (plain LoRA)."""
+    E router rows + r expert rows + the static residual's rows (GOAT, unless the module is
+    `covered` by the static term merged into the base), r (plain LoRA)."""
     from goat_runtime.adapters.static import selected_indices
 
     rows = {}
     for module, layer in adapter.layers.items():
         n = layer.num_experts + layer.rank
-        if adapter.signature is not None:
+        if adapter.signature is not None and module not in covered:
             n += len(selected_indices(min(layer.lora_b.shape[0], layer.lora_a.shape[1]),
                                       adapter.signature))
         rows[module] = n
@@ -88,9 +90,10 @@ def lora_rows(adapter) -> dict[str, int]:
 def check_adapter(lora_path: str, shapes: dict[str, tuple[int, int]], max_lora_rank: int
                   ) -> None:
     """Raise AdapterError if the worker would fail to load lora_path into a slot."""
+    target = merge_target(shapes)
     try:
         adapter = load_adapter(lora_path, shapes, max_rank=max_lora_rank)
-        rows = lora_rows(adapter)
+        rows = lora_rows(adapter, target.covered(adapter) if target is not None else frozenset())
     except AdapterError:
         raise
     except Exception as exc:  # a corrupt file raises whatever its reader raises

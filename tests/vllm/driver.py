@@ -6,8 +6,10 @@ plugin and writes what the tests compare with the fixture's reference to a safet
 Scenarios: "main" (max_loras 3: each adapter alone, then all adapters and the base mixed in one
 batch, then a corrupt and a too-large adapter each in a batch (refused), then the mixed batch
 again), "max_loras1" (one slot: base requests beside adapter requests), "tp2" (tensor parallel
-2, the mixed batch). Keys: {run}/{name}/{i}/greedy [12] and {run}/{name}/{i}/prompt_logprobs
-[len - 1, vocab] (dense: every token's logprob at every prompt position after the first).
+2, the mixed batch), "merged" and "merged_tp2" (the GOAT static components merged into the
+base weights by GOAT_VLLM_MERGE_STATIC: each alone, then mixed; at tensor parallel 2, mixed).
+Keys: {run}/{name}/{i}/greedy [12] and {run}/{name}/{i}/prompt_logprobs [len - 1, vocab]
+(dense: every token's logprob at every prompt position after the first).
 """
 
 import os
@@ -24,7 +26,10 @@ VOCAB = 320
 def main() -> None:
     scenario, out_path = sys.argv[1], sys.argv[2]
     os.environ["VLLM_PLUGINS"] = "goat"
-    if scenario == "tp2":
+    merged = scenario.startswith("merged")
+    if merged:  # the fixture's GOAT adapters share one signature: it is merged
+        os.environ["GOAT_VLLM_MERGE_STATIC"] = os.path.join(FIXTURE, "adapters")
+    if scenario.endswith("tp2"):
         # vLLM's CPU workers bind one NUMA node each by default; a one-node test machine
         # needs an explicit core per rank.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
@@ -40,10 +45,12 @@ def main() -> None:
     start = time.time()
     llm = LLM(model=os.path.join(FIXTURE, "base"), dtype="float32", enforce_eager=True,
               max_model_len=64, enable_lora=True,
-              max_loras=1 if scenario == "max_loras1" else 3, max_lora_rank=32,
+              max_loras=1 if scenario == "max_loras1" else 3,
+              # merged, a GOAT slot needs E + r = 12 rows, unmerged E + r + r = 20
+              max_lora_rank=16 if merged else 32,
               max_num_seqs=16, max_num_batched_tokens=512, kv_cache_memory_bytes=32 << 20,
               max_logprobs=VOCAB, seed=0,
-              tensor_parallel_size=2 if scenario == "tp2" else 1)
+              tensor_parallel_size=2 if scenario.endswith("tp2") else 1)
     print(f"engine started in {time.time() - start:.1f}s", flush=True)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                             prompt_logprobs=VOCAB)
@@ -83,7 +90,11 @@ def main() -> None:
     elif scenario == "max_loras1":
         for name in ADAPTERS:
             run(f"beside_{name}", [("base", 1), (name, 1), ("base", 2), (name, 0)])
-    elif scenario == "tp2":
+    elif scenario in ("tp2", "merged_tp2"):
+        run("mixed", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
+    elif scenario == "merged":
+        for name in (*ADAPTERS, "base"):  # base last: after adapter steps, undone all alone
+            run("alone", [(name, i) for i in range(3)])
         run("mixed", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")

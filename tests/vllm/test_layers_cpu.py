@@ -26,6 +26,7 @@ class StockLayer:
     lora_a [max_loras, 1, max_rank, d_in] and lora_b [max_loras, 1, width, max_rank]."""
 
     def __init__(self, widths: list[int], d_in: int, tp_size: int = 1):
+        self.base_layer = SimpleNamespace()  # merge.py leaves goat_undo here
         self.output_slices, self.n_slices = tuple(widths), len(widths)
         self.tp_size, self.device, self.d_in = tp_size, torch.device("cpu"), d_in
 
@@ -145,6 +146,42 @@ def test_slots_refilled_regrown_and_reset():
     check(run(layer, x, [0, 1, 0, -1, 1, 0]), reference(x, a, b, widths, [0, 2, 0, -1, 2, 0]))
     layer.reset_lora(1)
     check(run(layer, x, [0, 1, 0, -1, 1, 0]), reference(x, a, b, widths, [0, -1, 0, -1, -1, 0]))
+
+
+def test_merged_static_term_is_undone_where_not_covered():
+    """With a static term merged into the base (merge.py's goat_undo: one low-rank term per
+    slice), tokens of slot -1 and of slots that do not cover a slice get it subtracted there;
+    covered slices of a slot keep it. A reset slot covers nothing."""
+    gen = torch.Generator().manual_seed(4)
+    widths, d_in, rank = [12, 6], 16, 3
+    a, b = weights(d_in, widths, gen)
+    cs = [torch.randn(rank, d_in, generator=gen) for _ in widths]
+    ds = [torch.randn(w, rank, generator=gen) for w in widths]
+    d = torch.block_diag(*ds)  # [sum(widths), rank * slices]: each slice's rows its own term
+    layer = make_layer(widths, d_in)
+    layer.base_layer.goat_undo = (torch.cat(cs), d, torch.tensor([0] * rank + [1] * rank))
+    covered = {0: [True, True], 1: [True, False], 2: [False, False]}
+    for slot, j in enumerate((0, 1, 2)):
+        layer.set_lora(slot, [a[i][j] for i in range(2)], [b[i][j] for i in range(2)])
+        layer.set_goat_meta(slot, [ADAPTERS[j][:3]] * 2, covered[slot])
+    slots = [-1, 0, 1, 2, 0, -1, 1]
+    x = torch.randn(len(slots), d_in, generator=gen)
+
+    def expected(slots: list[int]) -> torch.Tensor:
+        out = reference(x, a, b, widths, slots)  # slot s holds adapter s here
+        for t, slot in enumerate(slots):
+            offset = 0
+            for s, width in enumerate(widths):
+                if slot < 0 or not covered[slot][s]:
+                    out[t, offset : offset + width] -= (ds[s] @ cs[s]).double() @ x[t].double()
+                offset += width
+        return out
+
+    check(run(layer, x, slots), expected(slots))
+    layer.reset_lora(0)
+    covered[0] = [False, False]
+    slots = [-1, 1, 2, 1, 2, -1, 1]  # slot 0 holds nothing now
+    check(run(layer, x, slots), expected(slots))
 
 
 def test_slot_without_meta_is_refused():

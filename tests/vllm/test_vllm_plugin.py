@@ -1,6 +1,7 @@
 """GOAT and LoRA adapters served by vLLM through the goat plugin, against the fixture's
 reference (greedy tokens and prompt logprobs), alone and mixed with base requests in one batch;
-max_loras=1 with base requests beside adapter requests; tensor parallel 2; the refusals.
+max_loras=1 with base requests beside adapter requests; tensor parallel 2; static components
+merged into the base weights; the refusals.
 
 One engine per scenario (tests/vllm/driver.py), started once per module; slow: ~1 min each."""
 
@@ -94,6 +95,33 @@ def test_max_loras_1_base_stays_base(max_loras1_run, reference, adapter):
 def test_tensor_parallel_2(tp2_run, reference, name):
     for i in range(3):
         _check(tp2_run, reference, "mixed", name, i)
+
+
+@pytest.fixture(scope="module")
+def merged_run(vllm_python, tmp_path_factory):
+    return _scenario(vllm_python, tmp_path_factory, "merged")
+
+
+@pytest.fixture(scope="module")
+def merged_tp2_run(vllm_python, tmp_path_factory):
+    return _scenario(vllm_python, tmp_path_factory, "merged_tp2")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merged_static(merged_run, reference, name):
+    """GOAT_VLLM_MERGE_STATIC: the GOAT adapters' shared static term is merged into the base
+    weights; GOAT slots drop those rows (--max-lora-rank 16 holds E + r = 12 of them, the
+    unmerged 20 would be refused), base and LoRA tokens get the term undone; alone (the base
+    after the adapters) and mixed in one batch."""
+    for tag in ("alone", "mixed"):
+        for i in range(3):
+            _check(merged_run, reference, tag, name, i)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merged_static_tensor_parallel_2(merged_tp2_run, reference, name):
+    for i in range(3):
+        _check(merged_tp2_run, reference, "mixed", name, i)
 
 
 @pytest.mark.parametrize("check", ["other_version_refused", "pinned_version_accepted",
