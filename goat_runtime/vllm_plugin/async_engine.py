@@ -183,12 +183,28 @@ class VllmAsyncEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        if self.config.merge_static:
+            self._request_merge()
         self.llm = AsyncLLM.from_engine_args(
             self.engine_args(), usage_context=UsageContext.OPENAI_API_SERVER,
             stat_loggers=[_Stats(self).factory])
         self.max_model_len = self.llm.model_config.max_model_len
         for name, path in sorted(self.config.adapters.items()):
             await self.load_adapter(name, Path(path))
+
+    def _request_merge(self) -> None:
+        """--merge-static: the plugin merges the signature most GOAT adapters among --adapter
+        and --adapter-dir share (merge.py); vLLM's processes inherit the setting."""
+        from goat_runtime.vllm_plugin import merge
+        from goat_runtime.vllm_plugin.validate import linear_shapes
+
+        paths = [*self.config.adapters.values(), *filter(None, [self.config.adapter_dir])]
+        os.environ[merge.ENV] = os.pathsep.join(str(p) for p in paths)
+        try:
+            merge.merge_target(linear_shapes(Path(self.config.model_dir)))
+        except RuntimeError as exc:
+            logger.warning("--merge-static: nothing merged: %s", exc)
+            del os.environ[merge.ENV]
 
     @property
     def is_alive(self) -> bool:
@@ -360,9 +376,6 @@ class VllmAsyncEngine:
 def build_engine(config: EngineConfig, listener: EngineListener | None,
                  tensor_parallel_size: int) -> VllmAsyncEngine:
     """The server's engine for --engine vllm (AdapterError and ValueError: bad options)."""
-    if config.merge_static:
-        raise SystemExit("goat-serve: error: --merge-static is not supported with --engine vllm "
-                         "(the plugin serves static components as extra LoRA rows)")
     try:
         return VllmAsyncEngine(config, listener, tensor_parallel_size=tensor_parallel_size)
     except (AdapterError, ValueError) as exc:

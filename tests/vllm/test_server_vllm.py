@@ -154,9 +154,12 @@ def test_vllm_engine_serves_goat_api(server):
     check("again", "goat0")
 
 
-def test_tensor_parallel_2_over_http(vllm_python, tmp_path):
+def test_tensor_parallel_2_merged_over_http(vllm_python, tmp_path):
     """--tensor-parallel-size reaches vLLM: two workers, the row-parallel layers' router logits
-    all-reduced, and every adapter's reference tokens unchanged."""
+    all-reduced, and every adapter's reference tokens unchanged. With --merge-static: the
+    adapters' static components are merged into each rank's base shards (a GOAT slot then needs
+    E + r = 12 rows, so --max-lora-rank 16 serves it; unmerged it needs 20), and undone for the
+    base and LoRA."""
     from transformers import AutoTokenizer
 
     ref = load_file(str(FIXTURE / "reference_outputs.safetensors"))
@@ -165,6 +168,7 @@ def test_tensor_parallel_2_over_http(vllm_python, tmp_path):
     # vLLM's CPU workers each bind a NUMA node by default; this machine has one, so each
     # worker gets one core (docs/vllm.md).
     with running_server(FIXTURE / "adapters", log, "--tensor-parallel-size", "2",
+                        "--merge-static", "--max-lora-rank", "16",
                         env_extra={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as base:
         for name in ("base", "goat0", "lora0"):
             check_reference(base, name, name, ref, tokenizer)
