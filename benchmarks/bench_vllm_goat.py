@@ -5,7 +5,9 @@ Goal (the vLLM issue): GOAT at least 0.9x LoRA. Both engines get the same worklo
 of P random prompt tokens and O generated tokens (greedy, ignore_eos), all submitted at once,
 cycling over the adapters; timed from submission to the last token, after a warm-up that loads
 every adapter. GOAT: r = 8, E = 8, k = 2, all seven projections, static components as extra rows
-(E + r + r = 24 rows: --max-lora-rank 32). LoRA: r = 8 (--max-lora-rank 8). Each case runs in
+(E + r + r = 24 rows: --max-lora-rank 32), or merged into the base weights (the adapters share
+one init signature: GOAT_VLLM_MERGE_STATIC, E + r = 16 rows: --max-lora-rank 16). LoRA: r = 8
+(--max-lora-rank 8). Each case runs in
 its own process (one engine per process) and times the workload `--repeats` times; the rounds
 alternate the cases, and the best run of each case counts.
 
@@ -33,7 +35,7 @@ SMOLLM2_135M = {
     "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "torch_dtype": "float32",
 }
 NUM_ADAPTERS = 16
-CASES = {"goat": 32, "lora": 8}  # kind -> --max-lora-rank
+CASES = {"lora": 8, "goat": 32, "goat-merged": 16}  # case -> --max-lora-rank
 RESULT = "BENCH_RESULT "  # vLLM logs to stdout too: the child's answer is the line with this
 
 
@@ -74,15 +76,18 @@ def prepare(root: Path) -> None:
         random_adapter(root / "lora" / f"lora{i}", shapes, kind="lora", rank=8, seed=100 + i)
 
 
-def run_case(root: Path, kind: str, args) -> float:
-    """Generated tokens per second of one engine serving NUM_ADAPTERS adapters of `kind`."""
+def run_case(root: Path, case: str, args) -> float:
+    """Generated tokens per second of one engine serving NUM_ADAPTERS adapters of `case`."""
+    kind = case.removesuffix("-merged")
+    if case.endswith("-merged"):  # read by the plugin in every vLLM process
+        os.environ["GOAT_VLLM_MERGE_STATIC"] = str(root / kind)
     import torch
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
     llm = LLM(model=str(root / "model"), dtype="float32", skip_tokenizer_init=True,
               enforce_eager=True, enable_lora=True, max_loras=NUM_ADAPTERS,
-              max_lora_rank=CASES[kind], max_num_seqs=args.requests,
+              max_lora_rank=CASES[case], max_num_seqs=args.requests,
               max_model_len=args.prompt + args.output + 8,
               max_num_batched_tokens=args.max_num_batched_tokens,
               kv_cache_memory_bytes=1 << 30, enable_prefix_caching=False, seed=0)
@@ -137,26 +142,28 @@ def main() -> None:
         # case counts, so a burst of other jobs' load in one round does not decide the ratio.
         results: dict[str, float] = {}
         for round_ in range(1, args.rounds + 1):
-            for kind in ("lora", "goat"):
-                cmd = [sys.executable, __file__, "--case", kind, "--root", str(root),
+            for case in CASES:
+                cmd = [sys.executable, __file__, "--case", case, "--root", str(root),
                        "--requests", str(args.requests), "--prompt", str(args.prompt),
                        "--output", str(args.output), "--repeats", str(args.repeats),
                        "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
                 out = subprocess.run(cmd, capture_output=True, text=True,
                                      env={**os.environ, "VLLM_PLUGINS": "goat"})
                 if out.returncode != 0:
-                    raise SystemExit(f"{kind} case failed:\n{out.stderr[-6000:]}")
+                    raise SystemExit(f"{case} case failed:\n{out.stderr[-6000:]}")
                 line = next(x for x in out.stdout.splitlines() if x.startswith(RESULT))
                 tok_s = json.loads(line.removeprefix(RESULT))["tok_s"]
-                results[kind] = max(results.get(kind, 0.0), tok_s)
-                print(f"round {round_}: 16 {kind.upper():<5} (max_lora_rank {CASES[kind]:>2}) "
+                results[case] = max(results.get(case, 0.0), tok_s)
+                print(f"round {round_}: 16 {case:<11} (max_lora_rank {CASES[case]:>2}) "
                       f"{tok_s:8.1f} tok/s (load average {os.getloadavg()[0]:.2f})", flush=True)
-        print(f"best: 16 LORA {results['lora']:.1f} tok/s, 16 GOAT {results['goat']:.1f} tok/s",
+        print("best: " + ", ".join(f"16 {k} {v:.1f} tok/s" for k, v in results.items()),
               flush=True)
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"load average (1, 5, 15 min): {load} on {os.cpu_count()} cores", flush=True)
-        ratio = results["goat"] / results["lora"]
-        print(f"GOAT / LoRA = {ratio:.3f}x (goal >= 0.9x): {'met' if ratio >= 0.9 else 'NOT met'}")
+        for case in ("goat", "goat-merged"):
+            ratio = results[case] / results["lora"]
+            print(f"{case} / lora = {ratio:.3f}x (goal >= 0.9x): "
+                  f"{'met' if ratio >= 0.9 else 'NOT met'}")
 
 
 if __name__ == "__main__":
