@@ -186,7 +186,7 @@ class GoatLinearMixin:
         the slice of each row, need [T, R] whether the token's slot leaves that slice undone.
         Row-parallel layers under tensor parallelism get partial sums, which the layer's
         all-reduce adds up like the rest of its output."""
-        need = ~self.goat_covered[slots[: x.shape[0]].long()][:, row_slice.to(slots.device)]
+        need = ~self.goat_covered[slots[: x.shape[0]].long()][:, row_slice]
         tokens = need.any(dim=1).nonzero().squeeze(1)
         if tokens.numel() == 0:
             return

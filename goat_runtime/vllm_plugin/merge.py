@@ -101,7 +101,8 @@ def _shard(layer, full: torch.Tensor, shape: tuple[int, int], shard_id) -> torch
     weight loader does the cutting, so every parallel layout vLLM knows is covered."""
     from vllm.model_executor.parameter import ModelWeightParameter
 
-    param = ModelWeightParameter(data=torch.zeros(shape, dtype=full.dtype), input_dim=1,
+    param = ModelWeightParameter(data=torch.zeros(shape, dtype=full.dtype, device=full.device),
+                                 input_dim=1,
                                  output_dim=0, weight_loader=layer.weight.weight_loader)
     if shard_id is None:
         param.weight_loader(param, full)
@@ -115,10 +116,15 @@ def merge_into_model(model: torch.nn.Module, model_config) -> None:
     leave on each such layer `goat_undo` = (C [R, d_in_local], D [d_out_local, R], slice of
     each of the R rows), R = the static rank times the merged sub-modules."""
     global merged_layers
+    from vllm.config import get_current_vllm_config
     from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear
 
     from goat_runtime.vllm_plugin.loader import base_checkpoint, set_base_model
 
+    if get_current_vllm_config().lora_config is None:
+        # Without LoRA layers nothing would undo the merged term for base requests.
+        raise RuntimeError(f"goat vLLM plugin: {ENV} is set but LoRA is not enabled: start "
+                           f"vLLM with --enable-lora, or unset {ENV}")
     set_base_model(model_config.model, model_config.revision)
     base = base_checkpoint()
     target = merge_target(base.shapes)
@@ -136,7 +142,7 @@ def merge_into_model(model: torch.nn.Module, model_config) -> None:
         row_parallel = isinstance(layer, RowParallelLinear)
         cs, ds, slices = [], [], []
         for s, sub, shard in parts:
-            c, d = (f.to(weight.dtype) for f in factors[sub])
+            c, d = (f.to(device=weight.device, dtype=weight.dtype) for f in factors[sub])
             rank = c.shape[0]
             cs.append(_shard(layer, c, (rank, weight.shape[1]), None) if row_parallel else c)
             ds.append(d if row_parallel else _shard(layer, d, (weight.shape[0], rank), shard))
@@ -147,7 +153,8 @@ def merge_into_model(model: torch.nn.Module, model_config) -> None:
                                f"factors {tuple(d_all.shape)} x {tuple(c_all.shape)}, weight "
                                f"{tuple(weight.shape)}")
         weight += d_all @ c_all
-        layer.goat_undo = (c_all, d_all, torch.tensor(slices, dtype=torch.long))
+        layer.goat_undo = (c_all, d_all,
+                           torch.tensor(slices, dtype=torch.long, device=weight.device))
         merged_layers += 1
     if merged_layers == 0:
         raise RuntimeError(f"goat vLLM plugin: {ENV}: none of the {len(target.modules)} modules "

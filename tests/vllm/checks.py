@@ -57,6 +57,28 @@ def fully_sharded_refused() -> None:
     check_lora_config(SimpleNamespace(fully_sharded_loras=False))
 
 
+def merge_without_lora_refused() -> None:
+    """GOAT_VLLM_MERGE_STATIC without --enable-lora: no layer could undo the merged term for
+    base requests, so loading stops."""
+    import os
+
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from goat_runtime.vllm_plugin import merge
+
+    os.environ[merge.ENV] = os.path.join(FIXTURE, "adapters")
+    try:
+        with set_current_vllm_config(VllmConfig()):  # lora_config None: LoRA is off
+            merge.merge_into_model(torch.nn.Module(), None)
+    except RuntimeError as exc:
+        assert "LoRA is not enabled" in str(exc), exc
+    else:
+        raise AssertionError("merged without LoRA")
+    finally:
+        del os.environ[merge.ENV]
+
+
 def resolver_finds_adapters() -> None:
     from pathlib import Path
 
@@ -173,6 +195,7 @@ def main() -> None:
     checks = {"other_version_refused": other_version_refused,
               "pinned_version_accepted": pinned_version_accepted,
               "fully_sharded_refused": fully_sharded_refused,
+              "merge_without_lora_refused": merge_without_lora_refused,
               "resolver_finds_adapters": resolver_finds_adapters,
               "adapters_validated": adapters_validated,
               "server_refuses_bad_adapters": server_refuses_bad_adapters}

@@ -125,7 +125,8 @@ def test_merged_static_tensor_parallel_2(merged_tp2_run, reference, name):
 
 
 @pytest.mark.parametrize("check", ["other_version_refused", "pinned_version_accepted",
-                                   "fully_sharded_refused", "resolver_finds_adapters",
+                                   "fully_sharded_refused", "merge_without_lora_refused",
+                                   "resolver_finds_adapters",
                                    "adapters_validated", "server_refuses_bad_adapters"])
 def test_plugin_checks(vllm_python, check):
     result = run_in_vllm(vllm_python, "checks.py", check, timeout=300)
