@@ -1,6 +1,7 @@
 """Where a decode step's time goes: paged attention vs the linear layers, on SmolLM2-135M shapes
 (hidden 576, 9 heads, 3 KV heads, head_dim 64, 30 layers) with random weights, with the decode
-attention's C++ kernel and with the torch path (gather the contexts, one masked SDPA).
+attention's C++ kernel and with the torch path (gather the contexts, one masked SDPA), then with
+the C++ kernel and the weights packed for oneDNN (`LlamaForCausalLM.pack_weights`).
 
     .venv/bin/python benchmarks/bench_model_step.py [--seqs 32] [--context 200] [--dtype bf16]
 """
@@ -75,10 +76,15 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     FusedLinear.forward = timed("linear", FusedLinear.forward)
     PagedAttention.forward = timed("attention", PagedAttention.forward)
-    # The decode attention as the CPU runs it, and the torch path other devices run.
-    for label, decode_attention in (("C++ decode kernel", paged_decode_attention),
-                                    ("torch gather+SDPA", paged_decode_attention_torch)):
+    # The decode attention as the CPU runs it, and the torch path other devices run; then the
+    # CPU's with the weights packed for oneDNN (model.pack_weights, what the engine does).
+    for label, decode_attention, packed in (
+            ("C++ decode kernel", paged_decode_attention, False),
+            ("torch gather+SDPA", paged_decode_attention_torch, False),
+            ("C++, packed weights", paged_decode_attention, True)):
         layers.paged_decode_attention = decode_attention
+        if packed:
+            model.pack_weights()
         run()
         totals.clear()
         start = time.perf_counter()
@@ -87,7 +93,7 @@ def main() -> None:
         step_ms = (time.perf_counter() - start) * 1e3 / args.steps
         attn_ms = totals["attention"] * 1e3 / args.steps
         linear_ms = totals["linear"] * 1e3 / args.steps
-        print(f"{label:>18}: step {step_ms:6.2f} ms | attention {attn_ms:6.2f} ms "
+        print(f"{label:>19}: step {step_ms:6.2f} ms | attention {attn_ms:6.2f} ms "
               f"({attn_ms / config.num_layers:.3f}/layer) | linears {linear_ms:6.2f} ms | "
               f"other {step_ms - attn_ms - linear_ms:6.2f} ms (norms, rope, lm_head, ...)")
 

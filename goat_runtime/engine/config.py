@@ -23,6 +23,9 @@ class EngineConfig:
     kv_cache_memory: int = 1 << 30  # bytes for K/V blocks
     block_size: int = 16
     merge_static: bool = False  # fold the most common GOAT init signature into the base
+    # CPU fp32: keep oneDNN-blocked copies of the linear weights (faster decode steps, twice
+    # those weights' memory); see LlamaForCausalLM.pack_weights
+    pack_weights: bool = True
     enable_prefix_caching: bool = True
     static_cache_dir: Path | None = None  # default: $GOAT_CACHE_DIR/static
 

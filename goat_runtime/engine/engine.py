@@ -60,6 +60,8 @@ class LLMEngine:
             listener=listener)
         if config.merge_static:
             self.adapters.merge_static(self._adapter_candidates())
+        if config.pack_weights:  # the base weights are final from here on
+            self.model.pack_weights()
         for name, path in config.adapters.items():  # fail at start, not at the first request
             self.adapters.request_load(name, path, pinned=True).result()
         self.scheduler = Scheduler(

@@ -20,6 +20,7 @@ from goat_runtime.model.layers import (
     _empty,
     apply_rotary,
     fast_linear,
+    pack_for_onednn,
 )
 
 if TYPE_CHECKING:  # the cache module needs ModelConfig; importing it here would be circular
@@ -110,6 +111,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.lm_head = self.embed_tokens if config.tie_word_embeddings else _empty(
             config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.lm_head_packed: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden], under a step context."""
@@ -122,7 +124,16 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of the step context's logits_indices."""
         selected = hidden[get_step_context().logits_indices]
-        return fast_linear(selected, self.lm_head).float()
+        return fast_linear(selected, self.lm_head, packed=self.lm_head_packed).float()
+
+    def pack_weights(self) -> None:
+        """Give every linear and lm_head a copy of its weight in oneDNN's blocked layout for
+        decode-sized batches on the CPU in fp32 (`layers.pack_for_onednn`), at the cost of a
+        second copy of those weights in memory. Call once the base weights are final (after
+        loading and merging static terms): the copies are not refreshed."""
+        for linear in self.fused_linears():
+            linear.pack_weights()
+        self.lm_head_packed = pack_for_onednn(self.lm_head.data)
 
     def attach_kv_cache(self, cache: "KVCache") -> None:
         for i, layer in enumerate(self.layers):

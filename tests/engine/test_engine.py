@@ -121,6 +121,18 @@ def test_reference_all_in_one_mixed_batch(tmp_path, merge_static):
     check_reference(results, prompt_logprobs=True)
 
 
+def test_weights_packed_once_final(tmp_path):
+    """The engine packs the base weights for oneDNN after merging static terms (the reference
+    tests above run packed, merged and unmerged); --no-pack-weights serves the plain ones."""
+    packed = make_engine(tmp_path, merge_static=True)
+    assert all(linear.packed is not None for linear in packed.model.fused_linears())
+    assert packed.model.lm_head_packed is not None
+    plain = make_engine(tmp_path, pack_weights=False)
+    assert all(linear.packed is None for linear in plain.model.fused_linears())
+    assert plain.model.lm_head_packed is None
+    check_reference(run(plain, reference_requests()))
+
+
 def test_chunked_prefill_same_tokens(tmp_path):
     engine = make_engine(tmp_path, max_num_batched_tokens=7, enable_prefix_caching=False)
     check_reference(run(engine, reference_requests()))

@@ -20,7 +20,7 @@ from goat_runtime.engine.kv_cache import (
     cache_blocks_for_budget,
 )
 from goat_runtime.model import LlamaForCausalLM, ModelConfig, load_model
-from goat_runtime.model.layers import ONEDNN_MAX_ROWS, fast_linear
+from goat_runtime.model.layers import ONEDNN_MAX_ROWS, fast_linear, pack_for_onednn
 from tests.adapters.adapted_model import FIXTURE
 
 REFERENCE = load_file(str(FIXTURE / "reference_outputs.safetensors"))
@@ -346,6 +346,10 @@ def test_fast_linear_is_f_linear(rows, bias):
     weight = torch.randn(96, 40, generator=gen)
     b = torch.randn(96, generator=gen) if bias else None
     x = torch.randn(40, rows, generator=gen).t()  # a non-contiguous input too
+    packed = pack_for_onednn(weight)
+    assert packed is not None  # fp32 on the CPU
     for inputs in (x, x.contiguous()):
-        torch.testing.assert_close(fast_linear(inputs, weight, b), F.linear(inputs, weight, b),
-                                   rtol=1e-5, atol=1e-5)
+        expected = F.linear(inputs, weight, b)
+        torch.testing.assert_close(fast_linear(inputs, weight, b), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast_linear(inputs, weight, b, packed), expected, rtol=1e-5,
+                                   atol=1e-5)

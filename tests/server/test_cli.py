@@ -40,6 +40,7 @@ def test_help_explains_every_flag() -> None:
                  "--api-key", "--max-loras", "--max-cpu-adapters", "--max-lora-rank",
                  "--max-num-seqs", "--max-model-len", "--kv-cache-memory",
                  "--max-queued-requests", "--dtype", "--device", "--merge-static",
+                 "--no-pack-weights",
                  "--shutdown-timeout", "--allowed-adapter-root", "MODEL_DIR"):
         assert flag in text, flag
 
