@@ -122,6 +122,8 @@ def install() -> None:
             raise RuntimeError(f"goat vLLM plugin: {merge.ENV} is set but no static component "
                                f"was merged: the model was not loaded through vLLM's default "
                                f"loader (load_format auto or safetensors)")
+        if os.environ.get(merge.ENV):
+            merge.check_undone(self.model, self.modules)
 
     LoRAModelManager.__init__ = manager_init
 

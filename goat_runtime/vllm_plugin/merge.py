@@ -102,8 +102,8 @@ def _shard(layer, full: torch.Tensor, shape: tuple[int, int], shard_id) -> torch
     from vllm.model_executor.parameter import ModelWeightParameter
 
     param = ModelWeightParameter(data=torch.zeros(shape, dtype=full.dtype, device=full.device),
-                                 input_dim=1,
-                                 output_dim=0, weight_loader=layer.weight.weight_loader)
+                                 input_dim=1, output_dim=0,
+                                 weight_loader=layer.weight.weight_loader)
     if shard_id is None:
         param.weight_loader(param, full)
     else:
@@ -160,3 +160,18 @@ def merge_into_model(model: torch.nn.Module, model_config) -> None:
         raise RuntimeError(f"goat vLLM plugin: {ENV}: none of the {len(target.modules)} modules "
                            f"to merge (e.g. {min(target.modules)}) is a Linear layer of the "
                            f"model vLLM loaded")
+
+
+def check_undone(model: torch.nn.Module, lora_modules: dict) -> None:
+    """Raise unless every layer holding a merged term is wrapped by a GOAT LoRA layer, the
+    only place the term is undone for the tokens that must not see it."""
+    from goat_runtime.vllm_plugin.layers import GoatLinearMixin
+
+    wrapped = {id(m.base_layer) for m in lora_modules.values() if isinstance(m, GoatLinearMixin)}
+    # vars(): vLLM's LoRA layers forward attribute lookups to their base layer.
+    bare = [name for name, layer in model.named_modules()
+            if "goat_undo" in vars(layer) and id(layer) not in wrapped]
+    if bare:
+        raise RuntimeError(f"goat vLLM plugin: {ENV}: static components were merged into "
+                           f"{len(bare)} layers vLLM does not serve LoRA on (e.g. {bare[0]}), "
+                           f"where base requests could not have them undone")

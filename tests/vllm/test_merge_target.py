@@ -65,3 +65,21 @@ def test_covered_modules_carry_no_static_rows(monkeypatch, shapes, tmp_path):
         assert shrink.shape[0] == expand.shape[1] == rows[module] == expected, module
     assert lora_rows(goat0, target.covered(goat0)) == {
         m: layer.num_experts + layer.rank for m, layer in goat0.layers.items()}
+
+
+def test_merged_layers_must_be_wrapped_by_goat_layers():
+    """A merged term on a layer vLLM serves no LoRA on could not be undone: refused."""
+    import torch
+
+    from goat_runtime.vllm_plugin.layers import GoatLinearMixin
+
+    model = torch.nn.ModuleDict({"q": torch.nn.Linear(4, 4), "o": torch.nn.Linear(4, 4)})
+    for layer in model.values():
+        layer.goat_undo = (torch.zeros(1, 4), torch.zeros(4, 1), torch.zeros(1, dtype=torch.long))
+    wrapper = GoatLinearMixin.__new__(GoatLinearMixin)
+    wrapper.base_layer = model["q"]
+    with pytest.raises(RuntimeError, match=r"merged into 1 layers .* \(e\.g\. o\)"):
+        merge.check_undone(model, {"q": wrapper})
+    other = GoatLinearMixin.__new__(GoatLinearMixin)
+    other.base_layer = model["o"]
+    merge.check_undone(model, {"q": wrapper, "o": other})
