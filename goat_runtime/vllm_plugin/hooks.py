@@ -118,11 +118,11 @@ def install() -> None:
                                   vllm_config.model_config.revision,
                                   lora_config.max_lora_rank if lora_config else None)
         original_init(self, *args, **kwargs)
-        if os.environ.get(merge.ENV) and merge.merged_layers == 0:
-            raise RuntimeError(f"goat vLLM plugin: {merge.ENV} is set but no static component "
-                               f"was merged: the model was not loaded through vLLM's default "
-                               f"loader (load_format auto or safetensors)")
         if os.environ.get(merge.ENV):
+            if merge.merged_layers == 0:
+                raise RuntimeError(f"goat vLLM plugin: {merge.ENV} is set but no static "
+                                   f"component was merged: the model was not loaded through "
+                                   f"vLLM's default loader (load_format auto or safetensors)")
             merge.check_undone(self.model, self.modules)
 
     LoRAModelManager.__init__ = manager_init

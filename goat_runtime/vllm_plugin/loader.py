@@ -113,7 +113,7 @@ def stacked_factors(adapter: Adapter, static: StaticComponents,
         shrink = [layer.router, layer.lora_a]
         d_out = layer.lora_b.shape[0]
         expand = [torch.zeros(d_out, layer.num_experts), layer.scale * layer.lora_b]
-        if module not in covered:
+        if module in terms and module not in covered:
             c, d = terms[module]
             shrink.append(c)
             expand.append(d)
