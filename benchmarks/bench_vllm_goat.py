@@ -7,9 +7,9 @@ cycling over the adapters; timed from submission to the last token, after a warm
 every adapter. GOAT: r = 8, E = 8, k = 2, all seven projections, static components as extra rows
 (E + r + r = 24 rows: --max-lora-rank 32), or merged into the base weights (the adapters share
 one init signature: GOAT_VLLM_MERGE_STATIC, E + r = 16 rows: --max-lora-rank 16). LoRA: r = 8
-(--max-lora-rank 8). Each case runs in
-its own process (one engine per process) and times the workload `--repeats` times; the rounds
-alternate the cases, and the best run of each case counts.
+(--max-lora-rank 8). Each case runs in its own process (one engine per process) and times the
+workload `--repeats` times; the rounds alternate the cases, and the best run of each case
+counts.
 
 Run with the vLLM environment's interpreter (tests/vllm/conftest.py builds it):
     ~/.cache/goat-serve/vllm-venv/bin/python benchmarks/bench_vllm_goat.py [--requests 32]
