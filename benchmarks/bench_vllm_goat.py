@@ -119,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--output", type=int, default=64)
+    parser.add_argument("--output", type=int, default=128)  # the engine benchmark's workload
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per case")
     parser.add_argument("--repeats", type=int, default=3,
