@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from goat_runtime.adapters.format import AdapterError, load_adapter
+from goat_runtime.adapters.writer import random_adapter
 from tests.adapters.adapted_model import FIXTURE
 
 HIDDEN, INTERMEDIATE, KV = 128, 352, 64
@@ -249,3 +250,45 @@ def test_failed_load_leaves_loaded_adapters_alone(tmp_path):
         load_adapter(bad, BASE_LINEARS, name="goat0")
     for module, value in before.items():
         assert torch.equal(good.layers[module].lora_a, value)
+
+
+def naive_layers(path: Path, modules, num_experts: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Each layer's (A, B, router) rebuilt tensor by tensor with safetensors' own loader."""
+    saved = load_file(str(path / "adapter_model.safetensors"))
+    out = {}
+    for module in modules:
+        prefix = f"base_model.model.{module}"
+        out[module] = (
+            torch.cat([saved[f"{prefix}.lora_A.{e}.weight"] for e in range(num_experts)]).float(),
+            torch.cat([saved[f"{prefix}.lora_B.{e}.weight"] for e in range(num_experts)],
+                      dim=1).float(),
+            saved[f"{prefix}.lora_gating.weight"].float())
+    return out
+
+
+@pytest.mark.parametrize("num_experts", [4, 12])  # 12: lora_A.10 sorts between .1 and .2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_goat_layers_match_a_tensor_by_tensor_read(tmp_path, num_experts, dtype):
+    """The one-read loader stacks each module's experts as views where they lie back to back
+    and tensor by tensor where not; both must give what the file says, as float32 copies."""
+    path = random_adapter(tmp_path / "a", BASE_LINEARS, rank=2 * num_experts,
+                          num_experts=num_experts, seed=num_experts)
+    if dtype != torch.float32:
+        edit_tensors(path, lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
+    adapter = load_adapter(path, BASE_LINEARS)
+    expected = naive_layers(path, adapter.layers, num_experts)
+    assert set(adapter.layers) == set(BASE_LINEARS) - {"lm_head"}
+    for module, layer in adapter.layers.items():
+        for got, want in zip((layer.lora_a, layer.lora_b, layer.router), expected[module],
+                             strict=True):
+            assert got.dtype == torch.float32 and got.is_contiguous()
+            assert torch.equal(got, want)
+            assert got.untyped_storage().nbytes() == got.numel() * 4  # not a view of the file
+
+
+def test_header_only_checks_do_not_need_every_tensor(tmp_path):
+    """A tensor whose dtype is not float is refused by name even when it is a twin copy."""
+    path = copy_adapter("goat0", tmp_path)
+    key = f"{Q0}.moe_layer.experts.0.lora_A.weight"
+    edit_tensors(path, lambda t: t.update({key: t[key].to(torch.int8)}))
+    expect_error(path, "adapter_model.safetensors", key, "expected a floating point tensor")
