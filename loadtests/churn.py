@@ -7,7 +7,10 @@ closed loop whose requests pick adapters by Zipf(1.0). It reports:
   seen by polling /metrics' `goat_adapter_loads_total`), p50 and p99; also the first request of
   each adapter, and the server's own `goat_adapter_load_seconds`;
 - throughput relative to the same load over 16 adapters that all stay resident
-  (`--max-loras 16`), measured first. Goal: at least 0.8x.
+  (`--max-loras 16`), measured first. Goal: at least 0.8x;
+- the ceiling of that ratio: the base model alone at as many clients as 8 slots let run at once
+  (the simulated slot bound) against the full number, on one server (fewer sequences per step
+  cost more per sequence, whatever the adapters cost).
 
     .venv/bin/python loadtests/churn.py [--num-adapters 200] [--num-requests 128]
 
@@ -24,7 +27,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -95,6 +98,21 @@ class ChurnRun:
     seqs_per_step: float = 0.0  # mean sequences per engine step (goat_batch_size)
     slot_bound: float = 0.0  # the same for an engine limited only by its slots (slot_bound)
     others_busy: float = 0.0  # share of the CPUs other jobs used just before it started
+
+
+@dataclass
+class Ceiling:
+    """The base model alone (no adapter at all) under the same closed loop, at the number of
+    clients the churn run's slots let run at once and at the full number: what an engine whose
+    adapters cost nothing would reach, since fewer sequences per step cost more per sequence."""
+
+    clients: tuple[int, int]  # (slot bound rounded, config.concurrency)
+    tok_s: tuple[float, float]
+    seqs_per_step: tuple[float, float]
+
+    @property
+    def ratio(self) -> float:
+        return self.tok_s[0] / self.tok_s[1]
 
 
 def adapter_loads(samples: dict[str, float]) -> dict[str, float]:
@@ -252,11 +270,40 @@ def measure(
         server.stop()
 
 
+def measure_ceiling(config: ChurnConfig, server: ServerProcess, clients: tuple[int, int]
+                    ) -> Ceiling:
+    """Run the base-model load at each number of clients on one server start."""
+    busy = wait_for_quiet(config.max_busy)
+    busy = cpu_busy(5.0) if busy is None else busy
+    print(f"\n=== ceiling: base model at {clients[0]} and {clients[1]} clients (others "
+          f"{busy:.0%} busy, load avg {load_avg()})", file=sys.stderr, flush=True)
+    server.start()
+    try:
+        server.wait_healthy(600)
+        tok_s, seqs = [], []
+        for n in clients:
+            load = replace(load_config(config, server.url, [BASE_NAME], seed=7), concurrency=n)
+            before = scrape(server.url)
+            result = asyncio.run(run_load(load))
+            after = scrape(server.url)
+            if result.summary.num_errors:
+                raise RuntimeError(f"ceiling run failed:\n{format_summary(result.summary)}")
+            print(format_summary(result.summary), file=sys.stderr, flush=True)
+            steps = metric_sum(after, "goat_batch_size_count") - metric_sum(
+                before, "goat_batch_size_count")
+            seqs.append((metric_sum(after, "goat_batch_size_sum") - metric_sum(
+                before, "goat_batch_size_sum")) / max(steps, 1.0))
+            tok_s.append(result.summary.output_token_throughput)
+        return Ceiling(clients, (tok_s[0], tok_s[1]), (seqs[0], seqs[1]))
+    finally:
+        server.stop()
+
+
 def ms(stats: LatencyStats, q: int) -> float | None:
     return pct(stats, q)
 
 
-def report(config: ChurnConfig, baseline: ChurnRun, churn: ChurnRun) -> str:
+def report(config: ChurnConfig, baseline: ChurnRun, churn: ChurnRun, ceiling: Ceiling) -> str:
     rows = []
     for run in (baseline, churn):
         s = run.result.summary
@@ -311,6 +358,13 @@ def report(config: ChurnConfig, baseline: ChurnRun, churn: ChurnRun) -> str:
         "",
         f"Throughput, churn / resident: {ratio:.2f}x (goal >= {GOAL:g}x: {verdict}).",
         "",
+        f"Ceiling: the base model alone (no adapter, same server) at {ceiling.clients[0]} "
+        f"clients (the slot bound, rounded) makes {ceiling.tok_s[0]:.1f} tok/s "
+        f"({ceiling.seqs_per_step[0]:.2f} seqs/step), at {ceiling.clients[1]} clients "
+        f"{ceiling.tok_s[1]:.1f} tok/s ({ceiling.seqs_per_step[1]:.2f} seqs/step): "
+        f"{ceiling.ratio:.2f}x. An engine whose adapters cost nothing, at the slot bound, would "
+        f"reach about that ratio; churn reaches {ratio / ceiling.ratio:.2f} of it.",
+        "",
         f"'seqs/step': sequences per engine step, from the server's goat_batch_size. 'slot "
         f"bound': the same for an ideal engine limited only by its adapter slots, under this "
         f"closed loop (`slot_bound`, simulated): with {config.max_loras} slots over "
@@ -331,7 +385,7 @@ def prepare(config: ChurnConfig) -> tuple[Path, Path, list[str]]:
     return model_dir, folder, names
 
 
-def run(config: ChurnConfig) -> tuple[ChurnRun, ChurnRun]:
+def run(config: ChurnConfig) -> tuple[ChurnRun, ChurnRun, Ceiling]:
     model_dir, folder, names = prepare(config)
     logs = config.out_dir / "logs"
     hot = names[: config.resident_adapters]
@@ -351,7 +405,15 @@ def run(config: ChurnConfig) -> tuple[ChurnRun, ChurnRun]:
     )
     churn = measure(config, f"{config.num_adapters} on disk, churn", churn_server, names,
                     [BASE_NAME], config.max_loras)
+    ceiling_server = goat_serve(
+        GoatServeConfig(model_dir, max_loras=config.max_loras,
+                        max_cpu_adapters=config.max_cpu_adapters, **common),
+        logs / "ceiling.log",
+    )
+    clients = (max(1, round(churn.slot_bound)), config.concurrency)
+    ceiling = measure_ceiling(config, ceiling_server, clients)
     config.out_dir.mkdir(parents=True, exist_ok=True)
+    (config.out_dir / "ceiling.json").write_text(json.dumps(asdict(ceiling)) + "\n")
     for tag, r in (("resident", baseline), ("churn", churn)):
         r.result.write_json(config.out_dir / f"{tag}.json")
         (config.out_dir / f"{tag}-polls.json").write_text(
@@ -359,7 +421,7 @@ def run(config: ChurnConfig) -> tuple[ChurnRun, ChurnRun]:
         if config.plot_dir is not None:
             config.plot_dir.mkdir(parents=True, exist_ok=True)
             r.result.write_plot(config.plot_dir / f"churn-{tag}.png")
-    return baseline, churn
+    return baseline, churn, ceiling
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
@@ -397,8 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     machine = machine_summary()
     print(machine, file=sys.stderr)
-    baseline, churn = run(config)
-    text = report(config, baseline, churn)
+    baseline, churn, ceiling = run(config)
+    text = report(config, baseline, churn, ceiling)
     print("\n" + text)
     (config.out_dir / "report.md").write_text(f"{text}\n\nMachine:\n\n```\n{machine}\n```\n")
     ok = baseline.result.summary.num_errors == 0 and churn.result.summary.num_errors == 0
