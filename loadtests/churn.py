@@ -226,6 +226,14 @@ def load_config(config: ChurnConfig, url: str, models: list[str], seed: int) -> 
     )
 
 
+def seqs_per_step(before: dict[str, float], after: dict[str, float]) -> float:
+    """Mean sequences per engine step between two /metrics scrapes (goat_batch_size)."""
+    steps = metric_sum(after, "goat_batch_size_count") - metric_sum(
+        before, "goat_batch_size_count")
+    seqs = metric_sum(after, "goat_batch_size_sum") - metric_sum(before, "goat_batch_size_sum")
+    return seqs / steps if steps else 0.0
+
+
 def measure(
     config: ChurnConfig, label: str, server: ServerProcess, models: list[str], warm: list[str],
     max_loras: int,
@@ -259,10 +267,7 @@ def measure(
             before, "goat_adapter_load_seconds_count")
         run.load_seconds_sum = metric_sum(after, "goat_adapter_load_seconds_sum") - metric_sum(
             before, "goat_adapter_load_seconds_sum")
-        steps = metric_sum(after, "goat_batch_size_count") - metric_sum(
-            before, "goat_batch_size_count")
-        seqs = metric_sum(after, "goat_batch_size_sum") - metric_sum(before, "goat_batch_size_sum")
-        run.seqs_per_step = seqs / steps if steps else 0.0
+        run.seqs_per_step = seqs_per_step(before, after)
         run.slot_bound = slot_bound(len(models), max_loras, config.concurrency, config.zipf_alpha,
                                     config.output_len)
         return run
@@ -289,10 +294,7 @@ def measure_ceiling(config: ChurnConfig, server: ServerProcess, clients: tuple[i
             if result.summary.num_errors:
                 raise RuntimeError(f"ceiling run failed:\n{format_summary(result.summary)}")
             print(format_summary(result.summary), file=sys.stderr, flush=True)
-            steps = metric_sum(after, "goat_batch_size_count") - metric_sum(
-                before, "goat_batch_size_count")
-            seqs.append((metric_sum(after, "goat_batch_size_sum") - metric_sum(
-                before, "goat_batch_size_sum")) / max(steps, 1.0))
+            seqs.append(seqs_per_step(before, after))
             tok_s.append(result.summary.output_token_throughput)
         return Ceiling(clients, (tok_s[0], tok_s[1]), (seqs[0], seqs[1]))
     finally:

@@ -1,6 +1,6 @@
 """The churn benchmark's slot bound: an ideal engine's sequences per step under its closed loop."""
 
-from loadtests.churn import slot_bound
+from loadtests.churn import seqs_per_step, slot_bound
 
 
 def test_enough_slots_run_every_client():
@@ -17,3 +17,10 @@ def test_more_slots_run_more():
     bounds = [slot_bound(200, n, 32, 1.0, 20, num_requests=3000) for n in (4, 8, 16, 32)]
     assert bounds == sorted(bounds)
     assert bounds[0] < bounds[-1] <= 32.0
+
+
+def test_seqs_per_step_between_two_scrapes():
+    before = {"goat_batch_size_count": 10.0, "goat_batch_size_sum": 50.0}
+    after = {"goat_batch_size_count": 30.0, "goat_batch_size_sum": 290.0}
+    assert seqs_per_step(before, after) == 12.0
+    assert seqs_per_step(after, after) == 0.0  # no step in between
