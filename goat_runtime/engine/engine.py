@@ -32,6 +32,10 @@ from goat_runtime.model import load_model
 
 logger = logging.getLogger(__name__)
 
+# Prompt positions whose logits exist at once when prompt logprobs are computed (64 rows of a
+# 49k vocabulary: 12.6 MB of float32, and as much again for their log-softmax).
+PROMPT_LOGITS_ROWS = 64
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, listener: EngineListener | None = None):
@@ -174,21 +178,17 @@ class LLMEngine:
         input_ids: list[int] = []
         num_logits: list[int] = []
         rows: dict[int, int] = {}
-        prompt_rows: list[tuple[Request, int, int]] = []  # (request, first row, count)
-        num_rows = 0
+        prompt_chunks: list[tuple[Request, int, int, int]] = []  # request, token, position, count
         for item in scheduled:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
+            if self._wants_prompt_logprobs(seq):
+                prompt_chunks.append((seq.request, len(input_ids), start, n))
             input_ids += seq.token_ids[start : start + n]
             completes = start + n == seq.num_tokens
-            wants_prompt = self._wants_prompt_logprobs(seq)
-            k = n if wants_prompt else (1 if completes else 0)
-            if wants_prompt:
-                prompt_rows.append((seq.request, num_rows, n))
             if completes:
-                rows[id(seq)] = num_rows + k - 1
-            num_logits.append(k)
-            num_rows += k
+                rows[id(seq)] = len(rows)
+            num_logits.append(1 if completes else 0)
         positions, ctx = build_step_context(
             [i.num_new_tokens for i in scheduled],
             [i.seq.num_computed_tokens + i.num_new_tokens for i in scheduled],
@@ -198,12 +198,30 @@ class LLMEngine:
             ctx.expert_counts = self.adapters.expert_counts_buffer()
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         with step_context(ctx):
-            logits = self.model.compute_logits(self.model(ids, positions))
+            hidden = self.model(ids, positions)
+            logits = self.model.compute_logits(hidden)
         if ctx.expert_counts is not None:
             self._report_expert_counts(ctx.expert_counts.cpu(), slots)
-        for request, first, count in prompt_rows:
-            request.prompt_logits.append(logits[first : first + count].cpu())
+        for request, first, start, count in prompt_chunks:
+            self._add_prompt_logprobs(request, hidden[first : first + count], start)
         return logits, rows
+
+    def _add_prompt_logprobs(self, request: Request, hidden: torch.Tensor, start: int) -> None:
+        """The prompt logprobs of one prefill chunk (prompt positions start.. with these hidden
+        states), PROMPT_LOGITS_ROWS rows of logits at a time: a [len(prompt), vocab] tensor
+        would be 400 MB for 2,000 tokens of a 49k vocabulary."""
+        entries, prompt = request.prompt_entries, request.prompt_token_ids
+        if len(entries) < start + 1:
+            raise RuntimeError(f"prompt logprobs of request {request.request_id} reach token "
+                               f"{len(entries)}; the chunk starts at {start}")
+        del entries[start + 1 :]  # a recompute after preemption replaces what it computed
+        targets = prompt[start + 1 : start + 1 + hidden.shape[0]]  # the last predicts no prompt
+        num = request.params.prompt_logprobs or 0
+        for a in range(0, len(targets), PROMPT_LOGITS_ROWS):
+            b = min(a + PROMPT_LOGITS_ROWS, len(targets))
+            entries += prompt_logprobs(self.model.logits(hidden[a:b]), targets[a:b], num)
+        if len(entries) == len(prompt):
+            request.prompt_logprobs = entries
 
     def _report_expert_counts(self, counts: torch.Tensor, slots: dict[str | None, int]) -> None:
         for name, slot in slots.items():
@@ -222,12 +240,6 @@ class LLMEngine:
         request, params = seq.request, seq.request.params
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
-        if request.params.prompt_logprobs is not None and request.prompt_logprobs is None \
-                and seq.index == 0:
-            request.prompt_logprobs = prompt_logprobs(
-                torch.cat(request.prompt_logits), request.prompt_token_ids,
-                params.prompt_logprobs)
-            request.prompt_logits.clear()
         seq.output_token_ids.append(token)
         finish, stop_reason = None, None
         if token in params.stop_token_ids:

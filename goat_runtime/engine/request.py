@@ -29,8 +29,9 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     sequences: list["Sequence"] = field(default_factory=list)
-    prompt_logprobs: list | None = None  # filled once the prompt has been computed
-    prompt_logits: list[torch.Tensor] = field(default_factory=list)  # per prefill chunk
+    prompt_logprobs: list | None = None  # set once the whole prompt has been computed
+    # Prompt logprobs so far (None for the first token), filled chunk by chunk.
+    prompt_entries: list = field(default_factory=lambda: [None])
     prompt_logprobs_sent: bool = False
     aborted: bool = False
 

@@ -27,8 +27,6 @@ GREEDY_TEMPERATURE = 1e-5
 # top_p first looks for its nucleus among this many most likely tokens (a partial sort is far
 # cheaper than a full one); rows whose nucleus is wider are redone with a wider window.
 _TOP_P_WINDOW = 256
-# Prompt positions per log_softmax in prompt_logprobs, to bound memory on long prompts.
-_PROMPT_CHUNK = 256
 
 
 def make_generator(seed: int | None, index: int, device: torch.device | str = "cpu"
@@ -103,36 +101,32 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledTokens:
     return SampledTokens(token_ids, _token_logprobs(logits, rows, token_ids))
 
 
-def prompt_logprobs(logits: torch.Tensor, prompt_token_ids: Sequence[int], num: int
-                    ) -> list[TokenLogprobs | None]:
-    """Logprobs of the prompt's own tokens (echo): None for the first token, else the actual
-    token's logprob (first) and the top `num` alternatives at its position.
-
-    `logits` [L, V] holds the logits at prompt positions 0..L-1 (position i predicts token
-    i+1); L is len(prompt) or len(prompt) - 1 (the last position predicts no prompt token).
-    """
-    prompt = [int(t) for t in prompt_token_ids]
-    if logits.dim() != 2 or logits.shape[0] not in (len(prompt), len(prompt) - 1):
-        raise ValueError(f"logits must be [len(prompt) or len(prompt) - 1, vocab] for a "
-                         f"{len(prompt)}-token prompt, got {tuple(logits.shape)}")
+def prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int], num: int
+                    ) -> list[TokenLogprobs]:
+    """Logprobs of prompt tokens (echo), for a run of prompt positions: row i of `logits`
+    [m, V] is the position that predicts next_token_ids[i]; each entry holds that token's
+    logprob (first) and the top `num` alternatives at the position. The engine calls it once
+    per few rows of a prefill chunk, so no [len(prompt), V] tensor ever exists."""
+    targets = [int(t) for t in next_token_ids]
+    if logits.dim() != 2 or logits.shape[0] != len(targets):
+        raise ValueError(f"logits must be [{len(targets)}, vocab] for {len(targets)} prompt "
+                         f"tokens, got {tuple(logits.shape)}")
     if not isinstance(num, int) or num < 0:
         raise ValueError(f"num must be a non-negative integer, got {num!r}")
     vocab = logits.shape[1]
-    if any(not 0 <= t < vocab for t in prompt):
+    if any(not 0 <= t < vocab for t in targets):
         raise ValueError(f"prompt token ids must be in [0, {vocab})")
-    result: list[TokenLogprobs | None] = [None] if prompt else []
-    targets = torch.tensor(prompt[1:], dtype=torch.long, device=logits.device)
-    for start in range(0, len(prompt) - 1, _PROMPT_CHUNK):
-        stop = min(start + _PROMPT_CHUNK, len(prompt) - 1)
-        lp = torch.log_softmax(logits[start:stop].float(), dim=-1)
-        actual = lp.gather(1, targets[start:stop, None]).squeeze(1).tolist()
-        top_values, top_ids = lp.topk(num, dim=-1) if num else (None, None)
-        for j, value in enumerate(actual):
-            entry = {prompt[start + j + 1]: value}
-            if top_ids is not None:
-                for token, alt in zip(top_ids[j].tolist(), top_values[j].tolist(), strict=True):
-                    entry.setdefault(token, alt)
-            result.append(entry)
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(targets, dtype=torch.long, device=logits.device)
+    actual = lp.gather(1, index[:, None]).squeeze(1).tolist()
+    top_values, top_ids = lp.topk(num, dim=-1) if num else (None, None)
+    result: list[TokenLogprobs] = []
+    for j, value in enumerate(actual):
+        entry = {targets[j]: value}
+        if top_ids is not None and top_values is not None:
+            for token, alt in zip(top_ids[j].tolist(), top_values[j].tolist(), strict=True):
+                entry.setdefault(token, alt)
+        result.append(entry)
     return result
 
 

@@ -123,8 +123,11 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of the step context's logits_indices."""
-        selected = hidden[get_step_context().logits_indices]
-        return fast_linear(selected, self.lm_head, packed=self.lm_head_packed).float()
+        return self.logits(hidden[get_step_context().logits_indices])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [N, vocab] of hidden states [N, hidden] (any rows, no context)."""
+        return fast_linear(hidden, self.lm_head, packed=self.lm_head_packed).float()
 
     def pack_weights(self) -> None:
         """Give every linear and lm_head a copy of its weight in oneDNN's blocked layout for

@@ -335,29 +335,27 @@ def test_logprobs_top_n_are_the_n_largest():
 
 # --- prompt logprobs ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("positions", ["all", "all_but_last"])
-def test_prompt_logprobs(positions):
+def test_prompt_logprobs():
     torch.manual_seed(7)
-    prompt = [5, 9, 1, 9, 0]
-    logits = torch.randn(len(prompt), 12)
-    if positions == "all_but_last":
-        logits = logits[:-1]
-    result = prompt_logprobs(logits, prompt, 2)
-    assert len(result) == len(prompt)
-    assert result[0] is None
+    next_tokens = [9, 1, 9, 0]
+    logits = torch.randn(len(next_tokens), 12)
+    result = prompt_logprobs(logits, next_tokens, 2)
+    assert len(result) == len(next_tokens)
     raw = torch.log_softmax(logits, dim=-1)
-    for i in range(1, len(prompt)):
-        entry = result[i]
-        assert next(iter(entry)) == prompt[i]
-        assert set(entry) == {prompt[i], *raw[i - 1].topk(2).indices.tolist()}
+    for i, entry in enumerate(result):
+        assert next(iter(entry)) == next_tokens[i]  # the prompt's own token first
+        assert set(entry) == {next_tokens[i], *raw[i].topk(2).indices.tolist()}
         for token, value in entry.items():
-            assert value == pytest.approx(raw[i - 1, token].item(), abs=1e-6)
-    assert prompt_logprobs(logits, prompt, 0)[1] == {prompt[1]: pytest.approx(raw[0, 9].item())}
+            assert value == pytest.approx(raw[i, token].item(), abs=1e-6)
+    assert prompt_logprobs(logits, next_tokens, 0)[0] == {9: pytest.approx(raw[0, 9].item())}
 
 
-def test_prompt_logprobs_rejects_mismatched_logits():
+@pytest.mark.parametrize("logits, tokens", [(torch.zeros(2, 5), [1, 2, 3]),
+                                            (torch.zeros(2, 5), [1, 5]),
+                                            (torch.zeros(5), [1])])
+def test_prompt_logprobs_rejects_mismatched_logits(logits, tokens):
     with pytest.raises(ValueError):
-        prompt_logprobs(torch.zeros(2, 5), [1, 2, 3, 4], 1)
+        prompt_logprobs(logits, tokens, 1)
 
 
 def test_sample_rejects_mismatched_logits():
