@@ -46,6 +46,17 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _adapter_dir(text: str) -> Path:
+    # Checked while parsing: before the default model is prepared, before --engine vllm
+    # re-executes, before any model loads.
+    from goat_runtime.engine.config import check_adapter_dir
+
+    try:
+        return check_adapter_dir(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _named_adapter(text: str) -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not path or not valid_name(name):
@@ -63,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base model directory (config, safetensors, tokenizer). Default: the "
                         "embedded SmolLM2-135M-Instruct, with the repository's demo adapters")
     g = p.add_argument_group("adapters")
-    g.add_argument("--adapter-dir", type=Path, metavar="DIR",
-                   help="folder of adapter folders, served by folder name and loaded on first "
-                        "use")
+    g.add_argument("--adapter-dir", type=_adapter_dir, metavar="DIR",
+                   help="local folder of adapter folders, served by folder name and loaded on "
+                        "first use (must exist; object storage is not supported yet)")
     g.add_argument("--adapter", action="append", type=_named_adapter, default=[],
                    metavar="NAME=PATH", help="preload and pin an adapter (repeatable)")
     g.add_argument("--allowed-adapter-root", action="append", type=Path, default=[],

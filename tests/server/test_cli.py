@@ -107,6 +107,39 @@ def test_default_model_and_demo_adapters(monkeypatch: pytest.MonkeyPatch) -> Non
         cli.main([str(FIXTURE / "base"), "--max-loras", "8", "--max-cpu-adapters", "2"])
 
 
+@pytest.mark.parametrize(("folder", "engine", "message"), [
+    ("typo", "goat", " does not exist"),
+    ("s3://bucket/adapters", "vllm", ": object storage and URLs are not supported yet; give a "
+                                     "local folder (copy the adapters there first)"),
+    ("a-file", "goat", " is not a folder"),
+])
+def test_adapter_dir_that_is_not_a_local_folder_stops_start_up(
+        tmp_path: Path, folder: str, engine: str, message: str) -> None:
+    """A typo or an s3:// URL in --adapter-dir used to serve the base alone without a word:
+    the process stops while parsing its flags (before any model loads, and for --engine vllm
+    before it re-executes in the vLLM environment), with one line naming the folder."""
+    (tmp_path / "a-file").write_text("")
+    value = folder if "://" in folder else str(tmp_path / folder)
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", str(FIXTURE / "base"), "--adapter-dir", value,
+         "--engine", engine, "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"goat-serve: error: argument --adapter-dir: adapter folder {value!r}{message}")
+
+
+def test_engine_config_refuses_a_missing_adapter_dir(tmp_path: Path) -> None:
+    """Both engines are built from EngineConfig, which makes the same check for callers that
+    do not go through the command line."""
+    from goat_runtime.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=r"adapter folder .*nope' does not exist"):
+        EngineConfig(model_dir=FIXTURE / "base", adapter_dir=tmp_path / "nope")
+    assert EngineConfig(model_dir=FIXTURE / "base", adapter_dir=tmp_path).adapter_dir == tmp_path
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
