@@ -47,8 +47,8 @@ def _non_negative_float(text: str) -> float:
 
 
 def _adapter_dir(text: str) -> Path:
-    # Checked while parsing: before the default model is prepared, before --engine vllm
-    # re-executes, before any model loads.
+    # --adapter-dir and --adapter paths are checked while parsing: before the default model is
+    # prepared, before --engine vllm re-executes, before any model loads.
     from goat_runtime.engine.config import check_adapter_dir
 
     try:
@@ -62,7 +62,7 @@ def _named_adapter(text: str) -> tuple[str, Path]:
     if not sep or not path or not valid_name(name):
         raise argparse.ArgumentTypeError(
             f"expected NAME=PATH with NAME matching [A-Za-z0-9][A-Za-z0-9._-]*, got {text!r}")
-    return name, Path(path)
+    return name, _adapter_dir(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from goat_runtime.adapters.format import AdapterError
     from goat_runtime.engine.async_engine import AsyncEngine
     from goat_runtime.engine.config import EngineConfig
     from server.app import Settings, create_app, drain
@@ -195,7 +196,10 @@ def serve(args: argparse.Namespace) -> None:
 
         engine = build_engine(config, metrics, args.tensor_parallel_size)
     else:
-        engine = AsyncEngine(config, listener=metrics)
+        try:  # a pinned adapter that cannot be loaded: its message, not a traceback
+            engine = AsyncEngine(config, listener=metrics)
+        except AdapterError as exc:
+            raise SystemExit(f"goat-serve: error: {exc}") from exc
     app = create_app(engine, settings, metrics)
 
     class Server(uvicorn.Server):

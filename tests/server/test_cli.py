@@ -45,20 +45,24 @@ def test_help_explains_every_flag() -> None:
         assert flag in text, flag
 
 
-def test_parsing() -> None:
+def test_parsing(tmp_path: Path) -> None:
+    x, y = tmp_path / "x", tmp_path / "y"
+    x.mkdir(), y.mkdir()
     args = cli.build_parser().parse_args([
-        "/m", "--adapter", "a=/x", "--adapter", "b.1=/y", "--api-key", "k1", "--api-key", "k2",
-        "--kv-cache-memory", "2GiB", "--dtype", "bfloat16", "--max-queued-requests", "3",
+        "/m", "--adapter", f"a={x}", "--adapter", f"b.1={y}", "--api-key", "k1", "--api-key",
+        "k2", "--kv-cache-memory", "2GiB", "--dtype", "bfloat16", "--max-queued-requests", "3",
         "--allowed-adapter-root", "/r1", "--allowed-adapter-root", "/r2"])
     assert args.model_dir == Path("/m")
-    assert args.adapter == [("a", Path("/x")), ("b.1", Path("/y"))]
+    assert args.adapter == [("a", x), ("b.1", y)]
     assert args.api_key == ["k1", "k2"]
     assert args.kv_cache_memory == 2 << 30
     assert args.allowed_adapter_root == [Path("/r1"), Path("/r2")]
     defaults = cli.build_parser().parse_args([])
     assert (defaults.model_dir, defaults.host, defaults.port) == (None, "127.0.0.1", 8000)
     assert defaults.kv_cache_memory == 1 << 30 and defaults.max_queued_requests is None
-    for bad in (["--adapter", "no-equals"], ["--adapter", "../x=/p"], ["--max-loras", "0"],
+    for bad in (["--adapter", "no-equals"], ["--adapter", f"../x={x}"],
+                ["--adapter", f"a={tmp_path / 'missing'}"], ["--adapter", "a=s3://b/a"],
+                ["--max-loras", "0"],
                 ["--dtype", "float16"], ["--kv-cache-memory", "lots"],
                 ["--shutdown-timeout", "-1"]):
         with pytest.raises(SystemExit):
@@ -93,11 +97,12 @@ def test_default_model_and_demo_adapters(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(default_model, "default_model_dir", lambda: FIXTURE / "base")
     monkeypatch.setattr(async_engine, "AsyncEngine", Recorder)
     with pytest.raises(_Stop):
-        cli.main(["--max-loras", "2", "--adapter", "pinned=/p"])
+        cli.main(["--max-loras", "2", "--adapter", f"pinned={FIXTURE / 'adapters' / 'goat0'}"])
     config = captured["config"]
     assert config.model_dir == FIXTURE / "base" and config.base_name == "base"
     assert config.adapter_dir == REPO / "adapters"
-    assert config.adapters == {"pinned": Path("/p")} and config.max_loras == 2
+    assert config.adapters == {"pinned": FIXTURE / "adapters" / "goat0"}
+    assert config.max_loras == 2
     assert captured["listener"] is not None  # the metrics listen to the engine
     with pytest.raises(_Stop):
         cli.main([str(FIXTURE / "base"), "--served-model-name", "tiny"])
@@ -196,3 +201,16 @@ def test_python_m_server_drains_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_pinned_adapter_problems_are_one_line(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--adapter NAME=PATH: a missing folder is refused while parsing; a folder that is not an
+    adapter stops start-up with the loader's message, not a traceback."""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--adapter", f"a={tmp_path / 'missing'}"])
+    assert (f"argument --adapter: adapter folder {str(tmp_path / 'missing')!r} does not exist"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit, match=r"goat-serve: error: .*missing adapter_config\.json"):
+        cli.main([str(FIXTURE / "base"), "--adapter", f"a={tmp_path}", "--device", "cpu",
+                  "--kv-cache-memory", "8MiB"])
