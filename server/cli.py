@@ -46,12 +46,23 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _adapter_dir(text: str) -> Path:
+    # --adapter-dir and --adapter paths are checked while parsing: before the default model is
+    # prepared, before --engine vllm re-executes, before any model loads.
+    from goat_runtime.engine.config import check_adapter_dir
+
+    try:
+        return check_adapter_dir(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _named_adapter(text: str) -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not path or not valid_name(name):
         raise argparse.ArgumentTypeError(
             f"expected NAME=PATH with NAME matching [A-Za-z0-9][A-Za-z0-9._-]*, got {text!r}")
-    return name, Path(path)
+    return name, _adapter_dir(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base model directory (config, safetensors, tokenizer). Default: the "
                         "embedded SmolLM2-135M-Instruct, with the repository's demo adapters")
     g = p.add_argument_group("adapters")
-    g.add_argument("--adapter-dir", type=Path, metavar="DIR",
-                   help="folder of adapter folders, served by folder name and loaded on first "
-                        "use")
+    g.add_argument("--adapter-dir", type=_adapter_dir, metavar="DIR",
+                   help="local folder of adapter folders, served by folder name and loaded on "
+                        "first use (must exist; object storage is not supported yet)")
     g.add_argument("--adapter", action="append", type=_named_adapter, default=[],
                    metavar="NAME=PATH", help="preload and pin an adapter (repeatable)")
     g.add_argument("--allowed-adapter-root", action="append", type=Path, default=[],
@@ -144,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from goat_runtime.adapters.format import AdapterError
     from goat_runtime.engine.async_engine import AsyncEngine
     from goat_runtime.engine.config import EngineConfig
     from server.app import Settings, create_app, drain
@@ -184,7 +196,10 @@ def serve(args: argparse.Namespace) -> None:
 
         engine = build_engine(config, metrics, args.tensor_parallel_size)
     else:
-        engine = AsyncEngine(config, listener=metrics)
+        try:  # a pinned adapter that cannot be loaded: its message, not a traceback
+            engine = AsyncEngine(config, listener=metrics)
+        except AdapterError as exc:
+            raise SystemExit(f"goat-serve: error: {exc}") from exc
     app = create_app(engine, settings, metrics)
 
     class Server(uvicorn.Server):

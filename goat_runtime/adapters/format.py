@@ -35,6 +35,26 @@ _UNSUPPORTED_OPTIONS = {
     "trainable_token_indices": (None,),
 }
 
+# PEFT LoRA initialisations that leave the base weights as they are: the saved adapter is the
+# whole delta. (EVA sets A from activations and zeroes B; "orthogonal" keeps the base too.)
+_BASE_PRESERVING_INITS = (True, False, None, "gaussian", "orthogonal", "eva")
+# Those that subtract their initial B A from the base weight (or, LoftQ, quantise it) when the
+# adapter is created: the saved factors are a delta from that changed base, which PEFT makes
+# again at load and goat-serve does not. Prefix -> how to turn the adapter into a plain LoRA.
+_CONVERT = ("convert it to a plain LoRA adapter with PEFT: save_pretrained(OUTPUT_DIR, "
+            "path_initial_model_for_weight_conversion=INITIAL_ADAPTER_DIR), where "
+            "INITIAL_ADAPTER_DIR holds the adapter as initialised, before training; the result "
+            "has rank 2r and init_lora_weights=true")
+_BASE_CHANGING_INITS = {
+    "pissa": _CONVERT,  # also pissa_niter_<n>
+    "olora": _CONVERT,
+    "corda": _CONVERT,
+    "loftq": ("serve it on the base model LoftQ produced (PEFT's LoftQ recipe saves that base "
+              "beside the adapter) with init_lora_weights set to true in this config"),
+    "lora_ga": ("serve it on the base model LoRA-GA produced, saved after initialisation, with "
+                "init_lora_weights set to true in this config"),
+}
+
 
 class AdapterError(ValueError):
     """An adapter directory that cannot be served; the message says where and why."""
@@ -140,6 +160,16 @@ def load_adapter(path: str | Path, base_linears: dict[str, tuple[int, int]], *,
                               scale_override)
         signature = None
     leftover = sorted(tensors.keys() - _used_keys(tensors, layers, peft_type))
+    excluded = sorted(m for m in _excluded_modules(config, config_file, base_linears)
+                      if any(k.startswith(f"{KEY_PREFIX}{m}.") for k in leftover))
+    if excluded:
+        # PEFT never creates the adapter layer there and ignores such tensors; a file that
+        # carries them contradicts its own config, so which of the two is meant is unknown.
+        raise AdapterError(
+            f"{weights_file}: has tensors for {excluded[0]} ({len(excluded)} module(s) in "
+            f"all), which {config_file.name}'s exclude_modules "
+            f"{config.get('exclude_modules')!r} excludes from the adapter; remove those tensors "
+            f"or the exclude_modules entry")
     if leftover:
         raise AdapterError(
             f"{weights_file}: unexpected key {leftover[0]!r} ({len(leftover)} unexpected in "
@@ -182,6 +212,7 @@ def _check_options(config: dict, config_file: Path, peft_type: str) -> None:
         value = config.get(key)
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise AdapterError(f"{config_file}: {key} must be a positive number, found {value!r}")
+    _check_init(config.get("init_lora_weights", True), config_file, peft_type)
     if peft_type == "GOAT":
         if config.get("use_rslora"):
             raise AdapterError(f"{config_file}: use_rslora is not supported for GOAT adapters "
@@ -209,31 +240,83 @@ def _check_options(config: dict, config_file: Path, peft_type: str) -> None:
                 f"{config_file}: init_cof must be a number, found {config.get('init_cof')!r}")
 
 
+def _check_init(init: object, config_file: Path, peft_type: str) -> None:
+    """Refuse an init_lora_weights that changed the base weights the adapter was trained on."""
+    name = init.lower() if isinstance(init, str) else init
+    if name in _BASE_PRESERVING_INITS:
+        return
+    prefix = next((p for p in _BASE_CHANGING_INITS if isinstance(name, str)
+                   and name.startswith(p)), None)
+    if prefix is None:
+        raise AdapterError(
+            f"{config_file}: init_lora_weights={init!r} is not supported (supported: "
+            f"{', '.join(repr(i) for i in _BASE_PRESERVING_INITS)})")
+    how = (_BASE_CHANGING_INITS[prefix] if peft_type == "LORA"
+           else "GOAT adapters are initialised by init_type (goat or goat_mini) and this "
+                "combination is not one goat-serve reproduces")
+    raise AdapterError(
+        f"{config_file}: init_lora_weights={init!r} is not supported: this initialisation "
+        f"changes the base weights, so the saved adapter is a delta from a base goat-serve does "
+        f"not have; {how}")
+
+
+def _module_matches(spec: str | list, module: str) -> bool:
+    """PEFT's rule for target_modules and exclude_modules: a string is a regular expression
+    the whole module name must match; a list matches a module named exactly as an entry or
+    ending in '.' + an entry."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return any(module == name or module.endswith("." + name) for name in spec)
+
+
+def _modules_option(config: dict, config_file: Path, key: str) -> str | list[str] | None:
+    """target_modules / exclude_modules: a regex string, a list of names, or None."""
+    value = config.get(key)
+    if value is None or isinstance(value, str) or (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise AdapterError(f"{config_file}: {key} {value!r} is not a valid regular "
+                                   f"expression: {exc}") from None
+        return value
+    raise AdapterError(f"{config_file}: {key} must be a list of module names or a regex "
+                       f"string, found {value!r}")
+
+
+def _excluded_modules(config: dict, config_file: Path,
+                      base_linears: dict[str, tuple[int, int]]) -> set[str]:
+    """The base Linear layers the config's exclude_modules keeps unadapted."""
+    exclude = _modules_option(config, config_file, "exclude_modules")
+    return {m for m in base_linears if exclude and _module_matches(exclude, m)}
+
+
 def _match_targets(config: dict, config_file: Path,
                    base_linears: dict[str, tuple[int, int]]) -> list[str]:
-    """PEFT's rule: a list matches a module whose name is, or ends with '.', a listed name; a
-    string is a regular expression the whole module name must match."""
-    target_modules = config.get("target_modules")
-    if isinstance(target_modules, str):
-        targets = [m for m in base_linears if re.fullmatch(target_modules, m)]
-        wanted = [target_modules]
-    elif isinstance(target_modules, list) and target_modules:
-        targets = [m for m in base_linears
-                   if any(m == t or m.endswith("." + t) for t in target_modules)]
-        wanted = target_modules
-    else:
+    """The base Linear layers the adapter adapts, by PEFT's rule: those target_modules matches
+    that exclude_modules does not."""
+    target_modules = _modules_option(config, config_file, "target_modules")
+    if not target_modules:
         raise AdapterError(
             f"{config_file}: target_modules must be a non-empty list or a regex string, found "
             f"{target_modules!r}")
-    for target in wanted if isinstance(target_modules, list) else []:
-        if not any(m == target or m.endswith("." + target) for m in base_linears):
+    for target in target_modules if isinstance(target_modules, list) else []:
+        if not any(_module_matches([target], m) for m in base_linears):
             raise AdapterError(
                 f"{config_file}: target module {target!r} matches no Linear layer of the base "
                 f"model (its Linear layers end with: "
                 f"{', '.join(sorted({m.rsplit('.', 1)[-1] for m in base_linears}))})")
+    matched = [m for m in base_linears if _module_matches(target_modules, m)]
+    if not matched:
+        raise AdapterError(f"{config_file}: target_modules {target_modules!r} match no Linear "
+                           f"layer of the base model")
+    excluded = _excluded_modules(config, config_file, base_linears)
+    targets = [m for m in matched if m not in excluded]
     if not targets:
-        raise AdapterError(f"{config_file}: target_modules {wanted!r} match no Linear layer "
-                           f"of the base model")
+        raise AdapterError(
+            f"{config_file}: exclude_modules {config.get('exclude_modules')!r} excludes every "
+            f"module target_modules {target_modules!r} matches; nothing is left to adapt")
     return targets
 
 
@@ -344,12 +427,9 @@ def _goat_layers(config, config_file, weights_file, tensors, targets, base_linea
     rank, num_experts, top_k = config["r"], config["num_experts"], config["top_k"]
     expert_rank = rank // num_experts
     init_type = config["init_type"]
-    if scale_override is not None:
-        scale = scale_override
-    elif "rs" in init_type:
-        scale = config["lora_alpha"] / math.sqrt(expert_rank)
-    else:
-        scale = config["lora_alpha"] / expert_rank
+    # _check_options admits only goat / goat_mini (no rsLoRA scale) and no patterns
+    scale = scale_override if scale_override is not None else lora_scale(
+        config["lora_alpha"], expert_rank)
     layers = {}
     for module in targets:
         d_out, d_in = base_linears[module]
@@ -379,6 +459,12 @@ def _goat_layers(config, config_file, weights_file, tensors, targets, base_linea
     return layers, signature
 
 
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    """PEFT's scale: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (for GOAT, r is the
+    expert rank)."""
+    return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the module's name."""
     for key, value in patterns.items():
@@ -397,10 +483,8 @@ def _lora_layers(config, config_file, weights_file, tensors, targets, base_linea
         if not isinstance(rank, int) or rank < 1:
             raise AdapterError(f"{config_file}: rank for {module} must be a positive integer, "
                                f"found {rank!r}")
-        if scale_override is not None:
-            scale = scale_override
-        else:
-            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        scale = scale_override if scale_override is not None else lora_scale(
+            alpha, rank, bool(config.get("use_rslora")))
         prefix = KEY_PREFIX + module
         a_key, b_key = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
         _check(tensors, weights_file, a_key, (rank, d_in))

@@ -30,6 +30,7 @@ from goat_runtime.adapters.format import (
     InitSignature,
     _read_config,
     load_adapter,
+    lora_scale,
 )
 
 DEFAULT_MAX_RANK = 64  # the server's default --max-lora-rank
@@ -43,13 +44,13 @@ _KEY = re.compile(
 def inspect_adapter(path: str | Path) -> dict[str, Any]:
     """Describe the adapter directory `path` from its config and safetensors header.
 
-    Keys: name, path, kind ("GOAT" or "LORA"), base_model_name_or_path, target_modules (as the
-    config gives them), modules (adapted module names found in the weights), rank (total, all
-    experts), lora_alpha, scale, num_experts, top_k, expert_rank and init_signature (GOAT; None
-    for LoRA), use_rslora, rank_pattern, alpha_pattern, dtypes, num_tensors, num_parameters
-    (what the server loads; GOAT's duplicate moe_layer copies excluded), stored_parameters,
-    size_bytes (of the weights file). Raises AdapterError if the directory is not a readable
-    GOAT or LoRA adapter.
+    Keys: name, path, kind ("GOAT" or "LORA"), base_model_name_or_path, target_modules and
+    exclude_modules (as the config gives them; None when it excludes nothing), modules
+    (adapted module names found in the weights), rank (total, all experts), lora_alpha, scale,
+    num_experts, top_k, expert_rank and init_signature (GOAT; None for LoRA), use_rslora,
+    rank_pattern, alpha_pattern, dtypes, num_tensors, num_parameters (what the server loads;
+    GOAT's duplicate moe_layer copies excluded), stored_parameters, size_bytes (of the weights
+    file). Raises AdapterError if the directory is not a readable GOAT or LoRA adapter.
     """
     path = Path(path)
     config = _read_config(path)
@@ -79,6 +80,7 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
         "kind": kind,
         "base_model_name_or_path": str(config.get("base_model_name_or_path") or ""),
         "target_modules": config.get("target_modules"),
+        "exclude_modules": config.get("exclude_modules") or None,
         "modules": sorted(modules, key=_module_sort_key),
         "rank": rank,
         "lora_alpha": alpha,
@@ -106,17 +108,15 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
                                f"num_experts={num_experts}")
         expert_rank = rank // num_experts
         init_type, init_cof = config.get("init_type"), config.get("init_cof")
-        # format.load_adapter's rule: "rs" init types scale by alpha / sqrt(expert rank).
-        divisor = math.sqrt(expert_rank) if "rs" in str(init_type) else expert_rank
         info.update(num_experts=num_experts, top_k=top_k, expert_rank=expert_rank,
-                    scale=alpha / divisor)
+                    scale=lora_scale(alpha, expert_rank))
         if isinstance(init_cof, int | float) and not isinstance(init_cof, bool):
             signature = InitSignature(rank, num_experts, str(init_type), float(init_cof))
             info["init_signature"] = {"rank": rank, "num_experts": num_experts,
                                       "init_type": init_type, "init_cof": float(init_cof),
                                       "slug": signature.slug()}
     else:
-        info["scale"] = alpha / (math.sqrt(rank) if info["use_rslora"] else rank)
+        info["scale"] = lora_scale(alpha, rank, info["use_rslora"])
     return info
 
 
@@ -246,6 +246,12 @@ def _format_inspect(info: dict[str, Any]) -> str:
         ("path", info["path"]),
         ("base model", info["base_model_name_or_path"] or "(not recorded)"),
         ("target modules", f"{targets} ({len(info['modules'])} modules in the weights)"),
+    ]
+    if info["exclude_modules"]:
+        excluded = info["exclude_modules"]
+        rows.append(("excluded", ", ".join(map(str, excluded)) if isinstance(excluded, list)
+                     else f"regex {excluded!r}"))
+    rows += [
         ("rank", rank),
         ("scale", scale),
     ]

@@ -1,9 +1,29 @@
 """EngineConfig: everything the engine is built from (the server's flags map onto it)."""
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where used: the command line checks flags without it
+    import torch
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """The adapter folder `path`, or ValueError naming it if it is not a local folder (a typo
+    would otherwise serve the base alone without a word)."""
+    text = str(path)
+    if _URL.match(text):
+        raise ValueError(f"adapter folder {text!r}: object storage and URLs are not supported "
+                         f"yet; give a local folder (copy the adapters there first)")
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"adapter folder {text!r} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"adapter folder {text!r} is not a folder")
+    return path
 
 
 @dataclass
@@ -32,7 +52,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)
         if self.adapter_dir is not None:
-            self.adapter_dir = Path(self.adapter_dir)
+            self.adapter_dir = check_adapter_dir(self.adapter_dir)
         self.adapters = {name: Path(p) for name, p in self.adapters.items()}
         for name in ("max_loras", "max_cpu_adapters", "max_lora_rank", "max_num_seqs",
                      "max_num_batched_tokens", "block_size"):
@@ -47,7 +67,9 @@ class EngineConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
     @property
-    def torch_device(self) -> torch.device:
+    def torch_device(self) -> "torch.device":
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -55,7 +77,9 @@ class EngineConfig:
         return torch.device(self.device)
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self) -> "torch.dtype":
+        import torch
+
         if self.dtype == "auto":
             # bfloat16 matmul is ~100x slower than float32 on CPUs without AVX-512 BF16.
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32

@@ -2,6 +2,7 @@
 fails with a message that says which file, which key, what was expected and what was found."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -292,3 +293,127 @@ def test_header_only_checks_do_not_need_every_tensor(tmp_path):
     key = f"{Q0}.moe_layer.experts.0.lora_A.weight"
     edit_tensors(path, lambda t: t.update({key: t[key].to(torch.int8)}))
     expect_error(path, "adapter_model.safetensors", key, "expected a floating point tensor")
+
+
+# exclude_modules: PEFT's rule (a regex string the whole name must match, or names matched
+# exactly or as a '.'-suffix); an excluded module is not adapted even where target_modules
+# matches it.
+
+def drop_tensors(path: Path, modules: set[str]) -> None:
+    """Remove the tensors of `modules`, as PEFT saves an adapter that excludes them."""
+    def module_of(key: str) -> str:
+        return re.sub(r"\.(lora_|moe_layer\.).*", "", key.removeprefix("base_model.model."))
+
+    def drop(tensors):
+        for key in [k for k in tensors if module_of(k) in modules]:
+            del tensors[key]
+
+    edit_tensors(path, drop)
+
+
+@pytest.mark.parametrize("kind", ["lora0", "goat0"])
+@pytest.mark.parametrize(("exclude", "excluded"), [
+    (["down_proj", "model.layers.0.self_attn.q_proj"],
+     {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
+      "model.layers.0.self_attn.q_proj"}),
+    (r"model\.layers\.1\..*", {m for m in BASE_LINEARS if m.startswith("model.layers.1.")}),
+])
+def test_excluded_modules_are_not_adapted(tmp_path, kind, exclude, excluded):
+    path = copy_adapter(kind, tmp_path)
+    drop_tensors(path, excluded)
+    edit_config(path, exclude_modules=exclude)
+    adapter = load_adapter(path, BASE_LINEARS)
+    assert set(adapter.layers) == set(BASE_LINEARS) - {"lm_head"} - excluded
+    full = load_adapter(FIXTURE / "adapters" / kind, BASE_LINEARS)
+    for module, layer in adapter.layers.items():
+        assert torch.equal(layer.lora_b, full.layers[module].lora_b)
+
+
+def test_excluded_module_has_no_delta_in_the_model(tmp_path):
+    """Served through the routed op: excluding a module gives the logits of the same adapter
+    with that module's delta zeroed, and differs from the adapter without the exclusion."""
+    from goat_runtime.ops.reference import add_routed_lora_reference
+    from tests.adapters.adapted_model import AdaptedModel
+
+    excluded = {"model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"}
+    path = copy_adapter("lora0", tmp_path / "excluding")
+    drop_tensors(path, excluded)
+    edit_config(path, exclude_modules=sorted(excluded))
+    zeroed = copy_adapter("lora0", tmp_path / "zeroed")
+    edit_tensors(zeroed, lambda t: t.update({
+        f"base_model.model.{m}.lora_B.weight": torch.zeros_like(
+            t[f"base_model.model.{m}.lora_B.weight"]) for m in excluded}))
+    model = AdaptedModel([path, zeroed, FIXTURE / "adapters" / "lora0"],
+                         add_routed_lora_reference)
+    ids = torch.tensor([5, 17, 42, 99, 3, 250, 8])
+    got, want, full = (model.logits(ids, slot) for slot in range(3))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert (got - full).abs().max() > 1e-3
+
+
+def test_tensors_for_an_excluded_module_are_refused(tmp_path):
+    """PEFT never creates the layer and ignores such tensors (load_state_dict strict=False);
+    the file contradicts its config, so it is refused like any other unexpected key."""
+    path = copy_adapter("lora0", tmp_path)
+    edit_config(path, exclude_modules=["model.layers.1.mlp.down_proj"])
+    expect_error(path, "adapter_model.safetensors", "model.layers.1.mlp.down_proj",
+                 "exclude_modules ['model.layers.1.mlp.down_proj'] excludes")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]},
+     "excludes every module target_modules ['q_proj'] matches"),
+    ({"target_modules": ["q_proj"], "exclude_modules": r".*q_proj"},
+     "excludes every module"),
+    ({"exclude_modules": 3}, "exclude_modules must be a list of module names or a regex string"),
+    ({"exclude_modules": "(q_proj"}, "exclude_modules '(q_proj' is not a valid regular"),
+    ({"target_modules": [1, 2]}, "target_modules must be a list of module names or a regex"),
+])
+def test_bad_exclude_modules(tmp_path, changes, message):
+    path = copy_adapter("lora0", tmp_path)
+    edit_config(path, **changes)
+    expect_error(path, "adapter_config.json", message)
+
+
+def test_unused_exclude_modules_are_harmless(tmp_path):
+    path = copy_adapter("lora0", tmp_path)
+    edit_config(path, exclude_modules=["lm_head", "embed_tokens"])  # PEFT only warns
+    assert len(load_adapter(path, BASE_LINEARS).layers) == 14
+
+
+# init_lora_weights: the initialisations that change the base weights are refused; the others
+# leave the base alone, so the saved factors are the whole delta.
+
+@pytest.mark.parametrize("init", [True, False, None, "gaussian", "eva", "orthogonal"])
+def test_base_preserving_inits_load(tmp_path, init):
+    path = copy_adapter("lora0", tmp_path)
+    edit_config(path, init_lora_weights=init)
+    assert len(load_adapter(path, BASE_LINEARS).layers) == 14
+
+
+@pytest.mark.parametrize(("init", "how"), [
+    ("pissa", "path_initial_model_for_weight_conversion"),
+    ("pissa_niter_16", "path_initial_model_for_weight_conversion"),
+    ("olora", "path_initial_model_for_weight_conversion"),
+    ("OLoRA", "path_initial_model_for_weight_conversion"),
+    ("corda", "path_initial_model_for_weight_conversion"),
+    ("loftq", "the base model LoftQ produced"),
+    ("lora_ga", "the base model LoRA-GA produced"),
+])
+def test_base_changing_inits_are_refused(tmp_path, init, how):
+    path = copy_adapter("lora0", tmp_path)
+    edit_config(path, init_lora_weights=init)
+    expect_error(path, "adapter_config.json", f"init_lora_weights={init!r} is not supported",
+                 "changes the base weights", how)
+
+
+def test_goat_with_a_base_changing_init_is_refused(tmp_path):
+    path = copy_adapter("goat0", tmp_path)
+    edit_config(path, init_lora_weights="pissa")
+    expect_error(path, "init_lora_weights='pissa' is not supported", "init_type")
+
+
+def test_unknown_init_is_refused(tmp_path):
+    path = copy_adapter("lora0", tmp_path)
+    edit_config(path, init_lora_weights="magic")
+    expect_error(path, "init_lora_weights='magic' is not supported (supported: True, False")

@@ -199,3 +199,30 @@ def test_cli_validate(capsys, tmp_path):
     assert main(["validate", str(ADAPTERS / "goat0"), "--model", str(base), "--json"]) == 1
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] is False and "expected" in result["error"]
+
+
+def test_cli_validate_reports_config_refusals(capsys, tmp_path):
+    """validate goes through load_adapter: a base-changing init and tensors for an excluded
+    module are reported as the server would refuse them."""
+    pissa = copy_dir(ADAPTERS / "lora0", tmp_path / "pissa")
+    edit_json(pissa / "adapter_config.json", init_lora_weights="pissa_niter_4")
+    assert main(["validate", str(pissa), "--model", str(BASE)]) == 1
+    err = capsys.readouterr().err
+    assert "init_lora_weights='pissa_niter_4' is not supported" in err
+    assert "path_initial_model_for_weight_conversion" in err
+    excluding = copy_dir(ADAPTERS / "lora0", tmp_path / "excluding")
+    edit_json(excluding / "adapter_config.json", exclude_modules=r".*\.0\.self_attn\.q_proj")
+    assert main(["validate", str(excluding), "--model", str(BASE), "--json"]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is False
+    assert "model.layers.0.self_attn.q_proj" in result["error"]
+    assert "exclude_modules" in result["error"]
+
+
+def test_cli_inspect_shows_exclude_modules(capsys, tmp_path):
+    path = copy_dir(ADAPTERS / "lora0", tmp_path / "lora")
+    edit_json(path / "adapter_config.json", exclude_modules=["down_proj", "model.x.q_proj"])
+    assert inspect_adapter(path)["exclude_modules"] == ["down_proj", "model.x.q_proj"]
+    assert inspect_adapter(ADAPTERS / "lora0")["exclude_modules"] is None
+    assert main(["inspect", str(path)]) == 0
+    assert "excluded        down_proj, model.x.q_proj" in capsys.readouterr().out

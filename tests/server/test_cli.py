@@ -45,20 +45,24 @@ def test_help_explains_every_flag() -> None:
         assert flag in text, flag
 
 
-def test_parsing() -> None:
+def test_parsing(tmp_path: Path) -> None:
+    x, y = tmp_path / "x", tmp_path / "y"
+    x.mkdir(), y.mkdir()
     args = cli.build_parser().parse_args([
-        "/m", "--adapter", "a=/x", "--adapter", "b.1=/y", "--api-key", "k1", "--api-key", "k2",
-        "--kv-cache-memory", "2GiB", "--dtype", "bfloat16", "--max-queued-requests", "3",
+        "/m", "--adapter", f"a={x}", "--adapter", f"b.1={y}", "--api-key", "k1", "--api-key",
+        "k2", "--kv-cache-memory", "2GiB", "--dtype", "bfloat16", "--max-queued-requests", "3",
         "--allowed-adapter-root", "/r1", "--allowed-adapter-root", "/r2"])
     assert args.model_dir == Path("/m")
-    assert args.adapter == [("a", Path("/x")), ("b.1", Path("/y"))]
+    assert args.adapter == [("a", x), ("b.1", y)]
     assert args.api_key == ["k1", "k2"]
     assert args.kv_cache_memory == 2 << 30
     assert args.allowed_adapter_root == [Path("/r1"), Path("/r2")]
     defaults = cli.build_parser().parse_args([])
     assert (defaults.model_dir, defaults.host, defaults.port) == (None, "127.0.0.1", 8000)
     assert defaults.kv_cache_memory == 1 << 30 and defaults.max_queued_requests is None
-    for bad in (["--adapter", "no-equals"], ["--adapter", "../x=/p"], ["--max-loras", "0"],
+    for bad in (["--adapter", "no-equals"], ["--adapter", f"../x={x}"],
+                ["--adapter", f"a={tmp_path / 'missing'}"], ["--adapter", "a=s3://b/a"],
+                ["--max-loras", "0"],
                 ["--dtype", "float16"], ["--kv-cache-memory", "lots"],
                 ["--shutdown-timeout", "-1"]):
         with pytest.raises(SystemExit):
@@ -93,11 +97,12 @@ def test_default_model_and_demo_adapters(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(default_model, "default_model_dir", lambda: FIXTURE / "base")
     monkeypatch.setattr(async_engine, "AsyncEngine", Recorder)
     with pytest.raises(_Stop):
-        cli.main(["--max-loras", "2", "--adapter", "pinned=/p"])
+        cli.main(["--max-loras", "2", "--adapter", f"pinned={FIXTURE / 'adapters' / 'goat0'}"])
     config = captured["config"]
     assert config.model_dir == FIXTURE / "base" and config.base_name == "base"
     assert config.adapter_dir == REPO / "adapters"
-    assert config.adapters == {"pinned": Path("/p")} and config.max_loras == 2
+    assert config.adapters == {"pinned": FIXTURE / "adapters" / "goat0"}
+    assert config.max_loras == 2
     assert captured["listener"] is not None  # the metrics listen to the engine
     with pytest.raises(_Stop):
         cli.main([str(FIXTURE / "base"), "--served-model-name", "tiny"])
@@ -105,6 +110,39 @@ def test_default_model_and_demo_adapters(monkeypatch: pytest.MonkeyPatch) -> Non
     assert captured["config"].base_name == "tiny"
     with pytest.raises(SystemExit, match="max_cpu_adapters"):
         cli.main([str(FIXTURE / "base"), "--max-loras", "8", "--max-cpu-adapters", "2"])
+
+
+@pytest.mark.parametrize(("folder", "engine", "message"), [
+    ("typo", "goat", " does not exist"),
+    ("s3://bucket/adapters", "vllm", ": object storage and URLs are not supported yet; give a "
+                                     "local folder (copy the adapters there first)"),
+    ("a-file", "goat", " is not a folder"),
+])
+def test_adapter_dir_that_is_not_a_local_folder_stops_start_up(
+        tmp_path: Path, folder: str, engine: str, message: str) -> None:
+    """A typo or an s3:// URL in --adapter-dir used to serve the base alone without a word:
+    the process stops while parsing its flags (before any model loads, and for --engine vllm
+    before it re-executes in the vLLM environment), with one line naming the folder."""
+    (tmp_path / "a-file").write_text("")
+    value = folder if "://" in folder else str(tmp_path / folder)
+    proc = subprocess.run(
+        [sys.executable, "-m", "server", str(FIXTURE / "base"), "--adapter-dir", value,
+         "--engine", engine, "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"goat-serve: error: argument --adapter-dir: adapter folder {value!r}{message}")
+
+
+def test_engine_config_refuses_a_missing_adapter_dir(tmp_path: Path) -> None:
+    """Both engines are built from EngineConfig, which makes the same check for callers that
+    do not go through the command line."""
+    from goat_runtime.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=r"adapter folder .*nope' does not exist"):
+        EngineConfig(model_dir=FIXTURE / "base", adapter_dir=tmp_path / "nope")
+    assert EngineConfig(model_dir=FIXTURE / "base", adapter_dir=tmp_path).adapter_dir == tmp_path
 
 
 def _free_port() -> int:
@@ -163,3 +201,16 @@ def test_python_m_server_drains_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_pinned_adapter_problems_are_one_line(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """--adapter NAME=PATH: a missing folder is refused while parsing; a folder that is not an
+    adapter stops start-up with the loader's message, not a traceback."""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--adapter", f"a={tmp_path / 'missing'}"])
+    assert (f"argument --adapter: adapter folder {str(tmp_path / 'missing')!r} does not exist"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit, match=r"goat-serve: error: .*missing adapter_config\.json"):
+        cli.main([str(FIXTURE / "base"), "--adapter", f"a={tmp_path}", "--device", "cpu",
+                  "--kv-cache-memory", "8MiB"])
