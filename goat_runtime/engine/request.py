@@ -54,6 +54,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of its full, computed blocks
     num_cached_hits: int = 0  # prompt tokens served from the prefix cache (last admission)
     passed_over: int = 0  # times a later sequence was admitted while this one waited for a slot
+    cache_key: str | None = None  # its adapter load's prefix-cache key, fixed at admission
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     detokenizer: object = None  # IncrementalDetokenizer, attached by the engine

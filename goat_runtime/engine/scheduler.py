@@ -11,6 +11,9 @@ adapter, the one with the fewest running sequences, is drained (no new sequence 
 admitted) until its last one finishes and its slot goes to the waiting adapter; the others keep
 the batch full meanwhile. A sequence whose KV blocks do not fit stops admission at once (it is
 never passed over). Adapters still loading from disk do not hold anything up.
+
+An exception while a sequence is given its blocks is charged to it: it is recorded in `faults`
+(the engine fails its request) and scheduling goes on for the others.
 """
 
 from collections import Counter, deque
@@ -47,6 +50,8 @@ class Scheduler:
         self.num_preemptions = 0
         # The held adapter admitting nothing new until it frees its slot for one passed over.
         self.draining: str | None = None
+        # Sequences whose scheduling raised, with the exception, until the engine takes them.
+        self.faults: list[tuple[Sequence, Exception]] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -67,17 +72,20 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:  # preempted below for an older one
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self._grow(seq, n):
-                victim = next((s for s in reversed(self.running) if id(s) not in scheduled_ids),
-                              None)
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            else:
-                scheduled.append(ScheduledSeq(seq, n))
-                scheduled_ids.add(id(seq))
-                budget -= n
+            try:
+                while not self._grow(seq, n):
+                    victim = next((s for s in reversed(self.running)
+                                   if id(s) not in scheduled_ids), None)
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                else:
+                    scheduled.append(ScheduledSeq(seq, n))
+                    scheduled_ids.add(id(seq))
+                    budget -= n
+            except Exception as exc:  # charged to this sequence's request
+                self.faults.append((seq, exc))
         if not preempted:
             scheduled += self._admit(budget)
         return scheduled
@@ -110,7 +118,12 @@ class Scheduler:
             if name is not None and name == self.draining:
                 kept.append(seq)
                 continue
-            n = self._start(seq, budget)
+            try:
+                n = self._start(seq, budget)
+            except Exception as exc:  # charged to this sequence's request
+                kept.append(seq)  # holding what it got: the engine finishes it
+                self.faults.append((seq, exc))
+                continue
             if n == 0:  # its KV blocks do not fit: first come, first served
                 kept.append(seq)
                 stop = True
@@ -129,29 +142,28 @@ class Scheduler:
     def _start(self, seq: Sequence, budget: int) -> int:
         """Give a waiting sequence its cached prefix blocks and the blocks of its first chunk;
         returns the chunk's size, 0 (holding nothing) if the blocks do not fit."""
-        hits: list[int] = []
-        hashes: list[bytes] = []
-        request = seq.request
-        if self.config.enable_prefix_caching and request.params.prompt_logprobs is None:
+        # Hits go straight into seq.blocks, so that whatever happens they are freed with it.
+        seq.blocks, seq.block_hashes = [], []
+        seq.num_computed_tokens = seq.num_cached_hits = 0
+        # The key of the adapter's current load, fixed for as long as the sequence holds blocks.
+        seq.cache_key = self._cache_key(seq)
+        if self.config.enable_prefix_caching and seq.request.params.prompt_logprobs is None:
             bs = self.config.block_size
             tokens = seq.token_ids
-            key = self._cache_key(seq)
             parent = None
             # Never the last token: its logits are needed, so at least one token is computed.
             for i in range((len(tokens) - 1) // bs):
-                parent = block_hash(parent, key, tokens[i * bs : (i + 1) * bs])
+                parent = block_hash(parent, seq.cache_key, tokens[i * bs : (i + 1) * bs])
                 block = self.allocator.lookup(parent)
                 if block is None:
                     break
-                hits.append(block)
-                hashes.append(parent)
-        seq.blocks, seq.block_hashes = hits, hashes
-        seq.num_computed_tokens = seq.num_cached_hits = len(hits) * self.config.block_size
+                seq.blocks.append(block)
+                seq.block_hashes.append(parent)
+        seq.num_computed_tokens = seq.num_cached_hits = len(seq.blocks) * self.config.block_size
         n = min(seq.num_tokens - seq.num_computed_tokens, budget)
         if not self._grow(seq, n):
-            self.allocator.free(hits)
-            seq.blocks, seq.block_hashes = [], []
-            seq.num_computed_tokens = seq.num_cached_hits = 0
+            self._release_blocks(seq)
+            seq.num_cached_hits = 0
             return 0
         return n
 
@@ -181,11 +193,13 @@ class Scheduler:
             return
         bs = self.config.block_size
         tokens = seq.token_ids
-        key = self._cache_key(seq)
+        if seq.cache_key is None:
+            raise RuntimeError(f"sequence {seq.index} of request {seq.request.request_id} has "
+                               "no prefix-cache key: it was never admitted")
         while len(seq.block_hashes) < seq.num_computed_tokens // bs:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            digest = block_hash(parent, key, tokens[i * bs : (i + 1) * bs])
+            digest = block_hash(parent, seq.cache_key, tokens[i * bs : (i + 1) * bs])
             seq.block_hashes.append(digest)
             self.allocator.register(seq.blocks[i], digest)
 
@@ -203,6 +217,17 @@ class Scheduler:
         seq.blocks, seq.block_hashes = [], []
         seq.num_computed_tokens = 0
 
+    def take_faults(self) -> list[tuple[Sequence, Exception]]:
+        faults, self.faults = self.faults, []
+        return faults
+
     def _cache_key(self, seq: Sequence) -> str:
-        host = self.adapters.get(seq.adapter) if seq.adapter is not None else None
-        return host.cache_key if host is not None else ""
+        """The prefix-cache key of the sequence's adapter as loaded now ("name#load_id"); the
+        base's, "", only for the base, never as a fallback for an adapter (its K/V differ)."""
+        if seq.adapter is None:
+            return ""
+        host = self.adapters.get(seq.adapter)
+        if host is None:
+            raise RuntimeError(f"adapter {seq.adapter} is not loaded: its sequences cannot be "
+                               "admitted (no prefix-cache key)")
+        return host.cache_key

@@ -2,10 +2,11 @@
 forever, and freeing a slot for it drains one adapter, not the whole batch."""
 
 import itertools
+from types import SimpleNamespace
 
 import torch
 
-from goat_runtime.engine.kv_cache import BlockAllocator
+from goat_runtime.engine.kv_cache import BlockAllocator, block_hash
 from goat_runtime.engine.request import Request, Sequence, SequenceStatus
 from goat_runtime.engine.sampling import SamplingParams
 from goat_runtime.engine.scheduler import Scheduler, SchedulerConfig
@@ -19,12 +20,20 @@ class ResidentAdapters:
 
     def __init__(self, max_loras: int):
         self.max_loras = max_loras
+        self.load_id = 1
 
     def status(self, name: str) -> str:
         return "ready"
 
     def can_bind(self, names, extra: str) -> bool:
         return extra in names or len(names) < self.max_loras
+
+    def get(self, name):
+        return SimpleNamespace(cache_key=f"{name}#{self.load_id}")
+
+
+class LostAdapters(ResidentAdapters):
+    """Adapters reported ready whose host entry is gone by the time the scheduler asks."""
 
     def get(self, name):
         return None
@@ -52,6 +61,7 @@ def step(scheduler: Scheduler) -> list[Sequence]:
     """One engine step without a model: each scheduled sequence that reaches its end gets a
     token; sequences with OUTPUT_LEN tokens finish. Returns the sequences that ran."""
     items = scheduler.schedule()
+    assert not scheduler.faults
     held = {i.seq.adapter for i in items if i.seq.adapter is not None}
     assert len(held) <= scheduler.adapters.max_loras
     for item in items:
@@ -103,3 +113,36 @@ def test_base_requests_never_wait_for_slots():
     while blocked.status is SequenceStatus.WAITING:
         step(scheduler)
     assert scheduler.draining is None
+
+
+def run_to_end(scheduler: Scheduler, seq: Sequence) -> None:
+    while seq.status is not SequenceStatus.FINISHED:
+        step(scheduler)
+
+
+def test_an_adapter_never_gets_the_base_prefix_cache_key():
+    """A sequence of an adapter whose host entry is missing at admission is charged with a
+    fault (its request fails) rather than keyed like the base and served the base's K/V."""
+    scheduler = make_scheduler(max_loras=2)
+    run_to_end(scheduler, add(scheduler, None))  # the prompt's first block, cached for the base
+    scheduler.adapters = LostAdapters(2)
+    seq = add(scheduler, "x")  # the same prompt
+    assert scheduler.schedule() == []
+    [(faulted, exc)] = scheduler.take_faults()
+    assert faulted is seq and "x is not loaded" in str(exc)
+    assert seq.blocks == [] and seq.num_cached_hits == 0
+
+
+def test_the_prefix_cache_key_is_fixed_at_admission():
+    """Blocks are registered under the key of the adapter load the sequence was admitted with,
+    even if the adapter is reloaded (a new load id) while it runs."""
+    scheduler = make_scheduler(max_loras=2)
+    seq = add(scheduler, "x")
+    [item] = scheduler.schedule()
+    assert seq.cache_key == "x#1"
+    scheduler.adapters.load_id = 2
+    scheduler.computed(item)
+    first = block_hash(None, "x#1", seq.token_ids[:4])
+    assert seq.block_hashes == [first]
+    assert scheduler.allocator.lookup(first) == seq.blocks[0]
+    assert scheduler.allocator.lookup(block_hash(None, "x#2", seq.token_ids[:4])) is None
