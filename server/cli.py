@@ -202,7 +202,15 @@ def serve(args: argparse.Namespace) -> None:
             raise SystemExit(f"goat-serve: error: {exc}") from exc
     app = create_app(engine, settings, metrics)
 
+    def engine_failure() -> str | None:
+        return getattr(engine, "failure", None)
+
     class Server(uvicorn.Server):
+        async def on_tick(self, counter: int) -> bool:
+            # A dead engine stops the server (its streams have been failed with the cause):
+            # the process exits non-zero below, for a supervisor to restart it.
+            return await super().on_tick(counter) or engine_failure() is not None
+
         async def shutdown(self, sockets: list | None = None) -> None:
             # Drain alongside uvicorn's own shutdown: it stops accepting and waits for open
             # connections, while the drain lets in-flight requests finish, then aborts them.
@@ -214,3 +222,6 @@ def serve(args: argparse.Namespace) -> None:
                                timeout_graceful_shutdown=args.shutdown_timeout + 5,
                                timeout_keep_alive=5)
     Server(uv_config).run()
+    if engine_failure() is not None:
+        raise SystemExit(f"goat-serve: the engine failed ({engine_failure()}); exiting so that "
+                         "a supervisor restarts the server")

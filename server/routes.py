@@ -180,9 +180,12 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) 
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    if _state(request).engine.is_alive:
+    engine = _state(request).engine
+    if engine.is_alive:
         return Response(status_code=200)
-    return error_response(503, "The engine is not running", code="engine_dead")
+    failure = getattr(engine, "failure", None)  # what killed it, if it died
+    message = f"The engine failed: {failure}" if failure else "The engine is not running"
+    return error_response(503, message, code="engine_dead")
 
 
 @router.get("/metrics")

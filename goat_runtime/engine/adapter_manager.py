@@ -27,6 +27,7 @@ from goat_runtime.adapters.slots import allocate_slots, slice_rows, write_slot
 from goat_runtime.adapters.static import Factors, StaticComponents, most_common_signature
 from goat_runtime.engine.outputs import AdapterInfo, EngineError, EngineListener
 from goat_runtime.model.layers import FusedLinear
+from goat_runtime.ops import RoutedLoRAWeights
 
 logger = logging.getLogger(__name__)
 
@@ -300,10 +301,15 @@ class AdapterManager:
         if value_rows > self._value_rows or experts > self._max_experts:
             # Slots are sized to the largest resident adapter (the kernel reads every value row
             # of a slice), so a bigger one regrows them all.
+            before = self._value_rows, self._max_experts
             self._value_rows = max(self._value_rows, value_rows)
             self._max_experts = max(self._max_experts, experts)
-            self._allocate()
-        self._write_host(slot, host)
+            try:
+                self._allocate()
+            except Exception:  # the old slots are intact (see _allocate): keep their sizes
+                self._value_rows, self._max_experts = before
+                raise
+        self._write_host(slot, host)  # a failure leaves the slot free (taken only below)
         self._slots[slot] = name
         if self.listener:
             self.listener.on_adapter_location(name, "device")
@@ -317,34 +323,39 @@ class AdapterManager:
                 rows, experts = max(rows, r), max(experts, e)
         return rows, experts
 
-    def _write_host(self, slot: int, host: HostAdapter) -> None:
+    def _write_host(self, slot: int, host: HostAdapter,
+                    routed: list[RoutedLoRAWeights] | None = None) -> None:
+        """Write `host` into `slot` of the linears' slots (or of `routed`, one per linear)."""
         with torch.no_grad():
-            for linear in self.linears:
+            for i, linear in enumerate(self.linears):
                 deltas = [host.adapter.layers.get(n) if host.adapter else None
                           for n in linear.slice_names]
-                write_slot(linear.routed, slot, deltas,
+                write_slot(routed[i] if routed is not None else linear.routed, slot, deltas,
                            [host.terms.get(n) for n in linear.slice_names])
 
     def _allocate(self) -> None:
-        """(Re)allocate every linear's slots at the current size and rewrite their contents."""
+        """(Re)allocate every linear's slots at the current size and rewrite their contents.
+        All new tensors are allocated before any is installed, so that an allocation failure
+        leaves the old slots as they were."""
         if self.base is not None:
             rows, experts = self._needs(self.base)
             self._value_rows = max(self._value_rows, rows)
             self._max_experts = max(self._max_experts, experts)
         num_slots = self.max_loras + (1 if self.base else 0)
-        for linear in self.linears:
-            linear.routed = allocate_slots(
-                num_slots, linear.out_sizes, linear.d_in, value_rows=self._value_rows,
-                max_experts=self._max_experts, dtype=linear.weight.dtype,
-                device=linear.weight.device)
-        for slot, name in enumerate(self._slots):
-            host = self.get(name) if name else None
+        routed = [allocate_slots(num_slots, linear.out_sizes, linear.d_in,
+                                 value_rows=self._value_rows, max_experts=self._max_experts,
+                                 dtype=linear.weight.dtype, device=linear.weight.device)
+                  for linear in self.linears]
+        hosts = [self.get(name) if name else None for name in self._slots]
+        for slot, host in enumerate(hosts):
             if host is not None:
-                self._write_host(slot, host)
-            else:
-                self._slots[slot] = None
+                self._write_host(slot, host, routed)
         if self.base is not None:
-            self._write_host(self.max_loras, self.base)
+            self._write_host(self.max_loras, self.base, routed)
+        for linear, slots in zip(self.linears, routed, strict=True):
+            linear.routed = slots
+        self._slots = [name if host is not None else None
+                       for name, host in zip(self._slots, hosts, strict=True)]
 
     def _drop_slot(self, name: str) -> None:
         if name in self._slots:

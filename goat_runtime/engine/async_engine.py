@@ -3,6 +3,11 @@
 The LLMEngine runs on its own thread (torch releases the GIL in its kernels, so the server's
 event loop stays responsive). Everything that touches engine state runs on that thread:
 callers post commands to it, and it posts each output back to the caller's event loop.
+
+A fault charged to requests fails those alone (faults.py). One that is not ends the engine
+thread: every open stream fails with a 500 naming it, `failure` names it (the server's /health
+answers 503 with it) and nothing is accepted any more; the server process then exits non-zero
+for a supervisor to restart it (server/cli.py).
 """
 
 import asyncio
@@ -15,6 +20,7 @@ from pathlib import Path
 
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
+from goat_runtime.engine.faults import describe
 from goat_runtime.engine.outputs import (
     AdapterInfo,
     EngineError,
@@ -55,6 +61,11 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self._error is None
 
+    @property
+    def failure(self) -> str | None:
+        """What killed the engine loop ("Type: message"), None while it has not died."""
+        return describe(self._error) if self._error is not None else None
+
     async def shutdown(self, timeout: float = 0.0) -> None:
         """Stop accepting requests, let running ones finish within `timeout` seconds, abort the
         rest and stop the engine thread."""
@@ -89,10 +100,12 @@ class AsyncEngine:
             self._run_commands()
         except BaseException as exc:  # the loop is dead: fail every stream, /health turns 503
             logger.exception("engine loop failed")
-            self._error = exc
+            self._error = exc  # before the streams are listed: see generate()
             for loop, stream in list(self._streams.values()):
-                loop.call_soon_threadsafe(stream.put_nowait, EngineError(
-                    f"The engine failed: {exc}", status=500))
+                loop.call_soon_threadsafe(stream.put_nowait, self._dead_error())
+
+    def _dead_error(self, status: int = 500) -> EngineError:
+        return EngineError(f"The engine failed: {self.failure}", status=status)
 
     def _refresh_stats(self) -> None:
         running, waiting, usage = self.engine.stats()
@@ -123,6 +136,8 @@ class AsyncEngine:
                        params: SamplingParams,
                        adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; closing the stream early aborts the request."""
+        if self._error is not None:
+            raise self._dead_error(status=503)
         if not self._accepting or not self.is_alive:
             raise EngineError("The server is shutting down.", status=503)
         if adapter in self._unloading:
@@ -133,6 +148,9 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, stream)
+        if self._error is not None:  # died since the check above: its handler may miss us
+            self._streams.pop(request_id, None)
+            raise self._dead_error()
 
         def add() -> None:
             try:

@@ -7,6 +7,7 @@ Everything here runs on one thread (the async front's engine thread, or a test's
 
 import logging
 import time
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 
 import torch
@@ -16,6 +17,13 @@ from goat_runtime.engine.adapter_manager import AdapterManager
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.context import build_step_context, step_context
 from goat_runtime.engine.detokenizer import IncrementalDetokenizer
+from goat_runtime.engine.faults import (
+    EngineDeadError,
+    describe,
+    probe,
+    request_error,
+    run_isolated,
+)
 from goat_runtime.engine.kv_cache import BlockAllocator, KVCache, cache_blocks_for_budget
 from goat_runtime.engine.outputs import (
     CompletionDelta,
@@ -25,12 +33,23 @@ from goat_runtime.engine.outputs import (
     check_prompt,
 )
 from goat_runtime.engine.request import Request, Sequence, SequenceStatus
-from goat_runtime.engine.sampler import SamplingRow, make_generator, prompt_logprobs, sample
+from goat_runtime.engine.sampler import (
+    SampledTokens,
+    SamplingRow,
+    _is_greedy,
+    make_generator,
+    prompt_logprobs,
+    sample,
+)
 from goat_runtime.engine.sampling import SamplingParams
 from goat_runtime.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from goat_runtime.model import load_model
 
 logger = logging.getLogger(__name__)
+
+# How a step's faults are narrowed down: by adapter, then by request (faults.run_isolated).
+_SCHEDULED_KEYS = (lambda i: i.seq.adapter or "", lambda i: i.seq.request.request_id)
+_SEQUENCE_KEYS = (lambda s: s.adapter or "", lambda s: s.request.request_id)
 
 # Prompt positions whose logits exist at once when prompt logprobs are computed (64 rows of a
 # 49k vocabulary: 12.6 MB of float32, and as much again for their log-softmax).
@@ -138,37 +157,111 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs = self._fail_unloadable()
         scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return outputs
+        failures: dict[str, Exception] = {}  # request id -> the fault charged to it
+        for seq, exc in self.scheduler.take_faults():
+            failures.setdefault(seq.request.request_id, exc)
+        scheduled = [i for i in scheduled if i.seq.request.request_id not in failures]
         now = time.monotonic()
         for item in scheduled:
             if item.seq.request.first_scheduled_time is None:
                 item.seq.request.first_scheduled_time = now
-        logits, rows = self._forward(scheduled)
-        sampled: list[Sequence] = []
-        for item in scheduled:
-            self.scheduler.computed(item)
-            seq = item.seq
-            if seq.num_computed_tokens == seq.num_tokens:
-                sampled.append(seq)
-        deltas: dict[str, list[CompletionDelta]] = {}
-        if sampled:
-            result = sample(logits[[rows[id(s)] for s in sampled]], [
-                SamplingRow(s.request.params, s.request.prompt_token_ids, s.output_token_ids,
-                            s.generator, self.eos_token_ids) for s in sampled])
-            for seq, token, lp in zip(sampled, result.token_ids, result.logprobs, strict=True):
-                delta = self._append(seq, token, lp)
-                if delta is not None:
-                    deltas.setdefault(seq.request.request_id, []).append(delta)
+        deltas = self._run(scheduled, failures) if scheduled else {}
         for request_id, request_deltas in deltas.items():
+            if request_id in failures:
+                continue
             request = self.requests[request_id]
             if request.finished:
                 outputs.append(self._finish_request(request, request_deltas))
             else:
                 outputs.append(self._output(request, request_deltas, finished=False))
+        if failures:
+            outputs += self._fail_charged(failures, scheduled)
         if self.listener:
             self.listener.on_step(len(scheduled), sum(i.num_new_tokens for i in scheduled),
                                   sorted({i.seq.adapter for i in scheduled if i.seq.adapter}))
+        return outputs
+
+    def _run(self, scheduled: list[ScheduledSeq],
+             failures: dict[str, Exception]) -> dict[str, list[CompletionDelta]]:
+        """Forward, sample and append the step's tokens; a fault is charged to the requests it
+        happens for (added to `failures`), and the others go on (faults.py)."""
+        def charge(request_ids: Iterable[str], exc: Exception) -> None:
+            for request_id in request_ids:
+                failures.setdefault(request_id, exc)
+
+        deltas: dict[str, list[CompletionDelta]] = {}
+        for group, (logits, rows) in run_isolated(
+                scheduled, self._forward, _SCHEDULED_KEYS,
+                lambda items, exc: charge((i.seq.request.request_id for i in items), exc)):
+            sampled: list[Sequence] = []
+            for item in group:
+                try:
+                    self.scheduler.computed(item)
+                except Exception as exc:  # charged to this request
+                    charge([item.seq.request.request_id], exc)
+                if item.seq.num_computed_tokens == item.seq.num_tokens:
+                    sampled.append(item.seq)
+            sampled = [s for s in sampled if s.request.request_id not in failures]
+            if not sampled:
+                continue
+            for seqs, result in run_isolated(
+                    sampled, lambda seqs, logits=logits, rows=rows: self._sample(logits, rows,
+                                                                                 seqs),
+                    _SEQUENCE_KEYS,
+                    lambda seqs, exc: charge((s.request.request_id for s in seqs), exc)):
+                for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
+                    request_id = seq.request.request_id
+                    if request_id in failures:
+                        continue
+                    try:
+                        delta = self._append(seq, token, lp)
+                    except Exception as exc:  # charged to this request
+                        charge([request_id], exc)
+                        continue
+                    if delta is not None:
+                        deltas.setdefault(request_id, []).append(delta)
+        return deltas
+
+    def _sample(self, logits: torch.Tensor, rows: dict[int, int],
+                seqs: list[Sequence]) -> SampledTokens:
+        """Sample `seqs`' next tokens; if that raises, their generators are as they were (so
+        that a rerun draws the same)."""
+        states = [(s.generator, s.generator.get_state()) for s in seqs
+                  if not _is_greedy(s.request.params)]
+        try:
+            return sample(logits[[rows[id(s)] for s in seqs]], [
+                SamplingRow(s.request.params, s.request.prompt_token_ids, s.output_token_ids,
+                            s.generator, self.eos_token_ids) for s in seqs])
+        except Exception:
+            for generator, state in states:
+                generator.set_state(state)
+            raise
+
+    def _fail_charged(self, failures: dict[str, Exception],
+                      scheduled: list[ScheduledSeq]) -> list[RequestOutput]:
+        """Fail the requests charged with faults, freeing their blocks, adapter references and
+        queue places. If no request of the step went on, a probe tells a fault of the engine
+        from one of these requests: when it fails too, the engine is dead."""
+        outputs = []
+        for request_id, exc in failures.items():
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            logger.error("request %s failed in the engine (the others go on)", request_id,
+                         exc_info=exc)
+            for seq in request.sequences:
+                if seq.status is not SequenceStatus.FINISHED:
+                    self.scheduler.finish(seq)
+            out = self._finish_request(request, [])
+            out.error = request_error(exc)
+            outputs.append(out)
+        if all(i.seq.request.request_id in failures for i in scheduled):
+            try:
+                probe(self)
+            except Exception as exc:
+                first = describe(next(iter(failures.values())))
+                raise EngineDeadError(f"{first}; a base-model probe then failed too: "
+                                      f"{describe(exc)}") from exc
         return outputs
 
     @torch.inference_mode()
@@ -287,19 +380,25 @@ class LLMEngine:
         return out
 
     def _fail_unloadable(self) -> list[RequestOutput]:
-        """End the requests whose adapter failed to load, with the loader's error."""
+        """End the requests whose adapter failed to load, with the loader's error, and those
+        whose adapter is gone from the host while they wait (never, with their reference held:
+        but a waiting request must not wait forever)."""
         outputs = []
         for request in list(self.requests.values()):
             name = request.adapter
-            if name is None or self.adapters.status(name) != "failed":
+            status = self.adapters.status(name) if name is not None else "ready"
+            if status not in ("failed", "unknown"):
                 continue
             if any(s.status is SequenceStatus.RUNNING for s in request.sequences):
                 continue
-            exc = self.adapters.take_failure(name)
             for seq in request.sequences:
                 self.scheduler.finish(seq)
             out = self._finish_request(request, [])
-            out.error = EngineError(f"Adapter `{name}` could not be loaded: {exc}", status=400)
+            if status == "failed":
+                out.error = EngineError(f"Adapter `{name}` could not be loaded: "
+                                        f"{self.adapters.take_failure(name)}", status=400)
+            else:
+                out.error = request_error(RuntimeError(f"adapter {name} is not loaded"))
             outputs.append(out)
         return outputs
 
