@@ -210,25 +210,36 @@ class AsyncEngine:
         await asyncio.wrap_future(future)
 
     async def unload_adapter(self, name: str) -> None:
-        """Forget an adapter once its running requests have finished (new ones get 404)."""
+        """Forget an adapter once its requests have finished: new requests naming it get 404
+        from now on, and the ones already accepted (queued, running, or posted to the engine
+        thread and not added yet) complete first. The check that none is left and the unload
+        run together on the engine thread, where requests are added."""
         if not self.engine.adapters.is_loaded(name) or name in self._unloading:
             raise EngineError(f"The adapter `{name}` is not loaded.", status=404)
         self._unloading.add(name)
+        loop = asyncio.get_running_loop()
         try:
-            while self.engine.adapters.refs(name):
+            while True:
+                done: asyncio.Future[bool] = loop.create_future()
+
+                def run(done: asyncio.Future[bool] = done) -> None:
+                    try:
+                        unloaded = not self.engine.adapters.refs(name)
+                        if unloaded:
+                            self.engine.adapters.unload(name)
+                    except Exception as exc:
+                        loop.call_soon_threadsafe(done.set_exception, exc)
+                    else:
+                        loop.call_soon_threadsafe(done.set_result, unloaded)
+
+                self._post(run)
+                while not done.done():
+                    if not self.is_alive:  # the command will never run
+                        raise EngineError("The engine is not running.", status=503)
+                    await asyncio.wait({done}, timeout=0.5)
+                if done.result():
+                    return
                 await asyncio.sleep(0.05)
-            done = asyncio.get_running_loop().create_future()
-            loop = asyncio.get_running_loop()
-
-            def run() -> None:
-                try:
-                    self.engine.adapters.unload(name)
-                    loop.call_soon_threadsafe(done.set_result, None)
-                except Exception as exc:
-                    loop.call_soon_threadsafe(done.set_exception, exc)
-
-            self._post(run)
-            await done
         finally:
             self._unloading.discard(name)
 

@@ -1,7 +1,11 @@
-"""The asyncio front: concurrent streams over adapters, abort on close, errors, unload."""
+"""The asyncio front: concurrent streams over adapters, abort on close, errors, unload (and its
+races with requests)."""
 
 import asyncio
+import logging
+import threading
 import time
+from collections import Counter
 
 import pytest
 from safetensors.torch import load_file
@@ -101,3 +105,82 @@ def test_load_and_unload_by_path(engine, tmp_path):
     assert listed["mine"].loaded and listed["mine"].kind == "lora"
     assert not listed["goat1"].loaded or listed["goat1"].location in ("host", "device")
     assert gone.status == 404
+
+
+def test_an_unload_waits_for_a_request_accepted_but_not_added_yet(engine):
+    """The window of the race: a request passed generate()'s checks and its add() is posted to
+    the engine thread but has not run when the unload starts. The unload waits for it (it
+    completes with its tokens), then requests naming the adapter get 404."""
+    async def main():
+        await engine.start()
+        await engine.load_adapter("mine", FIXTURE / "adapters" / "lora0")
+        gate = threading.Event()
+        engine._post(gate.wait)  # hold the engine thread, so the add stays posted, not run
+        request = asyncio.create_task(collect(engine, "r", "mine"))
+        await asyncio.sleep(0.05)  # generate() has run its checks and posted its add()
+        unload = asyncio.create_task(engine.unload_adapter("mine"))
+        await asyncio.sleep(0.05)  # the unload has begun: "mine" is being unloaded
+        gate.set()
+        tokens = await request
+        await unload
+        with pytest.raises(EngineError) as gone:
+            await collect(engine, "g", "mine")
+        refs = engine.engine.adapters.refs("mine")
+        await engine.shutdown()
+        return tokens, gone.value, refs
+
+    tokens, gone, refs = asyncio.run(main())
+    assert tokens == REFERENCE["lora0_greedy_1"].tolist()
+    assert gone.status == 404 and refs == 0
+
+
+def test_unloads_and_loads_in_a_loop_beside_many_requests(engine, caplog):
+    """Requests for two adapters keep arriving while both are unloaded (and one loaded again by
+    path) in a loop: every request completes with its exact tokens or fails with 404, every
+    unload succeeds or answers 404, nothing else is raised or logged, and nothing leaks."""
+    expected = {"mine": REFERENCE["lora0_greedy_1"].tolist(),
+                "goat0": REFERENCE["goat0_greedy_1"].tolist()}
+    outcomes: Counter[str] = Counter()
+
+    async def client(i: int) -> None:
+        name = ("mine", "goat0")[i % 2]
+        await asyncio.sleep(0.005 * i)
+        try:
+            tokens = await collect(engine, f"c{i}", name)
+        except EngineError as exc:
+            assert exc.status == 404, exc
+            outcomes["request 404"] += 1
+        else:
+            assert tokens == expected[name], name
+            outcomes["request ok"] += 1
+
+    async def churn() -> None:
+        for _ in range(10):
+            for name in ("mine", "goat0"):
+                try:
+                    await engine.unload_adapter(name)
+                    outcomes["unloaded"] += 1
+                except EngineError as exc:
+                    assert exc.status == 404, exc
+                    outcomes["unload 404"] += 1
+            await engine.load_adapter("mine", FIXTURE / "adapters" / "lora0")
+            await asyncio.sleep(0.02)
+
+    async def main():
+        await engine.start()
+        await engine.load_adapter("mine", FIXTURE / "adapters" / "lora0")
+        await asyncio.gather(churn(), *(client(i) for i in range(60)))
+        deadline = time.monotonic() + 10
+        while engine.engine.has_work() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        leaks = (engine.engine.allocator.num_free - engine.engine.num_blocks,
+                 engine.engine.adapters.refs("mine"), engine.engine.adapters.refs("goat0"))
+        await engine.shutdown()
+        return leaks
+
+    with caplog.at_level(logging.WARNING):
+        leaks = asyncio.run(main())
+    assert leaks == (0, 0, 0)
+    assert outcomes["request ok"] > 0 and outcomes["unloaded"] > 0
+    assert outcomes["request ok"] + outcomes["request 404"] == 60
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
