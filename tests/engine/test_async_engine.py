@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from goat_runtime.engine.async_engine import AsyncEngine
 from goat_runtime.engine.config import EngineConfig
-from goat_runtime.engine.outputs import EngineError
+from goat_runtime.engine.outputs import AdapterInfo, EngineError
 from goat_runtime.engine.sampling import SamplingParams
 from tests.adapters.adapted_model import FIXTURE
 
@@ -102,8 +102,8 @@ def test_load_and_unload_by_path(engine, tmp_path):
 
     tokens, listed, gone = asyncio.run(main())
     assert tokens == REFERENCE["lora0_greedy_1"].tolist()
-    assert listed["mine"].loaded and listed["mine"].kind == "lora"
-    assert not listed["goat1"].loaded or listed["goat1"].location in ("host", "device")
+    assert listed["mine"] == AdapterInfo("mine", "lora", True, "device")
+    assert listed["goat1"] == AdapterInfo("goat1", "goat", False, "disk")  # never requested
     assert gone.status == 404
 
 
