@@ -2,9 +2,12 @@
 path confinement (traversal, symlinks, allowed roots), pickle-only and corrupt adapters."""
 
 import asyncio
+import logging
 import pickle
 import shutil
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -189,3 +192,32 @@ def test_corrupt_adapter_while_others_keep_succeeding(live: LiveServer) -> None:
             assert complete(http, "goat0").status_code == 200
     finally:
         shutil.rmtree(folder)
+
+
+def test_unloads_racing_requests_answer_200_or_404(http: httpx.Client, caplog) -> None:
+    """An adapter loaded and unloaded in a loop while requests for it keep arriving: each
+    request gets its exact tokens or a 404, each unload succeeds, and the server logs nothing."""
+    statuses: list[int] = []
+
+    def ask() -> None:
+        response = complete(http, "racer", 1)
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            assert token_ids(response.json()["choices"][0]["text"]) == greedy("lora0", 1)
+        else:
+            assert_openai_error(response, 404, "model")
+
+    with caplog.at_level("WARNING"), ThreadPoolExecutor(6) as pool:
+        for _ in range(5):
+            response = http.post("/v1/load_lora_adapter",
+                                 json={"lora_name": "racer", "lora_path": "lora0"})
+            assert response.status_code == 200, response.text
+            asked = [pool.submit(ask) for _ in range(6)]
+            time.sleep(0.05)
+            response = http.post("/v1/unload_lora_adapter", json={"lora_name": "racer"})
+            assert response.status_code == 200, response.text
+            for future in asked:
+                future.result()
+    assert 200 in statuses and set(statuses) <= {200, 404}
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "racer" not in models(http)
