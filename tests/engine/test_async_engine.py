@@ -184,3 +184,24 @@ def test_unloads_and_loads_in_a_loop_beside_many_requests(engine, caplog):
     assert outcomes["request ok"] > 0 and outcomes["unloaded"] > 0
     assert outcomes["request ok"] + outcomes["request 404"] == 60
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_an_unload_while_the_adapter_is_loading_is_a_404(engine):
+    async def main():
+        await engine.start()
+        gate = threading.Event()
+        engine.engine.adapters._executor.submit(gate.wait)  # hold the loader thread
+        load = asyncio.create_task(engine.load_adapter("mine", FIXTURE / "adapters" / "lora0"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(EngineError) as loading:
+            await engine.unload_adapter("mine")
+        gate.set()
+        await load
+        await engine.unload_adapter("mine")
+        loaded = engine.engine.adapters.is_loaded("mine")
+        await engine.shutdown()
+        return loading.value, loaded
+
+    loading, loaded = asyncio.run(main())
+    assert loading.status == 404 and "not loaded" in str(loading)
+    assert not loaded
