@@ -3,6 +3,8 @@ prompts on a small KV cache (sequences preempted mid-prompt), base and adapters 
 request gets the answer it gets alone, and the server stays healthy."""
 
 import random
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -31,9 +33,17 @@ def test_echo_logprobs_burst_under_kv_pressure(small_cache_server):
             assert response.status_code == 200, response.text
             return response.json()["choices"][0]
 
+        engine = small_cache_server.engine
+        gate = threading.Event()
+        engine._post(gate.wait)  # hold the engine thread until the whole burst has arrived
         with ThreadPoolExecutor(len(bodies)) as pool:
-            burst = list(pool.map(post, bodies))
-        preemptions = small_cache_server.engine.engine.scheduler.num_preemptions
+            futures = [pool.submit(post, body) for body in bodies]
+            deadline = time.monotonic() + 60
+            while len(engine._streams) < len(bodies) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            gate.set()
+            burst = [f.result() for f in futures]
+        preemptions = engine.engine.scheduler.num_preemptions
         alone = [post(body) for body in bodies]
         assert http.get("/health").status_code == 200
     assert preemptions > 0, "the burst preempted nothing"
