@@ -22,7 +22,7 @@ from goat_runtime.engine.kv_cache import (
 from goat_runtime.model import LlamaForCausalLM, ModelConfig, load_model
 from goat_runtime.model.layers import ONEDNN_MAX_ROWS, fast_linear, pack_for_onednn
 from tests.adapters.adapted_model import FIXTURE
-from tests.devices import DEVICES
+from tests.devices import DEVICES, TRITON_DEVICE
 
 REFERENCE = load_file(str(FIXTURE / "reference_outputs.safetensors"))
 ADAPTERS = ["goat0", "goat1", "lora0"]
@@ -173,6 +173,34 @@ def test_greedy_decode_batched(adapted):
     for k, (name, i, seq) in enumerate(runs):
         assert len(seq.blocks) >= 4
         assert generated[k] == REFERENCE[f"{name}_greedy_{i}"].tolist(), f"{name} prompt {i}"
+
+
+@pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="on CUDA the adapted[cuda] tests run it")
+def test_greedy_decode_with_the_triton_attention(monkeypatch, tmp_path):
+    """The decode steps' attention through the Triton kernel (under the interpreter here), as
+    on CUDA: the engine's block tables and context lengths drive it to the reference tokens."""
+    pytest.importorskip("triton")
+    from goat_runtime.model import layers
+    from goat_runtime.ops.triton_attention import paged_decode_attention_triton
+
+    sequences = []
+
+    def triton_attention(q, k_cache, v_cache, tables, lens, max_len, scale, window=None):
+        sequences.append(q.shape[0])
+        return paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, window)
+
+    monkeypatch.setattr(layers, "paged_decode_attention", triton_attention)
+    model, slots = adapted_model(False, tmp_path)
+    driver = Driver(model, block_size=4)
+    runs = [(name, Seq(slots[name])) for name in ("goat0", "base")]
+    generated = {name: driver.step([(seq, PROMPTS[0])]).argmax(-1).tolist() for name, seq in runs}
+    for _ in range(4):
+        tokens = driver.step([(seq, generated[name][-1:]) for name, seq in runs]).argmax(-1)
+        for (name, _), token in zip(runs, tokens.tolist(), strict=True):
+            generated[name].append(token)
+    assert sequences == [2] * 2 * 4  # two layers, four all-decode steps
+    for name, _ in runs:
+        assert generated[name] == REFERENCE[f"{name}_greedy_0"].tolist()[:5], name
 
 
 # (4) chunked prefill
