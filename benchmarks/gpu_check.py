@@ -172,7 +172,7 @@ def step_fixture_reference(table: Table, device: str, tmp: Path) -> None:
         table.add("fixture", f"{dtype}: greedy sequences equal to the reference",
                   f"{same}/{len(prompts)}", f"max |prompt logprob error| {error:.1e}"
                   + (" (must be 12/12)" if dtype == "float32" else " (near-ties may flip)"))
-        del engine
+        engine.adapters.shutdown()
 
 
 # ---- 3. the GPU tests -----------------------------------------------------------------------
@@ -410,6 +410,7 @@ def step_engine(table: Table, device: str, dtype: str, quick: bool, tmp: Path,
                 table.add("engine", f"{label}, batch {batch}: decode step",
                           gpu_busy_share(engine, adapters, batch, 2 if quick else 20, device),
                           "CUDA graphs could save at most the idle share")
+        engine.adapters.shutdown()
         del engine
         if device == "cuda":
             torch.cuda.empty_cache()
