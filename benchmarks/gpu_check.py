@@ -60,6 +60,7 @@ class Table:
 
     path: Path | None = None
     rows: list[tuple[str, str, str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # checks that did not pass
 
     def add(self, section: str, item: str, value: str, note: str = "") -> None:
         self.rows.append((section, item, value, note))
@@ -169,6 +170,8 @@ def step_fixture_reference(table: Table, device: str, tmp: Path) -> None:
                                        for p in range(1, len(prompt))])
         same = sum(tokens[r] == reference[f"{r.replace('-', '_greedy_')}"].tolist()
                    for r in prompts)
+        if dtype == "float32" and same != len(prompts):
+            table.problems.append("fixture: float32 tokens differ from the reference")
         table.add("fixture", f"{dtype}: greedy sequences equal to the reference",
                   f"{same}/{len(prompts)}", f"max |prompt logprob error| {error:.1e}"
                   + (" (must be 12/12)" if dtype == "float32" else " (near-ties may flip)"))
@@ -205,11 +208,15 @@ def step_pytest(table: Table, out_dir: Path, quick: bool, timeout: float) -> Non
         process = subprocess.Popen(pytest_command(quick), cwd=ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            status = f"exit {process.wait(timeout=timeout)}"
+            returncode = process.wait(timeout=timeout)
+            status = f"exit {returncode}"
+            if returncode != 0:
+                table.problems.append(f"tests: pytest exited with {returncode}")
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             status = f"timed out after {timeout:.0f} s"
+            table.problems.append("tests: pytest timed out")
     output = log_path.read_text(errors="replace")
     table.add("tests", f"pytest -k '{PYTEST_SELECTION}'", pytest_summary(output),
               f"{status}, {time.monotonic() - start:.0f} s, log: pytest.log")
@@ -456,7 +463,6 @@ def main(argv: list[str] | None = None) -> int:
         ("engine", lambda tmp: step_engine(table, args.device, args.dtype, args.quick, tmp,
                                            deadline)),
     ]
-    failures = 0
     for name, step in steps:
         if time.monotonic() > deadline:
             table.add(name, "step", "skipped", "time budget spent")
@@ -465,13 +471,13 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 step(Path(tmp))
         except Exception as exc:  # one broken step must not hide the others' results
-            failures += 1
+            table.problems.append(f"{name}: {type(exc).__name__}")
             table.add(name, "step", "FAILED", f"{type(exc).__name__}: {exc}"[:300])
     table.add("total", "wall time", f"{time.monotonic() - start:.0f} s",
-              f"{failures} step(s) failed")
+              "; ".join(table.problems) or "every check passed")
     print()
     print(table.render())
-    return 1 if failures else 0
+    return 1 if table.problems else 0
 
 
 if __name__ == "__main__":

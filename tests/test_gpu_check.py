@@ -80,6 +80,11 @@ def test_pytest_step_runs_and_logs(monkeypatch, tmp_path):
     (_, _, result, note), = table.rows
     assert result.endswith("passed") and "failed" not in result, result
     assert note.startswith("exit 0") and "passed" in (tmp_path / "pytest.log").read_text()
+    assert table.problems == []
+    monkeypatch.setattr(gpu_check, "pytest_command",
+                        lambda quick: [sys.executable, "-c", "raise SystemExit(3)"])
+    gpu_check.step_pytest(table, tmp_path, quick=True, timeout=60)
+    assert table.problems == ["tests: pytest exited with 3"]
 
 
 def test_pytest_step_kills_a_run_past_its_timeout(monkeypatch, tmp_path):
@@ -90,6 +95,7 @@ def test_pytest_step_kills_a_run_past_its_timeout(monkeypatch, tmp_path):
     gpu_check.step_pytest(table, tmp_path, quick=True, timeout=2)
     assert time.monotonic() - start < 30
     assert table.rows[0][2] == "no summary" and table.rows[0][3].startswith("timed out after 2 s")
+    assert table.problems == ["tests: pytest timed out"]
     assert (tmp_path / "pytest.log").read_text() == "started\n"
 
 
@@ -116,6 +122,21 @@ def test_goat_runtime_imports_without_the_cpu_extension():
     assert result.stdout.strip() == "cpu kernel unavailable, as expected"
 
 
+def test_a_failing_step_is_reported_and_the_others_still_run(monkeypatch, tmp_path):
+    def broken(*args):
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(gpu_check, "step_environment", broken)
+    monkeypatch.setattr(gpu_check, "step_fixture_reference", lambda table, *a: table.add(
+        "fixture", "ran", "yes"))
+    for name in ("step_routed_op", "step_attention", "step_engine"):
+        monkeypatch.setattr(gpu_check, name, lambda *a: None)
+    assert gpu_check.main(["--device", "cpu", "--skip-pytest", "--out", str(tmp_path)]) == 1
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert re.search(r"\| env +\| step +\| FAILED +\| RuntimeError: no kernel image", text)
+    assert "| ran " in text and "env: RuntimeError" in text
+
+
 def test_quick_rehearsal_on_the_cpu(tmp_path):
     """Every step but pytest (covered above) on tiny shapes: the same code the GPU run takes."""
     assert gpu_check.main(["--device", "cpu", "--quick", "--skip-pytest", "--out",
@@ -123,7 +144,7 @@ def test_quick_rehearsal_on_the_cpu(tmp_path):
     text = (tmp_path / "gpu_check.md").read_text()
     for section in ("env", "fixture", "routed op", "attention", "engine", "total"):
         assert f"| {section} " in text, section
-    assert "FAILED" not in text and "skipped" not in text
+    assert "FAILED" not in text and "skipped" not in text and "every check passed" in text
     assert re.search(r"float32: greedy sequences equal to the reference +\| 12/12 ", text)
     for case in ("base", "16 GOAT, static merged", "16 GOAT, unmerged", "16 LoRA"):
         assert re.search(rf"\| {case}, batch 2 +\| [\d,]+ tok/s", text), case
