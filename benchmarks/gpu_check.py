@@ -11,7 +11,7 @@ the checkout; the C++ CPU kernels, goat_runtime._C, are neither built nor needed
   5. paged decode attention, the Triton kernel against gather + SDPA;
   6. the engine's throughput, SmolLM2-135M shapes with random weights: base, 16 GOAT (static
      merged and unmerged) and 16 LoRA adapters, batches 32 and 256, and the share of a decode
-     step the GPU is busy (profiler), the ceiling of what CUDA graphs could save.
+     step the GPU is busy (profiler): the idle share bounds what CUDA graphs could save.
 Prints one table and writes it (markdown) to $OUT/gpu_check.md, or --out; steps past the time
 budget are reported as skipped, and the file is rewritten after every row.
 
