@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.goat-installed
 
-.PHONY: setup serve test lint bench-ops bench-engine
+.PHONY: setup serve test lint bench-ops bench-engine gpu-check
 
 setup: $(STAMP)
 
@@ -33,3 +33,9 @@ bench-ops: setup
 
 bench-engine: setup
 	$(BIN)/python benchmarks/bench_engine.py
+
+# The device check on a lent GPU machine (docs/gpu.md): that machine's own python3, the checkout
+# as it is (no install, no C++ build). Rehearse it here with
+#   make gpu-check PYTHON=.venv/bin/python ARGS="--device cpu --quick --skip-pytest"
+gpu-check:
+	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/gpu_check.py $(ARGS)

@@ -54,9 +54,10 @@ def write_tokenizer(model_dir: Path, vocab_size: int) -> None:
     fast.save_pretrained(str(model_dir))
 
 
-def write_random_model(model_dir: Path) -> ModelConfig:
+def write_random_model(model_dir: Path, config_dict: dict | None = None) -> ModelConfig:
+    """A checkpoint of random weights with SmolLM2-135M's config (or `config_dict`)."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    (model_dir / "config.json").write_text(json.dumps(config_dict or SMOLLM2_135M))
     config = ModelConfig.from_pretrained(model_dir)
     model = LlamaForCausalLM(config)
     gen = torch.Generator().manual_seed(0)

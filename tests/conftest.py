@@ -1,5 +1,8 @@
 import os
 
-# Triton kernels run under Triton's interpreter on these GPU-less machines. The variable must be
-# set before anything imports triton (torch does, on its first compile-related import).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.devices import use_triton_interpreter
+
+# Where torch sees no CUDA device, Triton kernels run under Triton's interpreter on the CPU; on a
+# CUDA machine they are compiled (unless TRITON_INTERPRET=1 was asked for). The variable must be
+# set before anything imports triton, which importing torch does not do.
+os.environ["TRITON_INTERPRET"] = "1" if use_triton_interpreter() else "0"

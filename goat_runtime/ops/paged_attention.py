@@ -1,8 +1,9 @@
 """Decode attention over the paged KV cache: one query token per sequence.
 
-The CPU path is a C++ kernel (goat_runtime._C) that reads each sequence's keys and values where
-its block table says; other devices gather the contexts into a padded batch for torch's
-scaled-dot-product attention (`paged_decode_attention_torch`, also the kernel's test reference).
+The CPU path is a C++ kernel (goat_runtime._C) and the CUDA path a Triton kernel
+(goat_runtime.ops.triton_attention), each reading a sequence's keys and values where its block
+table says; other devices gather the contexts into a padded batch for torch's
+scaled-dot-product attention (`paged_decode_attention_torch`, also the kernels' test reference).
 """
 
 import torch
@@ -33,6 +34,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
         return _C.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables,
                                          context_lens, scale, sliding_window or 0)
+    if q.is_cuda:
+        from goat_runtime.ops.triton_attention import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens,
+                                             scale, sliding_window)
     return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens,
                                         max_context_len, scale, sliding_window)
 

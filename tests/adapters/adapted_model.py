@@ -31,10 +31,12 @@ class RoutedLinear(torch.nn.Module):
 
 
 class AdaptedModel:
-    """Adapters in slots 0..n-1 of every target Linear; `logits(ids, slot)` runs one sequence."""
+    """Adapters in slots 0..n-1 of every target Linear; `logits(ids, slot)` runs one sequence
+    on `device` (built on the CPU, then moved) and returns its logits on the CPU."""
 
     def __init__(self, adapters_dirs: list[Path], op: Callable, *, merge: bool = False,
-                 cache_dir: Path | None = None, scale_override: float | None = None):
+                 cache_dir: Path | None = None, scale_override: float | None = None,
+                 device: str = "cpu"):
         self.model = AutoModelForCausalLM.from_pretrained(FIXTURE / "base", dtype=torch.float32)
         self.model.eval()
         self.op = op
@@ -61,11 +63,16 @@ class AdaptedModel:
             for slot, (a, t) in enumerate(zip(owners, terms, strict=True)):
                 write_slot(weights, slot, [a.layers.get(name) if a else None], [t.get(name)])
             parent, _, child = name.rpartition(".")
+            on_device = RoutedLoRAWeights(weights.shrink.to(device), weights.expand.to(device),
+                                          weights.slice_meta.to(device), weights.out_offsets)
             setattr(self.model.get_submodule(parent), child,
-                    RoutedLinear(linears[name], weights, self))
-        self.token_slots = torch.zeros(0, dtype=torch.int32)
+                    RoutedLinear(linears[name], on_device, self))
+        self.device = device
+        self.model.to(device)
+        self.token_slots = torch.zeros(0, dtype=torch.int32, device=device)
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, slot: int) -> torch.Tensor:
-        self.token_slots = torch.full((input_ids.numel(),), slot, dtype=torch.int32)
-        return self.model(input_ids.view(1, -1)).logits[0]
+        self.token_slots = torch.full((input_ids.numel(),), slot, dtype=torch.int32,
+                                      device=self.device)
+        return self.model(input_ids.view(1, -1).to(self.device)).logits[0].cpu()

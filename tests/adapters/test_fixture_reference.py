@@ -7,10 +7,14 @@ from safetensors.torch import load_file
 from goat_runtime.ops import add_routed_lora
 from goat_runtime.ops.reference import add_routed_lora_reference
 from tests.adapters.adapted_model import FIXTURE, AdaptedModel
+from tests.devices import DEVICES
 
 ADAPTERS = ["goat0", "goat1", "lora0"]
 REFERENCE = load_file(str(FIXTURE / "reference_outputs.safetensors"))
-OPS = {"reference": add_routed_lora_reference, "cpu": add_routed_lora}
+# op name -> (op, device): the plain-loop reference, and the public op on every device (the C++
+# kernel on the CPU, the Triton kernel on CUDA), float32 throughout.
+OPS = {"reference": (add_routed_lora_reference, "cpu"),
+       **{device: (add_routed_lora, device) for device in DEVICES}}
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["unmerged", "merged"])
@@ -20,8 +24,9 @@ def merged(request):
 
 @pytest.mark.parametrize("op", OPS)
 def test_reference_logits(op, merged, tmp_path):
-    model = AdaptedModel([FIXTURE / "adapters" / a for a in ADAPTERS], OPS[op], merge=merged,
-                         cache_dir=tmp_path)
+    function, device = OPS[op]
+    model = AdaptedModel([FIXTURE / "adapters" / a for a in ADAPTERS], function, merge=merged,
+                         cache_dir=tmp_path, device=device)
     for i in range(3):
         ids = REFERENCE[f"input_{i}"]
         for slot, name in enumerate(ADAPTERS):

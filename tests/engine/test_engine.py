@@ -17,6 +17,7 @@ from goat_runtime.engine.kv_cache import block_bytes
 from goat_runtime.engine.outputs import EngineError
 from goat_runtime.engine.sampling import SamplingParams
 from tests.adapters.adapted_model import FIXTURE
+from tests.devices import DEVICES, check_logprobs_close
 
 REFERENCE = load_file(str(FIXTURE / "reference_outputs.safetensors"))
 PROMPTS = [REFERENCE[f"input_{i}"].tolist() for i in range(3)]
@@ -29,8 +30,11 @@ def reference_key(name: str | None) -> str:
 
 
 def make_engine(tmp_path: Path, **overrides) -> LLMEngine:
+    """The fixture's engine, on the CPU in float32 unless overridden (the engine's own default,
+    "auto", would pick CUDA in bfloat16 where there is a GPU)."""
     options = dict(model_dir=FIXTURE / "base", adapter_dir=FIXTURE / "adapters",
-                   static_cache_dir=tmp_path / "static", block_size=4, max_loras=4)
+                   static_cache_dir=tmp_path / "static", block_size=4, max_loras=4,
+                   device="cpu", dtype="float32")
     options.update(overrides)
     return LLMEngine(EngineConfig(**options))
 
@@ -115,11 +119,30 @@ def check_reference_one(results, request):
             expected[pos - 1, prompt[pos]].item(), abs=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("merge_static", [False, True])
-def test_reference_all_in_one_mixed_batch(tmp_path, merge_static):
-    engine = make_engine(tmp_path, merge_static=merge_static, max_num_batched_tokens=4096)
+def test_reference_all_in_one_mixed_batch(tmp_path, merge_static, device):
+    engine = make_engine(tmp_path, merge_static=merge_static, max_num_batched_tokens=4096,
+                         device=device)
     results = run(engine, reference_requests(prompt_logprobs=3))
     check_reference(results, prompt_logprobs=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_greedy_close_to_float32(tmp_path, device):
+    """bfloat16 greedy decoding against the float32 engine on the same device (which gives the
+    reference tokens, above): the same tokens up to the first near-tie, then within each other's
+    top 5 (tests/devices.py). 24 tokens, prompts decoded together in one batch."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=5)
+    requests = [(f"{reference_key(name)}-{i}", prompt, params, name)
+                for name in NAMES for i, prompt in enumerate(PROMPTS)]
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        results = run(make_engine(tmp_path, dtype=dtype, device=device), requests)
+        outputs[dtype] = [(results[r[0]]["tokens"][0], results[r[0]]["logprobs"][0])
+                          for r in requests]
+    check_logprobs_close(outputs["float32"], outputs["bfloat16"],
+                         names=[r[0] for r in requests])
 
 
 def test_weights_packed_once_final(tmp_path):

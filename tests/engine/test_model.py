@@ -22,6 +22,7 @@ from goat_runtime.engine.kv_cache import (
 from goat_runtime.model import LlamaForCausalLM, ModelConfig, load_model
 from goat_runtime.model.layers import ONEDNN_MAX_ROWS, fast_linear, pack_for_onednn
 from tests.adapters.adapted_model import FIXTURE
+from tests.devices import DEVICES, TRITON_DEVICE
 
 REFERENCE = load_file(str(FIXTURE / "reference_outputs.safetensors"))
 ADAPTERS = ["goat0", "goat1", "lora0"]
@@ -36,12 +37,14 @@ class Seq:
 
 
 class Driver:
-    """The engine's bookkeeping in miniature: block tables, cached counts, one step at a time."""
+    """The engine's bookkeeping in miniature: block tables, cached counts, one step at a time,
+    on the model's device; logits come back on the CPU."""
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int = 256, block_size: int = 4):
         self.model, self.block_size = model, block_size
+        self.device = model.embed_tokens.device
         model.attach_kv_cache(KVCache(model.config, num_blocks, block_size,
-                                      dtype=model.embed_tokens.dtype))
+                                      dtype=model.embed_tokens.dtype, device=self.device))
         self.allocator = BlockAllocator(num_blocks)
         self.allocator.allocate(3)  # so that no table starts at block 0
 
@@ -54,27 +57,29 @@ class Driver:
         positions, ctx = build_step_context(
             [len(t) for _, t in batch], [s.num_cached + len(t) for s, t in batch],
             [s.blocks for s, _ in batch], [s.adapter_slot for s, _ in batch], self.block_size,
-            all_logits=all_logits)
-        input_ids = torch.tensor([tok for _, tokens in batch for tok in tokens])
+            self.device, all_logits=all_logits)
+        input_ids = torch.tensor([tok for _, tokens in batch for tok in tokens],
+                                 device=self.device)
         with step_context(ctx):
             logits = self.model.compute_logits(self.model(input_ids, positions))
         for seq, tokens in batch:
             seq.num_cached += len(tokens)
-        return logits
+        return logits.cpu()
 
 
 def split_rows(logits: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
     return list(logits.split(lengths))
 
 
-@pytest.fixture(scope="module")
-def base_model() -> LlamaForCausalLM:
-    return load_model(FIXTURE / "base")
+@pytest.fixture(scope="module", params=DEVICES)
+def base_model(request) -> LlamaForCausalLM:
+    return load_model(FIXTURE / "base", device=request.param)
 
 
-def adapted_model(merged: bool, cache_dir) -> tuple[LlamaForCausalLM, dict[str, int]]:
+def adapted_model(merged: bool, cache_dir, device: str = "cpu"
+                  ) -> tuple[LlamaForCausalLM, dict[str, int]]:
     """goat0, goat1, lora0 in slots 0..2, the base's own term in slot 3; name -> token slot."""
-    model = load_model(FIXTURE / "base")
+    model = load_model(FIXTURE / "base", device=device)
     linears = model.fused_linears()
     static = StaticComponents(slice_weights(linears), cache_dir)
     adapters = [load_adapter(FIXTURE / "adapters" / a, linear_shapes(linears)) for a in ADAPTERS]
@@ -84,9 +89,12 @@ def adapted_model(merged: bool, cache_dir) -> tuple[LlamaForCausalLM, dict[str, 
     return model, {"goat0": 0, "goat1": 1, "lora0": 2, "base": 3 if merged else -1}
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["unmerged", "merged"])
+@pytest.fixture(scope="module", params=[(merged, device) for merged in (False, True)
+                                        for device in DEVICES],
+                ids=lambda p: f"{'merged' if p[0] else 'unmerged'}-{p[1]}")
 def adapted(request, tmp_path_factory):
-    return adapted_model(request.param, tmp_path_factory.mktemp("static"))
+    merged, device = request.param
+    return adapted_model(merged, tmp_path_factory.mktemp("static"), device)
 
 
 # (1) base prompt logits
@@ -167,6 +175,34 @@ def test_greedy_decode_batched(adapted):
         assert generated[k] == REFERENCE[f"{name}_greedy_{i}"].tolist(), f"{name} prompt {i}"
 
 
+@pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="on CUDA the adapted[cuda] tests run it")
+def test_greedy_decode_with_the_triton_attention(monkeypatch, tmp_path):
+    """The decode steps' attention through the Triton kernel (under the interpreter here), as
+    on CUDA: the engine's block tables and context lengths drive it to the reference tokens."""
+    pytest.importorskip("triton")
+    from goat_runtime.model import layers
+    from goat_runtime.ops.triton_attention import paged_decode_attention_triton
+
+    sequences = []
+
+    def triton_attention(q, k_cache, v_cache, tables, lens, max_len, scale, window=None):
+        sequences.append(q.shape[0])
+        return paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, scale, window)
+
+    monkeypatch.setattr(layers, "paged_decode_attention", triton_attention)
+    model, slots = adapted_model(False, tmp_path)
+    driver = Driver(model, block_size=4)
+    runs = [(name, Seq(slots[name])) for name in ("goat0", "base")]
+    generated = {name: driver.step([(seq, PROMPTS[0])]).argmax(-1).tolist() for name, seq in runs}
+    for _ in range(4):
+        tokens = driver.step([(seq, generated[name][-1:]) for name, seq in runs]).argmax(-1)
+        for (name, _), token in zip(runs, tokens.tolist(), strict=True):
+            generated[name].append(token)
+    assert sequences == [2] * 2 * 4  # two layers, four all-decode steps
+    for name, _ in runs:
+        assert generated[name] == REFERENCE[f"{name}_greedy_0"].tolist()[:5], name
+
+
 # (4) chunked prefill
 
 
@@ -188,8 +224,9 @@ def test_chunked_prefill_matches(adapted):
     torch.testing.assert_close(second[-1], REFERENCE["goat1_logits_0"][-1], atol=1e-4, rtol=0)
 
 
-def test_bfloat16_close_to_reference(tmp_path):
-    model = load_model(FIXTURE / "base", dtype=torch.bfloat16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_close_to_reference(tmp_path, device):
+    model = load_model(FIXTURE / "base", dtype=torch.bfloat16, device=device)
     linears = model.fused_linears()
     static = StaticComponents(slice_weights(linears), tmp_path)
     goat0 = load_adapter(FIXTURE / "adapters" / "goat0", linear_shapes(linears))

@@ -147,3 +147,124 @@ def test_bad_inputs_raise_clear_errors():
         paged_decode_attention(q, k_cache, v_cache, tables.long(), context_lens, 5, 1.0)
     with pytest.raises(RuntimeError, match="one row per sequence"):
         paged_decode_attention(q, k_cache, v_cache, tables[:1], context_lens, 5, 1.0)
+
+
+# The Triton kernel (goat_runtime.ops.triton_attention): compiled on CUDA where there is a
+# device, else under Triton's interpreter on the CPU (tests/devices.py), against the gather +
+# SDPA path computed on the CPU in float32, and against the float64 reference in bfloat16.
+
+
+def _triton(*args, **kwargs) -> torch.Tensor:
+    """The Triton kernel on TRITON_DEVICE, its result back on the CPU."""
+    pytest.importorskip("triton")
+    from goat_runtime.ops.triton_attention import paged_decode_attention_triton
+    from tests.devices import TRITON_DEVICE
+
+    moved = [a.to(TRITON_DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+    return paged_decode_attention_triton(*moved, **kwargs).cpu()
+
+
+def _check_triton(heads, lens, block_size, dtype, seed, window=None, **kwargs):
+    q, k_cache, v_cache, tables, context_lens = random_problem(len(lens), heads, lens,
+                                                               block_size, dtype, seed=seed)
+    scale = heads[2] ** -0.5
+    out = _triton(q, k_cache, v_cache, tables, context_lens, scale, window, **kwargs)
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        expected = paged_decode_attention_torch(q, k_cache, v_cache, tables, context_lens,
+                                                max(lens), scale, window)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    else:  # float32 math rounded once: within one bfloat16 ulp of the exact result
+        expected = reference(q, k_cache, v_cache, tables, context_lens, scale, window)
+        torch.testing.assert_close(out.double(), expected, rtol=2 ** -7, atol=1e-3)
+
+
+# Small enough for the interpreter: GQA 2 and 3 with a head_dim that is not a power of two,
+# no GQA; contexts of 1, at, just past and across block boundaries (block_size 4), one long
+# one spread over several context tiles (block_n 8).
+SMALL_HEADS = [(4, 2, 16), (3, 1, 13), (2, 2, 8)]
+SMALL_LENS = [1, 3, 4, 5, 12, 37]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", SMALL_HEADS, ids=str)
+def test_triton_kernel_matches_gather_and_sdpa(heads, dtype):
+    _check_triton(heads, SMALL_LENS, 4, dtype, seed=len(heads) + heads[2], block_n=8)
+
+
+@pytest.mark.parametrize("window", [1, 5, 1000])
+def test_triton_kernel_sliding_window(window):
+    _check_triton((4, 2, 16), SMALL_LENS, 4, torch.float32, seed=window, window=window,
+                  block_n=8)
+
+
+def test_triton_kernel_never_reads_outside_the_context():
+    lens = [3, 20]
+    q, k_cache, v_cache, tables, context_lens = random_problem(2, (2, 1, 16), lens, 4,
+                                                               torch.float32, seed=7)
+    before = _triton(q, k_cache, v_cache, tables, context_lens, 0.25, block_n=8)
+    used = {int(tables[s, j // 4]) * 4 + j % 4 for s, n in enumerate(lens) for j in range(n)}
+    unused = [r for r in range(k_cache.shape[0] * 4) if r not in used]
+    for cache in (k_cache, v_cache):
+        cache.view(-1, 1, 16)[unused] = math.nan
+    after = _triton(q, k_cache, v_cache, tables, context_lens, 0.25, block_n=8)
+    assert torch.equal(before, after)
+
+
+def test_triton_kernel_rejects_bad_inputs():
+    pytest.importorskip("triton")
+    from goat_runtime.ops.triton_attention import paged_decode_attention_triton
+
+    q, k_cache, v_cache, tables, lens = random_problem(2, (4, 2, 8), [3, 5], 4, torch.float32,
+                                                       seed=1)
+    bad = {
+        "one dtype": (q, k_cache.bfloat16(), v_cache, tables, lens),
+        "not a multiple": (q[:, :3], k_cache, v_cache, tables, lens),
+        "int32": (q, k_cache, v_cache, tables.long(), lens),
+        "one row per sequence": (q, k_cache, v_cache, tables[:1], lens),
+        "head_dim": (q[:, :, :4], k_cache, v_cache, tables, lens),
+        "one device": (q, k_cache, v_cache, tables, lens.to("meta")),
+    }
+    for message, args in bad.items():
+        with pytest.raises(ValueError, match=message):
+            paged_decode_attention_triton(*args, 1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 1.0, block_n=12)
+
+
+# On CUDA only: the shapes the engine serves (head dims 64 and 128, GQA 1, 3, 4 and 8), block
+# size 16, contexts up to past 1000 across block and tile boundaries, with the kernel's own tiles.
+CUDA_HEADS = [(9, 3, 64), (32, 8, 128), (8, 8, 64), (16, 2, 128), (12, 3, 128)]
+CUDA_LENS = [1, 15, 16, 17, 63, 64, 65, 255, 256, 257, 1000, 1031]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads", CUDA_HEADS, ids=str)
+@pytest.mark.parametrize("window", [None, 100])
+def test_triton_kernel_on_cuda(heads, dtype, window):
+    _check_triton(heads, CUDA_LENS, 16, dtype, seed=heads[0], window=window)
+    # Through the public op: paged_decode_attention dispatches CUDA tensors to the kernel.
+    args = random_problem(4, heads, [5, 17, 300, 33], 16, dtype, seed=2)
+    on_cuda = [a.cuda() for a in args]
+    torch.testing.assert_close(paged_decode_attention(*on_cuda, 300, 0.1).cpu(),
+                               _triton(*args, 0.1), rtol=0, atol=0)
+
+
+def test_triton_kernel_compiles_for_cuda(tmp_path):
+    """The kernel the interpreter runs also compiles to cubins for sm_80 and sm_90, fp32 and
+    bf16, with triton's bundled ptxas: no GPU needed."""
+    pytest.importorskip("triton.backends.nvidia")
+    from goat_runtime.ops.triton_attention import _paged_decode_kernel
+    from tests.ops.cuda_compile import compile_for_cuda
+
+    def signature(dtype: str) -> dict[str, str]:
+        types = {"out_ptr": f"*{dtype}", "q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}",
+                 "v_ptr": f"*{dtype}", "tables_ptr": "*i32", "lens_ptr": "*i64", "scale": "fp32"}
+        return {name: types.get(name, "constexpr" if name.startswith("BLOCK") else "i32")
+                for name in _paged_decode_kernel.arg_names}
+
+    lines = compile_for_cuda("goat_runtime.ops.triton_attention", "_paged_decode_kernel",
+                             {"fp32": signature("fp32"), "bf16": signature("bf16")},
+                             {"BLOCK_G": 4, "BLOCK_N": 16, "BLOCK_D": 128}, (80, 90), tmp_path)
+    assert lines == [f"{d} {a} ok" for d in ("fp32", "bf16") for a in (80, 90)]

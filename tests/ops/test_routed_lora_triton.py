@@ -1,13 +1,12 @@
-"""The Triton routed low-rank kernel against the PyTorch reference, on the CPU through Triton's
-interpreter (TRITON_INTERPRET=1, set before triton is imported), plus a compile of the same
-kernel for CUDA targets with the bundled ptxas (no GPU needed)."""
+"""The Triton routed low-rank kernel against the PyTorch reference: compiled on CUDA where there
+is a device, else on the CPU through Triton's interpreter (tests/conftest.py and
+tests/devices.py), plus a compile of the same kernel for CUDA targets with the bundled ptxas
+(no GPU needed)."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ triton = pytest.importorskip("triton")
 from goat_runtime.ops import RoutedLoRAWeights  # noqa: E402
 from goat_runtime.ops.reference import add_routed_lora_reference  # noqa: E402
 from goat_runtime.ops.triton_kernel import add_routed_lora_triton  # noqa: E402
+from tests.devices import TRITON_DEVICE as DEVICE  # noqa: E402
 from tests.ops.random_weights import (  # noqa: E402
     POPULARITIES,
     SliceSpec,
@@ -24,11 +24,6 @@ from tests.ops.random_weights import (  # noqa: E402
     token_slots,
 )
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and
-                                not torch.cuda.is_available(),
-                                reason="needs TRITON_INTERPRET=1 or a CUDA device")
-
-DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 D_IN = 40
 SLICE_OUTS = (24, 8, 16)  # q/k/v-like slices of different widths; d_out != d_in
 TOLERANCES = {torch.float32: {"rtol": 1e-5, "atol": 1e-5},
@@ -196,11 +191,14 @@ def test_expert_counts_match_reference():
     weights = random_weights([spec] * 4, 48, seed=21)
     slots = token_slots(60, 4, "zipf", seed=4, none_fraction=0.2)
     x = torch.randn(60, 48, generator=torch.Generator().manual_seed(5))
-    counts = torch.zeros(4, 8, dtype=torch.int64)
+    counts = torch.zeros(4, 8, dtype=torch.int64, device=DEVICE)
     expected = torch.zeros(4, 8, dtype=torch.int64)
-    add_routed_lora_triton(torch.zeros(60, 64), x, slots, weights, expert_counts=counts)
+    on_device = RoutedLoRAWeights(weights.shrink.to(DEVICE), weights.expand.to(DEVICE),
+                                  weights.slice_meta.to(DEVICE), weights.out_offsets)
+    add_routed_lora_triton(torch.zeros(60, 64, device=DEVICE), x.to(DEVICE), slots.to(DEVICE),
+                           on_device, expert_counts=counts)
     add_routed_lora_reference(torch.zeros(60, 64), x, slots, weights, expected)
-    assert torch.equal(counts, expected) and counts.sum() > 0
+    assert torch.equal(counts.cpu(), expected) and counts.sum() > 0
 
 
 @pytest.mark.parametrize("name", list(INVALID))
