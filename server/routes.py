@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -138,11 +139,18 @@ def _adapter_path(state: "ServerState", raw: str) -> Path:
     path = Path(raw)
     if not path.is_absolute():
         path = roots[0] / path
-    resolved = path.resolve()
+    resolved = Path(os.path.realpath(path))  # not strict: never raises for what it can't read
     if not any(resolved.is_relative_to(root) for root in roots):
         raise APIError(400, "lora_path is outside the adapter directory and the allowed roots",
                        param="lora_path", code="invalid_path")
-    if not resolved.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(resolved.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir = False
+    except OSError as exc:  # a name too long, a loop of links, no permission: the path's fault
+        raise APIError(400, f"lora_path cannot be used: {exc.strerror or 'invalid path'}",
+                       param="lora_path", code="invalid_path") from exc  # (no server paths)
+    if not is_dir:
         raise APIError(404, "No adapter found at lora_path", param="lora_path",
                        code="adapter_not_found")
     return resolved
