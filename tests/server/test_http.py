@@ -48,6 +48,21 @@ def test_malformed_completion_bodies(http: httpx.Client, body: bytes, param: str
     assert error["type"] == "invalid_request_error"
 
 
+POST_ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
+               "/v1/unload_lora_adapter"]
+
+
+@pytest.mark.parametrize("route", POST_ROUTES)
+@pytest.mark.parametrize(("body", "kind"), [
+    (b"null", "null"), (b"", "null"), (b"[]", "an array"), (b'"w5"', "a string"),
+    (b"5", "a number"), (b"true", "a boolean")])
+def test_body_must_be_an_object(http: httpx.Client, route: str, body: bytes, kind: str) -> None:
+    response = http.post(route, content=body, headers={"Content-Type": "application/json"})
+    error = assert_openai_error(response, 400)
+    assert error["message"].startswith(f"The request body must be a JSON object, got {kind}")
+    assert error["param"] is None and error["code"] == "invalid_body"
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"model": BASE, "messages": "w5"}, "messages"),
     ({"model": BASE, "messages": [{"content": "w5"}]}, "messages[0].role"),
