@@ -33,6 +33,7 @@ from server.protocol import (
     ModelCard,
     ModelList,
     UnloadLoRAAdapterRequest,
+    check_unicode,
     valid_name,
 )
 
@@ -136,6 +137,7 @@ def _adapter_path(state: "ServerState", raw: str) -> Path:
         raise APIError(400, "lora_path must name a folder inside the adapter directory "
                        "(--adapter-dir) or an allowed root (--allowed-adapter-root)",
                        param="lora_path", code="invalid_path")
+    check_unicode("lora_path", raw)
     path = Path(raw)
     if not path.is_absolute():
         path = roots[0] / path
@@ -474,6 +476,7 @@ async def _completion_prompts(state: "ServerState", body: CompletionRequest,
         raise APIError(400, f"At most {MAX_PROMPTS} prompts per request", param="prompt")
     tokenizer = state.engine.tokenizer
     if isinstance(items[0], str):
+        check_unicode("prompt", *items)
         encoded = await asyncio.to_thread(lambda: tokenizer(items)["input_ids"])
         if any(len(ids) == 0 for ids in encoded):
             raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
@@ -509,6 +512,7 @@ def _render_chat(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
     except Exception as exc:  # the template rejected the conversation (roles, order, ...)
         raise APIError(400, f"The chat template rejected the messages: {exc}",
                        param="messages") from exc
+    check_unicode("messages", text)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
         raise APIError(400, "The rendered conversation is empty", param="messages")
@@ -520,6 +524,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = _state(request)
     target = _resolve_model(state, body.model)
     with _count_error(state, target):
+        if body.tool_choice is not None and not body.tools:  # as OpenAI answers
+            raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed "
+                           "when 'tools' are specified.", param="tool_choice")
         if body.tools:
             raise _refuse("tools", "tools (function calling) are not supported")
         if body.response_format and body.response_format.get("type", "text") != "text":
