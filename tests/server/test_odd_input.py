@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from goat_runtime.engine.sampling import MAX_LOGPROBS, MAX_N
+from server.prompts import MAX_PROMPTS
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.routes import MAX_PROMPTS
 from tests.server.conftest import BASE, PROMPTS, greedy, token_ids
 from tests.server.test_http import assert_openai_error
 
