@@ -40,11 +40,14 @@ def _text(description: str, media_type: str = "text/plain") -> dict[str, Any]:
             "content": {media_type: {"schema": {"type": "string"}}}}
 
 
-def _generation(model: type, stream_chunk: str) -> Responses:
+def _generation(model: type, chunk: str) -> Responses:
+    # OpenAPI 3.1 (FastAPI's): an event stream's `schema` describes one event
+    event = {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": f"A {chunk} as JSON; an error body (an error after "
+        "the first event); `[DONE]` last"}}}
     return {200: {"model": model, "description": "The completion; with `stream: true`, "
-                  f"server-sent events: `data: <{stream_chunk} JSON>` lines, then "
-                  "`data: [DONE]` (an error after the first event comes as an error body "
-                  "event)", "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                  f"server-sent events, one {chunk} each",
+                  "content": {"text/event-stream": {"schema": event}}},
             **_errors(400, 401, 404, 413, 429, 500, 503)}
 
 
