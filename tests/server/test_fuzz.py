@@ -2,7 +2,8 @@
 schema-valid and schema-invalid requests (schemathesis' positive and negative generation modes)
 to every operation. Every answer must be no 5xx, conform to the schema (status, content type,
 body), carry OpenAI's error body when it is an error, and come within 30 s; afterwards the same
-server still returns the exact greedy tokens. Deterministic (derandomized), about a minute.
+server still returns the exact greedy tokens. Deterministic (derandomized): 555 cases, about a
+minute on 2 cores.
 
 The operations' strategies run under Hypothesis here rather than through
 `schemathesis.pytest.from_fixture(...).parametrize()`: schemathesis 4.32.5's lazy loader sets
@@ -28,7 +29,7 @@ from schemathesis.checks import (
 
 from tests.server.conftest import PROMPTS, greedy, start_real_server, token_ids
 
-MAX_EXAMPLES = 20  # cases per operation and generation mode
+MAX_EXAMPLES = 60  # cases per operation and generation mode
 TIMEOUT = 30.0  # seconds: a slower answer is a hang
 
 
