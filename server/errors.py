@@ -123,6 +123,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
+        # FastAPI's "There was an error parsing the body" for what json.loads raises besides a
+        # JSONDecodeError: say which
+        reason = {UnicodeDecodeError: "it is not valid UTF-8",
+                  RecursionError: "it is nested too deeply"}.get(type(exc.__cause__))
+        if exc.status_code == 400 and reason:
+            return error_response(400, f"Malformed JSON body: {reason}", code="invalid_json")
         message = exc.detail if isinstance(exc.detail, str) else "Request failed"
         return error_response(exc.status_code, message, headers=exc.headers)
 

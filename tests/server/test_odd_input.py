@@ -191,7 +191,9 @@ def test_100_stop_strings(http: httpx.Client) -> None:
 ])
 def test_undecodable_bodies(http: httpx.Client, route: str, body: bytes) -> None:
     response = http.post(route, content=body, headers={"Content-Type": "application/json"})
-    assert_openai_error(response, 400)
+    error = assert_openai_error(response, 400, None)
+    assert error["message"].startswith(("Malformed JSON body: ", "Invalid value for"))
+    assert error["code"] in ("invalid_json", "invalid_type")
 
 
 @pytest.mark.parametrize(("route", "body", "param"), [
