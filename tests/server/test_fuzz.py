@@ -60,7 +60,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           answered_in_time]
 
 
-# Random model and folder names are unknown (a 404 before any work is done): 3 cases in 4 name
+# Random model and folder names are unknown (a 404 before any work is done): 4 cases in 5 name
 # the base or a fixture adapter instead, so that the engine serves the generated parameters.
 KNOWN = st.sampled_from([None, "base", "goat0", "goat1", "lora0"])
 
