@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.auth import ApiKeyMiddleware
 from server.errors import RequestContextMiddleware, error_response, install_error_handlers
 from server.metrics import ServerMetrics
+from server.openapi import install_openapi
 from server.routes import router
 
 logger = logging.getLogger("server")
@@ -119,6 +120,7 @@ def create_app(engine: Any, settings: Settings | None = None,
                   lifespan=lifespan)
     app.state.server = ServerState(engine=engine, settings=settings, metrics=metrics)
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(router)
     # Added innermost first: request ids and the 500 guard wrap everything, then auth, then
     # the body limit (so unauthenticated clients cannot make the server read big bodies).

@@ -81,6 +81,15 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def _json_kind(value: Any) -> str:
+    """The JSON type of a parsed value, for messages that must not echo it."""
+    if value is None:
+        return "null (or no body)"
+    kinds = ((bool, "a boolean"), (int | float, "a number"), (str, "a string"),
+             (list, "an array"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "no object")
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
     if not errors:
@@ -91,12 +100,12 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"Malformed JSON body: {detail}", code="invalid_json")
     loc = tuple(first.get("loc", ()))
     param = _param_from_loc(loc)
+    if param is None:  # the body itself is no object: null, an array, a string, a number
+        return APIError(400, "The request body must be a JSON object, got "
+                        f"{_json_kind(first.get('input'))}", code="invalid_body")
     if first.get("type") == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param,
                         code="missing_required_parameter")
-    if param is None:
-        return APIError(400, f"The request body is invalid: {first.get('msg')}. "
-                        "Expected a JSON object.")
     more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
     return APIError(400, f"Invalid value for '{param}': {first.get('msg')}{more}", param=param,
                     code="invalid_type")
@@ -114,6 +123,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
+        # FastAPI's "There was an error parsing the body" for what json.loads raises besides a
+        # JSONDecodeError: say which
+        reason = {UnicodeDecodeError: "it is not valid UTF-8",
+                  RecursionError: "it is nested too deeply"}.get(type(exc.__cause__))
+        if exc.status_code == 400 and reason:
+            return error_response(400, f"Malformed JSON body: {reason}", code="invalid_json")
         message = exc.detail if isinstance(exc.detail, str) else "Request failed"
         return error_response(exc.status_code, message, headers=exc.headers)
 

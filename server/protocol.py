@@ -3,6 +3,8 @@
 
 Requests tolerate unknown fields (`extra="allow"`; they are ignored) so newer OpenAI clients keep
 working; fields whose meaning goat-serve cannot honour are refused by the routes, never ignored.
+Known fields are typed strictly: a number given as a string, or a boolean given for a number (or
+the reverse), is a 400 naming the field, as OpenAI answers.
 """
 
 import re
@@ -21,8 +23,19 @@ def valid_name(name: str) -> bool:
     return NAME_PATTERN.fullmatch(name) is not None
 
 
+def check_unicode(param: str, *texts: str) -> None:
+    """JSON may spell lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode."""
+    for text in texts:
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise SamplingParamsError(param, f"{param} is not valid Unicode text (it holds a "
+                                      "lone surrogate)") from exc
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: "4" and true are no numbers, 1 and "yes" no booleans (pydantic would convert them)
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(_Body):
@@ -104,6 +117,7 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # only with tools, which are refused
     response_format: dict[str, Any] | None = None
     # vLLM's extras for the chat template
     add_generation_prompt: bool = True

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import stat
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ from starlette.types import Receive, Scope, Send
 from goat_runtime.adapters.format import AdapterError
 from goat_runtime.engine.outputs import EngineError
 from goat_runtime.engine.sampling import SamplingParams, SamplingParamsError
+from server import openapi
 from server.errors import APIError, error_body, error_response, from_exception
 from server.metrics import UNRESOLVED, RequestTracker
+from server.prompts import completion_prompts, render_chat
 from server.protocol import (
     ChatAssembler,
     ChatCompletionRequest,
@@ -32,6 +35,7 @@ from server.protocol import (
     ModelCard,
     ModelList,
     UnloadLoRAAdapterRequest,
+    check_unicode,
     valid_name,
 )
 
@@ -41,7 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("server")
 router = APIRouter()
 T = TypeVar("T")
-MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
 def _state(request: Request) -> "ServerState":
@@ -105,12 +108,12 @@ def _model_cards(state: "ServerState") -> list[ModelCard]:
         for info in sorted(engine.list_adapters(), key=lambda a: a.name)]
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=openapi.MODELS)
 async def list_models(request: Request) -> JSONResponse:
     return JSONResponse(ModelList(data=_model_cards(_state(request))).model_dump())
 
 
-@router.get("/v1/models/{model_id}")
+@router.get("/v1/models/{model_id}", responses=openapi.MODEL)
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     state = _state(request)
     target = _resolve_model(state, model_id)  # 404 if unknown
@@ -135,20 +138,29 @@ def _adapter_path(state: "ServerState", raw: str) -> Path:
         raise APIError(400, "lora_path must name a folder inside the adapter directory "
                        "(--adapter-dir) or an allowed root (--allowed-adapter-root)",
                        param="lora_path", code="invalid_path")
+    check_unicode("lora_path", raw)
     path = Path(raw)
     if not path.is_absolute():
         path = roots[0] / path
-    resolved = path.resolve()
+    resolved = Path(os.path.realpath(path))  # not strict: never raises for what it can't read
     if not any(resolved.is_relative_to(root) for root in roots):
         raise APIError(400, "lora_path is outside the adapter directory and the allowed roots",
                        param="lora_path", code="invalid_path")
-    if not resolved.is_dir():
+    try:
+        is_dir = stat.S_ISDIR(resolved.stat().st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        is_dir = False
+    except OSError as exc:  # a name too long, a loop of links, no permission: the path's fault
+        raise APIError(400, f"lora_path cannot be used: {exc.strerror or 'invalid path'}",
+                       param="lora_path", code="invalid_path") from exc  # (no server paths)
+    if not is_dir:
         raise APIError(404, "No adapter found at lora_path", param="lora_path",
                        code="adapter_not_found")
     return resolved
 
 
-@router.post("/v1/load_lora_adapter")
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
+             responses=openapi.LOAD_ADAPTER)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> Response:
     state = _state(request)
     _check_adapter_name(state, body.lora_name)
@@ -163,7 +175,8 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> R
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
+             responses=openapi.UNLOAD_ADAPTER)
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> Response:
     state = _state(request)
     _check_adapter_name(state, body.lora_name)
@@ -178,7 +191,7 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) 
 
 # ---- health and metrics --------------------------------------------------------------------
 
-@router.get("/health")
+@router.get("/health", response_class=Response, responses=openapi.HEALTH)
 async def health(request: Request) -> Response:
     engine = _state(request).engine
     if engine.is_alive:
@@ -188,7 +201,7 @@ async def health(request: Request) -> Response:
     return error_response(503, message, code="engine_dead")
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=Response, responses=openapi.METRICS)
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(_state(request).metrics.registry),
                     media_type=CONTENT_TYPE_LATEST)
@@ -434,7 +447,7 @@ def _refuse(param: str, message: str) -> APIError:
     return APIError(400, message, param=param, code="unsupported_parameter")
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=openapi.COMPLETIONS)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = _state(request)
     target = _resolve_model(state, body.model)
@@ -445,7 +458,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             raise _refuse("best_of", "best_of is not supported; use n")
         if body.logit_bias:
             raise _refuse("logit_bias", "logit_bias is not supported")
-        prompts, texts = await _completion_prompts(state, body)
+        prompts, texts = await completion_prompts(state.engine.tokenizer, body)
         max_len = state.engine.max_model_len
         params = [body.to_sampling_params(len(ids), max_len) for ids in prompts]
     response_id = f"cmpl-{uuid.uuid4().hex}"
@@ -457,64 +470,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                         body.include_usage)
 
 
-async def _completion_prompts(state: "ServerState", body: CompletionRequest,
-                              ) -> tuple[list[list[int]], list[str]]:
-    """The prompts as token ids, and as text (for echo)."""
-    prompt = body.prompt
-    items: list[Any] = [prompt] if isinstance(prompt, str) or (
-        prompt and isinstance(prompt[0], int)) else list(prompt)
-    if not items or any(len(item) == 0 for item in items):
-        raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
-    if len(items) > MAX_PROMPTS:
-        raise APIError(400, f"At most {MAX_PROMPTS} prompts per request", param="prompt")
-    tokenizer = state.engine.tokenizer
-    if isinstance(items[0], str):
-        encoded = await asyncio.to_thread(lambda: tokenizer(items)["input_ids"])
-        if any(len(ids) == 0 for ids in encoded):
-            raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
-        return [list(ids) for ids in encoded], items
-    vocab = len(tokenizer)
-    if any(not 0 <= t < vocab for ids in items for t in ids):
-        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-    texts = await asyncio.to_thread(lambda: [tokenizer.decode(ids) for ids in items])
-    return [list(ids) for ids in items], texts
-
-
-def _render_chat(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
-    """The messages through the tokenizer's chat template, as token ids."""
-    messages = []
-    for i, message in enumerate(body.messages):
-        content = message.content
-        if isinstance(content, list):
-            if any(part.get("type") != "text" or not isinstance(part.get("text"), str)
-                   for part in content):
-                raise APIError(400, "Only text content parts are supported",
-                               param=f"messages[{i}].content")
-            content = "\n".join(part["text"] for part in content)
-        role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": content or ""})
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError(400, "This model has no chat template; use /v1/completions",
-                       param="messages")
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, continue_final_message=body.continue_final_message,
-            add_generation_prompt=body.add_generation_prompt
-            and not body.continue_final_message)
-    except Exception as exc:  # the template rejected the conversation (roles, order, ...)
-        raise APIError(400, f"The chat template rejected the messages: {exc}",
-                       param="messages") from exc
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise APIError(400, "The rendered conversation is empty", param="messages")
-    return list(ids)
-
-
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None,
+             responses=openapi.CHAT_COMPLETIONS)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = _state(request)
     target = _resolve_model(state, body.model)
     with _count_error(state, target):
+        if body.tool_choice is not None and not body.tools:  # as OpenAI answers
+            raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed "
+                           "when 'tools' are specified.", param="tool_choice")
         if body.tools:
             raise _refuse("tools", "tools (function calling) are not supported")
         if body.response_format and body.response_format.get("type", "text") != "text":
@@ -523,7 +487,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
             raise _refuse("logit_bias", "logit_bias is not supported")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
-        prompt_ids = await asyncio.to_thread(_render_chat, state.engine.tokenizer, body)
+        prompt_ids = await asyncio.to_thread(render_chat, state.engine.tokenizer, body)
         params = body.to_sampling_params(len(prompt_ids), state.engine.max_model_len)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     assembler = ChatAssembler(response_id, body.model, body.n, prompt_ids, _decoder(state),

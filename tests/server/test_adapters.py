@@ -99,6 +99,26 @@ def test_load_body_errors(http: httpx.Client) -> None:
                         "lora_path")
 
 
+@pytest.mark.parametrize(("path", "reason"), [
+    ("x" * 300, "File name too long"),  # one component over NAME_MAX (255)
+    ("goat0/" + "a/" * 2100, "File name too long"),  # the whole path over PATH_MAX (4096)
+    ("loop", "Too many levels of symbolic links"),
+    ("loop/inner", "Too many levels of symbolic links"),
+])
+def test_unusable_paths_are_400_naming_the_problem(http: httpx.Client, live: LiveServer,
+                                                   path: str, reason: str) -> None:
+    loop = live.adapter_dir / "loop"
+    loop.symlink_to(loop)
+    try:
+        response = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+    finally:
+        loop.unlink()
+    error = assert_openai_error(response, 400, "lora_path")
+    assert reason in error["message"] and error["code"] == "invalid_path"
+    assert str(live.adapter_dir) not in error["message"]
+    assert "x" not in models(http)
+
+
 def test_paths_are_confined_after_symlinks(http: httpx.Client, live: LiveServer,
                                            tmp_path: Path) -> None:
     outside = tmp_path / "outside"

@@ -48,6 +48,21 @@ def test_malformed_completion_bodies(http: httpx.Client, body: bytes, param: str
     assert error["type"] == "invalid_request_error"
 
 
+POST_ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
+               "/v1/unload_lora_adapter"]
+
+
+@pytest.mark.parametrize("route", POST_ROUTES)
+@pytest.mark.parametrize(("body", "kind"), [
+    (b"null", "null"), (b"", "null"), (b"[]", "an array"), (b'"w5"', "a string"),
+    (b"5", "a number"), (b"true", "a boolean")])
+def test_body_must_be_an_object(http: httpx.Client, route: str, body: bytes, kind: str) -> None:
+    response = http.post(route, content=body, headers={"Content-Type": "application/json"})
+    error = assert_openai_error(response, 400)
+    assert error["message"].startswith(f"The request body must be a JSON object, got {kind}")
+    assert error["param"] is None and error["code"] == "invalid_body"
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"model": BASE, "messages": "w5"}, "messages"),
     ({"model": BASE, "messages": [{"content": "w5"}]}, "messages[0].role"),
@@ -134,3 +149,36 @@ def test_health_is_503_without_engine_loop(fake_server) -> None:
     with pytest.raises(openai.InternalServerError) as info:
         live.client().completions.create(model=BASE, prompt="w5")
     assert info.value.status_code == 503
+
+
+def test_openapi_declares_what_the_server_sends(http: httpx.Client) -> None:
+    """No 422 (never sent); the 400s and 404s with OpenAI's error body; /health and /metrics
+    with the content types they really answer with."""
+    schema = http.get("/openapi.json").json()
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    error = schema["components"]["schemas"]["ErrorInfo"]
+    assert set(error["properties"]) == {"message", "type", "param", "code"}
+    for path, operations in schema["paths"].items():
+        for operation in operations.values():
+            responses = operation["responses"]
+            assert "422" not in responses, path
+            for status, response in responses.items():
+                if int(status) >= 400:
+                    assert response["content"] == {"application/json": {"schema": error_ref}}
+    for path in POST_ROUTES:
+        assert {"400", "404"} <= set(schema["paths"][path]["post"]["responses"]), path
+    assert "404" in schema["paths"]["/v1/models/{model_id}"]["get"]["responses"]
+    metrics = http.get("/metrics")
+    declared = schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert list(declared) == [metrics.headers["content-type"]]
+    assert metrics.headers["content-type"].startswith("text/plain; version=")
+    health = http.get("/health")
+    assert "content-type" not in health.headers and health.content == b""
+    assert "content" not in schema["paths"]["/health"]["get"]["responses"]["200"]
+    assert schema["paths"]["/health"]["get"]["responses"]["503"]["content"]
+    adapters = schema["paths"]["/v1/load_lora_adapter"]["post"]["responses"]["200"]["content"]
+    assert list(adapters) == ["text/plain"]
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        ok = schema["paths"][path]["post"]["responses"]["200"]["content"]
+        assert set(ok) == {"application/json", "text/event-stream"}

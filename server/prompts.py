@@ -1,0 +1,64 @@
+"""Requests' prompts as token ids: /v1/completions' prompt forms (text, token ids, lists of
+either) and /v1/chat/completions' messages through the chat template."""
+
+import asyncio
+from typing import Any
+
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest, CompletionRequest, check_unicode
+
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+
+
+async def completion_prompts(tokenizer: Any, body: CompletionRequest,
+                             ) -> tuple[list[list[int]], list[str]]:
+    """The prompts as token ids, and as text (for echo)."""
+    prompt = body.prompt
+    items: list[Any] = [prompt] if isinstance(prompt, str) or (
+        prompt and isinstance(prompt[0], int)) else list(prompt)
+    if not items or any(len(item) == 0 for item in items):
+        raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
+    if len(items) > MAX_PROMPTS:
+        raise APIError(400, f"At most {MAX_PROMPTS} prompts per request", param="prompt")
+    if isinstance(items[0], str):
+        check_unicode("prompt", *items)
+        encoded = await asyncio.to_thread(lambda: tokenizer(items)["input_ids"])
+        if any(len(ids) == 0 for ids in encoded):
+            raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
+        return [list(ids) for ids in encoded], items
+    vocab = len(tokenizer)
+    if any(not 0 <= t < vocab for ids in items for t in ids):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    texts = await asyncio.to_thread(lambda: [tokenizer.decode(ids) for ids in items])
+    return [list(ids) for ids in items], texts
+
+
+def render_chat(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
+    """The messages through the tokenizer's chat template, as token ids."""
+    messages = []
+    for i, message in enumerate(body.messages):
+        content = message.content
+        if isinstance(content, list):
+            if any(part.get("type") != "text" or not isinstance(part.get("text"), str)
+                   for part in content):
+                raise APIError(400, "Only text content parts are supported",
+                               param=f"messages[{i}].content")
+            content = "\n".join(part["text"] for part in content)
+        role = "system" if message.role == "developer" else message.role
+        messages.append({"role": role, "content": content or ""})
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "This model has no chat template; use /v1/completions",
+                       param="messages")
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, continue_final_message=body.continue_final_message,
+            add_generation_prompt=body.add_generation_prompt
+            and not body.continue_final_message)
+    except Exception as exc:  # the template rejected the conversation (roles, order, ...)
+        raise APIError(400, f"The chat template rejected the messages: {exc}",
+                       param="messages") from exc
+    check_unicode("messages", text)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise APIError(400, "The rendered conversation is empty", param="messages")
+    return list(ids)
