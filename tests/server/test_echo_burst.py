@@ -14,7 +14,7 @@ from tests.server.conftest import BASE, start_real_server
 
 @pytest.fixture(scope="module")
 def small_cache_server(tmp_path_factory):
-    live = start_real_server(tmp_path_factory.mktemp("burst"), kv_cache_memory=1 << 20,
+    live = start_real_server(tmp_path_factory.mktemp("burst"), kv_cache_memory=1 << 19,
                              max_num_batched_tokens=256, enable_prefix_caching=False)
     yield live
     live.stop()
