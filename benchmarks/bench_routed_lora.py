@@ -49,12 +49,13 @@ def stacked_adapters(d_in: int, out_sizes: tuple[int, ...], static_rank: int,
     for size in out_sizes:
         offsets.append(offsets[-1] + size)
     num_slices = len(out_sizes)
-    shrink = torch.randn(NUM_SLOTS, num_slices, rows + NUM_EXPERTS, d_in, generator=gen)
-    shrink /= d_in**0.5
+    shrink = torch.randn(NUM_SLOTS, num_slices, rows, d_in, generator=gen) / d_in**0.5
+    router = torch.randn(NUM_SLOTS, num_slices, NUM_EXPERTS, d_in, generator=gen) / d_in**0.5
     expand = torch.randn(NUM_SLOTS, rows, offsets[-1], generator=gen) / rows**0.5
     meta = torch.tensor([NUM_EXPERTS, TOP_K, expert_rank], dtype=torch.int32)
     meta = meta.expand(NUM_SLOTS, num_slices, 3).contiguous()
-    return RoutedLoRAWeights(shrink.to(dtype), expand.to(dtype), meta, tuple(offsets))
+    # Routers are float32 whatever the weights' dtype (as the slot manager keeps them).
+    return RoutedLoRAWeights(shrink.to(dtype), router, expand.to(dtype), meta, tuple(offsets))
 
 
 def layouts(num_tokens: int) -> dict[str, torch.Tensor]:
@@ -90,7 +91,7 @@ def time_weight_read(base: list[torch.Tensor], adapters: list[RoutedLoRAWeights]
                      num_tokens: int = 32) -> tuple[float, float]:
     """Median seconds of the base projections and of reading every adapter weight once."""
     xs = [torch.randn(num_tokens, w.shape[1]) for w in base]
-    tensors = [t for weights in adapters for t in (weights.shrink, weights.expand)]
+    tensors = [t for weights in adapters for t in (weights.shrink, weights.router, weights.expand)]
     base_times, read_times = [], []
     for i in range(3 + reps):
         t0 = time.perf_counter()
@@ -152,7 +153,8 @@ def main() -> None:
 
     print()
     for name, adapters in configs.items():
-        nbytes = sum(t.numel() * t.element_size() for a in adapters for t in (a.shrink, a.expand))
+        nbytes = sum(t.numel() * t.element_size() for a in adapters
+                     for t in (a.shrink, a.router, a.expand))
         base_s, read_s = time_weight_read(base, adapters, reps[32])
         print(f"floor, {name}: reading all {nbytes / 2**20:.1f} MiB of adapter weights once "
               f"after the T=32 base: {read_s * 1e3:.3f} ms = {read_s / base_s:.3f} x base "

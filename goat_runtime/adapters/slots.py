@@ -1,7 +1,8 @@
 """Device slots: the stacked shrink/expand tensors of one fused base linear, one adapter a slot.
 
 `write_slot` lays an adapter's per-slice deltas (plus their static terms) out in the op's layout
-(goat_runtime.ops.routed_lora): value rows first (experts, then static rows), router rows after;
+(goat_runtime.ops.routed_lora): value rows (experts, then static rows) in the served dtype, the
+router in float32 whatever the served dtype;
 `write_slice` writes one slice from blocks of rows (the vLLM plugin's slots use it too).
 """
 
@@ -18,13 +19,15 @@ def allocate_slots(num_slots: int, out_sizes: Sequence[int], d_in: int, *, value
                    max_experts: int, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu") -> RoutedLoRAWeights:
     """Zeroed slots for a fused linear with output slices `out_sizes`; every slot can hold, per
-    slice, `value_rows` expert plus static rows and a router of up to `max_experts` experts."""
+    slice, `value_rows` expert plus static rows (in `dtype`) and a router of up to `max_experts`
+    experts (float32)."""
     offsets = [0]
     for size in out_sizes:
         offsets.append(offsets[-1] + size)
     num_slices = len(out_sizes)
     return RoutedLoRAWeights(
-        shrink=torch.zeros(num_slots, num_slices, value_rows + max_experts, d_in, dtype=dtype,
+        shrink=torch.zeros(num_slots, num_slices, value_rows, d_in, dtype=dtype, device=device),
+        router=torch.zeros(num_slots, num_slices, max_experts, d_in, dtype=torch.float32,
                            device=device),
         expand=torch.zeros(num_slots, value_rows, offsets[-1], dtype=dtype, device=device),
         slice_meta=torch.zeros(num_slots, num_slices, 3, dtype=torch.int32, device=device),
@@ -65,7 +68,7 @@ def write_slice(weights: RoutedLoRAWeights, slot: int, s: int,
     term's); `router` [E, d_in] routes top_k of E experts of expert_rank rows each (None: no
     router, every row has gate 1). Raises ValueError if they do not fit the slot."""
     value_rows = weights.num_value_rows
-    max_experts = weights.shrink.shape[2] - value_rows
+    max_experts = weights.max_experts
     rows = sum(a.shape[0] for a, _ in blocks)
     experts = router.shape[0] if router is not None else 0
     if rows > value_rows or experts > max_experts:
@@ -79,12 +82,13 @@ def write_slice(weights: RoutedLoRAWeights, slot: int, s: int,
         expand[row : row + a.shape[0], cols] = b.T
         row += a.shape[0]
     if router is not None:
-        shrink[value_rows : value_rows + experts] = router
+        weights.router[slot, s, :experts] = router  # float32: never rounded to the served dtype
         weights.slice_meta[slot, s] = torch.tensor([experts, top_k, expert_rank],
                                                    dtype=torch.int32)
 
 
 def clear_slot(weights: RoutedLoRAWeights, slot: int) -> None:
     weights.shrink[slot].zero_()
+    weights.router[slot].zero_()
     weights.expand[slot].zero_()
     weights.slice_meta[slot].zero_()

@@ -7,7 +7,8 @@ def gate_from_logits(logits: torch.Tensor, num_experts: int, top_k: int, expert_
                      num_value_rows: int) -> torch.Tensor:
     """Semantics: m[c] = renormalised top-k softmax weight of the expert owning value row c,
     1 for rows past the experts' E * expert_rank rows (static term, plain LoRA), 0 for experts
-    not chosen.
+    not chosen. GOAT_SPEC section 2: softmax, then torch.topk (whose choice among equal
+    probabilities defines the tie rule every kernel follows), then renormalisation.
 
     logits: [E] float32 router logits (E = num_experts, 0 for plain LoRA).
     Returns [num_value_rows] float32.
@@ -26,10 +27,10 @@ def gate_from_logits(logits: torch.Tensor, num_experts: int, top_k: int, expert_
 
 def add_routed_lora_reference(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
                               weights, expert_counts: torch.Tensor | None = None) -> None:
-    """Semantics: y[t] += X[a] (gate(h) * h[:R]) with h = S[a] x[t], a = token_slots[t], per
-    slice; tokens with slot -1 are left alone; expert_counts[a, e] += chosen (token, slice)
-    pairs. Shapes as in `add_routed_lora`. fp32 math."""
-    num_value_rows = weights.expand.shape[1]
+    """Semantics: y[t] += X[a] (gate(G[a] x[t]) * h) with h = S[a] x[t], a = token_slots[t], per
+    slice (G: the float32 router); tokens with slot -1 are left alone; expert_counts[a, e] +=
+    chosen (token, slice) pairs. Shapes as in `add_routed_lora`. fp32 math."""
+    num_value_rows = weights.num_value_rows
     offsets = weights.out_offsets
     for t in range(x.shape[0]):
         slot = int(token_slots[t])
@@ -37,9 +38,8 @@ def add_routed_lora_reference(y: torch.Tensor, x: torch.Tensor, token_slots: tor
             continue
         for s in range(weights.num_slices):
             num_experts, top_k, expert_rank = (int(v) for v in weights.slice_meta[slot, s])
-            h = weights.shrink[slot, s].float() @ x[t].float()
-            values = h[:num_value_rows]
-            logits = h[num_value_rows : num_value_rows + num_experts]
+            values = weights.shrink[slot, s].float() @ x[t].float()
+            logits = weights.router[slot, s, :num_experts].float() @ x[t].float()
             gate = gate_from_logits(logits, num_experts, top_k, expert_rank, num_value_rows)
             if expert_counts is not None and num_experts:
                 chosen = gate[: num_experts * expert_rank : expert_rank] > 0

@@ -1,4 +1,4 @@
-"""The public routed low-rank op: one shrink (routers fused in), a top-k gate, one expand.
+"""The public routed low-rank op: one shrink (float32 routers beside it), a top-k gate, one expand.
 
 One call serves a whole flat batch of T tokens from many adapters (GOAT_SPEC section 4). The
 adapters bound to device slots are stacked in a `RoutedLoRAWeights` per fused base linear
@@ -7,9 +7,14 @@ with its own router and experts. The CPU path is a C++ kernel (goat_runtime._C);
 Triton kernel (goat_runtime.ops.triton_kernel).
 
 Layouts, per slot a and slice s (R = max value rows, E_max = max experts over slots and slices):
-  shrink[a, s]  [R + E_max, d_in]: rows [0, R) the value rows (E expert blocks of expert_rank
+  shrink[a, s]  [R, d_in], the served dtype: the value rows (E expert blocks of expert_rank
                 rows, expert e at rows [e*rank, (e+1)*rank), then the static term's rows, zero
-                padded); rows [R, R + E) the router G (rows past E are unused padding).
+                padded).
+  router[a, s]  [E_max, d_in], always float32: rows [0, E) the router G (rows past E are unused
+                padding). Routers stay in float32 whatever the served dtype, as in the reference
+                (GOAT_SPEC section 2): a bfloat16 router would move the logits by its rounding
+                and can flip a top-k choice. The logits are float32 dot products (a bfloat16 x
+                is widened exactly).
   expand[a]     [R, d_out]: column block [out_offsets[s], out_offsets[s+1]) belongs to slice s;
                 its row c multiplies value row c of that slice, already scaled (s * B_e^T, D^T).
   slice_meta[a, s] int32 (num_experts E, top_k, expert_rank); E = 0 means no router: every
@@ -25,7 +30,8 @@ import torch
 class RoutedLoRAWeights:
     """The stacked adapter tensors of one fused base linear, for every device slot."""
 
-    shrink: torch.Tensor  # [num_slots, num_slices, R + E_max, d_in], float32 or bfloat16
+    shrink: torch.Tensor  # [num_slots, num_slices, R, d_in], float32 or bfloat16
+    router: torch.Tensor  # [num_slots, num_slices, E_max, d_in], float32
     expand: torch.Tensor  # [num_slots, R, d_out], same dtype as shrink
     slice_meta: torch.Tensor  # [num_slots, num_slices, 3] int32: (E, top_k, expert_rank)
     out_offsets: tuple[int, ...]  # num_slices + 1 column offsets into d_out
@@ -37,6 +43,10 @@ class RoutedLoRAWeights:
     @property
     def num_value_rows(self) -> int:
         return self.expand.shape[1]
+
+    @property
+    def max_experts(self) -> int:
+        return self.router.shape[2]
 
 
 def add_routed_lora(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
@@ -52,9 +62,10 @@ def add_routed_lora(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
       expert_counts: optional [num_slots, E] int64, contiguous: expert_counts[a, e] += the number
         of (token, slice) pairs of slot a whose router chose expert e (e < E; wider routers'
         higher experts are not counted).
-    The gate of slice s at token t: softmax of the E router logits h[R:R+E], top_k of them kept
-    and renormalised, expert e's weight repeated over its expert_rank value rows, 1 on the rows
-    of the static term (and on every row when E = 0), 0 on experts not chosen.
+    The gate of slice s at token t: softmax of the E float32 router logits router[a, s, :E] x[t],
+    top_k of them kept (ties as torch.topk, see the module docstring) and renormalised, expert
+    e's weight repeated over its expert_rank value rows, 1 on the rows of the static term (and
+    on every row when E = 0), 0 on experts not chosen.
     """
     if x.shape[0] == 0:
         return
@@ -65,5 +76,5 @@ def add_routed_lora(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
     else:
         from goat_runtime import _C
 
-        _C.add_routed_lora(y, x, token_slots, weights.shrink, weights.expand,
+        _C.add_routed_lora(y, x, token_slots, weights.shrink, weights.router, weights.expand,
                            weights.slice_meta, list(weights.out_offsets), expert_counts)

@@ -3,13 +3,16 @@
 `goat_runtime.ops.reference.gate_from_logits` states the semantics for one token; this is the
 same gate vectorised over a batch whose tokens belong to slots with different (E, k, expert
 rank), because vLLM calls a layer once per step for the whole flat batch. Tests check it
-against the reference, token by token.
+against the reference, token by token. Equal probabilities are kept as torch.topk keeps them on
+the CPU (`goat_runtime.ops.topk`), on every device.
 
 Row layout of one slot's shrink output h (see `loader.py`): rows [0, E) are the router logits,
 rows [E, E + E * expert_rank) the experts' values, later rows the static term (gate 1).
 """
 
 import torch
+
+from goat_runtime.ops.topk import topk_kept
 
 
 def gate_rows(logits: torch.Tensor, meta: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -34,12 +37,11 @@ def gate_rows(logits: torch.Tensor, meta: torch.Tensor, num_rows: int) -> torch.
     # is all ones below anyway.
     masked[:, 0] = torch.where(num_experts[:, 0] > 0, masked[:, 0], 0.0)
     probs = torch.softmax(masked, dim=-1)
-    # All E_max sorted, then each token's first k kept: no host sync to find the largest k.
-    top_w, top_i = torch.topk(probs, e_max, dim=-1)
-    top_w = top_w.masked_fill(torch.arange(e_max, device=device).unsqueeze(0) >= top_k, 0.0)
-    top_w = top_w / top_w.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    expert_w = torch.zeros(num_tokens, e_max, dtype=torch.float32, device=device)
-    expert_w.scatter_(1, top_i, top_w)
+    # Each token's own torch.topk(probs[:E], k) (not a top-E_max sort: its ties differ).
+    kept = topk_kept(probs, num_experts[:, 0], top_k[:, 0])
+    expert_w = torch.where(kept, probs, 0.0)
+    expert_w = expert_w / expert_w.sum(dim=-1, keepdim=True).clamp(
+        min=torch.finfo(torch.float32).tiny)
     value = rows - num_experts  # value row index past the router rows
     is_router = rows < num_experts
     is_expert = (value >= 0) & (value < num_experts * expert_rank)

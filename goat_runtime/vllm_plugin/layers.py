@@ -114,9 +114,9 @@ class GoatLinearMixin:
         value_rows = max(r - e for r, e in zip(self.goat_rows[index], experts, strict=True))
         routed = self.goat_routed
         if (routed is None or value_rows > routed.num_value_rows
-                or max(experts) > routed.shrink.shape[2] - routed.num_value_rows):
+                or max(experts) > routed.max_experts):
             old_rows = routed.num_value_rows if routed is not None else 1
-            old_experts = routed.shrink.shape[2] - old_rows if routed is not None else 0
+            old_experts = routed.max_experts if routed is not None else 0
             self.goat_routed = allocate_slots(
                 self.lora_a_stacked[0].shape[0], self.output_slices,
                 self.lora_a_stacked[0].shape[3], value_rows=max(old_rows, value_rows),

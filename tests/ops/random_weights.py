@@ -32,19 +32,20 @@ def random_weights(slot_specs: list[list[SliceSpec]], d_in: int, *,
         offsets.append(offsets[-1] + size)
     values = max(s.num_experts * s.expert_rank + s.static_rank for row in slot_specs for s in row)
     max_experts = max(s.num_experts for row in slot_specs for s in row)
-    shrink = torch.zeros(num_slots, num_slices, values + max_experts, d_in)
+    shrink = torch.zeros(num_slots, num_slices, values, d_in)
+    router = torch.zeros(num_slots, num_slices, max_experts, d_in)
     expand = torch.zeros(num_slots, values, offsets[-1])
     meta = torch.zeros(num_slots, num_slices, 3, dtype=torch.int32)
     for a, row in enumerate(slot_specs):
         for s, spec in enumerate(row):
             rows = spec.num_experts * spec.expert_rank + spec.static_rank
             shrink[a, s, :rows] = torch.randn(rows, d_in, generator=gen) / d_in**0.5
-            shrink[a, s, values : values + spec.num_experts] = torch.randn(
-                spec.num_experts, d_in, generator=gen)
+            router[a, s, : spec.num_experts] = torch.randn(spec.num_experts, d_in, generator=gen)
             expand[a, :rows, offsets[s] : offsets[s + 1]] = torch.randn(
                 rows, spec.d_out, generator=gen) / rows**0.5
             meta[a, s] = torch.tensor([spec.num_experts, spec.top_k, spec.expert_rank])
-    return RoutedLoRAWeights(shrink.to(dtype), expand.to(dtype), meta, tuple(offsets))
+    # The router stays float32 whatever the weights' dtype, as the slot manager keeps it.
+    return RoutedLoRAWeights(shrink.to(dtype), router, expand.to(dtype), meta, tuple(offsets))
 
 
 def token_slots(num_tokens: int, num_slots: int, popularity: str, *, seed: int = 0,

@@ -44,8 +44,9 @@ def _run(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, weights: RoutedL
          **blocks: int) -> torch.Tensor:
     """The kernel on DEVICE; returns the updated copy of y, on the CPU."""
     y = y.to(DEVICE, copy=True)
-    on_device = RoutedLoRAWeights(weights.shrink.to(DEVICE), weights.expand.to(DEVICE),
-                                  weights.slice_meta.to(DEVICE), weights.out_offsets)
+    on_device = RoutedLoRAWeights(weights.shrink.to(DEVICE), weights.router.to(DEVICE),
+                                  weights.expand.to(DEVICE), weights.slice_meta.to(DEVICE),
+                                  weights.out_offsets)
     add_routed_lora_triton(y, x.to(DEVICE), slots.to(DEVICE), on_device, **blocks)
     return y.cpu()
 
@@ -122,22 +123,23 @@ def test_several_tiles_with_partial_edges(dtype):
     _check(weights, slots, dtype, seed=3, block_k=16, block_n=16)
 
 
-def test_top_k_ties_go_to_the_lower_expert():
-    """Experts 1 and 2 have identical router rows (bit-equal logits, the largest): top-1 must
-    pick expert 1, with weight 1; the static row keeps gate 1. (The interpreter's argmax always
-    ties to the left; on a GPU this checks the kernel's return_indices_tie_break_left.)"""
+def test_top_k_ties_are_broken_as_torch_topk():
+    """Experts 0 and 3 have identical router rows (bit-equal logits, the largest): top-1 keeps
+    the one torch.topk keeps on the CPU (expert 3: not the lower index), with weight 1; the
+    static row keeps gate 1. (Ties in general: tests/ops/test_router_ties.py.)"""
     d_in, d_out = 16, 8
     gen = torch.Generator().manual_seed(0)
     weights = random_weights([[SliceSpec(d_out, 4, 1, 1, 1)]], d_in, seed=0)
     x = torch.randn(1, d_in, generator=gen)
-    router = weights.shrink[0, 0, 5:9]  # R = 4 * 1 + 1 = 5 value rows, then 4 router rows
-    router[1] = x[0] / x[0].norm()
-    router[2] = router[1]
-    router[0] = router[3] = -router[1]
-    h = weights.shrink[0, 0] @ x[0]
-    assert h[6] == h[7] and h[6] > h[5]  # the tie is real
-    gate = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0])
-    expected = (gate * h[:5]) @ weights.expand[0]
+    router = weights.router[0, 0]
+    router[0] = x[0] / x[0].norm()
+    router[3] = router[0]
+    router[1] = router[2] = -router[0]
+    logits = router @ x[0]
+    assert logits[0] == logits[3] and logits[0] > logits[1]  # the tie is real
+    assert torch.topk(torch.softmax(logits, -1), 1).indices.tolist() == [3]
+    gate = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0])
+    expected = (gate * (weights.shrink[0, 0] @ x[0])) @ weights.expand[0]
     y = _run(torch.zeros(1, d_out), x, torch.zeros(1, dtype=torch.int32), weights)
     torch.testing.assert_close(y[0], expected, rtol=1e-5, atol=1e-5)
 
@@ -159,7 +161,7 @@ def _inputs(dtype=torch.float32):
 
 
 def _replace(weights: RoutedLoRAWeights, **changes) -> RoutedLoRAWeights:
-    fields = {"shrink": weights.shrink, "expand": weights.expand,
+    fields = {"shrink": weights.shrink, "router": weights.router, "expand": weights.expand,
               "slice_meta": weights.slice_meta, "out_offsets": weights.out_offsets}
     return RoutedLoRAWeights(**{**fields, **changes})
 
@@ -182,6 +184,10 @@ INVALID = {
     "offsets count": (lambda y, x, s, w: (y, x, s, _replace(w, out_offsets=(0, 32))),
                       "out_offsets"),
     "shrink rank": (lambda y, x, s, w: (y, x, s, _replace(w, shrink=w.shrink[0])), "shrink"),
+    "router dtype": (lambda y, x, s, w: (y, x, s, _replace(w, router=w.router.bfloat16())),
+                     "router must be float32"),
+    "router shape": (lambda y, x, s, w: (y, x, s, _replace(w, router=w.router[:, :, :, :8])),
+                     "router must be"),
     "devices": (lambda y, x, s, w: (y, x, s.to("meta"), w), "device"),
 }
 
@@ -224,24 +230,35 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from goat_runtime.ops.triton_kernel import _routed_lora_kernel as kernel
+from goat_runtime.ops.triton_kernel import _topk_kept_kernel as topk_kernel
 
 for dtype in ("fp32", "bf16"):
     floats = {"y_ptr", "x_ptr", "shrink_ptr", "expand_ptr"}
-    signature = {name: (f"*{dtype}" if name in floats else "*i32" if name.endswith("_ptr")
+    signature = {name: (f"*{dtype}" if name in floats else "*fp32" if name == "router_ptr"
+                        else "*i32" if name.endswith("_ptr")
                         else "constexpr" if name.startswith("BLOCK") else "i32")
                  for name in kernel.arg_names}
     source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={"BLOCK_R": 16, "BLOCK_K": 64, "BLOCK_N": 128})
+                       constexprs={"BLOCK_R": 16, "BLOCK_E": 8, "BLOCK_K": 64,
+                                   "BLOCK_N": 128})
     for arch in (80, 90):
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
         ok = bool(compiled.asm["cubin"]) and f".target sm_{arch}" in compiled.asm["ptx"]
         print(dtype, arch, "ok" if ok else "bad")
+
+signature = {name: ("*fp32" if name == "probs_ptr" else "*i32" if name == "meta_ptr"
+                    else "*i8" if name == "kept_ptr" else "constexpr" if name == "BLOCK_E"
+                    else "i32") for name in topk_kernel.arg_names}
+source = ASTSource(fn=topk_kernel, signature=signature, constexprs={"BLOCK_E": 8})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+print("topk", 90, "ok" if compiled.asm["cubin"] else "bad")
 """
 
 
 def test_kernel_compiles_for_cuda(tmp_path):
     """The kernel the interpreter runs also compiles to cubins for sm_80 and sm_90 (fp32 and
-    bf16) with triton's bundled ptxas: no GPU needed. In a subprocess, since the interpreter
+    bf16), and the batched tie-rule kernel for sm_90, with triton's bundled ptxas: no GPU
+    needed. In a subprocess, since the interpreter
     patches triton.language in this one."""
     pytest.importorskip("triton.backends.nvidia")
     root = Path(__file__).resolve().parents[2]
@@ -251,5 +268,5 @@ def test_kernel_compiles_for_cuda(tmp_path):
     result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, cwd=root,
                             capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[:4] == [f"{d} {a} ok" for d in ("fp32", "bf16")
-                                              for a in (80, 90)]
+    assert result.stdout.split("\n")[:5] == [f"{d} {a} ok" for d in ("fp32", "bf16")
+                                              for a in (80, 90)] + ["topk 90 ok"]

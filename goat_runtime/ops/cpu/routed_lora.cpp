@@ -1,18 +1,21 @@
 // CPU kernel of the routed low-rank op (goat_runtime.ops.add_routed_lora; GOAT_SPEC section 4).
 //
-// y[t] += X_a (gate(h) * h[:R]),  h = S_a x[t],  a = token_slots[t], per output slice.
+// y[t] += X_a (gate(G_a x[t]) * h),  h = S_a x[t],  a = token_slots[t], per output slice.
 //
-// Layouts (see goat_runtime/ops/routed_lora.py): shrink [A, S, R + E_max, d_in] (value rows, then
-// router rows), expand [A, R, d_out] (slice s owns columns [off_s, off_{s+1})), slice_meta
-// [A, S, 3] int32 (E, top_k, expert_rank).
+// Layouts (see goat_runtime/ops/routed_lora.py): shrink [A, S, R, d_in] (value rows), router
+// [A, S, E_max, d_in] float32 whatever the other weights' dtype (the logits are fp32 dot
+// products of fp32 router rows with the fp32 (or widened bfloat16) x, as in the reference),
+// expand [A, R, d_out] (slice s owns columns [off_s, off_{s+1})), slice_meta [A, S, 3] int32
+// (E, top_k, expert_rank).
 //
 // Strategy: tokens are grouped by slot (counting sort), and each group is cut into work items of
 // at most kMaxTokensPerItem tokens. An item reads each weight row of its slot once and applies it
 // to all its tokens, so the BGMV case (decode: one or two tokens per slot) and the SGMV case
 // (prefill: long same-slot runs, a small GEMM) are the same code. Per item and slice:
-//   1. a dense pass over the static rows and the router rows (contiguous, needed by every
-//      token): RB x TB register tiles of dot products;
-//   2. the top-k gates; the rows of experts no token of the item chose are never read, the
+//   1. a dense pass over the static rows and the router rows (needed by every token): RB x TB
+//      register tiles of dot products;
+//   2. the top-k gates (the experts torch.topk keeps, ties included: see topk_gate); the rows
+//      of experts no token of the item chose are never read, the
 //      chosen experts' rows are dotted only with the tokens that chose them;
 //   3. the expand: y rows += coef-weighted expand rows over the slice's contiguous columns,
 //      blocks of tokens sharing each load of an expand row, accumulators in registers.
@@ -150,11 +153,26 @@ inline void dot_block_any(int rb, int tb, const float* const* w, const float* co
 }
 
 // ------------------------------------------------------------------------------------------
-// Top-k gate of one token and slice: softmax of the E logits, the top_k largest kept (ties:
-// the lower index wins, as torch.topk), renormalised; unchosen experts get weight 0.
+// Top-k gate of one token and slice: softmax of the E logits, the top_k experts torch.topk
+// keeps on the CPU, renormalised by their sum; unchosen experts get weight 0.
+//
+// Ties: torch.topk (ATen's topk_impl_loop) does not prefer the lower index. It puts the
+// (probability, index) pairs through std::nth_element at k - 1 (std::partial_sort when
+// 64 k <= E), comparing probabilities alone (NaN largest), then std::sort of the first k - 1,
+// and keeps the first k. Which of several equal probabilities are kept is whatever libstdc++'s
+// introselect leaves in front: a function of E, k and the pattern of equalities, e.g. experts
+// {5, 6} of E = 8 equal ones for k = 2 (a zero-initialised router), {2, 3} of 4. So this calls
+// the same std algorithms with the same comparator on the same pairs, and sums the kept
+// probabilities in the order they come out, as the reference's top_w.sum() does.
+
+using TopkPair = std::pair<float, int64_t>;
+
+inline bool topk_before(const TopkPair& a, const TopkPair& b) {
+  return (std::isnan(a.first) && !std::isnan(b.first)) || a.first > b.first;
+}
 
 inline void topk_gate(const float* logits, int E, int top_k, float* __restrict gate,
-                      float* __restrict probs) {
+                      float* __restrict probs, TopkPair* __restrict queue) {
   float m = logits[0];
   for (int e = 1; e < E; ++e) m = std::max(m, logits[e]);
   float z = 0.f;
@@ -166,21 +184,17 @@ inline void topk_gate(const float* logits, int E, int top_k, float* __restrict g
   for (int e = 0; e < E; ++e) {
     probs[e] *= inv_z;
     gate[e] = 0.f;
+    queue[e] = {probs[e], e};
+  }
+  if (static_cast<int64_t>(top_k) * 64 <= E) {
+    std::partial_sort(queue, queue + top_k, queue + E, topk_before);
+  } else {
+    std::nth_element(queue, queue + top_k - 1, queue + E, topk_before);
+    std::sort(queue, queue + top_k - 1, topk_before);
   }
   float kept = 0.f;
-  for (int j = 0; j < top_k; ++j) {
-    int best = -1;
-    for (int e = 0; e < E; ++e) {
-      if (gate[e] != 0.f) continue;  // already chosen (chosen weights are > 0 marks below)
-      if (best < 0 || probs[e] > probs[best]) best = e;
-    }
-    if (best < 0) break;
-    // Mark as chosen with a nonzero sentinel; the real weight is written below.
-    gate[best] = -1.f;
-    kept += probs[best];
-  }
-  const float inv_kept = 1.f / kept;
-  for (int e = 0; e < E; ++e) gate[e] = gate[e] != 0.f ? probs[e] * inv_kept : 0.f;
+  for (int j = 0; j < top_k; ++j) kept += queue[j].first;
+  for (int j = 0; j < top_k; ++j) gate[queue[j].second] = queue[j].first / kept;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -199,7 +213,7 @@ inline void add_delta(c10::BFloat16* __restrict y, const float* __restrict delta
 
 
 struct Problem {
-  int64_t num_tokens, d_in, d_out, num_slots, num_slices, shrink_rows, value_rows, max_experts;
+  int64_t num_tokens, d_in, d_out, num_slots, num_slices, value_rows, max_experts;
   const int32_t* meta;               // [A, S, 3]
   std::vector<int64_t> offsets;      // S + 1
   int64_t* expert_counts = nullptr;  // [A, counts_width] int64, or none: experts chosen
@@ -299,6 +313,7 @@ void expand_tokens(const float* const* rows, const float* coef, int64_t ldc, int
 struct Scratch {
   std::vector<float> xbuf, wrow, hdense, ebuf, logits, gates, probs, coef, acc, sel_out, ecoef;
   std::vector<const float*> xptr, sel_x, erows;
+  std::vector<TopkPair> topk_queue;
   std::vector<int> sel_tok;
   std::vector<char> expert_used, row_used;
   Prefetcher prefetch;
@@ -318,23 +333,25 @@ Scratch& thread_scratch() {
 constexpr int64_t kPrefetchLines = 96;  // prefetch distance, in 64-byte lines (6 KiB)
 constexpr int kExpandTokens = 3;      // tokens expanded together (register tile, see below)
 
-// Queue the rows of (slot, slice) read before its gates are known: the static rows and the
-// router rows, rows [E * expert_rank, R + E), contiguous.
+// Queue the rows of (slot, slice) read before its gates are known: the static rows (shrink
+// rows [E * expert_rank, R)) and the E router rows.
 template <typename w_t>
-void push_slice_start(Prefetcher& pf, const Problem& p, const w_t* shrink, int64_t slot,
-                      int64_t s) {
+void push_slice_start(Prefetcher& pf, const Problem& p, const w_t* shrink, const float* router,
+                      int64_t slot, int64_t s) {
   const int32_t* m = p.meta + (slot * p.num_slices + s) * 3;
   const int64_t E = m[0], expert_rows = E > 0 ? E * m[2] : 0;
-  const w_t* sh = shrink + (slot * p.num_slices + s) * p.shrink_rows * p.d_in;
+  const w_t* sh = shrink + (slot * p.num_slices + s) * p.value_rows * p.d_in;
   pf.push(sh + expert_rows * p.d_in,
-          (p.value_rows + E - expert_rows) * p.d_in * static_cast<int64_t>(sizeof(w_t)));
+          (p.value_rows - expert_rows) * p.d_in * static_cast<int64_t>(sizeof(w_t)));
+  pf.push(router + (slot * p.num_slices + s) * p.max_experts * p.d_in,
+          E * p.d_in * static_cast<int64_t>(sizeof(float)));
 }
 
 // One work item: `n` tokens (`toks`) all bound to `slot`; `next_slot` is the slot of the item
 // this thread does next (-1: none), whose first rows are prefetched at the end of this one.
 template <typename act_t, typename w_t>
 void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
-                  const w_t* expand, int64_t slot, const int32_t* toks, int n,
+                  const float* router_w, const w_t* expand, int64_t slot, const int32_t* toks, int n,
                   int64_t next_slot) {
   Scratch& sc = thread_scratch();
   const int64_t d_in = p.d_in, d_out = p.d_out, R = p.value_rows;
@@ -357,6 +374,7 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
   float* logits = Scratch::get(sc.logits, n * emax);
   float* gates = Scratch::get(sc.gates, n * emax);
   float* probs = Scratch::get(sc.probs, emax);
+  TopkPair* topk_queue = Scratch::get(sc.topk_queue, emax);
   float* coef = Scratch::get(sc.coef, n * std::max<int64_t>(R, 1));  // [n][R]
   const float** sel_x = Scratch::get(sc.sel_x, n);
   int* sel_tok = Scratch::get(sc.sel_tok, n);
@@ -366,20 +384,21 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
   char* row_used = Scratch::get(sc.row_used, std::max<int64_t>(R, 1));
   Prefetcher& pf = sc.prefetch;
   pf.reset();
-  push_slice_start(pf, p, shrink, slot, 0);
+  push_slice_start(pf, p, shrink, router_w, slot, 0);
   pf.pump(kPrefetchLines);
 
   for (int64_t s = 0; s < p.num_slices; ++s) {
     const int32_t* m = p.meta + (slot * p.num_slices + s) * 3;
     const int E = m[0], top_k = m[1], er = E > 0 ? m[2] : 0;
     const int64_t expert_rows = static_cast<int64_t>(E) * er;
-    const w_t* sh = shrink + (slot * p.num_slices + s) * p.shrink_rows * d_in;
+    const w_t* sh = shrink + (slot * p.num_slices + s) * R * d_in;
+    const float* gr = router_w + (slot * p.num_slices + s) * p.max_experts * d_in;
     const int64_t o0 = p.offsets[s], o1 = p.offsets[s + 1], width = o1 - o0;
     const w_t* ex = expand + slot * R * d_out + o0;
 
-    // Dense pass over rows [expert_rows, R + E): the static rows then the router rows,
-    // contiguous in memory and needed by every token whatever the routing.
-    const int64_t dense_rows = R + E - expert_rows;
+    // Dense pass, needed by every token whatever the routing: the static rows [expert_rows, R)
+    // of the shrink, then the E float32 router rows (never rounded to the weights' dtype).
+    const int64_t static_rows = R - expert_rows, dense_rows = static_rows + E;
     float* hd = Scratch::get(sc.hdense, std::max<int64_t>(dense_rows * n, 1));  // [row][n]
     {
       const w_t* rows = sh + expert_rows * d_in;
@@ -388,7 +407,10 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
         const int rb = static_cast<int>(std::min<int64_t>(kRowBlock, dense_rows - r0));
         pf.pump(rb * row_lines);
         for (int r = 0; r < rb; ++r) {
-          wb[r] = row_as_float(rows + (r0 + r) * d_in, d_in, wrow + (wrow ? r * d_in : 0));
+          const int64_t row = r0 + r;
+          wb[r] = row < static_rows
+                      ? row_as_float(rows + row * d_in, d_in, wrow + (wrow ? r * d_in : 0))
+                      : gr + (row - static_rows) * d_in;
         }
         for (int t0 = 0; t0 < n; t0 += kTokBlock) {
           const int tb = std::min(kTokBlock, n - t0);
@@ -405,7 +427,7 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
       const float* router = hd + (R - expert_rows) * n;  // [e][n]
       for (int i = 0; i < n; ++i) {
         for (int e = 0; e < E; ++e) logits[i * emax + e] = router[e * n + i];
-        topk_gate(logits + i * emax, E, top_k, gates + i * emax, probs);
+        topk_gate(logits + i * emax, E, top_k, gates + i * emax, probs, topk_queue);
       }
       for (int e = 0; e < E; ++e) {
         int64_t chosen = 0;
@@ -430,9 +452,9 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
       }
     }
     if (s + 1 < p.num_slices) {
-      push_slice_start(pf, p, shrink, slot, s + 1);
+      push_slice_start(pf, p, shrink, router_w, slot, s + 1);
     } else if (next_slot >= 0) {
-      push_slice_start(pf, p, shrink, next_slot, 0);
+      push_slice_start(pf, p, shrink, router_w, next_slot, 0);
     }
 
     // The chosen experts' rows: h[c] only for the tokens that chose the expert; coef = gate * h.
@@ -508,17 +530,18 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
 
 template <typename act_t, typename w_t>
 void run(const Problem& p, const at::Tensor& y, const at::Tensor& x, const at::Tensor& shrink,
-         const at::Tensor& expand, const std::vector<int32_t>& order,
+         const at::Tensor& router, const at::Tensor& expand, const std::vector<int32_t>& order,
          const std::vector<int64_t>& item_start, const std::vector<int32_t>& item_len,
          const std::vector<int32_t>& item_slot, bool parallel) {
   const act_t* xp = x.data_ptr<act_t>();
   act_t* yp = y.data_ptr<act_t>();
   const w_t* sp = shrink.data_ptr<w_t>();
+  const float* gp = router.data_ptr<float>();
   const w_t* ep = expand.data_ptr<w_t>();
   const int64_t num_items = static_cast<int64_t>(item_len.size());
   // Item `it`, then (on this thread) item `next`, whose first rows it prefetches.
   auto do_item = [&](int64_t it, int64_t next) {
-    process_item<act_t, w_t>(p, xp, yp, sp, ep, item_slot[it], order.data() + item_start[it],
+    process_item<act_t, w_t>(p, xp, yp, sp, gp, ep, item_slot[it], order.data() + item_start[it],
                              item_len[it], next < num_items ? item_slot[next] : -1);
   };
   if (!parallel) {
@@ -560,14 +583,15 @@ void check_cpu_contiguous(const at::Tensor& t, const char* name) {
 }
 
 void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_slots,
-                     const at::Tensor& shrink, const at::Tensor& expand,
-                     const at::Tensor& slice_meta, const std::vector<int64_t>& out_offsets,
+                     const at::Tensor& shrink, const at::Tensor& router,
+                     const at::Tensor& expand, const at::Tensor& slice_meta, const std::vector<int64_t>& out_offsets,
                      const std::optional<at::Tensor>& expert_counts) {
   // ---- validation ----
   check_cpu_contiguous(y, "y");
   check_cpu_contiguous(x, "x");
   check_cpu_contiguous(token_slots, "token_slots");
   check_cpu_contiguous(shrink, "shrink");
+  check_cpu_contiguous(router, "router");
   check_cpu_contiguous(expand, "expand");
   check_cpu_contiguous(slice_meta, "slice_meta");
   TORCH_CHECK(y.dim() == 2, "add_routed_lora: y must be [T, d_out], got ", y.dim(), " dims");
@@ -575,8 +599,13 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
   TORCH_CHECK(token_slots.dim() == 1, "add_routed_lora: token_slots must be [T], got ",
               token_slots.dim(), " dims");
   TORCH_CHECK(shrink.dim() == 4,
-              "add_routed_lora: shrink must be [num_slots, num_slices, R + E_max, d_in], got ",
+              "add_routed_lora: shrink must be [num_slots, num_slices, R, d_in], got ",
               shrink.dim(), " dims");
+  TORCH_CHECK(router.dim() == 4,
+              "add_routed_lora: router must be [num_slots, num_slices, E_max, d_in], got ",
+              router.dim(), " dims");
+  TORCH_CHECK(router.scalar_type() == at::kFloat, "add_routed_lora: router must be float32 "
+              "(routers are never rounded to the served dtype), got ", dtype_name(router));
   TORCH_CHECK(expand.dim() == 3, "add_routed_lora: expand must be [num_slots, R, d_out], got ",
               expand.dim(), " dims");
   TORCH_CHECK(slice_meta.dim() == 3 && slice_meta.size(2) == 3,
@@ -600,9 +629,8 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
   p.d_out = y.size(1);
   p.num_slots = shrink.size(0);
   p.num_slices = shrink.size(1);
-  p.shrink_rows = shrink.size(2);
   p.value_rows = expand.size(1);
-  p.max_experts = p.shrink_rows - p.value_rows;
+  p.max_experts = router.size(2);
   TORCH_CHECK(y.size(0) == p.num_tokens && token_slots.size(0) == p.num_tokens,
               "add_routed_lora: y, x and token_slots must have the same number of tokens, got ",
               y.size(0), ", ", p.num_tokens, " and ", token_slots.size(0));
@@ -615,8 +643,12 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
               "slots, got ", p.num_slots, ", ", expand.size(0), " and ", slice_meta.size(0));
   TORCH_CHECK(slice_meta.size(1) == p.num_slices, "add_routed_lora: slice_meta has ",
               slice_meta.size(1), " slices but shrink has ", p.num_slices);
-  TORCH_CHECK(p.max_experts >= 0, "add_routed_lora: shrink has ", p.shrink_rows,
-              " rows per slice, fewer than expand's ", p.value_rows, " value rows");
+  TORCH_CHECK(shrink.size(2) == p.value_rows, "add_routed_lora: shrink has ", shrink.size(2),
+              " rows per slice but expand has ", p.value_rows, " value rows");
+  TORCH_CHECK(router.size(0) == p.num_slots && router.size(1) == p.num_slices &&
+                  router.size(3) == p.d_in,
+              "add_routed_lora: router must be [num_slots = ", p.num_slots, ", num_slices = ",
+              p.num_slices, ", E_max, d_in = ", p.d_in, "], got ", router.sizes());
   TORCH_CHECK(static_cast<int64_t>(out_offsets.size()) == p.num_slices + 1,
               "add_routed_lora: out_offsets must have num_slices + 1 = ", p.num_slices + 1,
               " entries, got ", out_offsets.size());
@@ -660,7 +692,7 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
       const int32_t* m = p.meta + (a * p.num_slices + s) * 3;
       const int32_t E = m[0], k = m[1], er = m[2];
       TORCH_CHECK(E >= 0 && E <= p.max_experts, "add_routed_lora: slot ", a, " slice ", s,
-                  " has ", E, " experts; shrink has room for ", p.max_experts, " router rows");
+                  " has ", E, " experts; router has room for ", p.max_experts, " rows");
       if (E > 0) {
         TORCH_CHECK(k >= 1 && k <= E, "add_routed_lora: slot ", a, " slice ", s, ": top_k = ",
                     k, " must be between 1 and num_experts = ", E);
@@ -684,7 +716,8 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
   at::internal::lazy_init_num_threads();
   const int threads =
       at::in_parallel_region() || gomp_parallel() == nullptr ? 1 : at::get_num_threads();
-  const int64_t work_per_token = p.num_slices * p.shrink_rows * p.d_in + p.value_rows * p.d_out;
+  const int64_t work_per_token =
+      p.num_slices * (p.value_rows + p.max_experts) * p.d_in + p.value_rows * p.d_out;
   const bool parallel = threads > 1 && used_tokens > 1 &&
                         used_tokens * work_per_token >= kParallelMinWork;
   // Chunks small enough that every thread gets work, at most kMaxTokensPerItem.
@@ -705,17 +738,18 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
 
   const bool act_f32 = y.scalar_type() == at::kFloat;
   const bool w_f32 = shrink.scalar_type() == at::kFloat;
+  auto go = [&](auto act, auto w) {  // run<activation type, weight type>
+    run<decltype(act), decltype(w)>(p, y, x, shrink, router, expand, order, item_start,
+                                    item_len, item_slot, par);
+  };
   if (act_f32 && w_f32) {
-    run<float, float>(p, y, x, shrink, expand, order, item_start, item_len, item_slot, par);
+    go(float{}, float{});
   } else if (act_f32) {
-    run<float, c10::BFloat16>(p, y, x, shrink, expand, order, item_start, item_len, item_slot,
-                              par);
+    go(float{}, c10::BFloat16{});
   } else if (w_f32) {
-    run<c10::BFloat16, float>(p, y, x, shrink, expand, order, item_start, item_len, item_slot,
-                              par);
+    go(c10::BFloat16{}, float{});
   } else {
-    run<c10::BFloat16, c10::BFloat16>(p, y, x, shrink, expand, order, item_start, item_len,
-                                      item_slot, par);
+    go(c10::BFloat16{}, c10::BFloat16{});
   }
 }
 
@@ -723,10 +757,10 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
 
 void register_routed_lora(pybind11::module_& m) {
   m.def("add_routed_lora", &add_routed_lora,
-        "y[t] += X_a (gate(h) * h[:R]), h = S_a x[t], a = token_slots[t], per output slice "
+        "y[t] += X_a (gate(G_a x[t]) * S_a x[t]), a = token_slots[t], per output slice "
         "(in place; see goat_runtime.ops.routed_lora)",
         pybind11::arg("y"), pybind11::arg("x"), pybind11::arg("token_slots"),
-        pybind11::arg("shrink"), pybind11::arg("expand"), pybind11::arg("slice_meta"),
+        pybind11::arg("shrink"), pybind11::arg("router"), pybind11::arg("expand"), pybind11::arg("slice_meta"),
         pybind11::arg("out_offsets"), pybind11::arg("expert_counts") = pybind11::none(),
         // Arguments are converted with the GIL held; the kernel runs without it.
         pybind11::call_guard<pybind11::gil_scoped_release>());
