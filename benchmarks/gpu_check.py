@@ -236,7 +236,8 @@ def lora_weights(d_in: int, out_sizes: tuple[int, ...], rank: int, slots: int,
     shrink = torch.randn(slots, len(out_sizes), rank, d_in, generator=gen) / d_in**0.5
     expand = torch.randn(slots, rank, offsets[-1], generator=gen) / rank**0.5
     meta = torch.zeros(slots, len(out_sizes), 3, dtype=torch.int32)
-    return RoutedLoRAWeights(shrink, expand, meta, tuple(offsets))
+    router = torch.zeros(slots, len(out_sizes), 0, d_in)
+    return RoutedLoRAWeights(shrink, router, expand, meta, tuple(offsets))
 
 
 def _base_linears(xs: list[torch.Tensor], base: list[torch.Tensor]) -> None:
@@ -268,8 +269,7 @@ def step_routed_op(table: Table, device: str, dtype: torch.dtype, quick: bool) -
     from goat_runtime.ops import RoutedLoRAWeights
 
     def on(w: RoutedLoRAWeights) -> RoutedLoRAWeights:
-        return RoutedLoRAWeights(w.shrink.to(device, dtype), w.expand.to(device, dtype),
-                                 w.slice_meta.to(device), w.out_offsets)
+        return w.to(device, dtype)
 
     gen = torch.Generator().manual_seed(0)
     base = [(torch.randn(sum(outs), d_in, generator=gen) / d_in**0.5).to(device, dtype)

@@ -48,6 +48,14 @@ class RoutedLoRAWeights:
     def max_experts(self) -> int:
         return self.router.shape[2]
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None
+           ) -> "RoutedLoRAWeights":
+        """These weights on `device`, the value rows in `dtype` (default: as they are); the
+        router stays float32."""
+        return RoutedLoRAWeights(self.shrink.to(device, dtype), self.router.to(device),
+                                 self.expand.to(device, dtype), self.slice_meta.to(device),
+                                 self.out_offsets)
+
 
 def add_routed_lora(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
                     weights: RoutedLoRAWeights,

@@ -63,10 +63,8 @@ class AdaptedModel:
             for slot, (a, t) in enumerate(zip(owners, terms, strict=True)):
                 write_slot(weights, slot, [a.layers.get(name) if a else None], [t.get(name)])
             parent, _, child = name.rpartition(".")
-            on_device = RoutedLoRAWeights(weights.shrink.to(device), weights.expand.to(device),
-                                          weights.slice_meta.to(device), weights.out_offsets)
             setattr(self.model.get_submodule(parent), child,
-                    RoutedLinear(linears[name], on_device, self))
+                    RoutedLinear(linears[name], weights.to(device), self))
         self.device = device
         self.model.to(device)
         self.token_slots = torch.zeros(0, dtype=torch.int32, device=device)

@@ -44,10 +44,7 @@ def _run(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, weights: RoutedL
          **blocks: int) -> torch.Tensor:
     """The kernel on DEVICE; returns the updated copy of y, on the CPU."""
     y = y.to(DEVICE, copy=True)
-    on_device = RoutedLoRAWeights(weights.shrink.to(DEVICE), weights.router.to(DEVICE),
-                                  weights.expand.to(DEVICE), weights.slice_meta.to(DEVICE),
-                                  weights.out_offsets)
-    add_routed_lora_triton(y, x.to(DEVICE), slots.to(DEVICE), on_device, **blocks)
+    add_routed_lora_triton(y, x.to(DEVICE), slots.to(DEVICE), weights.to(DEVICE), **blocks)
     return y.cpu()
 
 
@@ -199,10 +196,8 @@ def test_expert_counts_match_reference():
     x = torch.randn(60, 48, generator=torch.Generator().manual_seed(5))
     counts = torch.zeros(4, 8, dtype=torch.int64, device=DEVICE)
     expected = torch.zeros(4, 8, dtype=torch.int64)
-    on_device = RoutedLoRAWeights(weights.shrink.to(DEVICE), weights.expand.to(DEVICE),
-                                  weights.slice_meta.to(DEVICE), weights.out_offsets)
     add_routed_lora_triton(torch.zeros(60, 64, device=DEVICE), x.to(DEVICE), slots.to(DEVICE),
-                           on_device, expert_counts=counts)
+                           weights.to(DEVICE), expert_counts=counts)
     add_routed_lora_reference(torch.zeros(60, 64), x, slots, weights, expected)
     assert torch.equal(counts.cpu(), expected) and counts.sum() > 0
 
