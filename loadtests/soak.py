@@ -1,5 +1,5 @@
 """Soak test: one goat-serve server under mixed traffic for a long time (default 20 minutes), its
-resources sampled throughout, and pass/fail checks at the end (exit status 1 if one fails).
+resources sampled throughout, and pass/fail checks at the end.
 
 Traffic: `--clients` concurrent clients send streamed and plain completions and chat completions
 over the base model and the adapters, `n = 3`, `echo` with `logprobs`, and streams they drop
@@ -15,12 +15,13 @@ no KV block is in use), idle (the end). Every `--sample-interval` s it prints th
 KV blocks in use (/metrics' usage times the cache's blocks), open fds and threads (/proc/PID),
 and writes them to soak.csv and soak.png in `--out-dir`.
 
-Checks (`evaluate`): every request ended as its kind should (a complete answer; its own clear,
-OpenAI-shaped 400/404/429; or our own disconnect), never a 5xx, a cut stream or a hang, and each
-kind was seen with its expected outcome; no ERROR or traceback in the server log, /health 200 at
-the end; 0 KV blocks in use at the end; RSS at the end at most `--rss-tolerance` above the
-baseline; no upward RSS trend (`rss_trend`); open fds and threads at the end no higher than
-their peak in the first half of the traffic (a leak grows past it, a pool reaches its cap early).
+Checks (`soak_checks.evaluate`; exit status 1 if one fails): every request ended as its kind
+should (a complete answer; its own clear, OpenAI-shaped 400/404/429; or our own disconnect),
+never a 5xx, a cut stream or a hang, and each kind was seen with its expected outcome; no ERROR
+or traceback in the server log, /health 200 at the end; 0 KV blocks in use at the end; RSS at
+the end at most `--rss-tolerance` above the baseline; no upward RSS trend (`rss_trend`); open
+fds and threads at the end no higher than their peak in the first half of the traffic (a leak
+grows past it, a pool reaches its cap early).
 
     python -m loadtests.soak                             # 20 min, SmolLM2 and adapters/
     python -m loadtests.soak --duration 180 --warmup 60
