@@ -20,7 +20,7 @@ should (a complete answer; its own clear, OpenAI-shaped 400/404/429; or our own 
 never a 5xx, a cut stream or a hang, and each kind was seen with its expected outcome; no ERROR
 or traceback in the server log, /health 200 at the end; 0 KV blocks in use at the end; RSS at
 the end at most `--rss-tolerance` above the baseline; no upward RSS trend (`rss_trend`); open
-fds and threads at the end no higher than their peak in the first half of the traffic (a leak
+fds and threads at the end no higher than their peak until the middle of the traffic (a leak
 grows past it, a pool reaches its cap early).
 
     python -m loadtests.soak                             # 20 min, SmolLM2 and adapters/
