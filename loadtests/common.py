@@ -160,6 +160,30 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / tick
 
 
+@dataclass(frozen=True)
+class ProcSample:
+    """One reading of a process's resources from /proc."""
+
+    rss_bytes: int  # resident set size (VmRSS)
+    fds: int  # open file descriptors (entries of /proc/PID/fd)
+    threads: int
+
+
+def proc_sample(pid: int) -> ProcSample:
+    """RSS, open file descriptors and threads of process `pid` (Linux /proc). Raises OSError if
+    the process is gone."""
+    rss = threads = None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "VmRSS":
+            rss = int(value.split()[0]) * 1024  # "123456 kB"
+        elif key == "Threads":
+            threads = int(value)
+    if rss is None or threads is None:  # a zombie has no VmRSS
+        raise OSError(f"/proc/{pid}/status has no VmRSS or Threads: the process has exited")
+    return ProcSample(rss, len(os.listdir(f"/proc/{pid}/fd")), threads)
+
+
 class _suppress_lookup:
     """Ignore ProcessLookupError (the group is already gone)."""
 
