@@ -56,6 +56,7 @@ def test_vllm_engine_answers_as_the_native_engine(vllm_python, native, merge, tm
                     *(["--merge-static"] if merge else [])) as base:
         answers = greedy_answers(base)
     assert "dtype=torch.float32" in log.read_text()  # auto: float32 on the CPU, as native
+    assert "nothing merged" not in log.read_text()  # the demo adapters share one signature
     differ = {key: (native[key], answers[key]) for key in native if native[key] != answers[key]}
     assert not differ, differ
     assert len(answers) == len(native) == len(DEMO) * PROMPTS_PER_ADAPTER * 2
