@@ -3,7 +3,8 @@ marked `<!-- docs-test: NAME -->` (env: build or check the vLLM environment and 
 serve: `make serve-vllm`; check: a chat completion over a demo adapter and vLLM's families in
 /metrics), with PORT set to a free port. The clone has no built kernel, so the environment's
 kernel step builds it there (minutes on 2 cores); the shared vLLM environment is re-linked to
-this checkout afterwards. Slow: up to about 15 minutes."""
+this checkout afterwards. Slow: 16-19 minutes on the busy 2-core development machine (load 9-14),
+most of it the kernel build."""
 
 import os
 import re
