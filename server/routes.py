@@ -186,6 +186,7 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) 
         err = _public_error(state, exc)
         err.param = "lora_name"
         raise err from exc
+    state.metrics.forget_adapter(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 

@@ -26,6 +26,20 @@ def check_adapter_dir(path: str | Path) -> Path:
     return path
 
 
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(dtype: str, device_type: str) -> str:
+    """The dtype `dtype` means on a device type, for both engines (goat-serve's and vLLM's):
+    auto is float32 on the CPU (bfloat16 matmuls are ~100x slower there without AVX-512 BF16,
+    and answers then differ from float32's) and bfloat16 on CUDA."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    if dtype == "auto":
+        return "bfloat16" if device_type == "cuda" else "float32"
+    return dtype
+
+
 @dataclass
 class EngineConfig:
     model_dir: Path
@@ -61,7 +75,7 @@ class EngineConfig:
         if self.max_cpu_adapters < self.max_loras:
             raise ValueError(f"max_cpu_adapters ({self.max_cpu_adapters}) must be at least "
                              f"max_loras ({self.max_loras}): device adapters live on the host too")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
@@ -80,10 +94,7 @@ class EngineConfig:
     def torch_dtype(self) -> "torch.dtype":
         import torch
 
-        if self.dtype == "auto":
-            # bfloat16 matmul is ~100x slower than float32 on CPUs without AVX-512 BF16.
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)
+        return getattr(torch, resolve_dtype(self.dtype, self.torch_device.type))
 
     @property
     def base_name(self) -> str:

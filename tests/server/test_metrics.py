@@ -8,10 +8,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import generate_latest
 
-from server.metrics import UNRESOLVED, ServerMetrics
+from server.metrics import OUTCOMES, TIERS, UNRESOLVED, ServerMetrics
 from tests.server.conftest import BASE, PROMPTS, LiveServer, start_real_server
+from tests.server.exposition import Samples, parse_exposition
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +24,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     server.stop()
 
 
-Samples = dict[tuple[str, frozenset], float]
-
-
 def scrape(http: httpx.Client) -> tuple[Samples, dict[str, str]]:
     response = http.get("/metrics")
     assert response.status_code == 200
-    samples: Samples = {}
-    types: dict[str, str] = {}
-    for family in text_string_to_metric_families(response.text):
-        types[family.name] = family.type
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
-    return samples, types
+    return parse_exposition(response.text)
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -168,12 +160,7 @@ def test_listener_events_from_the_engine_thread() -> None:
     thread = threading.Thread(target=engine_thread)
     thread.start()
     thread.join()
-    from prometheus_client import generate_latest
-
-    samples: Samples = {}
-    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
-        for s in family.samples:
-            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    samples, _ = parse_exposition(generate_latest(metrics.registry).decode())
     assert value(samples, "goat_batch_adapters_sum") == 2
     assert value(samples, "goat_batch_size_sum") == 4
     assert value(samples, "goat_adapter_resident", adapter="a", location="host") == 1
@@ -181,7 +168,63 @@ def test_listener_events_from_the_engine_thread() -> None:
     assert value(samples, "goat_adapter_evictions_total", adapter="a", tier="device") == 1
     assert value(samples, "goat_router_expert_selections_total", adapter="a", expert="0") == 4
     assert value(samples, "goat_router_expert_selections_total", adapter="a", expert="2") == 5
-    assert ("goat_router_expert_selections_total",
-            frozenset({("adapter", "a"), ("expert", "1")})) not in samples
+    # every expert's series exists from the adapter's first step, at zero if never chosen
+    assert samples[("goat_router_expert_selections_total",
+                    frozenset({("adapter", "a"), ("expert", "1")}))] == 0
     # two apps' metrics live side by side: separate registries
     assert ServerMetrics().registry is not metrics.registry
+
+
+class _Engine:
+    base_name = "the-base"
+
+    def stats(self) -> None:
+        return None
+
+
+def test_counters_have_samples_from_start_up() -> None:
+    """rate() works from the first scrape: the base's and UNRESOLVED's request series exist at
+    zero before any request, an adapter's (evictions in both tiers included) from its load."""
+    metrics = ServerMetrics(max_loras=2)
+    metrics.attach(_Engine())
+    samples, _ = parse_exposition(generate_latest(metrics.registry).decode())
+    for outcome in OUTCOMES:
+        for label in ("the-base", UNRESOLVED):
+            key = ("goat_requests_total", frozenset({("adapter", label), ("outcome", outcome)}))
+            assert samples[key] == 0, key
+    for name in ("goat_prompt_tokens_total", "goat_generation_tokens_total",
+                 "goat_time_to_first_token_seconds_count",
+                 "goat_e2e_request_latency_seconds_count"):
+        assert samples[(name, frozenset({("adapter", "the-base")}))] == 0, name
+    assert value(samples, "goat_batch_size_count") == 0
+    assert not labels_of(samples, "goat_adapter_evictions_total", "adapter")
+
+    metrics.on_adapter_loaded("a", 0.1)
+    samples, _ = parse_exposition(generate_latest(metrics.registry).decode())
+    for tier in TIERS:
+        assert samples[("goat_adapter_evictions_total",
+                        frozenset({("adapter", "a"), ("tier", tier)}))] == 0, tier
+    assert samples[("goat_requests_total",
+                    frozenset({("adapter", "a"), ("outcome", "error")}))] == 0
+    assert value(samples, "goat_adapter_loads_total", adapter="a") == 1
+
+
+def test_unload_removes_the_adapters_series(live: LiveServer) -> None:
+    """After /v1/unload_lora_adapter no series names the adapter; the others keep theirs."""
+    with live.http() as http:
+        assert http.post("/v1/load_lora_adapter", json={
+            "lora_name": "gone", "lora_path": str(live.adapter_dir / "goat1")}).status_code == 200
+        for model in ("gone", BASE):
+            assert http.post("/v1/completions", json={"model": model, "prompt": PROMPTS[0],
+                                                       "max_tokens": 2}).status_code == 200
+        before, _ = scrape(http)
+        assert http.post("/v1/unload_lora_adapter",
+                         json={"lora_name": "gone"}).status_code == 200
+        after, _ = scrape(http)
+    named = {key for key in before if ("adapter", "gone") in key[1]}
+    assert {n for n, _ in named} >= {
+        "goat_requests_total", "goat_prompt_tokens_total", "goat_adapter_loads_total",
+        "goat_adapter_evictions_total", "goat_adapter_resident",
+        "goat_router_expert_selections_total", "goat_e2e_request_latency_seconds_bucket"}
+    assert not [key for key in after if ("adapter", "gone") in key[1]]
+    assert value(after, "goat_requests_total", adapter=BASE, outcome="success") >= 1

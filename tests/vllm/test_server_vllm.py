@@ -6,83 +6,33 @@ serving), metrics, unload. Slow: ~1 min."""
 
 import contextlib
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from tests.server.exposition import parse_exposition
 from tests.vllm.bad_adapters import make_bad_adapters
-from tests.vllm.conftest import REPO, VENV
+from tests.vllm.serving import call as _call
+from tests.vllm.serving import goat_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "goat-peft-tiny"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _call(base: str, path: str, body: dict | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(
-        base + path, data=None if body is None else json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 @contextlib.contextmanager
 def running_server(adapters: Path, log: Path, *extra: str,
                    env_extra: dict[str, str] | None = None) -> Iterator[str]:
-    """goat-serve --engine vllm on the fixture's base; yields its URL once /health answers."""
-    port = _free_port()
-    env = {**os.environ, "GOAT_VLLM_VENV": str(VENV), **(env_extra or {})}
-    env.pop("VLLM_PLUGINS", None)
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server", str(FIXTURE / "base"), "--engine", "vllm",
-             "--adapter-dir", str(adapters), "--port", str(port), "--dtype", "float32",
-             "--max-loras", "2", "--max-lora-rank", "32", "--max-model-len", "64",
-             "--kv-cache-memory", "32MiB", "--max-num-seqs", "8", "--log-level", "warning",
-             *extra],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited {proc.returncode}:\n"
-                                     f"{log.read_text()[-6000:]}")
-            try:
-                if _call(base, "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not up:\n{log.read_text()[-6000:]}")
-            time.sleep(1)
+    """goat-serve --engine vllm on the fixture's base, --dtype left at auto (float32 on the CPU,
+    as goat-serve's engine); yields its URL once /health answers."""
+    with goat_serve(log, str(FIXTURE / "base"), "--engine", "vllm", "--adapter-dir",
+                    str(adapters), "--max-loras", "2", "--max-lora-rank", "32",
+                    "--max-model-len", "64", "--kv-cache-memory", "32MiB", "--max-num-seqs", "8",
+                    *extra, env_extra=env_extra) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +63,12 @@ def check_reference(base: str, model: str, name: str, ref: dict, tokenizer) -> N
         assert body["choices"][0]["text"].strip() == expected, (model, i, body)
 
 
+def scrape(base: str) -> tuple[dict, dict]:
+    status, text = _call(base, "/metrics")
+    assert status == 200, text
+    return parse_exposition(text)
+
+
 def test_vllm_engine_serves_goat_api(server):
     from transformers import AutoTokenizer
 
@@ -141,13 +97,24 @@ def test_vllm_engine_serves_goat_api(server):
     assert _call(base, "/health")[0] == 200
     check("goat1", "goat1")
 
-    status, text = _call(base, "/metrics")
-    assert status == 200
-    assert 'goat_adapter_loads_total{adapter="goat0"}' in text, text[:3000]
-    assert "goat_num_requests_running" in text
+    samples, types = scrape(base)
+    assert samples[("goat_adapter_loads_total", frozenset({("adapter", "goat0")}))] == 1
+    assert samples[("goat_adapter_evictions_total",
+                    frozenset({("adapter", "goat0"), ("tier", "device")}))] == 0
+    assert ("goat_num_requests_running", frozenset()) in samples
+    # vLLM's own families, in the same exposition (parse_exposition: no family twice)
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds",
+                 "vllm:inter_token_latency_seconds", "vllm:lora_requests_info",
+                 "vllm:prompt_tokens"):
+        assert name in types, sorted(types)
+    assert sum(v for (n, _), v in samples.items()
+               if n == "vllm:time_to_first_token_seconds_count") >= 8
 
     status, body = _call(base, "/v1/unload_lora_adapter", {"lora_name": "goat0"})
     assert status == 200, body
+    samples, _ = scrape(base)
+    assert not [key for key in samples if ("adapter", "goat0") in key[1]]
     status, body = _call(base, "/v1/load_lora_adapter",
                          {"lora_name": "again", "lora_path": str(adapters / "goat0")})
     assert status == 200, body
@@ -173,3 +140,4 @@ def test_tensor_parallel_2_merged_over_http(vllm_python, tmp_path):
         for name in ("base", "goat0", "lora0"):
             check_reference(base, name, name, ref, tokenizer)
     assert "world_size=2" in log.read_text()
+    assert "dtype=torch.float32" in log.read_text()  # --dtype auto: float32 on the CPU
