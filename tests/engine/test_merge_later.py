@@ -83,3 +83,20 @@ def test_later_adapters_differ_from_each_other(tmp_path, stores):
     base = prompt_logprobs("None-0")
     for name in ("superset", "subset", "disjoint"):
         assert (prompt_logprobs(f"{name}-0") - base).abs().max() > 1e-3, name
+
+
+def test_merged_by_default_only_with_goat_adapters(tmp_path, stores):
+    """Default flags merge the start-up store's GOAT signature; an empty store (or one of LoRA
+    adapters only) merges nothing and gives the base no undo slot."""
+    store, later = stores
+    merged = make_engine(tmp_path / "a", adapter_dir=store)
+    assert merged.adapters.static.merged is not None
+    assert merged.adapters.static.merged_modules and merged.adapters.base is not None
+    (tmp_path / "empty").mkdir()
+    lora_only = tmp_path / "lora-only"
+    lora_only.mkdir()
+    (lora_only / "lora").symlink_to(later["lora"])
+    for adapter_dir in (tmp_path / "empty", lora_only, None):
+        engine = make_engine(tmp_path / "b", adapter_dir=adapter_dir)
+        assert engine.adapters.static.merged is None, adapter_dir
+        assert engine.adapters.base is None, adapter_dir
