@@ -32,4 +32,4 @@ bench-ops: setup
 	$(BIN)/python benchmarks/bench_routed_lora.py
 
 bench-engine: setup
-	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python -m benchmarks.bench_engine
