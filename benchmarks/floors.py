@@ -14,8 +14,10 @@ throughput stands beside its floor:
   interleaved over rounds and each ratio is the median of the per-round ratios
   (`median_of_ratios`).
 
-Norms, biases and the embedding rows a step gathers are left out: they are under 0.1 % of the
-bytes at these shapes, and a floor may only ever be too low, never too high.
+Norms, biases and the embedding rows a step gathers are left out (under 0.1 % of the bytes at
+these shapes). A GOAT adapter's rows are counted whole, every expert's included: the kernel
+skips the rows of experts no token of the step chose, so for GOAT this is the floor of reading
+each distinct adapter once, not the strictest one (which depends on the routers' choices).
 """
 
 from __future__ import annotations
