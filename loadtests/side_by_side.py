@@ -473,8 +473,9 @@ def run(config: BenchConfig) -> list[CaseResult]:
             server = goat_serve(goat_config, logs / f"{key}.log")
             case = Case(key, "goat-serve", label, models, str(os.cpu_count()))
             results.append(measure(config, case, server))
-            fixed = decode_step_fixed_bytes(model_dir, [paths[m] for m in models if m in paths],
-                                            merged=merge)
+            # Round-robin: a step holds min(clients, adapters) distinct adapters.
+            in_step = [paths[m] for m in models[:config.concurrency] if m in paths]
+            fixed = decode_step_fixed_bytes(model_dir, in_step, merged=merge)
             results[-1].round = round_index
             results[-1].floor_tok_s = decode_floor_tok_s(
                 fixed, kv_per_token, config.concurrency, config.prompt_len, config.output_len,
