@@ -44,7 +44,7 @@ bench-ops: setup
 	$(BIN)/python benchmarks/bench_routed_lora.py
 
 bench-engine: setup
-	$(BIN)/python benchmarks/bench_engine.py
+	$(BIN)/python -m benchmarks.bench_engine
 
 # The device check on a lent GPU machine (docs/gpu.md): that machine's own python3, the checkout
 # as it is (no install, no C++ build). Rehearse it here with

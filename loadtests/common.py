@@ -207,7 +207,7 @@ class GoatServeConfig:
     max_num_seqs: int = 64
     max_queued_requests: int | None = None
     kv_cache_memory: str = "1GiB"
-    merge_static: bool = False
+    merge_static: bool = True  # goat-serve's default; False adds --no-merge-static
     shutdown_timeout_s: float = 5.0
     log_level: str = "warning"
     extra_args: list[str] = field(default_factory=list)
@@ -228,8 +228,8 @@ class GoatServeConfig:
         ]
         if self.max_queued_requests is not None:
             cmd += ["--max-queued-requests", str(self.max_queued_requests)]
-        if self.merge_static:
-            cmd.append("--merge-static")
+        if not self.merge_static:
+            cmd.append("--no-merge-static")
         return cmd + list(self.extra_args)
 
 
@@ -458,3 +458,30 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def pct(stats: Any, q: int) -> float | None:
     """The q-th percentile of a loadgen LatencyStats, or None without data."""
     return stats.percentiles.get(f"p{q}") if stats.count else None
+
+
+# ---- floors ----------------------------------------------------------------------------------
+
+
+def decode_step_fixed_bytes(model_dir: Path, adapters: Sequence[Path], *, merged: bool) -> int:
+    """The bytes every decode step of a case reads besides the KV cache (benchmarks/floors.py):
+    the base weights and, per distinct adapter, its rows and its static term's rows (a GOAT
+    adapter unmerged; on a merged server the undo term of the base and of LoRA adapters). A
+    static term of signature rank r on a module has the size of an r-row LoRA pair there
+    (C [r, d_in], D [d_out, r]), so it is counted from the adapter's own rows, no SVD needed.
+    `merged`: the case's GOAT adapters share the merged signature (the default flags)."""
+    from benchmarks.floors import adapter_bytes, base_weight_bytes
+    from goat_runtime.adapters.format import load_adapter
+    from goat_runtime.model.config import ModelConfig
+    from goat_runtime.model.llama import LlamaForCausalLM
+
+    probe = LlamaForCausalLM(ModelConfig.from_pretrained(model_dir), device="meta")
+    total = base_weight_bytes(probe.fused_linears(), probe.lm_head)
+    shapes = base_linears(model_dir)
+    for path in adapters:
+        adapter = load_adapter(path, shapes)
+        goat = adapter.signature is not None
+        terms = {m: (a.lora_a, a.lora_b) for m, a in adapter.layers.items()} \
+            if goat and not merged else {}
+        total += adapter_bytes(adapter.layers, terms, 4)
+    return total

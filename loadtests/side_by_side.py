@@ -36,6 +36,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch
+
+from benchmarks.floors import (
+    decode_floor_tok_s,
+    format_ratio,
+    measure_bandwidth,
+    median_of_ratios,
+)
+from goat_runtime.engine.kv_cache import block_bytes
+from goat_runtime.model.config import ModelConfig
 from goat_runtime.vllm_plugin.venv import ensure_vllm_venv, vllm_venv
 from loadtests.common import (
     BASE_NAME,
@@ -46,6 +56,7 @@ from loadtests.common import (
     add_max_busy_arg,
     base_linears,
     cpu_busy,
+    decode_step_fixed_bytes,
     format_table,
     free_port,
     goat_serve,
@@ -60,11 +71,11 @@ from loadtests.loadgen import LoadConfig, LoadResult, run_load
 from loadtests.report import Summary, format_summary
 from loadtests.workload import LengthDist
 
-VLLM_VERSION = "0.32.0"
 # vLLM's offline API on this machine, measured before (32 requests, 128 + 128 tokens, fp32).
 OFFLINE_VLLM = {"base": "87", "lora": "29-34"}
 GOAL_BASE = 0.9  # goat-serve base >= 0.9x vLLM base
 GOAL_GOAT = 3.0  # goat-serve with 16 GOAT >= 3x vLLM with 16 LoRA
+GOAL_GOAT_BASE = 0.85  # goat-serve with 16 GOAT (default flags) >= 0.85x its base
 
 
 @dataclass
@@ -89,8 +100,9 @@ class BenchConfig:
     poisson_rate: float = 0.15  # req/s: about half of vLLM-with-LoRA's capacity
     poisson_duration_s: float = 120.0
     kv_cache_gib: int = 1
-    merge_static: bool = False  # also run goat-serve GOAT with --merge-static
+    unmerged: bool = False  # also run goat-serve GOAT with --no-merge-static
     goat_vllm: bool = False  # also run goat-serve --engine vllm with the GOAT adapters
+    rounds: int = 3  # every case once per round, rounds one after another; ratios: median
     startup_timeout_s: float = 900.0  # vLLM's first start compiles the base model (minutes)
     max_busy: float | None = None  # before each case, wait for other jobs to use <= this
     only: list[str] = field(default_factory=list)  # run only these case keys (prefixes)
@@ -116,6 +128,8 @@ class CaseResult:
     others_busy: float  # fraction of the CPUs other jobs used just before the case started
     runs: dict[str, Summary] = field(default_factory=dict)  # "closed" / "poisson" -> summary
     cores: dict[str, float] = field(default_factory=dict)  # CPU cores the server used per run
+    round: int = 1
+    floor_tok_s: float | None = None  # decode floor at this round's bandwidth (goat-serve)
 
 
 # ---- vLLM ------------------------------------------------------------------------------------
@@ -271,76 +285,69 @@ def measure(config: BenchConfig, case: Case, server: ServerProcess) -> CaseResul
 # ---- report ----------------------------------------------------------------------------------
 
 
-def results_table(results: Sequence[CaseResult], mode: str) -> str:
+def decode_of_floor(config: BenchConfig, r: CaseResult, mode: str) -> float | None:
+    """The closed loop's decode rate (clients / TPOT p50) as a fraction of its floor."""
+    s, tpot = r.runs.get(mode), None
+    if s is not None and r.floor_tok_s:
+        tpot = pct(s.tpot_ms, 50)
+    return config.concurrency * 1000.0 / tpot / r.floor_tok_s if tpot else None
+
+
+def results_table(config: BenchConfig, results: Sequence[CaseResult], mode: str) -> str:
     rows = []
     for r in results:
         s = r.runs.get(mode)
         if s is None:
             continue
+        floor = mode == "closed" and r.floor_tok_s
         rows.append([
-            r.case.system, r.case.label, r.case.threads or "-", f"{s.num_ok}/{s.num_requests}",
-            s.request_throughput, s.output_token_throughput,
+            r.round, r.case.system, r.case.label, r.case.threads or "-",
+            f"{s.num_ok}/{s.num_requests}", s.request_throughput, s.output_token_throughput,
             pct(s.ttft_ms, 50), pct(s.ttft_ms, 90), pct(s.ttft_ms, 99),
             pct(s.tpot_ms, 50), pct(s.tpot_ms, 90), pct(s.tpot_ms, 99), r.cores.get(mode),
+            r.floor_tok_s if floor else None, decode_of_floor(config, r, mode) if floor else None,
         ])
     headers = [
-        "server", "adapters", "threads", "ok", "req/s", "out tok/s",
+        "round", "server", "adapters", "threads", "ok", "req/s", "out tok/s",
         "TTFT p50 ms", "TTFT p90", "TTFT p99", "TPOT p50 ms", "TPOT p90", "TPOT p99",
-        "cores used",
+        "cores used", "decode floor tok/s", "decode of floor",
     ]
     return format_table(headers, rows)
 
 
 def ratio_table(results: Sequence[CaseResult]) -> str:
-    """goat-serve over vLLM: closed-loop throughput, and the open loop's TTFT/TPOT p50."""
-    by_key = {r.case.key: r for r in results}
-    rows = []
+    """goat-serve over vLLM, closed-loop throughput: the median of the per-round ratios, with
+    each round's (the cases of one round ran minutes apart, rounds one after another)."""
+    rounds: dict[int, dict[str, float]] = {}
+    for r in results:
+        if "closed" in r.runs:
+            rounds.setdefault(r.round, {})[r.case.key] = r.runs["closed"].output_token_throughput
+    per_round = [rounds[k] for k in sorted(rounds)]
+    keys = {r.case.key for r in results}
     pairs = [
         ("goat-base", "vllm-base", GOAL_BASE, "goat-serve base / vLLM base"),
         ("goat-lora16", "vllm-lora16", None, "goat-serve 16 LoRA / vLLM 16 LoRA"),
         ("goat-goat16", "vllm-lora16", GOAL_GOAT, "goat-serve 16 GOAT / vLLM 16 LoRA"),
-        ("goat-goat16-merged", "vllm-lora16", GOAL_GOAT,
-         "goat-serve 16 GOAT merged / vLLM 16 LoRA"),
+        ("goat-goat16-unmerged", "vllm-lora16", GOAL_GOAT,
+         "goat-serve 16 GOAT --no-merge-static / vLLM 16 LoRA"),
+        ("goat-goat16", "goat-base", GOAL_GOAT_BASE, "goat-serve 16 GOAT / goat-serve base"),
+        ("goat-lora16", "goat-base", None, "goat-serve 16 LoRA / goat-serve base"),
     ]
-    for goat_key, vllm_prefix, goal, label in pairs:
-        goat = by_key.get(goat_key)
-        for key, vllm in by_key.items():
-            if not key.startswith(vllm_prefix + "-t") or goat is None:
+    for key in sorted(k for k in keys if k.startswith("goat-vllm-goat16-")):  # --goat-vllm
+        pairs += [(key, key.replace("goat-vllm-goat16-", "vllm-lora16-"), None,
+                   "goat-serve --engine vllm 16 GOAT / vLLM 16 LoRA"),
+                  (key, "goat-goat16", None,
+                   "goat-serve --engine vllm 16 GOAT / goat-serve 16 GOAT")]
+    rows = []
+    for num, den_prefix, goal, label in pairs:
+        for den in sorted(k for k in keys if k == den_prefix or k.startswith(den_prefix + "-t")):
+            if num not in keys:
                 continue
-            g, v = goat.runs.get("closed"), vllm.runs.get("closed")
-            tput = g.output_token_throughput / v.output_token_throughput if g and v else None
-            gp, vp = goat.runs.get("poisson"), vllm.runs.get("poisson")
-
-            def lat(a: Summary | None, b: Summary | None, metric: str) -> float | None:
-                if a is None or b is None:
-                    return None
-                x, y = pct(getattr(a, metric), 50), pct(getattr(b, metric), 50)
-                return x / y if x is not None and y else None
-
-            verdict = "-" if goal is None or tput is None else (
-                f"{'met' if tput >= goal else 'NOT met'} (goal >= {goal:g}x)")
-            rows.append([
-                label, f"vLLM {vllm.case.threads}", tput, lat(gp, vp, "ttft_ms"),
-                lat(gp, vp, "tpot_ms"), verdict,
-            ])
-    for key, goat_vllm in by_key.items():  # --goat-vllm: the same threads' stock vLLM LoRA
-        vllm = by_key.get(key.replace("goat-vllm-goat16-", "vllm-lora16-"))
-        if not key.startswith("goat-vllm-goat16-") or vllm is None:
-            continue
-        g, v = goat_vllm.runs.get("closed"), vllm.runs.get("closed")
-        rows.append(["goat-serve --engine vllm 16 GOAT / vLLM 16 LoRA",
-                     f"vLLM {vllm.case.threads}",
-                     g.output_token_throughput / v.output_token_throughput if g and v else None,
-                     None, None, "-"])
-        native = by_key.get("goat-goat16")
-        n = native.runs.get("closed") if native else None
-        rows.append(["goat-serve --engine vllm 16 GOAT / goat-serve 16 GOAT",
-                     f"vLLM {vllm.case.threads}",
-                     g.output_token_throughput / n.output_token_throughput if g and n else None,
-                     None, None, "-"])
-    headers = ["ratio", "vs", "closed-loop tok/s", "Poisson TTFT p50", "Poisson TPOT p50",
-               "goal"]
-    return format_table(headers, rows)
+            median, ratios = median_of_ratios(per_round, num, den)
+            verdict = "-" if goal is None else (
+                f"{'met' if median >= goal else 'NOT met'} (goal >= {goal:g}x)")
+            rows.append([label, den, format_ratio(median, ratios), verdict])
+    return format_table(["ratio", "denominator", "median (per round)", "goal"], rows)
 
 
 def report(config: BenchConfig, results: Sequence[CaseResult]) -> str:
@@ -353,7 +360,7 @@ def report(config: BenchConfig, results: Sequence[CaseResult]) -> str:
         f"{config.prompt_len} prompt + {config.output_len} generated tokens (ignore_eos), "
         "adapters round-robin.",
         "",
-        results_table(results, "closed"),
+        results_table(config, results, "closed"),
         "",
     ]
     if config.poisson:
@@ -361,11 +368,15 @@ def report(config: BenchConfig, results: Sequence[CaseResult]) -> str:
             f"Open loop: Poisson arrivals at {config.poisson_rate:g} req/s for "
             f"{config.poisson_duration_s:g} s, same requests.",
             "",
-            results_table(results, "poisson"),
+            results_table(config, results, "poisson"),
             "",
         ]
     lines += [
-        "Ratios (goat-serve / vLLM; for latencies lower is better, so < 1 favours goat-serve):",
+        f"Ratios of closed-loop throughput, the median over {config.rounds} rounds of the "
+        "per-round ratios; decode floor: clients x steps over the bytes the decode steps read "
+        "(base weights, each adapter's rows, the KV cache; benchmarks/floors.py) at the "
+        "bandwidth a copy loop measured at the start of the round; decode of floor: clients / "
+        "TPOT p50 over it.",
         "",
         ratio_table(results),
         "",
@@ -411,40 +422,57 @@ def run(config: BenchConfig) -> list[CaseResult]:
     model_dir, loras, goats = prepare(config)
     logs = config.out_dir / "logs"
     results: list[CaseResult] = []
-    if vllm_python is not None:
-        for threads in config.vllm_threads:
-            t = f"t{threads}"
-            for key, label, adapters in (("vllm-base", "base", {}),
-                                         ("vllm-lora16", "16 LoRA", loras)):
-                case = Case(f"{key}-{t}", "vLLM", label, list(adapters) or [BASE_NAME],
-                            threads)
-                if not selected(config, case.key):
-                    continue
-                server = vllm_server(config, vllm_python, model_dir, adapters, threads,
-                                     logs / f"{case.key}.log")
-                results.append(measure(config, case, server))
     goat_cases: list[tuple[str, str, Path | None, list[str], bool]] = [
-        ("goat-base", "base", None, [BASE_NAME], False),
-        ("goat-lora16", "16 LoRA", config.work_dir / "lora", list(loras), False),
-        ("goat-goat16", "16 GOAT", config.work_dir / "goat", list(goats), False),
+        ("goat-base", "base", None, [BASE_NAME], True),
+        ("goat-lora16", "16 LoRA", config.work_dir / "lora", list(loras), True),
+        ("goat-goat16", "16 GOAT (default: merged)", config.work_dir / "goat", list(goats),
+         True),
     ]
-    if config.merge_static:
-        goat_cases.append(("goat-goat16-merged", "16 GOAT, --merge-static",
-                           config.work_dir / "goat", list(goats), True))
-    for key, label, adapter_dir, models, merge in goat_cases:
-        if not selected(config, key):
-            continue
-        goat_config = GoatServeConfig(
-            model_dir, adapter_dir, served_model_name=BASE_NAME,
-            max_loras=config.num_adapters, max_cpu_adapters=max(32, config.num_adapters),
-            max_num_seqs=max(64, config.concurrency),
-            kv_cache_memory=f"{config.kv_cache_gib}GiB", merge_static=merge,
-        )
-        server = goat_serve(goat_config, logs / f"{key}.log")
-        threads = str(os.cpu_count())
-        results.append(measure(config, Case(key, "goat-serve", label, models, threads), server))
-    if config.goat_vllm:
-        results += run_goat_vllm(config, model_dir, list(goats), logs)
+    if config.unmerged:
+        goat_cases.append(("goat-goat16-unmerged", "16 GOAT, --no-merge-static",
+                           config.work_dir / "goat", list(goats), False))
+    paths = {**loras, **goats}
+    kv_per_token = block_bytes(ModelConfig.from_pretrained(model_dir), 1, torch.float32)
+    for round_index in range(1, config.rounds + 1):
+        bandwidth = measure_bandwidth()
+        print(f"\n##### round {round_index}: memory bandwidth {bandwidth / 1e9:.2f} GB/s",
+              file=sys.stderr, flush=True)
+        if vllm_python is not None:
+            for threads in config.vllm_threads:
+                t = f"t{threads}"
+                for key, label, adapters in (("vllm-base", "base", {}),
+                                             ("vllm-lora16", "16 LoRA", loras)):
+                    case = Case(f"{key}-{t}", "vLLM", label, list(adapters) or [BASE_NAME],
+                                threads)
+                    if not selected(config, case.key):
+                        continue
+                    server = vllm_server(config, vllm_python, model_dir, adapters, threads,
+                                         logs / f"{case.key}.log")
+                    results.append(measure(config, case, server))
+                    results[-1].round = round_index
+        for key, label, adapter_dir, models, merge in goat_cases:
+            if not selected(config, key):
+                continue
+            goat_config = GoatServeConfig(
+                model_dir, adapter_dir, served_model_name=BASE_NAME,
+                max_loras=config.num_adapters, max_cpu_adapters=max(32, config.num_adapters),
+                max_num_seqs=max(64, config.concurrency),
+                kv_cache_memory=f"{config.kv_cache_gib}GiB", merge_static=merge,
+            )
+            server = goat_serve(goat_config, logs / f"{key}.log")
+            case = Case(key, "goat-serve", label, models, str(os.cpu_count()))
+            results.append(measure(config, case, server))
+            # Round-robin: a step holds min(clients, adapters) distinct adapters.
+            in_step = [paths[m] for m in models[:config.concurrency] if m in paths]
+            fixed = decode_step_fixed_bytes(model_dir, in_step, merged=merge)
+            results[-1].round = round_index
+            results[-1].floor_tok_s = decode_floor_tok_s(
+                fixed, kv_per_token, config.concurrency, config.prompt_len, config.output_len,
+                bandwidth)
+        if config.goat_vllm:
+            for result in run_goat_vllm(config, model_dir, list(goats), logs):
+                result.round = round_index
+                results.append(result)
     return results
 
 
@@ -498,16 +526,20 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
     p.add_argument("--only", default="",
                    help="comma-separated case keys (or prefixes) to run, e.g. goat-base,"
                         "vllm-base-tauto; default: all")
-    p.add_argument("--merge-static", action="store_true",
-                   help="also run goat-serve's GOAT case with --merge-static")
     p.add_argument("--goat-vllm", action="store_true",
                    help="also run goat-serve --engine vllm (float32) with the GOAT adapters, "
                         "per --vllm-threads setting (cases goat-vllm-goat16-t*)")
+    p.add_argument("--unmerged", action="store_true",
+                   help="also run goat-serve's GOAT case with --no-merge-static")
+    p.add_argument("--rounds", type=int, default=d.rounds,
+                   help="rounds, each running every case once; ratios: median of per-round")
     a = p.parse_args(argv)
     threads = [t.strip() for t in a.vllm_threads.split(",") if t.strip()]
     for t in threads:
         if t != "auto" and not (t.isdigit() and int(t) > 0):
             p.error(f"--vllm-threads: 'auto' or a positive count, not {t!r}")
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
     if not math.isfinite(a.poisson_rate) or a.poisson_rate <= 0:
         p.error("--poisson-rate must be a positive number")
     return BenchConfig(
@@ -517,7 +549,7 @@ def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
         num_requests=a.num_requests, prompt_len=a.prompt_len, output_len=a.output_len,
         poisson=not a.no_poisson, poisson_rate=a.poisson_rate,
         poisson_duration_s=a.poisson_duration, kv_cache_gib=a.kv_cache_gib,
-        merge_static=a.merge_static, max_busy=a.max_busy,
+        unmerged=a.unmerged, rounds=a.rounds, max_busy=a.max_busy,
         only=[k.strip() for k in a.only.split(",") if k.strip()],
     )
 
@@ -533,7 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     (config.out_dir / "report.md").write_text(
         f"{text}\n\nMachine:\n\n```\n{machine}\n```\n\nTook {time.time() - started:.0f} s.\n")
-    summary = [{"case": asdict(r.case), "startup_s": r.startup_s, "threads": r.threads_note,
+    summary = [{"case": asdict(r.case), "round": r.round, "floor_tok_s": r.floor_tok_s,
+                "startup_s": r.startup_s, "threads": r.threads_note,
                 "others_busy": r.others_busy, "load_avg": r.load_avg, "cores": r.cores,
                 "runs": {m: asdict(s) for m, s in r.runs.items()}} for r in results]
     (config.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

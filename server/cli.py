@@ -88,9 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapters kept in host memory (default 32)")
     g.add_argument("--max-lora-rank", type=_positive, default=64, metavar="N",
                    help="largest adapter rank accepted, all experts together (default 64)")
-    g.add_argument("--merge-static", action="store_true",
-                   help="merge GOAT's static correction into the base weights (saves compute "
-                        "when most requests share one adapter signature)")
+    g.add_argument("--merge-static", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold the static correction of the init signature most GOAT adapters in "
+                        "--adapter-dir and --adapter share into the base weights, and undo it "
+                        "as a low-rank term for the base, LoRA adapters, other signatures and "
+                        "untargeted modules: results stay exact, adapters of that signature "
+                        "read less per step (default: on; nothing is merged without GOAT "
+                        "adapters at start-up; --no-merge-static turns it off; with --engine "
+                        "vllm it sets GOAT_VLLM_MERGE_STATIC the same way)")
     m = p.add_argument_group("model and engine")
     m.add_argument("--served-model-name", metavar="NAME",
                    help="name of the base model in the API (default: MODEL_DIR's folder name)")

@@ -76,6 +76,17 @@ def most_common_signature(adapters: Iterable[Adapter]
     return signature, modules, count
 
 
+def covered_modules(merged: InitSignature | None, merged_modules: frozenset[str],
+                    adapter: Adapter | None) -> frozenset[str]:
+    """The modules where `adapter`'s own static term is the merged one (`merged` folded into
+    `merged_modules`): there it needs no static term and must not be undone. That is the merged
+    modules the adapter targets, for an adapter of the merged signature; nothing otherwise
+    (the base, LoRA, other signatures). Its targets outside the merge still need their own."""
+    if adapter is None or merged is None or adapter.signature != merged:
+        return frozenset()
+    return merged_modules & frozenset(adapter.layers)
+
+
 def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
     """A digest of the named weights' values (dtype and shape included)."""
     h = hashlib.blake2b(digest_size=20)
@@ -147,12 +158,12 @@ class StaticComponents:
             own = self.factors(adapter.signature, adapter.layers)
         terms: dict[str, Factors] = {}
         merged_factors = self._memory.get(self.merged, {}) if self.merged else {}
-        for module in sorted(set(own) | self.merged_modules):
-            same = (adapter is not None and adapter.signature == self.merged and module in own)
+        covered = covered_modules(self.merged, self.merged_modules, adapter)
+        for module in sorted((set(own) | self.merged_modules) - covered):
             parts = []
-            if module in own and not same:
+            if module in own:
                 parts.append(own[module])
-            if module in self.merged_modules and not same:
+            if module in self.merged_modules:
                 c, d = merged_factors[module]
                 parts.append((c, -d))
             if parts:

@@ -56,7 +56,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     kv_cache_memory: int = 1 << 30  # bytes for K/V blocks
     block_size: int = 16
-    merge_static: bool = False  # fold the most common GOAT init signature into the base
+    # Fold the static term of the init signature most start-up GOAT adapters share into the base
+    # weights (undone wherever it must not apply, so exact); nothing without GOAT adapters.
+    merge_static: bool = True
     # CPU fp32: keep oneDNN-blocked copies of the linear weights (faster decode steps, twice
     # those weights' memory); see LlamaForCausalLM.pack_weights
     pack_weights: bool = True

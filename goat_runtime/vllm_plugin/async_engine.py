@@ -205,7 +205,8 @@ class VllmAsyncEngine:
         try:
             merge.merge_target(linear_shapes(Path(self.config.model_dir)))
         except RuntimeError as exc:
-            logger.warning("--merge-static: nothing merged: %s", exc)
+            # On by default: a store without GOAT adapters is the ordinary case, not a fault.
+            logger.info("--merge-static: nothing merged: %s", exc)
             del os.environ[merge.ENV]
 
     @property

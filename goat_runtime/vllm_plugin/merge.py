@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from goat_runtime.adapters.format import Adapter, AdapterError, InitSignature, load_adapter
-from goat_runtime.adapters.static import Factors, most_common_signature
+from goat_runtime.adapters.static import Factors, covered_modules, most_common_signature
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,7 @@ class MergeTarget:
     def covered(self, adapter: Adapter) -> frozenset[str]:
         """The modules where `adapter`'s own static term is the merged one: its slot carries
         no static rows there and its tokens are not undone."""
-        if adapter.signature != self.signature:
-            return frozenset()
-        return self.modules & frozenset(adapter.layers)
+        return covered_modules(self.signature, self.modules, adapter)
 
 
 _target: tuple[str, MergeTarget | None] | None = None  # (the env value it was read from, ...)

@@ -3,7 +3,12 @@
 import torch
 
 from goat_runtime.adapters.format import InitSignature
-from goat_runtime.adapters.static import StaticComponents, residual_factors, selected_indices
+from goat_runtime.adapters.static import (
+    StaticComponents,
+    covered_modules,
+    residual_factors,
+    selected_indices,
+)
 
 SIG = InitSignature(rank=8, num_experts=4, init_type="goat", init_cof=0.25)
 SIG_MINI = InitSignature(rank=8, num_experts=4, init_type="goat_mini", init_cof=0.5)
@@ -95,3 +100,40 @@ def test_merge_changes_nothing_a_request_sees(tmp_path):
         for module in original:
             torch.testing.assert_close(effective_weight(merged, served, adapter, module),
                                        expected[name, module], atol=1e-5, rtol=0)
+
+
+def weights3(seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"a.q_proj": torch.randn(48, 32, generator=gen),
+            "a.k_proj": torch.randn(16, 32, generator=gen),
+            "a.down_proj": torch.randn(32, 80, generator=gen)}
+
+
+def test_merge_exact_for_later_adapters_of_the_merged_signature(tmp_path):
+    """Merged on q_proj and k_proj only; adapters of that signature that came later target a
+    superset, a subset and a disjoint set of modules (issue 16 item 3)."""
+    later = {"superset": FakeAdapter(SIG, ["a.q_proj", "a.k_proj", "a.down_proj"]),
+             "subset": FakeAdapter(SIG, ["a.q_proj"]),
+             "disjoint": FakeAdapter(SIG, ["a.down_proj"]),
+             "base": None}
+    unmerged, original = StaticComponents(weights3(), tmp_path), weights3()
+    served = weights3()
+    merged = StaticComponents(served, tmp_path)
+    merged.merge(SIG, ["a.q_proj", "a.k_proj"])
+    for name, adapter in later.items():
+        for module in original:
+            torch.testing.assert_close(effective_weight(merged, served, adapter, module),
+                                       effective_weight(unmerged, original, adapter, module),
+                                       atol=1e-5, rtol=0, msg=f"{name} {module}")
+    assert set(merged.static_terms(later["superset"])) == {"a.down_proj"}  # only where unmerged
+
+
+def test_covered_modules_is_the_merged_modules_the_adapter_targets():
+    merged = frozenset({"a.q_proj", "a.k_proj"})
+    superset = FakeAdapter(SIG, ["a.q_proj", "a.k_proj", "a.down_proj"])
+    assert covered_modules(SIG, merged, superset) == merged
+    assert covered_modules(SIG, merged, FakeAdapter(SIG, ["a.q_proj"])) == {"a.q_proj"}
+    assert covered_modules(SIG, merged, FakeAdapter(SIG, ["a.down_proj"])) == frozenset()
+    assert covered_modules(SIG, merged, FakeAdapter(SIG_MINI, ["a.q_proj"])) == frozenset()
+    assert covered_modules(SIG, merged, None) == frozenset()
+    assert covered_modules(None, frozenset(), superset) == frozenset()

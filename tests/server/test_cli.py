@@ -40,6 +40,7 @@ def test_help_explains_every_flag() -> None:
                  "--api-key", "--max-loras", "--max-cpu-adapters", "--max-lora-rank",
                  "--max-num-seqs", "--max-model-len", "--kv-cache-memory",
                  "--max-queued-requests", "--dtype", "--device", "--merge-static",
+                 "--no-merge-static",
                  "--no-pack-weights",
                  "--shutdown-timeout", "--allowed-adapter-root", "MODEL_DIR"):
         assert flag in text, flag
@@ -60,6 +61,9 @@ def test_parsing(tmp_path: Path) -> None:
     defaults = cli.build_parser().parse_args([])
     assert (defaults.model_dir, defaults.host, defaults.port) == (None, "127.0.0.1", 8000)
     assert defaults.kv_cache_memory == 1 << 30 and defaults.max_queued_requests is None
+    assert defaults.merge_static is True  # merged by default: exact, and faster for GOAT
+    assert cli.build_parser().parse_args(["--no-merge-static"]).merge_static is False
+    assert cli.build_parser().parse_args(["--merge-static"]).merge_static is True
     for bad in (["--adapter", "no-equals"], ["--adapter", f"../x={x}"],
                 ["--adapter", f"a={tmp_path / 'missing'}"], ["--adapter", "a=s3://b/a"],
                 ["--max-loras", "0"],
