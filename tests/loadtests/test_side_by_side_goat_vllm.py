@@ -25,5 +25,5 @@ def test_ratios_pair_the_same_threads() -> None:
     table = ratio_table(results)
     rows = [line for line in table.splitlines() if "--engine vllm" in line]
     assert len(rows) == 2, table
-    assert "0.9" in rows[0] and "vLLM 2" in rows[0], rows  # 45 / 50
-    assert "0.45" in rows[1], rows  # 45 / 100
+    assert "0.90" in rows[0] and "vllm-lora16-t2" in rows[0], rows  # 45 / 50
+    assert "0.45" in rows[1] and "goat-goat16" in rows[1], rows  # 45 / 100
