@@ -5,6 +5,7 @@ to provoke for real (an engine error in the middle of a stream)."""
 import asyncio
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -82,6 +83,21 @@ class LiveServer:
 
     def http(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+
+def wait_healthy(proc: "subprocess.Popen[bytes]", url: str, timeout: float = 90.0) -> None:
+    """Poll `url`/health until it answers 200; fails with the server's output if the process
+    exits first, or if `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
 
 
 def copy_adapters(dest: Path) -> Path:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from server import cli
-from tests.server.conftest import FIXTURE, PROMPTS, copy_adapters, greedy, token_ids
+from tests.server.conftest import FIXTURE, PROMPTS, copy_adapters, greedy, token_ids, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -169,16 +169,7 @@ def test_python_m_server_drains_on_sigterm(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     headers = {"Authorization": "Bearer k"}
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_healthy(proc, url)
         with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
             quick = http.post("/v1/completions", json={
                 "model": "goat0", "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0,

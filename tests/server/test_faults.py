@@ -13,7 +13,15 @@ from pathlib import Path
 import httpx
 
 import goat_runtime.model.layers as layers
-from tests.server.conftest import BASE, FIXTURE, PROMPTS, greedy, start_real_server, token_ids
+from tests.server.conftest import (
+    BASE,
+    FIXTURE,
+    PROMPTS,
+    greedy,
+    start_real_server,
+    token_ids,
+    wait_healthy,
+)
 from tests.server.test_cli import REPO, _free_port
 from tests.server.test_http import assert_openai_error
 
@@ -93,16 +101,7 @@ def test_the_server_process_exits_non_zero_when_its_engine_dies(tmp_path: Path) 
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_healthy(proc, url)
         response = httpx.post(f"{url}/v1/completions", json=completion(BASE, 0), timeout=30)
         error = assert_openai_error(response, 500)
         assert "device lost" in error["message"]
