@@ -19,6 +19,26 @@ ONEDNN_MAX_ROWS = 256
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
+# oneDNN (and ideep above it) cache a compiled primitive per distinct input shape, up to 1024
+# each, and what a primitive holds stays in the process: on a server, whose row counts are the
+# step's token counts, RSS climbed by ~1 MB per new row count (tiny fixture) and, with SmolLM2,
+# for ~15 minutes of mixed traffic (docs/benchmarks.md section 4). So rows are padded up to one
+# of ROW_BUCKETS counts: every count up to 16 (decode batches, no padding), then 8 per octave
+# (at most 1/8 extra rows), 48 shapes per linear in all, reached in the server's warm-up.
+_EXACT_ROWS = 16
+
+
+def onednn_row_bucket(rows: int) -> int:
+    """The row count `fast_linear` gives oneDNN for `rows` (1 <= rows <= ONEDNN_MAX_ROWS)."""
+    if rows <= _EXACT_ROWS:
+        return rows
+    shift = rows.bit_length() - 4  # keep the top 3 bits after the leading one
+    return -(-rows >> shift) << shift
+
+
+ROW_BUCKETS = sorted({onednn_row_bucket(t) for t in range(1, ONEDNN_MAX_ROWS + 1)})
+
+
 def _onednn_rows(x: torch.Tensor) -> bool:
     return (_HAS_ONEDNN and x.is_cpu and x.dtype == torch.float32
             and 0 < x.shape[0] <= ONEDNN_MAX_ROWS)
@@ -40,8 +60,13 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """F.linear(x, weight, bias) for x [T, d_in], routed to the faster GEMM for T on the CPU;
     packed: `pack_for_onednn(weight)`, if the caller keeps one."""
     if _onednn_rows(x):
-        return torch.ops.mkldnn._linear_pointwise(x, weight if packed is None else packed, bias,
-                                                  "none", [], "")
+        rows = x.shape[0]
+        bucket = onednn_row_bucket(rows)
+        if bucket != rows:  # padded with zero rows; each output row depends on its input row only
+            x = torch.cat([x, x.new_zeros(bucket - rows, x.shape[1])])
+        y = torch.ops.mkldnn._linear_pointwise(x, weight if packed is None else packed, bias,
+                                               "none", [], "")
+        return y if bucket == rows else y[:rows]
     return F.linear(x, weight, bias)
 
 

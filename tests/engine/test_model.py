@@ -20,7 +20,13 @@ from goat_runtime.engine.kv_cache import (
     cache_blocks_for_budget,
 )
 from goat_runtime.model import LlamaForCausalLM, ModelConfig, load_model
-from goat_runtime.model.layers import ONEDNN_MAX_ROWS, fast_linear, pack_for_onednn
+from goat_runtime.model.layers import (
+    ONEDNN_MAX_ROWS,
+    ROW_BUCKETS,
+    fast_linear,
+    onednn_row_bucket,
+    pack_for_onednn,
+)
 from tests.adapters.adapted_model import FIXTURE
 from tests.devices import DEVICES, TRITON_DEVICE
 
@@ -376,7 +382,7 @@ def test_cache_blocks_for_budget():
     assert cache_blocks_for_budget(10 * per_block, config, 16, torch.bfloat16) == 20
 
 
-@pytest.mark.parametrize("rows", [1, 32, ONEDNN_MAX_ROWS, ONEDNN_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 17, 32, 100, ONEDNN_MAX_ROWS, ONEDNN_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fast_linear_is_f_linear(rows, bias):
     gen = torch.Generator().manual_seed(rows)
@@ -390,3 +396,33 @@ def test_fast_linear_is_f_linear(rows, bias):
         torch.testing.assert_close(fast_linear(inputs, weight, b), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(fast_linear(inputs, weight, b, packed), expected, rtol=1e-5,
                                    atol=1e-5)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_onednn_row_buckets():
+    assert [onednn_row_bucket(t) for t in (1, 16, 17, 19, 33, 100, 255, 256)] == [
+        1, 16, 18, 20, 36, 104, 256, 256]
+    assert all(t <= onednn_row_bucket(t) <= t * 9 / 8 for t in range(17, ONEDNN_MAX_ROWS + 1))
+    assert len(ROW_BUCKETS) == 48 and ROW_BUCKETS[-1] == ONEDNN_MAX_ROWS
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
+def test_fast_linear_memory_is_bounded_over_row_counts():
+    """oneDNN keeps a primitive per input shape, and memory with it, so a server's RSS grew with
+    every new step size. Every row count up to ONEDNN_MAX_ROWS through one linear: +28 MB here
+    with the 48 buckets, +160 MB with one shape per row count. A shape no other test uses, so
+    that none is cached before."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(264, 136, generator=gen)
+    packed = pack_for_onednn(weight)
+    for rows in (1, ONEDNN_MAX_ROWS):  # the library's own one-off set-up
+        fast_linear(torch.randn(rows, 136, generator=gen), weight, None, packed)
+    before = _rss_mb()
+    for rows in range(1, ONEDNN_MAX_ROWS + 1):
+        fast_linear(torch.randn(rows, 136, generator=gen), weight, None, packed)
+    assert _rss_mb() - before < 64
