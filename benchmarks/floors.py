@@ -81,20 +81,28 @@ def step_bytes(weights: int, adapters: Iterable[int], context_tokens: int,
     return StepBytes(weights, sum(adapters), context_tokens * kv_bytes_per_token)
 
 
-def measure_bandwidth(buffer_bytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Memory bandwidth in bytes per second, the best of `repeats` copies of a buffer of
-    `buffer_bytes` (choose it far larger than the last-level cache). A copy reads the source
-    and writes the destination: 2 x buffer_bytes move per copy. Best, not mean: on a shared
-    machine other jobs only ever slow a copy down."""
-    src = torch.ones(buffer_bytes // 4, dtype=torch.float32)
+def measure_bandwidth(buffer_bytes: int = 256 << 20, repeats: int = 5,
+                      device: str = "cpu") -> float:
+    """Memory bandwidth of `device` in bytes per second, the best of `repeats` copies of a
+    buffer of `buffer_bytes` (choose it far larger than the last-level cache). A copy reads the
+    source and writes the destination: 2 x buffer_bytes move per copy. Best, not mean: on a
+    shared machine other jobs only ever slow a copy down."""
+    src = torch.ones(buffer_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # touch every page once, outside the timing
     best = float("inf")
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
+        _synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * nbytes(src) / best
+
+
+def _synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def median_of_ratios(rounds: Sequence[Mapping[str, float]], numerator: str,

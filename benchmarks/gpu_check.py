@@ -368,7 +368,14 @@ def gpu_busy_share(engine, adapters: list[str | None], num_seqs: int, steps: int
 
 def step_engine(table: Table, device: str, dtype: str, quick: bool, tmp: Path,
                 deadline: float) -> None:
-    from benchmarks.bench_engine import NUM_ADAPTERS, SMOLLM2_135M, run_workload, write_random_model
+    from benchmarks.bench_engine import (
+        NUM_ADAPTERS,
+        SMOLLM2_135M,
+        EngineRun,
+        workload,
+        write_random_model,
+    )
+    from benchmarks.floors import measure_bandwidth
     from goat_runtime.adapters.binding import linear_shapes
     from goat_runtime.adapters.writer import random_adapter
     from goat_runtime.engine.config import EngineConfig
@@ -389,9 +396,10 @@ def step_engine(table: Table, device: str, dtype: str, quick: bool, tmp: Path,
     length = 4 if quick else 128
     cases = {"base": ({}, [None]),
              "16 GOAT, static merged": ({"adapter_dir": tmp / "goat", "merge_static": True}, goat),
-             "16 GOAT, unmerged": ({"adapter_dir": tmp / "goat"}, goat),
+             "16 GOAT, unmerged": ({"adapter_dir": tmp / "goat", "merge_static": False}, goat),
              "16 LoRA": ({"adapter_dir": tmp / "lora"}, lora)}
     base_tok_s: dict[int, float] = {}
+    bandwidth = measure_bandwidth(buffer_bytes=(32 << 20) if quick else (1 << 30), device=device)
     for label, (extra, adapters) in cases.items():
         if time.monotonic() > deadline:
             table.add("engine", label, "skipped", "time budget spent")
@@ -404,14 +412,20 @@ def step_engine(table: Table, device: str, dtype: str, quick: bool, tmp: Path,
         for name in adapters:
             if name is not None:
                 engine.adapters.request_load(name).result()
-        run_workload(engine, adapters, argparse.Namespace(requests=2, prompt=4, output=4))
+        run = EngineRun(engine)
+        warm_up = workload(argparse.Namespace(requests=2, prompt=4), engine.vocab_size)
+        run.run(warm_up, adapters, 4, bandwidth)
         for batch in batches:
-            workload = argparse.Namespace(requests=batch, prompt=length, output=length)
-            tok_s = run_workload(engine, adapters, workload)
+            prompts = workload(argparse.Namespace(requests=batch, prompt=length),
+                               engine.vocab_size)
+            result = run.run(prompts, adapters, length, bandwidth)
+            tok_s = result.tok_s
             base_tok_s.setdefault(batch, tok_s)
             table.add("engine", f"{label}, batch {batch}", f"{tok_s:,.0f} tok/s",
-                      f"{tok_s / base_tok_s[batch]:.2f} x base; {length} prompt + {length} "
-                      f"generated tokens per request, {dtype}")
+                      f"{tok_s / base_tok_s[batch]:.2f} x base; decode at "
+                      f"{result.of_floor:.2f} of its floor ({result.step_mb:.1f} MB a step at "
+                      f"{bandwidth / 1e9:.0f} GB/s); {length} prompt + {length} generated "
+                      f"tokens per request, {dtype}")
         if label in ("base", "16 GOAT, unmerged"):
             for batch in batches:
                 table.add("engine", f"{label}, batch {batch}: decode step",
