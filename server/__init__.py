@@ -7,14 +7,19 @@ subcommands start without loading FastAPI and torch.
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from server.app import Settings, create_app
+    from server.app import create_app
+    from server.state import Settings
 
 __all__ = ["Settings", "create_app"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        import server.app
+    if name == "Settings":
+        from server.state import Settings
 
-        return getattr(server.app, name)
+        return Settings
+    if name == "create_app":
+        from server.app import create_app
+
+        return create_app
     raise AttributeError(f"module 'server' has no attribute {name!r}")

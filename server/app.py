@@ -4,52 +4,20 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import adapter_routes, routes
 from server.auth import ApiKeyMiddleware
+from server.engine import ServingEngine
 from server.errors import RequestContextMiddleware, error_response, install_error_handlers
 from server.metrics import ServerMetrics
 from server.openapi import install_openapi
-from server.routes import router
+from server.state import ServerState, Settings
 
 logger = logging.getLogger("server")
-
-
-@dataclass
-class Settings:
-    """What the HTTP layer needs beyond the engine's own config."""
-
-    api_keys: tuple[str, ...] = ()
-    # Directories besides the engine's adapter dir that /v1/load_lora_adapter may load from.
-    allowed_adapter_roots: tuple[Path, ...] = ()
-    # Requests allowed to wait for a free engine slot; beyond it: 429. None: no limit.
-    max_queued_requests: int | None = None
-    max_request_bytes: int = 4 << 20
-    shutdown_timeout: float = 30.0
-
-
-@dataclass
-class ServerState:
-    """Per-app state the routes reach through `request.app.state.server`."""
-
-    engine: Any  # goat_runtime.engine.async_engine.AsyncEngine (or a test double)
-    settings: Settings
-    metrics: ServerMetrics
-    draining: bool = False
-    token_text: dict[int, str] = field(default_factory=dict)  # token id -> decoded text
-
-    def adapter_roots(self) -> list[Path]:
-        roots = [Path(r) for r in self.settings.allowed_adapter_roots]
-        adapter_dir = getattr(self.engine.config, "adapter_dir", None)
-        if adapter_dir is not None:
-            roots.insert(0, Path(adapter_dir))
-        return [r.resolve() for r in roots]
 
 
 class BodySizeLimitMiddleware:
@@ -96,7 +64,7 @@ async def drain(app: FastAPI) -> None:
     await state.engine.shutdown(timeout=state.settings.shutdown_timeout)
 
 
-def create_app(engine: Any, settings: Settings | None = None,
+def create_app(engine: ServingEngine, settings: Settings | None = None,
                metrics: ServerMetrics | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`.
 
@@ -104,7 +72,7 @@ def create_app(engine: Any, settings: Settings | None = None,
     adapter loads, router selections) land in this app's /metrics.
     """
     settings = settings or Settings()
-    metrics = metrics or ServerMetrics(max_loras=getattr(engine.config, "max_loras", 0))
+    metrics = metrics or ServerMetrics(max_loras=engine.config.max_loras)
     metrics.attach(engine)
 
     @contextlib.asynccontextmanager
@@ -121,7 +89,8 @@ def create_app(engine: Any, settings: Settings | None = None,
     app.state.server = ServerState(engine=engine, settings=settings, metrics=metrics)
     install_error_handlers(app)
     install_openapi(app)
-    app.include_router(router)
+    app.include_router(routes.router)
+    app.include_router(adapter_routes.router)
     # Added innermost first: request ids and the 500 guard wrap everything, then auth, then
     # the body limit (so unauthenticated clients cannot make the server read big bodies).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)

@@ -163,8 +163,10 @@ def serve(args: argparse.Namespace) -> None:
     from goat_runtime.adapters.format import AdapterError
     from goat_runtime.engine.async_engine import AsyncEngine
     from goat_runtime.engine.config import EngineConfig
-    from server.app import Settings, create_app, drain
+    from server.app import create_app, drain
+    from server.engine import ServingEngine
     from server.metrics import ServerMetrics
+    from server.state import Settings
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -196,6 +198,7 @@ def serve(args: argparse.Namespace) -> None:
         max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout)
     metrics = ServerMetrics(max_loras=args.max_loras)
     logger.info("loading %s", model_dir)
+    engine: ServingEngine
     if args.engine == "vllm":
         from goat_runtime.vllm_plugin.async_engine import build_engine
 
@@ -208,7 +211,7 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(engine, settings, metrics)
 
     def engine_failure() -> str | None:
-        return getattr(engine, "failure", None)
+        return engine.failure
 
     class Server(uvicorn.Server):
         async def on_tick(self, counter: int) -> bool:

@@ -213,6 +213,13 @@ class VllmAsyncEngine:
     def is_alive(self) -> bool:
         return self.llm is not None and not self.llm.errored
 
+    @property
+    def failure(self) -> str | None:
+        """vLLM's engine core died (its own log names the cause): the server exits non-zero."""
+        if self.llm is not None and self.llm.errored:
+            return "vLLM's engine core died (EngineDeadError; see the log above)"
+        return None
+
     async def shutdown(self, timeout: float = 0.0) -> None:
         """Stop accepting, let running requests finish within `timeout` s, abort the rest."""
         self._accepting = False

@@ -27,8 +27,9 @@ from goat_runtime.engine.outputs import (
     RequestOutput,
 )
 from goat_runtime.engine.sampling import SamplingParams
-from server.app import Settings, create_app
+from server.app import create_app
 from server.metrics import ServerMetrics
+from server.state import Settings
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "goat-peft-tiny"
 REFERENCE = {k: v.tolist() for k, v in
@@ -156,7 +157,7 @@ class _FakeConfig:
 @dataclass
 class FakeEngine:
     """The AsyncEngine API with scripted behaviour: each request emits `steps` tokens (id 10 +
-    step) and then, if `fail_after` is set, raises `failure` mid-stream."""
+    step) and then, if `fail_after` is set, raises `fault` mid-stream."""
 
     tokenizer: Any
     base_name: str = BASE
@@ -164,7 +165,7 @@ class FakeEngine:
     config: _FakeConfig = field(default_factory=_FakeConfig)
     steps: int = 3
     fail_after: int | None = None
-    failure: Exception = field(default_factory=lambda: EngineError("the GPU caught fire", 500))
+    fault: Exception = field(default_factory=lambda: EngineError("the GPU caught fire", 500))
     step_delay: float = 0.0
     adapters: list[AdapterInfo] = field(default_factory=lambda: [
         AdapterInfo("goat0", "goat", True, "device")])
@@ -182,6 +183,10 @@ class FakeEngine:
     def is_alive(self) -> bool:
         return self.alive
 
+    @property
+    def failure(self) -> str | None:
+        return None
+
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams,
                        adapter: str | None = None) -> AsyncIterator[RequestOutput]:
@@ -190,7 +195,7 @@ class FakeEngine:
         try:
             for step in range(self.steps):
                 if self.fail_after is not None and step == self.fail_after:
-                    raise self.failure
+                    raise self.fault
                 await asyncio.sleep(self.step_delay)
                 last = step == self.steps - 1
                 finished = last

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from server.app import Settings
+from server.state import Settings
 from tests.server.conftest import FIXTURE, PROMPTS, LiveServer, greedy, start_real_server, token_ids
 from tests.server.test_http import assert_openai_error
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from server.app import Settings
+from server.state import Settings
 from tests.server.conftest import API_KEY, PROMPTS, LiveServer, start_real_server
 from tests.server.test_http import assert_openai_error
 

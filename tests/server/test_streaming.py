@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from server.app import Settings
+from server.state import Settings
 from tests.server.conftest import (
     ADAPTERS,
     BASE,
@@ -164,7 +164,7 @@ def test_error_in_the_middle_of_a_stream(fake_server) -> None:
 
 def test_internal_errors_are_500_with_a_request_id(fake_server,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    live: LiveServer = fake_server(fail_after=0, failure=RuntimeError("secret detail"))
+    live: LiveServer = fake_server(fail_after=0, fault=RuntimeError("secret detail"))
     with caplog.at_level(logging.ERROR, logger="server"), live.http() as http:
         response = http.post("/v1/completions", json={"model": "goat0", "prompt": "w5"},
                              headers={"X-Request-Id": "req-42"})
@@ -177,7 +177,7 @@ def test_internal_errors_are_500_with_a_request_id(fake_server,
 
 
 def test_mid_stream_internal_error_hides_details(fake_server) -> None:
-    live: LiveServer = fake_server(steps=4, fail_after=1, failure=KeyError("secret detail"))
+    live: LiveServer = fake_server(steps=4, fail_after=1, fault=KeyError("secret detail"))
     with live.http() as http, http.stream("POST", "/v1/completions", json={
             "model": "goat0", "prompt": "w5", "stream": True},
             headers={"X-Request-Id": "req-7"}) as r:

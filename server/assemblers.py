@@ -1,0 +1,233 @@
+"""Assembling an API response from the engine's outputs: the choices of one request (n per
+prompt) as one JSON body or as stream chunks, with usage, logprobs and the timings the metrics
+need. `serving.py` drives an assembler; the route handler picks which."""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from goat_runtime.engine.outputs import CompletionDelta, RequestOutput
+from server.protocol import (
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    ChatStreamChoice,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    TopLogprob,
+    UsageInfo,
+)
+
+
+def _clamp(logprob: float | None) -> float:
+    """JSON has no -inf or NaN; clamp as vLLM does."""
+    if logprob is None or logprob != logprob:
+        return -9999.0
+    return max(logprob, -9999.0)
+
+
+class _Choice:
+    """One completion being assembled: its text, token count and how it ended."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.text: list[str] = []
+        self.num_tokens = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.text_offset = 0
+        self.completion_logprobs = CompletionLogprobs()
+        self.chat_logprobs: list[ChatTokenLogprob] = []
+
+
+class Assembler(ABC):
+    """Shared bookkeeping of the engine requests behind one API request (one per prompt), whose
+    n completions each become choice `prompt_index * n + index`."""
+
+    def __init__(self, response_id: str, model: str, n: int, prompt_ids: list[list[int]],
+                 decode: Callable[[int], str]):
+        self.id = response_id
+        self.model = model
+        self.n = n
+        self.prompt_ids = prompt_ids
+        self.decode = decode  # token id -> text
+        self.choices = [_Choice() for _ in range(len(prompt_ids) * n)]
+        self.prompt_tokens = 0
+        self.timings: list[dict[str, float]] = []
+        self._seen_jobs: set[int] = set()
+
+    def _observe(self, job: int, output: RequestOutput) -> None:
+        if job not in self._seen_jobs:
+            self._seen_jobs.add(job)
+            self.prompt_tokens += output.num_prompt_tokens
+        if output.finished and output.metrics:
+            self.timings.append(dict(output.metrics))
+
+    def _update(self, choice: _Choice, delta: CompletionDelta) -> None:
+        choice.num_tokens += len(delta.token_ids)
+        if delta.finish_reason is not None:
+            choice.finish_reason = delta.finish_reason
+            choice.stop_reason = delta.stop_reason
+
+    def initial_chunks(self) -> Sequence[BaseModel]:
+        """What a stream opens with, before any engine output."""
+        return []
+
+    @abstractmethod
+    def add(self, job: int, output: RequestOutput) -> Sequence[BaseModel]:
+        """Fold in one engine output of job `job`; returns the stream chunks it makes."""
+
+    @abstractmethod
+    def usage_chunk(self) -> BaseModel:
+        """The stream's closing usage chunk (stream_options.include_usage)."""
+
+    @abstractmethod
+    def response(self) -> BaseModel:
+        """The whole answer, once every job finished."""
+
+    @property
+    def aborted(self) -> bool:
+        return any(c.finish_reason == "abort" for c in self.choices)
+
+    def usage(self) -> UsageInfo:
+        completion = sum(c.num_tokens for c in self.choices)
+        return UsageInfo(prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                         total_tokens=self.prompt_tokens + completion)
+
+    def totals(self) -> dict[str, Any]:
+        """What the request metrics need."""
+        return {"prompt_tokens": self.prompt_tokens,
+                "generation_tokens": sum(c.num_tokens for c in self.choices),
+                "timings": self.timings,
+                "longest_completion": max((c.num_tokens for c in self.choices), default=0)}
+
+
+class CompletionAssembler(Assembler):
+    def __init__(self, response_id: str, model: str, n: int, prompt_ids: list[list[int]],
+                 decode: Callable[[int], str], echo_texts: list[str] | None, logprobs: int | None):
+        super().__init__(response_id, model, n, prompt_ids, decode)
+        self.echo_texts = echo_texts  # the prompts' texts, when echo is on
+        self.logprobs = logprobs
+
+    def add(self, job: int, output: RequestOutput) -> list[CompletionChunk]:
+        """Fold in one engine output; returns the stream chunks it makes."""
+        self._observe(job, output)
+        chunks = []
+        for delta in output.outputs:
+            index = job * self.n + delta.index
+            choice = self.choices[index]
+            text, logprobs = delta.text, None
+            if self.logprobs is not None:
+                logprobs = CompletionLogprobs()
+            if not choice.started:
+                choice.started = True
+                if self.echo_texts is not None:
+                    text = self.echo_texts[job] + text
+                    if logprobs is not None:
+                        self._add_logprobs(choice, logprobs, self.prompt_ids[job],
+                                           output.prompt_logprobs)
+            if logprobs is not None:
+                self._add_logprobs(choice, logprobs, delta.token_ids, delta.logprobs)
+            choice.text.append(text)
+            self._update(choice, delta)
+            if text or logprobs or delta.finish_reason:
+                chunks.append(CompletionChunk(id=self.id, model=self.model, choices=[
+                    CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                     finish_reason=delta.finish_reason,
+                                     stop_reason=delta.stop_reason)]))
+        return chunks
+
+    def _add_logprobs(self, choice: _Choice, chunk: CompletionLogprobs, token_ids: list[int],
+                      entries: list[Any] | None) -> None:
+        """Append the tokens' logprobs to the chunk's and to the choice's running total."""
+        entries = entries or []
+        for i, token_id in enumerate(token_ids):
+            entry = entries[i] if i < len(entries) else None
+            token = self.decode(token_id)
+            offset = choice.text_offset
+            choice.text_offset += len(token)
+            if entry is None:  # the first prompt token has none
+                logprob, top = None, None
+            else:
+                ranked = sorted(entry.items(), key=lambda kv: -_clamp(kv[1]))
+                logprob = _clamp(entry.get(token_id))
+                top = {self.decode(t): _clamp(lp) for t, lp in ranked}
+            for into in (chunk, choice.completion_logprobs):
+                into.tokens.append(token)
+                into.text_offset.append(offset)
+                into.token_logprobs.append(logprob)
+                into.top_logprobs.append(top)
+
+    def usage_chunk(self) -> CompletionChunk:
+        return CompletionChunk(id=self.id, model=self.model, choices=[], usage=self.usage())
+
+    def response(self) -> CompletionResponse:
+        return CompletionResponse(id=self.id, model=self.model, usage=self.usage(), choices=[
+            CompletionChoice(index=i, text="".join(c.text),
+                             logprobs=c.completion_logprobs if self.logprobs is not None
+                             else None,
+                             finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for i, c in enumerate(self.choices)])
+
+
+class ChatAssembler(Assembler):
+    def __init__(self, response_id: str, model: str, n: int, prompt_ids: list[int],
+                 decode: Callable[[int], str], top_logprobs: int | None):
+        super().__init__(response_id, model, n, [prompt_ids], decode)
+        self.top_logprobs = top_logprobs  # None: no logprobs
+
+    def initial_chunks(self) -> list[ChatCompletionChunk]:
+        """The role announcement that opens each choice's stream."""
+        return [ChatCompletionChunk(id=self.id, model=self.model, choices=[
+            ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+            for i in range(self.n)]
+
+    def add(self, job: int, output: RequestOutput) -> list[ChatCompletionChunk]:
+        self._observe(job, output)
+        chunks = []
+        for delta in output.outputs:
+            choice = self.choices[delta.index]
+            logprobs = None
+            if self.top_logprobs is not None:
+                logprobs = ChatChoiceLogprobs(content=[
+                    self._token_logprob(t, delta.logprobs[i] if delta.logprobs
+                                        and i < len(delta.logprobs) else None)
+                    for i, t in enumerate(delta.token_ids)])
+                choice.chat_logprobs.extend(logprobs.content or [])
+            choice.text.append(delta.text)
+            self._update(choice, delta)
+            if delta.text or logprobs or delta.finish_reason:
+                chunks.append(ChatCompletionChunk(id=self.id, model=self.model, choices=[
+                    ChatStreamChoice(index=delta.index, delta=DeltaMessage(
+                        content=delta.text or (None if delta.finish_reason else "")),
+                        logprobs=logprobs, finish_reason=delta.finish_reason,
+                        stop_reason=delta.stop_reason)]))
+        return chunks
+
+    def _token_logprob(self, token_id: int, entry: dict[int, float] | None) -> ChatTokenLogprob:
+        token = self.decode(token_id)
+        entry = entry or {}
+        ranked = sorted(entry.items(), key=lambda kv: -_clamp(kv[1]))[:self.top_logprobs or 0]
+        return ChatTokenLogprob(
+            token=token, logprob=_clamp(entry.get(token_id)), bytes=list(token.encode()),
+            top_logprobs=[TopLogprob(token=self.decode(t), logprob=_clamp(lp),
+                                     bytes=list(self.decode(t).encode())) for t, lp in ranked])
+
+    def usage_chunk(self) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=self.usage())
+
+    def response(self) -> ChatCompletionResponse:
+        return ChatCompletionResponse(id=self.id, model=self.model, usage=self.usage(), choices=[
+            ChatChoice(index=i, message=ChatMessageOut(content="".join(c.text)),
+                       logprobs=ChatChoiceLogprobs(content=c.chat_logprobs)
+                       if self.top_logprobs is not None else None,
+                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            for i, c in enumerate(self.choices)])
