@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -219,7 +220,7 @@ def serve(args: argparse.Namespace) -> None:
             # the process exits non-zero below, for a supervisor to restart it.
             return await super().on_tick(counter) or engine_failure() is not None
 
-        async def shutdown(self, sockets: list | None = None) -> None:
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             # Drain alongside uvicorn's own shutdown: it stops accepting and waits for open
             # connections, while the drain lets in-flight requests finish, then aborts them.
             draining = asyncio.ensure_future(drain(app))

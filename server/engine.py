@@ -2,7 +2,7 @@
 engine (`goat_runtime.vllm_plugin.async_engine.VllmAsyncEngine`) both satisfy it, and the type
 checker holds them to it where the CLI builds one (server/cli.py)."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,7 +32,7 @@ class ServingEngine(Protocol):
         ...
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                 adapter: str | None = None) -> AsyncGenerator[RequestOutput, None]:
         """A request's outputs; closing the stream early aborts the request."""
         ...
 

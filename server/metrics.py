@@ -159,7 +159,7 @@ class ServerMetrics:
         if base:
             self._request_series(base)
 
-    def _per_request(self) -> tuple:
+    def _per_request(self) -> tuple[Any, ...]:
         return (self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e,
                 self.queue_time)
 

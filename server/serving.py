@@ -238,7 +238,7 @@ async def serve(request: Request, state: ServerState, target: Target, jobs: list
         tracker.finish("error" if failed else "abort")
         if isinstance(exc, ClientDisconnected):
             return Response(status_code=499)
-        if failed and expected(exc):
+        if isinstance(exc, Exception) and expected(exc):
             raise public_error(state, exc) from exc
         raise  # a bug (logged with the request id, answered 500) or a cancellation
     tracker.started(target.name)

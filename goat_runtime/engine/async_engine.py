@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
 from goat_runtime.engine.config import EngineConfig
@@ -134,7 +134,7 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter: str | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs; closing the stream early aborts the request."""
         if self._error is not None:
             raise self._dead_error(status=503)

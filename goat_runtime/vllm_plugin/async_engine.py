@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +235,7 @@ class VllmAsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter: str | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs (deltas); closing the stream early aborts the request
         (vLLM's generator aborts on close)."""
         if not self._accepting or not self.is_alive:
