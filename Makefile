@@ -41,7 +41,7 @@ test: lint
 	$(BIN)/pytest
 
 bench-ops: setup
-	$(BIN)/python benchmarks/bench_routed_lora.py
+	$(BIN)/python -m benchmarks.bench_routed_lora
 
 bench-engine: setup
 	$(BIN)/python -m benchmarks.bench_engine
@@ -50,4 +50,4 @@ bench-engine: setup
 # as it is (no install, no C++ build). Rehearse it here with
 #   make gpu-check PYTHON=.venv/bin/python ARGS="--device cpu --quick --skip-pytest"
 gpu-check:
-	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/gpu_check.py $(ARGS)
+	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu_check $(ARGS)

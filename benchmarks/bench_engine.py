@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from benchmarks.floors import (
     adapter_bytes,
@@ -43,61 +41,25 @@ from benchmarks.floors import (
     median_of_ratios,
     step_bytes,
 )
-from goat_runtime.adapters.binding import linear_shapes
-from goat_runtime.adapters.writer import random_adapter
+from benchmarks.random_model import (
+    NUM_ADAPTERS,
+    base_linears,
+    write_goat_and_lora,
+    write_random_model,
+)
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
 from goat_runtime.engine.kv_cache import block_bytes
 from goat_runtime.engine.sampling import SamplingParams
-from goat_runtime.model.config import ModelConfig
 from goat_runtime.model.layers import fast_linear
 from goat_runtime.model.llama import LlamaForCausalLM
 
-SMOLLM2_135M = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
-    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-    "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True,
-    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
-}
-NUM_ADAPTERS = 16
 WORK_DIR = Path(os.environ.get("GOAT_CACHE_DIR") or Path.home() / ".cache" / "goat-serve") / \
     "bench-engine"
 GOAL_FLOOR = 0.85  # decode throughput within 15 % of its floor
 GOAL_GOAT = 0.85  # 16 GOAT (default flags) / base
 GOAL_UNDO = 0.97  # base on a merged server / base on an unmerged one
 GOAL_HTTP = 0.9  # over HTTP / in-process
-
-
-def write_tokenizer(model_dir: Path, vocab_size: int) -> None:
-    """A word-level tokenizer over the whole vocabulary (token wN = id N): random weights need
-    no real text, only a tokenizer that decodes every id."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w2", bos_token="w1",
-                                   unk_token="w0")
-    fast.save_pretrained(str(model_dir))
-
-
-def write_random_model(model_dir: Path, config_dict: dict | None = None) -> ModelConfig:
-    """A checkpoint of random weights with SmolLM2-135M's config (or `config_dict`)."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps(config_dict or SMOLLM2_135M))
-    config = ModelConfig.from_pretrained(model_dir)
-    model = LlamaForCausalLM(config)
-    gen = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name, target in model.checkpoint_targets().items():
-        if name.endswith("norm.weight"):
-            tensors[name] = torch.ones(target.shape)
-        else:
-            tensors[name] = torch.randn(target.shape, generator=gen) * 0.02
-    save_file(tensors, str(model_dir / "model.safetensors"))
-    write_tokenizer(model_dir, config.vocab_size)
-    return config
 
 
 @dataclass
@@ -238,14 +200,7 @@ def bench(root: Path, args) -> None:
     if not (model_dir / "tokenizer.json").is_file():  # written last
         progress(f"writing the random model into {model_dir}")
         write_random_model(model_dir)
-    probe = LlamaForCausalLM(ModelConfig.from_pretrained(model_dir), device="meta")
-    shapes = linear_shapes(probe.fused_linears())
-    goat = [f"goat{i}" for i in range(NUM_ADAPTERS)]
-    lora = [f"lora{i}" for i in range(NUM_ADAPTERS)]
-    for i in range(NUM_ADAPTERS):
-        for name, kind, seed in ((goat[i], "goat", i), (lora[i], "lora", 100 + i)):
-            if not (store / name / "adapter_config.json").is_file():
-                random_adapter(store / name, shapes, kind=kind, seed=seed)
+    goat, lora = write_goat_and_lora(store, store, base_linears(model_dir))
     progress("starting the engines (the first run computes the static terms: minutes)")
     common = dict(model_dir=model_dir, adapter_dir=store,  # static terms: the server's cache
                   max_loras=2 * NUM_ADAPTERS, max_cpu_adapters=2 * NUM_ADAPTERS,

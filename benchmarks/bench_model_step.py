@@ -3,22 +3,18 @@
 attention's C++ kernel and with the torch path (gather the contexts, one masked SDPA), then with
 the C++ kernel and the weights packed for oneDNN (`LlamaForCausalLM.pack_weights`).
 
-    .venv/bin/python benchmarks/bench_model_step.py [--seqs 32] [--context 200] [--dtype bf16]
+    .venv/bin/python -m benchmarks.bench_model_step [--seqs 32] [--context 200] [--dtype bf16]
 """
 
 import argparse
 import random
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_engine import SMOLLM2_135M
+from benchmarks.random_model import SMOLLM2_135M
 from goat_runtime.engine.context import build_step_context, step_context
 from goat_runtime.engine.kv_cache import KVCache
 from goat_runtime.model import layers

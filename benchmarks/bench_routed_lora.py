@@ -6,7 +6,7 @@ add_routed_lora calls: 16 distinct GOAT adapters, r = 8, E = 8, top_k = 2, all s
 projections), and their ratio. Base and adapter calls are timed interleaved in one loop, so
 machine noise hits both alike; figures are medians.
 
-    python benchmarks/bench_routed_lora.py [--threads 2] [--quick] [--no-reference]
+    python -m benchmarks.bench_routed_lora [--threads 2] [--quick] [--no-reference]
                                            [--weights-dtype bfloat16]
 
 Also printed per configuration: the time to merely read every stacked adapter weight once
@@ -17,19 +17,17 @@ projections). At decode the op is memory bound, so that time is its floor whatev
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from benchmarks.random_model import SMOLLM2_135M
 from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora
 from goat_runtime.ops.reference import add_routed_lora_reference
 
-HIDDEN, INTERMEDIATE, KV = 576, 1536, 192
+HIDDEN, INTERMEDIATE = SMOLLM2_135M["hidden_size"], SMOLLM2_135M["intermediate_size"]
+KV = HIDDEN // SMOLLM2_135M["num_attention_heads"] * SMOLLM2_135M["num_key_value_heads"]
 # (name, d_in, output slices): the fused base linears of one SmolLM2-135M decoder layer.
 PROJECTIONS = (
     ("qkv", HIDDEN, (HIDDEN, KV, KV)),

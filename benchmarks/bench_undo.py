@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from benchmarks.bench_engine import NUM_ADAPTERS, WORK_DIR
+from benchmarks.bench_engine import WORK_DIR
+from benchmarks.random_model import NUM_ADAPTERS
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
 from goat_runtime.engine.sampling import SamplingParams

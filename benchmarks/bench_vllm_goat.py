@@ -12,7 +12,9 @@ workload `--repeats` times; the rounds alternate the cases, and the best run of 
 counts.
 
 Run with the vLLM environment's interpreter (tests/vllm/conftest.py builds it):
-    ~/.cache/goat-serve/vllm-venv/bin/python benchmarks/bench_vllm_goat.py [--requests 32]
+    ~/.cache/goat-serve/vllm-venv/bin/python -m benchmarks.bench_vllm_goat [--requests 32]
+
+from the repository root (the child processes run the same module from there).
 """
 
 import argparse
@@ -24,56 +26,23 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.random_model import (
+    NUM_ADAPTERS,
+    SMOLLM2_135M,
+    base_linears,
+    write_goat_and_lora,
+    write_random_model,
+)
 
-SMOLLM2_135M = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
-    "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-    "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True,
-    "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "torch_dtype": "float32",
-}
-NUM_ADAPTERS = 16
+REPO = Path(__file__).resolve().parents[1]  # the children's working directory
 CASES = {"lora": 8, "goat": 32, "goat-merged": 16}  # case -> --max-lora-rank
 RESULT = "BENCH_RESULT "  # vLLM logs to stdout too: the child's answer is the line with this
 
 
-def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    h, i = config["hidden_size"], config["intermediate_size"]
-    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
-    per_layer = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h),
-                 "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, h),
-                 "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-    return {f"model.layers.{n}.{m}": s for n in range(config["num_hidden_layers"])
-            for m, s in per_layer.items()}
-
-
 def prepare(root: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    from goat_runtime.adapters.writer import random_adapter
-
     model_dir = root / "model"
-    model_dir.mkdir(parents=True)
-    (model_dir / "config.json").write_text(json.dumps(SMOLLM2_135M))
-    gen = torch.Generator().manual_seed(0)
-    shapes = linear_shapes(SMOLLM2_135M)
-    h = SMOLLM2_135M["hidden_size"]
-    tensors = {"model.embed_tokens.weight": torch.randn(SMOLLM2_135M["vocab_size"], h,
-                                                        generator=gen) * 0.02,
-               "model.norm.weight": torch.ones(h)}
-    for n in range(SMOLLM2_135M["num_hidden_layers"]):
-        tensors[f"model.layers.{n}.input_layernorm.weight"] = torch.ones(h)
-        tensors[f"model.layers.{n}.post_attention_layernorm.weight"] = torch.ones(h)
-    for module, shape in shapes.items():
-        tensors[f"{module}.weight"] = torch.randn(shape, generator=gen) * 0.02
-    save_file(tensors, str(model_dir / "model.safetensors"))
-    for i in range(NUM_ADAPTERS):
-        random_adapter(root / "goat" / f"goat{i}", shapes, kind="goat", rank=8,
-                       num_experts=8, top_k=2, seed=i)
-        random_adapter(root / "lora" / f"lora{i}", shapes, kind="lora", rank=8, seed=100 + i)
+    write_random_model(model_dir)
+    write_goat_and_lora(root / "goat", root / "lora", base_linears(model_dir))
 
 
 def run_case(root: Path, case: str, args) -> float:
@@ -143,11 +112,12 @@ def main() -> None:
         results: dict[str, float] = {}
         for round_ in range(1, args.rounds + 1):
             for case in CASES:
-                cmd = [sys.executable, __file__, "--case", case, "--root", str(root),
+                cmd = [sys.executable, "-m", "benchmarks.bench_vllm_goat", "--case", case,
+                       "--root", str(root),
                        "--requests", str(args.requests), "--prompt", str(args.prompt),
                        "--output", str(args.output), "--repeats", str(args.repeats),
                        "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-                out = subprocess.run(cmd, capture_output=True, text=True,
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
                                      env={**os.environ, "VLLM_PLUGINS": "goat"})
                 if out.returncode != 0:
                     raise SystemExit(f"{case} case failed:\n{out.stderr[-6000:]}")

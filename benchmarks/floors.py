@@ -1,7 +1,8 @@
 """What a decode step must read, the memory bandwidth it reads at, and ratios over rounds.
 
-Shared by `benchmarks/bench_engine.py` and `loadtests/side_by_side.py`, so that every printed
-throughput stands beside its floor:
+Shared by `benchmarks/bench_engine.py`, `benchmarks/gpu_check.py` and the side-by-side load test
+(`loadtests/side_by_side.py` and its report), so that every printed throughput stands beside its
+floor:
 
 - a decode step reads every base Linear weight and the lm_head once (`base_weight_bytes`), the
   rows of each distinct adapter in the batch (`adapter_bytes`: A, B and router of every module

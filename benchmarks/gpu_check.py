@@ -15,8 +15,8 @@ the checkout; the C++ CPU kernels, goat_runtime._C, are neither built nor needed
 Prints one table and writes it (markdown) to $OUT/gpu_check.md, or --out; steps past the time
 budget are reported as skipped, and the file is rewritten after every row.
 
-    PYTHONPATH=$PWD python3 benchmarks/gpu_check.py              # on the GPU machine
-    PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --device cpu --quick --skip-pytest  # rehearsal
+    PYTHONPATH=$PWD python3 -m benchmarks.gpu_check              # on the GPU machine
+    PYTHONPATH=$PWD python3 -m benchmarks.gpu_check --device cpu --quick --skip-pytest  # rehearsal
 """
 
 import argparse
@@ -368,30 +368,21 @@ def gpu_busy_share(engine, adapters: list[str | None], num_seqs: int, steps: int
 
 def step_engine(table: Table, device: str, dtype: str, quick: bool, tmp: Path,
                 deadline: float) -> None:
-    from benchmarks.bench_engine import (
+    from benchmarks.bench_engine import EngineRun, workload
+    from benchmarks.floors import measure_bandwidth
+    from benchmarks.random_model import (
         NUM_ADAPTERS,
         SMOLLM2_135M,
-        EngineRun,
-        workload,
+        base_linears,
+        write_goat_and_lora,
         write_random_model,
     )
-    from benchmarks.floors import measure_bandwidth
-    from goat_runtime.adapters.binding import linear_shapes
-    from goat_runtime.adapters.writer import random_adapter
     from goat_runtime.engine.config import EngineConfig
     from goat_runtime.engine.engine import LLMEngine
-    from goat_runtime.model.config import ModelConfig
-    from goat_runtime.model.llama import LlamaForCausalLM
 
     model_dir = tmp / "model"
     write_random_model(model_dir, {**SMOLLM2_135M, **TINY_MODEL} if quick else None)
-    probe = LlamaForCausalLM(ModelConfig.from_pretrained(model_dir), device="meta")
-    shapes = linear_shapes(probe.fused_linears())
-    for i in range(NUM_ADAPTERS):
-        random_adapter(tmp / "goat" / f"goat{i}", shapes, kind="goat", seed=i)
-        random_adapter(tmp / "lora" / f"lora{i}", shapes, kind="lora", seed=100 + i)
-    goat = [f"goat{i}" for i in range(NUM_ADAPTERS)]
-    lora = [f"lora{i}" for i in range(NUM_ADAPTERS)]
+    goat, lora = write_goat_and_lora(tmp / "goat", tmp / "lora", base_linears(model_dir))
     batches = (2,) if quick else (32, 256)
     length = 4 if quick else 128
     cases = {"base": ({}, [None]),

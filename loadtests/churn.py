@@ -12,7 +12,7 @@ closed loop whose requests pick adapters by Zipf(1.0). It reports:
   (the simulated slot bound) against the full number, on one server (fewer sequences per step
   cost more per sequence, whatever the adapters cost).
 
-    .venv/bin/python loadtests/churn.py [--num-adapters 200] [--num-requests 128]
+    .venv/bin/python -m loadtests.churn [--num-adapters 200] [--num-requests 128]
 
 A benchmark script, not a test: it takes minutes and all of the machine's cores.
 """
@@ -30,9 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.random_model import base_linears, write_adapters
 from loadtests.common import (
     BASE_NAME,
     CACHE,
@@ -40,7 +38,6 @@ from loadtests.common import (
     GoatServeConfig,
     ServerProcess,
     add_max_busy_arg,
-    base_linears,
     cpu_busy,
     format_table,
     goat_serve,
@@ -50,7 +47,6 @@ from loadtests.common import (
     pct,
     scrape,
     wait_for_quiet,
-    write_adapters,
     write_random_smollm,
 )
 from loadtests.loadgen import LoadConfig, LoadResult, run_load

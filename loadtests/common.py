@@ -8,7 +8,6 @@ stops the worker processes it spawned (vLLM's engine core), and only those.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import signal
@@ -23,11 +22,10 @@ from typing import IO, Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as `python loadtests/x.py`: make the repo importable
-    sys.path.insert(0, str(REPO))
+from benchmarks.random_model import base_linears, write_random_model
+from loadtests.workload import WORDS
 
-from loadtests.workload import WORDS  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PYTHON = Path(sys.executable)  # the interpreter running the scripts (the repo venv)
 # Work directories, results and vLLM's virtual environment of the load-test scripts.
@@ -244,83 +242,13 @@ def goat_serve(config: GoatServeConfig, log_path: Path, name: str = "goat-serve"
 # ---- model and adapters ----------------------------------------------------------------------
 
 
-def _bench_engine() -> Any:
-    """benchmarks/bench_engine.py (the SmolLM2-135M shapes and random-model writer)."""
-    import importlib
-
-    return importlib.import_module("benchmarks.bench_engine")
-
-
-def write_prompt_tokenizer(model_dir: Path, vocab_size: int) -> None:
-    """Overwrite the model's tokenizer with a word-level one in which the load generator's prompt
-    words are tokens 3, 4, ... and every other id N is `wN`.
-
-    bench_engine's tokenizer maps every English word to <unk>, so all prompts would be the same
-    token sequence and prefix caches would skip most prefills; with this one, prompts of random
-    words are distinct token sequences of one token per word, as intended.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    for i, word in enumerate(WORDS):
-        del vocab[f"w{3 + i}"]
-        vocab[word] = 3 + i
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="w2", bos_token="w1", unk_token="w0"
-    )
-    fast.save_pretrained(str(model_dir))
-
-
 def write_random_smollm(model_dir: Path) -> Path:
-    """A SmolLM2-135M-shaped Llama with random fp32 weights (bench_engine's writer), and a
-    word-level tokenizer for load-generator prompts. Reused if `config.json` is already there."""
-    if not (model_dir / "model.safetensors").is_file():
-        bench = _bench_engine()
-        config = bench.write_random_model(model_dir)
-        write_prompt_tokenizer(model_dir, config.vocab_size)
-        cfg = json.loads((model_dir / "config.json").read_text())
-        cfg["torch_dtype"] = "float32"  # for vLLM's dtype auto-detection, had it been asked
-        (model_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    """A SmolLM2-135M-shaped Llama with random fp32 weights whose tokenizer has the load
+    generator's prompt words as tokens (so prompts are distinct token sequences and no prefix
+    cache skips a prefill). Reused if its tokenizer, written last, is already there."""
+    if not (model_dir / "tokenizer.json").is_file():
+        write_random_model(model_dir, words=WORDS)
     return model_dir
-
-
-def base_linears(model_dir: Path) -> dict[str, tuple[int, int]]:
-    """Module name -> (d_out, d_in) of each projection the adapters may target."""
-    from goat_runtime.adapters.binding import linear_shapes
-    from goat_runtime.model.config import ModelConfig
-    from goat_runtime.model.llama import LlamaForCausalLM
-
-    probe = LlamaForCausalLM(ModelConfig.from_pretrained(model_dir), device="meta")
-    return linear_shapes(probe.fused_linears())
-
-
-def write_adapters(
-    folder: Path,
-    shapes: Mapping[str, tuple[int, int]],
-    names: Sequence[str],
-    kind: str,
-    *,
-    rank: int = 8,
-    num_experts: int = 8,
-    top_k: int = 2,
-    seed: int = 0,
-) -> list[Path]:
-    """Random adapters `folder/<name>` of `kind` ("goat" or "lora"); existing ones are kept."""
-    from goat_runtime.adapters.writer import random_adapter
-
-    paths = []
-    for i, name in enumerate(names):
-        path = folder / name
-        if not (path / "adapter_model.safetensors").is_file():
-            random_adapter(
-                path, shapes, kind=kind, rank=rank, num_experts=num_experts, top_k=top_k,
-                seed=seed + i,
-            )
-        paths.append(path)
-    return paths
 
 
 # ---- metrics -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ a corrupt adapter requested in the middle of a load. Prints the figures.
    weights are truncated or whose config is not JSON. They must fail alone: the good requests
    all succeed and the server stays healthy.
 
-    .venv/bin/python loadtests/faults.py
+    .venv/bin/python -m loadtests.faults
 
 A benchmark script, not a test: it takes a few minutes and all of the machine's cores.
 """
@@ -36,18 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.random_model import base_linears, write_adapters
 from loadtests.common import (
     BASE_NAME,
     CACHE,
     GoatServeConfig,
     ServerProcess,
     add_max_busy_arg,
-    base_linears,
     cpu_busy,
     format_table,
     goat_serve,
@@ -56,11 +51,11 @@ from loadtests.common import (
     metric_sum,
     scrape,
     wait_for_quiet,
-    write_adapters,
     write_random_smollm,
 )
 from loadtests.loadgen import LoadConfig, check_loopback, run_load
 from loadtests.report import LatencyStats, format_summary
+from loadtests.stream import Outcome, completion_body, new_client, stream_request
 from loadtests.workload import LengthDist, arrival_offsets, synth_prompt
 
 CORRUPT = ("corrupt-weights", "corrupt-config")
@@ -85,111 +80,6 @@ class FaultsConfig:
     kv_cache_memory: str = "512MiB"
     seed: int = 0
     max_busy: float | None = None
-
-
-# ---- one request, with everything the checks need --------------------------------------------
-
-
-@dataclass
-class Outcome:
-    """One streaming request as the checks see it; times in seconds from its start."""
-
-    adapter: str
-    status: int | None = None
-    head_s: float | None = None  # response headers received
-    end_s: float | None = None
-    retry_after: str | None = None
-    ttft_s: float | None = None
-    chunks: int = 0
-    finish_reason: str | None = None
-    done: bool = False  # saw data: [DONE]
-    error_event: str | None = None  # message of a `data: {"error": ...}` event
-    error_body: str | None = None  # body of a non-200 answer
-    exception: str | None = None  # transport failure or timeout
-    disconnected: bool = False  # we closed it on purpose
-
-    @property
-    def verdict(self) -> str:
-        """complete, error_event, lost (an accepted stream cut or hung), refused_<status>,
-        transport (no status at all), disconnected (by us)."""
-        if self.disconnected:
-            return "disconnected"
-        if self.status is None:
-            return "transport"
-        if self.status != 200:
-            return f"refused_{self.status}"
-        if self.done and self.error_event is not None:
-            return "error_event"
-        if self.done and self.finish_reason is not None:
-            return "complete"
-        return "lost"
-
-
-def completion_body(adapter: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    return {
-        "model": adapter, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-    }
-
-
-async def stream_request(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], timeout_s: float,
-    stop_after_chunks: int | None = None, stop_after_s: float | None = None,
-) -> Outcome:
-    """POST a streaming completion and record how it ended. With `stop_after_chunks` or
-    `stop_after_s`, close the connection after that many content chunks or seconds."""
-    out = Outcome(body["model"])
-    start = time.perf_counter()
-    limit = timeout_s if stop_after_s is None else min(timeout_s, stop_after_s)
-    try:
-        async with asyncio.timeout(limit), client.stream(
-                "POST", url + "/v1/completions", json=body) as response:
-            out.status = response.status_code
-            out.head_s = time.perf_counter() - start
-            out.retry_after = response.headers.get("retry-after")
-            if response.status_code != 200:
-                out.error_body = (await response.aread()).decode(errors="replace")[:4000]
-                return out
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    out.done = True
-                    break
-                chunk = json.loads(data)
-                if chunk.get("error") is not None:
-                    err = chunk["error"]
-                    out.error_event = str(err.get("message") if isinstance(err, dict) else err)
-                    continue
-                for choice in chunk.get("choices") or []:
-                    if choice.get("text"):
-                        out.chunks += 1
-                        if out.ttft_s is None:
-                            out.ttft_s = time.perf_counter() - start
-                    if choice.get("finish_reason"):
-                        out.finish_reason = choice["finish_reason"]
-                if stop_after_chunks is not None and out.chunks >= stop_after_chunks:
-                    out.disconnected = True
-                    break  # leaving the block closes the connection mid-stream
-    except TimeoutError:
-        if stop_after_s is not None and (time.perf_counter() - start) >= stop_after_s - 0.01:
-            out.disconnected = True
-        else:
-            out.exception = f"timeout after {timeout_s:g} s"
-    except (httpx.HTTPError, ValueError) as exc:
-        out.exception = f"{type(exc).__name__}: {exc}"[:300]
-    finally:
-        out.end_s = time.perf_counter() - start
-    return out
-
-
-def new_client() -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(600.0),
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-        trust_env=False,
-    )
 
 
 def stats_ms(values: Sequence[float]) -> LatencyStats:

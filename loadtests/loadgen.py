@@ -27,9 +27,6 @@ from typing import Any, Literal
 
 import httpx
 
-if __package__ in (None, ""):  # run as a script: make `loadtests` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from loadtests.report import (
     RequestRecord,
     Summary,
@@ -38,6 +35,7 @@ from loadtests.report import (
     summarize,
     write_plot,
 )
+from loadtests.stream import send_request
 from loadtests.workload import (
     ADAPTER_DISTS,
     AdapterDist,
@@ -205,113 +203,6 @@ def build_payload(config: LoadConfig, spec: RequestSpec) -> dict[str, Any]:
         body["ignore_eos"] = True  # vLLM's extra sampling field: generate exactly max_tokens
     body.update(config.extra_body)
     return body
-
-
-def _chunk_text(chunk: dict[str, Any]) -> str:
-    """Generated text in one streamed chunk (completions `text` or chat `delta`)."""
-    choices = chunk.get("choices") or []
-    if not choices or not isinstance(choices[0], dict):
-        return ""
-    choice = choices[0]
-    if "text" in choice:
-        return choice.get("text") or ""
-    delta = choice.get("delta") or {}
-    return (delta.get("content") or "") + (delta.get("reasoning_content") or "")
-
-
-def _error_message(body: Any) -> str:
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict):
-            return str(err.get("message") or err)
-        return str(err)
-    return str(body)
-
-
-async def send_request(
-    client: httpx.AsyncClient,
-    url: str,
-    body: dict[str, Any],
-    record: RequestRecord,
-    timeout_s: float,
-    t0: float,
-) -> None:
-    """Send one streaming request and fill `record` in place (also when cancelled midway).
-
-    Error kinds: http_<status>, stream_error (a `data: {"error": ...}` event), incomplete_stream
-    (no [DONE]), bad_json, timeout, connect_error, protocol_error, client_error.
-    """
-    start = time.perf_counter()
-    record.start_s = start - t0
-    last = start
-    try:
-        async with asyncio.timeout(timeout_s), client.stream("POST", url, json=body) as response:
-            record.status = response.status_code
-            if response.status_code != 200:
-                raw = (await response.aread()).decode(errors="replace")
-                try:
-                    message = _error_message(json.loads(raw))
-                except ValueError:
-                    message = raw
-                record.error_kind = f"http_{response.status_code}"
-                record.error = message[:500]
-                return
-            done = False
-            events = 0
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators, `event:` / `:` comment lines
-                events += 1
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    record.error_kind, record.error = "bad_json", data[:500]
-                    return
-                if not isinstance(chunk, dict):
-                    record.error_kind, record.error = "bad_json", data[:500]
-                    return
-                if chunk.get("error") is not None:
-                    record.error_kind = "stream_error"
-                    record.error = _error_message(chunk)[:500]
-                    return
-                if _chunk_text(chunk):
-                    now = time.perf_counter()
-                    if record.ttft_s is None:
-                        record.ttft_s = now - start
-                    else:
-                        record.itl_s.append(now - last)
-                    last = now
-                    record.chunks += 1
-                usage = chunk.get("usage")
-                if isinstance(usage, dict):
-                    if usage.get("completion_tokens") is not None:
-                        record.output_tokens = int(usage["completion_tokens"])
-                        record.tokens_from_usage = True
-                    if usage.get("prompt_tokens") is not None:
-                        record.prompt_tokens = int(usage["prompt_tokens"])
-            if not done:
-                record.error_kind = "incomplete_stream"
-                record.error = (
-                    "the stream ended without data: [DONE]"
-                    if events
-                    else "no SSE `data:` events in the response (is streaming supported?)"
-                )
-                return
-            record.e2e_s = time.perf_counter() - start
-            if not record.tokens_from_usage:
-                record.output_tokens = record.chunks
-    except (TimeoutError, httpx.TimeoutException) as exc:
-        record.error_kind, record.error = "timeout", f"{type(exc).__name__}: {exc}"[:500]
-    except httpx.ConnectError as exc:
-        record.error_kind, record.error = "connect_error", str(exc)[:500]
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-        record.error_kind, record.error = "protocol_error", f"{type(exc).__name__}: {exc}"[:500]
-    except httpx.HTTPError as exc:
-        record.error_kind, record.error = "client_error", f"{type(exc).__name__}: {exc}"[:500]
 
 
 class _Run:

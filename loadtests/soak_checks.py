@@ -9,11 +9,12 @@ import math
 import statistics
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from loadtests.common import format_table
-from loadtests.faults import Outcome
+from loadtests.stream import Outcome
 
 CLIENT_KINDS = {"stream": 3, "stream_chat": 2, "completion": 2, "chat": 1, "n3": 1,
                 "echo_logprobs": 1, "disconnect": 2}  # the clients' request kinds, weighted
@@ -212,7 +213,7 @@ def body_problem(kind: str, text: str, n: int, prompt: str) -> str | None:
 
 
 def outcome_result(kind: str, t: float, out: Outcome) -> Result:
-    """A streamed completion (faults.stream_request) as a Result."""
+    """A streamed completion (stream.stream_request) as a Result."""
     r = Result(kind, out.adapter, t, "ok", out.status, seconds=out.end_s or 0.0)
     v = out.verdict
     if v == "disconnected":
@@ -301,3 +302,21 @@ def figures(samples: Sequence[Sample], results: Sequence[Result]) -> str:
                            + [["all", *(sum(counts.get((k, v), 0) for k in kinds)
                                         for v in verdicts)]])
     return f"{table}\n\n{by_kind}"
+
+
+def write_outputs(out: Path, samples: Sequence[Sample], results: Sequence[Result],
+                  checks: Sequence[Check], rss_tolerance: float, header: str,
+                  record: dict[str, Any]) -> str:
+    """soak.csv, soak.png and soak.json (`record`, the checks and every request) in `out`;
+    returns the report: `header`, the figures, the checks and where the files are."""
+    write_csv(samples, out / "soak.csv")
+    write_plot(samples, rss_tolerance, out / "soak.png")
+    (out / "soak.json").write_text(json.dumps({
+        **record, "checks": [asdict(c) for c in checks],
+        "results": [asdict(r) for r in results]}, indent=1))
+    table = format_table(["check", "passed", "detail"],
+                         [[c.name, "yes" if c.ok else "NO", c.detail.replace("\n", " |")]
+                          for c in checks])
+    return "\n".join([header, "", figures(samples, results), "", table, "",
+                      f"Samples: {out / 'soak.csv'}; plot: {out / 'soak.png'}; requests and "
+                      f"checks: {out / 'soak.json'}"])

@@ -333,8 +333,8 @@ class _Checkpoint:
     adapter manager loads beside the running engine, and that time, mostly spent holding the
     GIL, is taken from the batch. So safetensors checks the header (offsets, sizes, dtypes), one
     read brings the bytes in, a module's experts become one view where they lie back to back,
-    and the whole-file checks (finite values, twin copies) run on the bytes. Making every tensor
-    with safetensors' loader took 160-380 ms per such adapter here; this takes 60-100 ms.
+    and the whole-file checks (finite values, twin copies) run on the bytes: a fraction of the
+    time making every tensor with safetensors' loader took (docs/benchmarks.md section 7).
     """
 
     def __init__(self, path: Path):

@@ -31,8 +31,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 
 def resolve_dtype(dtype: str, device_type: str) -> str:
     """The dtype `dtype` means on a device type, for both engines (goat-serve's and vLLM's):
-    auto is float32 on the CPU (bfloat16 matmuls are ~100x slower there without AVX-512 BF16,
-    and answers then differ from float32's) and bfloat16 on CUDA."""
+    auto is float32 on the CPU (without AVX-512 BF16, bfloat16 matmuls are far slower there,
+    docs/benchmarks.md, and answers then differ from float32's) and bfloat16 on CUDA."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
     if dtype == "auto":

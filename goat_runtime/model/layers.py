@@ -12,17 +12,17 @@ from goat_runtime.engine.context import get_step_context
 from goat_runtime.model.config import RopeConfig
 from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora, paged_decode_attention
 
-# Up to this many rows (tokens), fp32 linears on the CPU go through oneDNN: measured here
-# (SmolLM2 shapes, 2 threads), it is 1.1-2x faster than the default MKL GEMM at decode batch
-# sizes (2x on the 49152-row lm_head at 32 tokens) and up to 15% slower beyond about 256 rows.
+# Up to this many rows (tokens), fp32 linears on the CPU go through oneDNN: it beats the default
+# MKL GEMM at decode batch sizes and loses to it beyond about 256 rows (figures in
+# docs/benchmarks.md, "Figures behind defaults").
 ONEDNN_MAX_ROWS = 256
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 # oneDNN (and ideep above it) cache a compiled primitive per distinct input shape, up to 1024
 # each, and what a primitive holds stays in the process: on a server, whose row counts are the
-# step's token counts, RSS climbed by ~1 MB per new row count (tiny fixture) and, with SmolLM2,
-# for ~15 minutes of mixed traffic (docs/benchmarks.md section 4). So rows are padded up to one
+# step's token counts, RSS climbed with every new row count until those caches were full
+# (docs/benchmarks.md section 4). So rows are padded up to one
 # of ROW_BUCKETS counts: every count up to 16 (decode batches, no padding), then 8 per octave
 # (at most 1/8 extra rows), 48 shapes per linear in all, reached in the server's warm-up.
 _EXACT_ROWS = 16
@@ -47,9 +47,9 @@ def _onednn_rows(x: torch.Tensor) -> bool:
 def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
     """A copy of weight [d_out, d_in] in oneDNN's blocked layout for `fast_linear`, or None
     where oneDNN does not serve it (not fp32 on the CPU). Given the plain weight, oneDNN works
-    from that layout on every call; packed, a SmolLM2-135M decode step's linears take 27 %
-    less time at 12 sequences and 18 % less at 32 (`benchmarks/bench_model_step.py`, 2
-    threads). A copy, not a view: it does not see later writes to `weight`."""
+    from that layout on every call; packed, a decode step's linears take less time
+    (`python -m benchmarks.bench_model_step`; figures in docs/benchmarks.md). A copy, not a
+    view: it does not see later writes to `weight`."""
     if not (_HAS_ONEDNN and weight.is_cpu and weight.dtype == torch.float32):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)

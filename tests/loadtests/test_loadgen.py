@@ -32,9 +32,9 @@ from loadtests.loadgen import (
     endpoint_url,
     main,
     run_load,
-    send_request,
 )
 from loadtests.report import RequestRecord, percentile, summarize
+from loadtests.stream import send_request
 from loadtests.workload import AdapterChooser, LengthDist, Workload, arrival_offsets
 
 TOKEN_DELAY_S = 0.003

@@ -3,7 +3,9 @@ stock vLLM with the same threads and to goat-serve's own engine."""
 
 from types import SimpleNamespace
 
-from loadtests.side_by_side import CaseResult, parse_args, ratio_table, vllm_thread_env
+from loadtests.side_by_side import parse_args
+from loadtests.side_by_side_report import CaseResult, ratio_table
+from loadtests.vllm_server import vllm_thread_env
 
 
 def _result(key: str, threads: str, tokens_per_s: float) -> CaseResult:

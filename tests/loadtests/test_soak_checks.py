@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from loadtests.common import proc_sample
-from loadtests.faults import Outcome
 from loadtests.soak import prepare_adapters
 from loadtests.soak_checks import (
     WANTED,
@@ -29,6 +28,7 @@ from loadtests.soak_checks import (
     rss_return,
     rss_trend,
 )
+from loadtests.stream import Outcome
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "goat-peft-tiny"
 
