@@ -30,10 +30,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Returns [S, H, head_dim] in q's dtype.
     """
     if q.is_cpu:
-        from goat_runtime import _C
+        from goat_runtime._C import paged_decode_attention as paged_decode_attention_cpu
 
-        return _C.paged_decode_attention(q.contiguous(), k_cache, v_cache, block_tables,
-                                         context_lens, scale, sliding_window or 0)
+        return paged_decode_attention_cpu(q.contiguous(), k_cache, v_cache, block_tables,
+                                          context_lens, scale, sliding_window or 0)
     if q.is_cuda:
         from goat_runtime.ops.triton_attention import paged_decode_attention_triton
 

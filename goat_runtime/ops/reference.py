@@ -2,6 +2,8 @@
 
 import torch
 
+from goat_runtime.ops.routed_lora import RoutedLoRAWeights
+
 
 def gate_from_logits(logits: torch.Tensor, num_experts: int, top_k: int, expert_rank: int,
                      num_value_rows: int) -> torch.Tensor:
@@ -26,7 +28,8 @@ def gate_from_logits(logits: torch.Tensor, num_experts: int, top_k: int, expert_
 
 
 def add_routed_lora_reference(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
-                              weights, expert_counts: torch.Tensor | None = None) -> None:
+                              weights: RoutedLoRAWeights,
+                              expert_counts: torch.Tensor | None = None) -> None:
     """Semantics: y[t] += X[a] (gate(G[a] x[t]) * h) with h = S[a] x[t], a = token_slots[t], per
     slice (G: the float32 router); tokens with slot -1 are left alone; expert_counts[a, e] +=
     chosen (token, slice) pairs. Shapes as in `add_routed_lora`. fp32 math."""

@@ -82,7 +82,7 @@ def add_routed_lora(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
 
         add_routed_lora_triton(y, x, token_slots, weights, expert_counts=expert_counts)
     else:
-        from goat_runtime import _C
+        from goat_runtime._C import add_routed_lora as add_routed_lora_cpu
 
-        _C.add_routed_lora(y, x, token_slots, weights.shrink, weights.router, weights.expand,
-                           weights.slice_meta, list(weights.out_offsets), expert_counts)
+        add_routed_lora_cpu(y, x, token_slots, weights.shrink, weights.router, weights.expand,
+                            weights.slice_meta, list(weights.out_offsets), expert_counts)

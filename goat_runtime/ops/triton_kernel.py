@@ -347,13 +347,23 @@ def _offsets_tensor(out_offsets: tuple[int, ...], device: torch.device) -> torch
 
 
 def _block(size: int, cap: int) -> int:
-    return max(1, min(triton.next_power_of_2(max(size, 1)), cap))
+    return max(1, min(int(triton.next_power_of_2(max(size, 1))), cap))
 
 
 def _validate(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
               weights: RoutedLoRAWeights) -> None:
-    shrink, router, expand = weights.shrink, weights.router, weights.expand
-    meta = weights.slice_meta
+    _validate_tokens(y, x, token_slots)
+    _validate_weights(y, x, weights)
+    tensors = {"y": y, "x": x, "token_slots": token_slots, "shrink": weights.shrink,
+               "router": weights.router, "expand": weights.expand,
+               "slice_meta": weights.slice_meta}
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"all tensors must be on one device; got {devices}")
+
+
+def _validate_tokens(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor) -> None:
+    """y, x and token_slots: shapes and dtypes."""
     if x.dim() != 2 or y.dim() != 2:
         raise ValueError(f"x and y must be 2-D [T, d]; got x {tuple(x.shape)}, "
                          f"y {tuple(y.shape)}")
@@ -367,6 +377,12 @@ def _validate(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
                          f"{tuple(token_slots.shape)}")
     if token_slots.dtype != torch.int32:
         raise ValueError(f"token_slots must be int32; got {token_slots.dtype}")
+
+
+def _validate_weights(y: torch.Tensor, x: torch.Tensor, weights: RoutedLoRAWeights) -> None:
+    """The stacked weights against each other and against x and y (checked already)."""
+    shrink, router, expand = weights.shrink, weights.router, weights.expand
+    meta = weights.slice_meta
     if shrink.dim() != 4 or router.dim() != 4 or expand.dim() != 3 or meta.dim() != 3:
         raise ValueError(
             f"weights must be shrink [slots, slices, R, d_in], router [slots, slices, E_max, "
@@ -399,11 +415,6 @@ def _validate(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
             or any(b < a for a, b in itertools.pairwise(offsets))):
         raise ValueError(f"out_offsets must be {num_slices + 1} non-decreasing column offsets "
                          f"from 0 to d_out = {y.shape[1]}; got {offsets}")
-    tensors = {"y": y, "x": x, "token_slots": token_slots, "shrink": shrink, "router": router,
-               "expand": expand, "slice_meta": meta}
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"all tensors must be on one device; got {devices}")
 
 
 def add_routed_lora_triton(y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor,
