@@ -166,7 +166,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     if hasattr(config, "_model_name_or_path"):  # the GGUF's general.name, not a repository
         del config._model_name_or_path
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # transformers leaves _BaseAutoModelClass.from_config unannotated.
+        model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
     model.tie_weights()
     model.generation_config = gguf_model.generation_config

@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -186,7 +187,11 @@ def load_adapter(path: str | Path, base_linears: dict[str, tuple[int, int]], *,
         base_model_name_or_path=str(config.get("base_model_name_or_path") or ""))
 
 
-def _read_config(path: Path) -> dict:
+# An adapter_config.json as json.loads reads it.
+_Config = dict[str, Any]
+
+
+def _read_config(path: Path) -> _Config:
     if not path.is_dir():
         raise AdapterError(f"{path}: adapter directory not found")
     config_file = path / CONFIG_FILE
@@ -201,7 +206,7 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _check_options(config: dict, config_file: Path, peft_type: str) -> None:
+def _check_options(config: _Config, config_file: Path, peft_type: str) -> None:
     for key, allowed in _UNSUPPORTED_OPTIONS.items():
         value = config.get(key)
         if value not in allowed and not (value == {} and None in allowed):
@@ -214,30 +219,35 @@ def _check_options(config: dict, config_file: Path, peft_type: str) -> None:
             raise AdapterError(f"{config_file}: {key} must be a positive number, found {value!r}")
     _check_init(config.get("init_lora_weights", True), config_file, peft_type)
     if peft_type == "GOAT":
-        if config.get("use_rslora"):
-            raise AdapterError(f"{config_file}: use_rslora is not supported for GOAT adapters "
-                               f"(the GOAT scale is lora_alpha / expert rank)")
-        for key in ("rank_pattern", "alpha_pattern"):
-            if config.get(key):
-                raise AdapterError(f"{config_file}: {key} is not supported for GOAT adapters")
-        num_experts, top_k = config.get("num_experts"), config.get("top_k")
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise AdapterError(
-                f"{config_file}: num_experts must be a positive integer, found {num_experts!r}")
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise AdapterError(
-                f"{config_file}: top_k must be an integer in [1, num_experts={num_experts}], "
-                f"found {top_k!r}")
-        if config["r"] % num_experts:
-            raise AdapterError(f"{config_file}: r={config['r']} is not divisible by "
-                               f"num_experts={num_experts}")
-        if config.get("init_type") not in GOAT_INIT_TYPES:
-            raise AdapterError(
-                f"{config_file}: init_type {config.get('init_type')!r} is not supported "
-                f"(supported: {', '.join(GOAT_INIT_TYPES)})")
-        if not isinstance(config.get("init_cof"), int | float):
-            raise AdapterError(
-                f"{config_file}: init_cof must be a number, found {config.get('init_cof')!r}")
+        _check_goat_options(config, config_file)
+
+
+def _check_goat_options(config: _Config, config_file: Path) -> None:
+    """What a GOAT config needs beyond a LoRA one (r and lora_alpha are checked already)."""
+    if config.get("use_rslora"):
+        raise AdapterError(f"{config_file}: use_rslora is not supported for GOAT adapters "
+                           f"(the GOAT scale is lora_alpha / expert rank)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise AdapterError(f"{config_file}: {key} is not supported for GOAT adapters")
+    num_experts, top_k = config.get("num_experts"), config.get("top_k")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise AdapterError(
+            f"{config_file}: num_experts must be a positive integer, found {num_experts!r}")
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise AdapterError(
+            f"{config_file}: top_k must be an integer in [1, num_experts={num_experts}], "
+            f"found {top_k!r}")
+    if config["r"] % num_experts:
+        raise AdapterError(f"{config_file}: r={config['r']} is not divisible by "
+                           f"num_experts={num_experts}")
+    if config.get("init_type") not in GOAT_INIT_TYPES:
+        raise AdapterError(
+            f"{config_file}: init_type {config.get('init_type')!r} is not supported "
+            f"(supported: {', '.join(GOAT_INIT_TYPES)})")
+    if not isinstance(config.get("init_cof"), int | float):
+        raise AdapterError(
+            f"{config_file}: init_cof must be a number, found {config.get('init_cof')!r}")
 
 
 def _check_init(init: object, config_file: Path, peft_type: str) -> None:
@@ -260,7 +270,7 @@ def _check_init(init: object, config_file: Path, peft_type: str) -> None:
         f"not have; {how}")
 
 
-def _module_matches(spec: str | list, module: str) -> bool:
+def _module_matches(spec: str | list[str], module: str) -> bool:
     """PEFT's rule for target_modules and exclude_modules: a string is a regular expression
     the whole module name must match; a list matches a module named exactly as an entry or
     ending in '.' + an entry."""
@@ -269,7 +279,7 @@ def _module_matches(spec: str | list, module: str) -> bool:
     return any(module == name or module.endswith("." + name) for name in spec)
 
 
-def _modules_option(config: dict, config_file: Path, key: str) -> str | list[str] | None:
+def _modules_option(config: _Config, config_file: Path, key: str) -> str | list[str] | None:
     """target_modules / exclude_modules: a regex string, a list of names, or None."""
     value = config.get(key)
     if value is None or isinstance(value, str) or (
@@ -285,14 +295,14 @@ def _modules_option(config: dict, config_file: Path, key: str) -> str | list[str
                        f"string, found {value!r}")
 
 
-def _excluded_modules(config: dict, config_file: Path,
+def _excluded_modules(config: _Config, config_file: Path,
                       base_linears: dict[str, tuple[int, int]]) -> set[str]:
     """The base Linear layers the config's exclude_modules keeps unadapted."""
     exclude = _modules_option(config, config_file, "exclude_modules")
     return {m for m in base_linears if exclude and _module_matches(exclude, m)}
 
 
-def _match_targets(config: dict, config_file: Path,
+def _match_targets(config: _Config, config_file: Path,
                    base_linears: dict[str, tuple[int, int]]) -> list[str]:
     """The base Linear layers the adapter adapts, by PEFT's rule: those target_modules matches
     that exclude_modules does not."""
@@ -422,8 +432,10 @@ def _check(tensors: _Checkpoint, weights_file: Path, key: str, shape: tuple[int,
                            f"expected {list(shape)}")
 
 
-def _goat_layers(config, config_file, weights_file, tensors, targets, base_linears,
-                 scale_override) -> tuple[dict[str, AdaptedLinear], InitSignature]:
+def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors: _Checkpoint,
+                 targets: list[str], base_linears: dict[str, tuple[int, int]],
+                 scale_override: float | None
+                 ) -> tuple[dict[str, AdaptedLinear], InitSignature]:
     rank, num_experts, top_k = config["r"], config["num_experts"], config["top_k"]
     expert_rank = rank // num_experts
     init_type = config["init_type"]
@@ -465,7 +477,7 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / (math.sqrt(rank) if use_rslora else rank)
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def _pattern_value(patterns: dict[str, object], module: str, default: object) -> object:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the module's name."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?{key}$", module):
@@ -473,8 +485,9 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _lora_layers(config, config_file, weights_file, tensors, targets, base_linears,
-                 scale_override) -> dict[str, AdaptedLinear]:
+def _lora_layers(config: _Config, config_file: Path, weights_file: Path, tensors: _Checkpoint,
+                 targets: list[str], base_linears: dict[str, tuple[int, int]],
+                 scale_override: float | None) -> dict[str, AdaptedLinear]:
     layers = {}
     for module in targets:
         d_out, d_in = base_linears[module]
@@ -483,6 +496,9 @@ def _lora_layers(config, config_file, weights_file, tensors, targets, base_linea
         if not isinstance(rank, int) or rank < 1:
             raise AdapterError(f"{config_file}: rank for {module} must be a positive integer, "
                                f"found {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
+            raise AdapterError(f"{config_file}: lora_alpha for {module} must be a positive "
+                               f"number, found {alpha!r}")
         scale = scale_override if scale_override is not None else lora_scale(
             alpha, rank, bool(config.get("use_rslora")))
         prefix = KEY_PREFIX + module

@@ -49,14 +49,14 @@ def write_slot(weights: RoutedLoRAWeights, slot: int,
     clear_slot(weights, slot)
     for s, (delta, static) in enumerate(zip(deltas, statics, strict=True)):
         blocks = []
+        router, top_k, expert_rank = None, 0, 0
         if delta is not None:
             blocks.append((delta.lora_a, delta.scale * delta.lora_b))
+            if delta.router is not None:
+                router, top_k, expert_rank = delta.router, delta.top_k, delta.expert_rank
         if static is not None:
             blocks.append(static)
-        router = delta.router if delta is not None else None
-        write_slice(weights, slot, s, blocks, router,
-                    delta.top_k if router is not None else 0,
-                    delta.expert_rank if router is not None else 0)
+        write_slice(weights, slot, s, blocks, router, top_k, expert_rank)
 
 
 def write_slice(weights: RoutedLoRAWeights, slot: int, s: int,

@@ -134,7 +134,7 @@ class StaticComponents:
 
     def original_weight(self, module: str) -> torch.Tensor:
         weight = self.weights[module].float()
-        if module in self.merged_modules:
+        if self.merged is not None and module in self.merged_modules:
             c, d = self._memory[self.merged][module]
             weight = weight - d.to(weight.device) @ c.to(weight.device)
         return weight

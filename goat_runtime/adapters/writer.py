@@ -38,6 +38,9 @@ def save_adapter(path: str | Path, layers: Mapping[str, AdaptedLinear], *, kind:
             tensors[f"{prefix}.lora_A.weight"] = a
             tensors[f"{prefix}.lora_B.weight"] = b
             continue
+        if layer.router is None:
+            raise ValueError(f"layer {module} is a plain LoRA delta (no router); kind 'goat' "
+                             f"needs GOAT layers")
         er = layer.expert_rank
         for e in range(layer.num_experts):
             a_e = a[e * er : (e + 1) * er].clone()

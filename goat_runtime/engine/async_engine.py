@@ -11,6 +11,7 @@ for a supervisor to restart it (server/cli.py).
 """
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -32,6 +33,9 @@ from goat_runtime.engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# What a request's stream receives from the engine thread: its outputs, or the error that ends it.
+_StreamItem = RequestOutput | BaseException
+
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, listener: EngineListener | None = None):
@@ -40,9 +44,10 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.base_name = config.base_name
         self.max_model_len = self.engine.max_model_len
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop,
+                                       asyncio.Queue[_StreamItem]]] = {}
         self._unloading: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -119,7 +124,7 @@ class AsyncEngine:
                 return
             command()
 
-    def _post(self, command: Callable[[], None]) -> None:
+    def _post(self, command: Callable[[], object]) -> None:
         self._commands.put(command)
         self._wake.set()
 
@@ -136,33 +141,15 @@ class AsyncEngine:
                        params: SamplingParams,
                        adapter: str | None = None) -> AsyncGenerator[RequestOutput, None]:
         """Stream a request's outputs; closing the stream early aborts the request."""
-        if self._error is not None:
-            raise self._dead_error(status=503)
-        if not self._accepting or not self.is_alive:
-            raise EngineError("The server is shutting down.", status=503)
-        if adapter in self._unloading:
-            raise EngineError(f"The model `{adapter}` does not exist.", status=404)
-        self.engine.check_request(prompt_token_ids, params, adapter)
-        if request_id in self._streams:
-            raise EngineError(f"Request id {request_id!r} is already running.", status=400)
+        self._check_new_request(request_id, prompt_token_ids, params, adapter)
         loop = asyncio.get_running_loop()
-        stream: asyncio.Queue = asyncio.Queue()
+        stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
         self._streams[request_id] = (loop, stream)
         if self._error is not None:  # died since the check above: its handler may miss us
             self._streams.pop(request_id, None)
             raise self._dead_error()
-
-        def add() -> None:
-            try:
-                self.engine.add_request(request_id, prompt_token_ids, params, adapter)
-            except Exception as exc:
-                loop.call_soon_threadsafe(stream.put_nowait, exc)
-                return
-            future = self.engine.adapters.request_load(adapter) if adapter else None
-            if future is not None:
-                future.add_done_callback(lambda _: self._wake.set())
-
-        self._post(add)
+        self._post(functools.partial(self._add_request, request_id, prompt_token_ids, params,
+                                     adapter, loop, stream))
         finished = False
         try:
             while True:
@@ -181,6 +168,33 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self._post(lambda: self.engine.abort(request_id))
+
+    def _check_new_request(self, request_id: str, prompt_token_ids: list[int],
+                           params: SamplingParams, adapter: str | None) -> None:
+        """Raise EngineError for a request that cannot be accepted now."""
+        if self._error is not None:
+            raise self._dead_error(status=503)
+        if not self._accepting or not self.is_alive:
+            raise EngineError("The server is shutting down.", status=503)
+        if adapter in self._unloading:
+            raise EngineError(f"The model `{adapter}` does not exist.", status=404)
+        self.engine.check_request(prompt_token_ids, params, adapter)
+        if request_id in self._streams:
+            raise EngineError(f"Request id {request_id!r} is already running.", status=400)
+
+    def _add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     adapter: str | None, loop: asyncio.AbstractEventLoop,
+                     stream: asyncio.Queue[_StreamItem]) -> None:
+        """On the engine thread: add the request (an error goes to its stream) and wake the
+        loop when its adapter has loaded."""
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params, adapter)
+        except Exception as exc:
+            loop.call_soon_threadsafe(stream.put_nowait, exc)
+            return
+        future = self.engine.adapters.request_load(adapter) if adapter else None
+        if future is not None:
+            future.add_done_callback(lambda _: self._wake.set())
 
     def abort(self, request_id: str) -> None:
         entry = self._streams.pop(request_id, None)

@@ -96,7 +96,10 @@ class EngineConfig:
     def torch_dtype(self) -> "torch.dtype":
         import torch
 
-        return getattr(torch, resolve_dtype(self.dtype, self.torch_device.type))
+        dtype = getattr(torch, resolve_dtype(self.dtype, self.torch_device.type))
+        if not isinstance(dtype, torch.dtype):  # resolve_dtype names only torch dtypes
+            raise TypeError(f"torch.{dtype} is not a dtype")
+        return dtype
 
     @property
     def base_name(self) -> str:

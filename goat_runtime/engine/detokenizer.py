@@ -86,8 +86,11 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         # No clean-up of tokenization spaces: it rewrites text across token boundaries (" ." ->
         # "."), so windows would not add up to the whole.
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens,
+        text = self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens,
                                       clean_up_tokenization_spaces=False)
+        if not isinstance(text, str):  # decode returns a list only for a batch of sequences
+            raise TypeError(f"the tokenizer decoded one sequence into {type(text).__name__}")
+        return text
 
     def _decode_new(self, final: bool) -> str:
         """The text of the tokens after the read offset, once it is complete (or final)."""

@@ -5,10 +5,12 @@ in one forward pass; the step context carries each token's adapter slot to the r
 Everything here runs on one thread (the async front's engine thread, or a test's).
 """
 
+import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from collections.abc import Sequence as Seq
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
@@ -30,6 +32,7 @@ from goat_runtime.engine.outputs import (
     EngineError,
     EngineListener,
     RequestOutput,
+    TokenLogprobs,
     check_prompt,
 )
 from goat_runtime.engine.request import Request, Sequence, SequenceStatus
@@ -48,8 +51,10 @@ from goat_runtime.model import load_model
 logger = logging.getLogger(__name__)
 
 # How a step's faults are narrowed down: by adapter, then by request (faults.run_isolated).
-_SCHEDULED_KEYS = (lambda i: i.seq.adapter or "", lambda i: i.seq.request.request_id)
-_SEQUENCE_KEYS = (lambda s: s.adapter or "", lambda s: s.request.request_id)
+_SCHEDULED_KEYS: tuple[Callable[[ScheduledSeq], Hashable], ...] = (
+    lambda i: i.seq.adapter or "", lambda i: i.seq.request.request_id)
+_SEQUENCE_KEYS: tuple[Callable[[Sequence], Hashable], ...] = (
+    lambda s: s.adapter or "", lambda s: s.request.request_id)
 
 # Prompt positions whose logits exist at once when prompt logprobs are computed (64 rows of a
 # 49k vocabulary: 12.6 MB of float32, and as much again for their log-softmax).
@@ -97,7 +102,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}
 
-    def _adapter_candidates(self) -> list:
+    def _adapter_candidates(self) -> list[tuple[str, Path]]:
         candidates = list(self.config.adapters.items())
         if self.config.adapter_dir is not None and self.config.adapter_dir.is_dir():
             candidates += [(p.name, p) for p in sorted(self.config.adapter_dir.iterdir())
@@ -185,42 +190,50 @@ class LLMEngine:
              failures: dict[str, Exception]) -> dict[str, list[CompletionDelta]]:
         """Forward, sample and append the step's tokens; a fault is charged to the requests it
         happens for (added to `failures`), and the others go on (faults.py)."""
-        def charge(request_ids: Iterable[str], exc: Exception) -> None:
-            for request_id in request_ids:
-                failures.setdefault(request_id, exc)
-
         deltas: dict[str, list[CompletionDelta]] = {}
         for group, (logits, rows) in run_isolated(
                 scheduled, self._forward, _SCHEDULED_KEYS,
-                lambda items, exc: charge((i.seq.request.request_id for i in items), exc)):
-            sampled: list[Sequence] = []
-            for item in group:
-                try:
-                    self.scheduler.computed(item)
-                except Exception as exc:  # charged to this request
-                    charge([item.seq.request.request_id], exc)
-                if item.seq.num_computed_tokens == item.seq.num_tokens:
-                    sampled.append(item.seq)
-            sampled = [s for s in sampled if s.request.request_id not in failures]
-            if not sampled:
-                continue
-            for seqs, result in run_isolated(
-                    sampled, lambda seqs, logits=logits, rows=rows: self._sample(logits, rows,
-                                                                                 seqs),
-                    _SEQUENCE_KEYS,
-                    lambda seqs, exc: charge((s.request.request_id for s in seqs), exc)):
-                for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
-                    request_id = seq.request.request_id
-                    if request_id in failures:
-                        continue
-                    try:
-                        delta = self._append(seq, token, lp)
-                    except Exception as exc:  # charged to this request
-                        charge([request_id], exc)
-                        continue
-                    if delta is not None:
-                        deltas.setdefault(request_id, []).append(delta)
+                lambda items, exc: _charge(failures, (i.seq.request.request_id for i in items),
+                                           exc)):
+            sampled = [s for s in self._mark_computed(group, failures)
+                       if s.request.request_id not in failures]
+            if sampled:
+                self._sample_and_append(sampled, logits, rows, failures, deltas)
         return deltas
+
+    def _mark_computed(self, group: list[ScheduledSeq],
+                       failures: dict[str, Exception]) -> list[Sequence]:
+        """Tell the scheduler the group's tokens are computed; returns the sequences that now
+        have all their tokens computed (to be sampled)."""
+        complete: list[Sequence] = []
+        for item in group:
+            try:
+                self.scheduler.computed(item)
+            except Exception as exc:  # charged to this request
+                _charge(failures, [item.seq.request.request_id], exc)
+            if item.seq.num_computed_tokens == item.seq.num_tokens:
+                complete.append(item.seq)
+        return complete
+
+    def _sample_and_append(self, sampled: list[Sequence], logits: torch.Tensor,
+                           rows: dict[int, int], failures: dict[str, Exception],
+                           deltas: dict[str, list[CompletionDelta]]) -> None:
+        """Sample the sequences' next tokens from their logits rows and append them, adding
+        each sequence's delta to `deltas`; faults are charged as in _run."""
+        for seqs, result in run_isolated(
+                sampled, functools.partial(self._sample, logits, rows), _SEQUENCE_KEYS,
+                lambda seqs, exc: _charge(failures, (s.request.request_id for s in seqs), exc)):
+            for seq, token, lp in zip(seqs, result.token_ids, result.logprobs, strict=True):
+                request_id = seq.request.request_id
+                if request_id in failures:
+                    continue
+                try:
+                    delta = self._append(seq, token, lp)
+                except Exception as exc:  # charged to this request
+                    _charge(failures, [request_id], exc)
+                    continue
+                if delta is not None:
+                    deltas.setdefault(request_id, []).append(delta)
 
     def _sample(self, logits: torch.Tensor, rows: dict[int, int],
                 seqs: list[Sequence]) -> SampledTokens:
@@ -293,8 +306,8 @@ class LLMEngine:
         with step_context(ctx):
             hidden = self.model(ids, positions)
             logits = self.model.compute_logits(hidden)
-        if ctx.expert_counts is not None:
-            self._report_expert_counts(ctx.expert_counts.cpu(), slots)
+        if ctx.expert_counts is not None and self.listener is not None:
+            _report_expert_counts(self.listener, ctx.expert_counts.cpu(), slots)
         for request, first, start, count in prompt_chunks:
             self._add_prompt_logprobs(request, hidden[first : first + count], start)
         return logits, rows
@@ -316,11 +329,6 @@ class LLMEngine:
         if len(entries) == len(prompt):
             request.prompt_logprobs = entries
 
-    def _report_expert_counts(self, counts: torch.Tensor, slots: dict[str | None, int]) -> None:
-        for name, slot in slots.items():
-            if name is not None and counts[slot].any():
-                self.listener.on_expert_selections(name, counts[slot].tolist())
-
     @staticmethod
     def _wants_prompt_logprobs(seq: Sequence) -> bool:
         request = seq.request
@@ -328,32 +336,37 @@ class LLMEngine:
                 and request.prompt_logprobs is None
                 and seq.num_computed_tokens < len(request.prompt_token_ids))
 
-    def _append(self, seq: Sequence, token: int, logprobs) -> CompletionDelta | None:
+    def _append(self, seq: Sequence, token: int,
+                logprobs: TokenLogprobs | None) -> CompletionDelta | None:
         """Add a sampled token; returns the sequence's delta (None while its text is held)."""
-        request, params = seq.request, seq.request.params
+        request, params, detokenizer = seq.request, seq.request.params, seq.detokenizer
+        if detokenizer is None:
+            raise RuntimeError(f"sequence {seq.index} of request {request.request_id} has no "
+                               f"detokenizer (add_request attaches one)")
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         seq.output_token_ids.append(token)
-        finish, stop_reason = None, None
+        finish: str | None = None
+        stop_reason: str | int | None = None
         if token in params.stop_token_ids:
             finish, stop_reason = "stop", token
         elif token in self.eos_token_ids and not params.ignore_eos:
             finish = "stop"
         if finish is None:
-            text = seq.detokenizer.add([token])
-            if seq.detokenizer.stop_reason is not None:  # the stop string is not emitted
-                finish, stop_reason = "stop", seq.detokenizer.stop_reason
+            text = detokenizer.add([token])
+            if detokenizer.stop_reason is not None:  # the stop string is not emitted
+                finish, stop_reason = "stop", detokenizer.stop_reason
             elif (len(seq.output_token_ids) >= params.max_tokens
                   or seq.num_tokens >= self.max_model_len):
                 finish = "length"
-                text += seq.detokenizer.finish()
+                text += detokenizer.finish()
         else:  # a stop token or EOS: in token_ids, not in the text
-            text = seq.detokenizer.finish()
+            text = detokenizer.finish()
         if finish is not None:
             seq.finish_reason, seq.stop_reason = finish, stop_reason
             self.scheduler.finish(seq)
         return CompletionDelta(seq.index, text, [token],
-                               [logprobs] if params.logprobs is not None else None,
+                               [logprobs] if logprobs is not None else None,
                                finish, stop_reason)
 
     def _output(self, request: Request, deltas: list[CompletionDelta],
@@ -386,7 +399,9 @@ class LLMEngine:
         outputs = []
         for request in list(self.requests.values()):
             name = request.adapter
-            status = self.adapters.status(name) if name is not None else "ready"
+            if name is None:  # the base model is always there
+                continue
+            status = self.adapters.status(name)
             if status not in ("failed", "unknown"):
                 continue
             if any(s.status is SequenceStatus.RUNNING for s in request.sequences):
@@ -406,3 +421,16 @@ class LLMEngine:
         """(running sequences, waiting sequences, KV cache usage)."""
         used = 1.0 - self.allocator.num_free / self.num_blocks
         return len(self.scheduler.running), len(self.scheduler.waiting), used
+
+
+def _charge(failures: dict[str, Exception], request_ids: Iterable[str], exc: Exception) -> None:
+    """Charge a fault to these requests (a request keeps the first fault charged to it)."""
+    for request_id in request_ids:
+        failures.setdefault(request_id, exc)
+
+
+def _report_expert_counts(listener: EngineListener, counts: torch.Tensor,
+                          slots: dict[str | None, int]) -> None:
+    for name, slot in slots.items():
+        if name is not None and counts[slot].any():
+            listener.on_expert_selections(name, counts[slot].tolist())

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from goat_runtime.engine.detokenizer import IncrementalDetokenizer
+from goat_runtime.engine.outputs import TokenLogprobs
 from goat_runtime.engine.sampling import SamplingParams
 
 
@@ -29,9 +31,10 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     sequences: list["Sequence"] = field(default_factory=list)
-    prompt_logprobs: list | None = None  # set once the whole prompt has been computed
+    # Set once the whole prompt has been computed.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
     # Prompt logprobs so far (None for the first token), filled chunk by chunk.
-    prompt_entries: list = field(default_factory=lambda: [None])
+    prompt_entries: list[TokenLogprobs | None] = field(default_factory=lambda: [None])
     prompt_logprobs_sent: bool = False
     aborted: bool = False
 
@@ -57,8 +60,7 @@ class Sequence:
     cache_key: str | None = None  # its adapter load's prefix-cache key, fixed at admission
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    detokenizer: object = None  # IncrementalDetokenizer, attached by the engine
-    pending_logprobs: list = field(default_factory=list)  # of tokens not yet emitted
+    detokenizer: IncrementalDetokenizer | None = None  # attached by the engine
     _token_ids: list[int] = field(init=False, repr=False)  # prompt + output, see token_ids
 
     def __post_init__(self) -> None:

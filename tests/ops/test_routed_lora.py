@@ -266,58 +266,47 @@ def call_kernel(y, x, slots, weights, **changes):
 ])
 def test_invalid_inputs_raise(case, message):
     y, x, slots, weights = small_problem()
-    meta = weights.slice_meta.clone()
-    if case == "x_float64":
-        call = lambda: call_kernel(y, x.double(), slots, weights)  # noqa: E731
-    elif case == "y_x_float64":
-        call = lambda: call_kernel(y.double(), x.double(), slots, weights)  # noqa: E731
-    elif case == "slots_int64":
-        call = lambda: call_kernel(y, x, slots.long(), weights)  # noqa: E731
-    elif case == "meta_int64":
-        call = lambda: call_kernel(y, x, slots, weights, slice_meta=meta.long())  # noqa: E731
-    elif case == "weights_dtype_mismatch":
-        call = lambda: call_kernel(  # noqa: E731
-            y, x, slots, weights, expand=weights.expand.bfloat16())
-    elif case == "router_bfloat16":
-        call = lambda: call_kernel(  # noqa: E731
-            y, x, slots, weights, router=weights.router.bfloat16())
-    elif case == "router_shape":
-        call = lambda: call_kernel(  # noqa: E731
-            y, x, slots, weights, router=weights.router[:, :, :, :9].contiguous())
-    elif case == "slot_too_large":
-        call = lambda: call_kernel(y, x, torch.tensor([0, 1, 2, 3, 0, 1], dtype=torch.int32),  # noqa: E731
-                                   weights)
-    elif case == "slot_below_minus_one":
-        call = lambda: call_kernel(y, x, torch.tensor([0, -2, 2, 1, 0, 1], dtype=torch.int32),  # noqa: E731
-                                   weights)
-    elif case == "d_in_mismatch":
-        call = lambda: call_kernel(y, x[:, :9].contiguous(), slots, weights)  # noqa: E731
-    elif case == "d_out_mismatch":
-        call = lambda: call_kernel(y[:, :16].contiguous(), x, slots, weights)  # noqa: E731
-    elif case == "token_count_mismatch":
-        call = lambda: call_kernel(y, x, slots[:5], weights)  # noqa: E731
-    elif case == "y_not_contiguous":
-        wide = torch.zeros(6, 34)
-        call = lambda: call_kernel(wide[:, ::2], x, slots, weights)  # noqa: E731
-    elif case == "top_k_too_large":
-        meta[1, 0, 1] = 5
-        call = lambda: call_kernel(y, x, slots, weights, slice_meta=meta)  # noqa: E731
-    elif case == "top_k_zero":
-        meta[2, 0, 1] = 0
-        call = lambda: call_kernel(y, x, slots, weights, slice_meta=meta)  # noqa: E731
-    elif case == "too_many_experts":
-        meta[0, 1, 0] = 5  # the router has room for 4 rows
-        call = lambda: call_kernel(y, x, slots, weights, slice_meta=meta)  # noqa: E731
-    elif case == "bad_offsets":
-        call = lambda: call_kernel(y, x, slots, weights, out_offsets=(0, 12, 16))  # noqa: E731
-    elif case == "meta_shape":
-        call = lambda: call_kernel(y, x, slots, weights, slice_meta=meta[:, :, :2].contiguous())  # noqa: E731
-    else:
-        raise AssertionError(case)
+    y, x, slots, changes = invalid_arguments(case, y, x, slots, weights)
     before = y.clone()
     with pytest.raises((RuntimeError, ValueError), match=message):
-        call()
+        call_kernel(y, x, slots, weights, **changes)
     assert torch.equal(y, before)  # validation happens before anything is written
+
+
+def invalid_arguments(case, y, x, slots, weights):
+    """The op's arguments made invalid as `case` says: (y, x, token_slots, the weights' fields
+    to replace)."""
+    meta = weights.slice_meta.clone()
+
+    def meta_with(index, value):
+        meta[index] = value
+        return {"slice_meta": meta}
+
+    cases = {
+        "x_float64": lambda: (y, x.double(), slots, {}),
+        "y_x_float64": lambda: (y.double(), x.double(), slots, {}),
+        "slots_int64": lambda: (y, x, slots.long(), {}),
+        "meta_int64": lambda: (y, x, slots, {"slice_meta": meta.long()}),
+        "weights_dtype_mismatch": lambda: (y, x, slots, {"expand": weights.expand.bfloat16()}),
+        "router_bfloat16": lambda: (y, x, slots, {"router": weights.router.bfloat16()}),
+        "router_shape": lambda: (
+            y, x, slots, {"router": weights.router[:, :, :, :9].contiguous()}),
+        "slot_too_large": lambda: (
+            y, x, torch.tensor([0, 1, 2, 3, 0, 1], dtype=torch.int32), {}),
+        "slot_below_minus_one": lambda: (
+            y, x, torch.tensor([0, -2, 2, 1, 0, 1], dtype=torch.int32), {}),
+        "d_in_mismatch": lambda: (y, x[:, :9].contiguous(), slots, {}),
+        "d_out_mismatch": lambda: (y[:, :16].contiguous(), x, slots, {}),
+        "token_count_mismatch": lambda: (y, x, slots[:5], {}),
+        "y_not_contiguous": lambda: (torch.zeros(6, 34)[:, ::2], x, slots, {}),
+        "top_k_too_large": lambda: (y, x, slots, meta_with((1, 0, 1), 5)),
+        "top_k_zero": lambda: (y, x, slots, meta_with((2, 0, 1), 0)),
+        # the router has room for 4 rows
+        "too_many_experts": lambda: (y, x, slots, meta_with((0, 1, 0), 5)),
+        "bad_offsets": lambda: (y, x, slots, {"out_offsets": (0, 12, 16)}),
+        "meta_shape": lambda: (y, x, slots, {"slice_meta": meta[:, :, :2].contiguous()}),
+    }
+    return cases[case]()
 
 
 @pytest.mark.parametrize("popularity", ["distinct", "zipf", "identical"])
