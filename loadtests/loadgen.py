@@ -116,11 +116,19 @@ class LoadConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting."""
+        self._validate_target()
+        self._validate_arrivals()
+        self._validate_adapter_mix()
+        self._validate_bounds()
+
+    def _validate_target(self) -> None:
         check_loopback(self.url)
         if not self.models or any(not m for m in self.models):
             raise ValueError(f"models must be non-empty adapter names, got {self.models!r}")
         if self.endpoint not in _ENDPOINT_PATHS:
             raise ValueError(f"endpoint must be completions or chat, not {self.endpoint!r}")
+
+    def _validate_arrivals(self) -> None:
         if self.rate is None and self.concurrency is None:
             raise ValueError("give a rate (open loop) or a concurrency (closed loop)")
         if self.rate is not None and not self.rate > 0:
@@ -129,12 +137,17 @@ class LoadConfig:
             raise ValueError(f"burstiness must be > 0, got {self.burstiness}")
         if self.concurrency is not None and self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+
+    def _validate_adapter_mix(self) -> None:
         if self.adapter_dist not in ADAPTER_DISTS:
             raise ValueError(
                 f"adapter_dist must be one of {ADAPTER_DISTS}, not {self.adapter_dist!r}"
             )
         if self.zipf_alpha < 0:
             raise ValueError(f"zipf_alpha must be >= 0, got {self.zipf_alpha}")
+
+    def _validate_bounds(self) -> None:
+        """How the run ends: a request count and/or a duration, and the timeouts."""
         if self.num_requests is None and self.duration_s is None:
             raise ValueError("bound the run with num_requests and/or duration_s")
         if self.num_requests is not None and self.num_requests < 1:

@@ -71,64 +71,13 @@ async def send_request(
     """
     start = time.perf_counter()
     record.start_s = start - t0
-    last = start
     try:
         async with asyncio.timeout(timeout_s), client.stream("POST", url, json=body) as response:
             record.status = response.status_code
             if response.status_code != 200:
-                raw = (await response.aread()).decode(errors="replace")
-                try:
-                    message = error_message(json.loads(raw))
-                except ValueError:
-                    message = raw
-                record.error_kind = f"http_{response.status_code}"
-                record.error = message[:500]
+                await _record_refusal(response, record)
                 return
-            done = False
-            events = 0
-            async for data in sse_data(response):
-                events += 1
-                if data == DONE:
-                    done = True
-                    break
-                try:
-                    chunk = json.loads(data)
-                except ValueError:
-                    record.error_kind, record.error = "bad_json", data[:500]
-                    return
-                if not isinstance(chunk, dict):
-                    record.error_kind, record.error = "bad_json", data[:500]
-                    return
-                if chunk.get("error") is not None:
-                    record.error_kind = "stream_error"
-                    record.error = error_message(chunk)[:500]
-                    return
-                if chunk_text(chunk):
-                    now = time.perf_counter()
-                    if record.ttft_s is None:
-                        record.ttft_s = now - start
-                    else:
-                        record.itl_s.append(now - last)
-                    last = now
-                    record.chunks += 1
-                usage = chunk.get("usage")
-                if isinstance(usage, dict):
-                    if usage.get("completion_tokens") is not None:
-                        record.output_tokens = int(usage["completion_tokens"])
-                        record.tokens_from_usage = True
-                    if usage.get("prompt_tokens") is not None:
-                        record.prompt_tokens = int(usage["prompt_tokens"])
-            if not done:
-                record.error_kind = "incomplete_stream"
-                record.error = (
-                    "the stream ended without data: [DONE]"
-                    if events
-                    else "no SSE `data:` events in the response (is streaming supported?)"
-                )
-                return
-            record.e2e_s = time.perf_counter() - start
-            if not record.tokens_from_usage:
-                record.output_tokens = record.chunks
+            await _record_events(response, record, start)
     except (TimeoutError, httpx.TimeoutException) as exc:
         record.error_kind, record.error = "timeout", f"{type(exc).__name__}: {exc}"[:500]
     except httpx.ConnectError as exc:
@@ -137,6 +86,80 @@ async def send_request(
         record.error_kind, record.error = "protocol_error", f"{type(exc).__name__}: {exc}"[:500]
     except httpx.HTTPError as exc:
         record.error_kind, record.error = "client_error", f"{type(exc).__name__}: {exc}"[:500]
+
+
+async def _record_refusal(response: httpx.Response, record: RequestRecord) -> None:
+    """A non-200 answer: http_<status> and the error's message."""
+    raw = (await response.aread()).decode(errors="replace")
+    try:
+        message = error_message(json.loads(raw))
+    except ValueError:
+        message = raw
+    record.error_kind = f"http_{response.status_code}"
+    record.error = message[:500]
+
+
+async def _record_events(response: httpx.Response, record: RequestRecord, start: float) -> None:
+    """Read a 200 answer's stream into `record`: each content chunk's time, the usage, and how
+    it ended (e2e time and output tokens, or the error kind)."""
+    done = False
+    events = 0
+    last = start
+    async for data in sse_data(response):
+        events += 1
+        if data == DONE:
+            done = True
+            break
+        chunk = _chunk_or_error(data, record)
+        if chunk is None:
+            return
+        if chunk_text(chunk):
+            now = time.perf_counter()
+            if record.ttft_s is None:
+                record.ttft_s = now - start
+            else:
+                record.itl_s.append(now - last)
+            last = now
+            record.chunks += 1
+        _record_usage(chunk.get("usage"), record)
+    if not done:
+        record.error_kind = "incomplete_stream"
+        record.error = (
+            "the stream ended without data: [DONE]"
+            if events
+            else "no SSE `data:` events in the response (is streaming supported?)"
+        )
+        return
+    record.e2e_s = time.perf_counter() - start
+    if not record.tokens_from_usage:
+        record.output_tokens = record.chunks
+
+
+def _chunk_or_error(data: str, record: RequestRecord) -> dict[str, Any] | None:
+    """One event's JSON chunk, or None with the error recorded (bad_json, stream_error)."""
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        record.error_kind, record.error = "bad_json", data[:500]
+        return None
+    if not isinstance(chunk, dict):
+        record.error_kind, record.error = "bad_json", data[:500]
+        return None
+    if chunk.get("error") is not None:
+        record.error_kind = "stream_error"
+        record.error = error_message(chunk)[:500]
+        return None
+    return chunk
+
+
+def _record_usage(usage: Any, record: RequestRecord) -> None:
+    """The token counts of a chunk's `usage`, when it has one."""
+    if isinstance(usage, dict):
+        if usage.get("completion_tokens") is not None:
+            record.output_tokens = int(usage["completion_tokens"])
+            record.tokens_from_usage = True
+        if usage.get("prompt_tokens") is not None:
+            record.prompt_tokens = int(usage["prompt_tokens"])
 
 
 # ---- the fault checks' record --------------------------------------------
@@ -202,24 +225,8 @@ async def stream_request(
             if response.status_code != 200:
                 out.error_body = (await response.aread()).decode(errors="replace")[:4000]
                 return out
-            async for data in sse_data(response):
-                if data == DONE:
-                    out.done = True
-                    break
-                chunk = json.loads(data)
-                if chunk.get("error") is not None:
-                    out.error_event = error_message(chunk)
-                    continue
-                if chunk_text(chunk):
-                    out.chunks += 1
-                    if out.ttft_s is None:
-                        out.ttft_s = time.perf_counter() - start
-                for choice in chunk.get("choices") or []:
-                    if choice.get("finish_reason"):
-                        out.finish_reason = choice["finish_reason"]
-                if stop_after_chunks is not None and out.chunks >= stop_after_chunks:
-                    out.disconnected = True
-                    break  # leaving the block closes the connection mid-stream
+            # Returning early leaves the block, which closes the connection mid-stream.
+            await _read_outcome(response, out, start, stop_after_chunks)
     except TimeoutError:
         if stop_after_s is not None and (time.perf_counter() - start) >= stop_after_s - 0.01:
             out.disconnected = True
@@ -230,6 +237,30 @@ async def stream_request(
     finally:
         out.end_s = time.perf_counter() - start
     return out
+
+
+async def _read_outcome(response: httpx.Response, out: Outcome, start: float,
+                        stop_after_chunks: int | None) -> None:
+    """Read a 200 answer's stream into `out`, up to [DONE] or `stop_after_chunks` content
+    chunks (then `out.disconnected`). A chunk that is not JSON raises ValueError."""
+    async for data in sse_data(response):
+        if data == DONE:
+            out.done = True
+            return
+        chunk = json.loads(data)
+        if chunk.get("error") is not None:
+            out.error_event = error_message(chunk)
+            continue
+        if chunk_text(chunk):
+            out.chunks += 1
+            if out.ttft_s is None:
+                out.ttft_s = time.perf_counter() - start
+        for choice in chunk.get("choices") or []:
+            if choice.get("finish_reason"):
+                out.finish_reason = choice["finish_reason"]
+        if stop_after_chunks is not None and out.chunks >= stop_after_chunks:
+            out.disconnected = True
+            return
 
 
 def new_client() -> httpx.AsyncClient:

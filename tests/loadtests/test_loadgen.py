@@ -40,45 +40,47 @@ from loadtests.workload import AdapterChooser, LengthDist, Workload, arrival_off
 TOKEN_DELAY_S = 0.003
 
 
+def _fake_chunk(model: str, text: str, chat: bool) -> str:
+    if chat:
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": None}
+    return "data: " + json.dumps({"model": model, "choices": [choice]}) + "\n\n"
+
+
+async def _fake_events(body: dict, chat: bool) -> AsyncIterator[str]:
+    """The fake server's stream for one request, as its `model` chooses (module docstring)."""
+    model = body["model"]
+    n = int(body.get("max_tokens") or 4)
+    if chat:  # like vLLM: a first chunk with the role and no content
+        yield "data: " + json.dumps({"choices": [{"index": 0, "delta": {"role": "x"}}]})
+        yield "\n\n"
+    if model == "hang":
+        await asyncio.sleep(30)
+    for i in range(n):
+        await asyncio.sleep(TOKEN_DELAY_S)
+        yield _fake_chunk(model, f" t{i}", chat)
+        if model == "fail-mid" and i == 1:
+            yield 'data: {"error": {"message": "engine died", "code": 500}}\n\n'
+            yield "data: [DONE]\n\n"
+            return
+    if not model.startswith("nousage"):
+        usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
+        yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
+    if model != "nodone":
+        yield "data: [DONE]\n\n"
+
+
 def _fake_app() -> FastAPI:
     app = FastAPI()
     app.state.bodies = []
-
-    async def events(body: dict, chat: bool) -> AsyncIterator[str]:
-        model = body["model"]
-        n = int(body.get("max_tokens") or 4)
-
-        def chunk(text: str) -> str:
-            if chat:
-                choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
-            else:
-                choice = {"index": 0, "text": text, "finish_reason": None}
-            return "data: " + json.dumps({"model": model, "choices": [choice]}) + "\n\n"
-
-        if chat:  # like vLLM: a first chunk with the role and no content
-            yield "data: " + json.dumps({"choices": [{"index": 0, "delta": {"role": "x"}}]})
-            yield "\n\n"
-        if model == "hang":
-            await asyncio.sleep(30)
-        for i in range(n):
-            await asyncio.sleep(TOKEN_DELAY_S)
-            yield chunk(f" t{i}")
-            if model == "fail-mid" and i == 1:
-                yield 'data: {"error": {"message": "engine died", "code": 500}}\n\n'
-                yield "data: [DONE]\n\n"
-                return
-        if not model.startswith("nousage"):
-            usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n}
-            yield "data: " + json.dumps({"choices": [], "usage": usage}) + "\n\n"
-        if model != "nodone":
-            yield "data: [DONE]\n\n"
 
     async def handle(request: Request, chat: bool):
         body = await request.json()
         app.state.bodies.append(body)
         if body["model"] == "fail-500":
             return JSONResponse({"error": {"message": "boom", "code": 500}}, status_code=500)
-        return StreamingResponse(events(body, chat), media_type="text/event-stream")
+        return StreamingResponse(_fake_events(body, chat), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
