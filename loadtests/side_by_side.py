@@ -44,8 +44,8 @@ from benchmarks.floors import (
     measure_bandwidth,
     median_of_ratios,
 )
-from goat_runtime.engine.kv_cache import block_bytes
 from goat_runtime.model.config import ModelConfig
+from goat_runtime.model.kv_cache import block_bytes
 from goat_runtime.vllm_plugin.venv import ensure_vllm_venv, vllm_venv
 from loadtests.common import (
     BASE_NAME,
