@@ -34,8 +34,12 @@ serve-vllm:
 vllm-env:
 	$(PYTHON) -m goat_runtime.vllm_plugin.venv
 
+# Ruff, then the import contracts in pyproject.toml [tool.importlinter] (layers point down:
+# docs/architecture.md, "What may import what"), so a new upward import fails CI. The type
+# checker (issue 17, item 6) goes as a third command after lint-imports.
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo
 
 test: lint
 	$(BIN)/pytest
