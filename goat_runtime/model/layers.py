@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from goat_runtime.engine.context import get_step_context
 from goat_runtime.model.config import RopeConfig
+from goat_runtime.model.context import get_step_context
 from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora, paged_decode_attention
 
 # Up to this many rows (tokens), fp32 linears on the CPU go through oneDNN: it beats the default

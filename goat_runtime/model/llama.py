@@ -4,14 +4,13 @@ Pre-norm decoder layers with fused q/k/v and gate/up projections, RoPE, GQA page
 a SwiGLU MLP; the config's flags switch on biases, q/k norm and sliding windows.
 """
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from goat_runtime.engine.context import get_step_context
 from goat_runtime.model.config import ModelConfig
+from goat_runtime.model.context import get_step_context
+from goat_runtime.model.kv_cache import KVCache
 from goat_runtime.model.layers import (
     FusedLinear,
     PagedAttention,
@@ -22,9 +21,6 @@ from goat_runtime.model.layers import (
     fast_linear,
     pack_for_onednn,
 )
-
-if TYPE_CHECKING:  # the cache module needs ModelConfig; importing it here would be circular
-    from goat_runtime.engine.kv_cache import KVCache
 
 
 class Attention(nn.Module):
@@ -138,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
             linear.pack_weights()
         self.lm_head_packed = pack_for_onednn(self.lm_head.data)
 
-    def attach_kv_cache(self, cache: "KVCache") -> None:
+    def attach_kv_cache(self, cache: KVCache) -> None:
         for i, layer in enumerate(self.layers):
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = cache.k[i], cache.v[i]
 
