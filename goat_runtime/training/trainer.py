@@ -44,7 +44,7 @@ from goat_runtime.adapters.slots import allocate_slots, write_slot
 from goat_runtime.adapters.static import RHO, Factors, StaticComponents, selected_indices
 from goat_runtime.adapters.writer import ALL_PROJECTIONS, save_adapter
 from goat_runtime.model import LlamaForCausalLM, load_model
-from goat_runtime.model.layers import FusedLinear, apply_rotary
+from goat_runtime.model.layers import DenseAttention, FusedLinear
 from goat_runtime.ops.reference import add_routed_lora_reference
 from goat_runtime.ops.routed_lora import RoutedLoRAWeights
 
@@ -165,9 +165,10 @@ def pack(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> Pack
 class GoatTrainer(torch.nn.Module):
     """A frozen base model plus trainable GOAT adapter parameters on its target projections.
 
-    The forward is the runtime model's computation written out with plain attention over a
-    packed batch (no KV cache); each adapted projection adds the routed op's reference
-    implementation, with this adapter (and its static residual) in slot 0 of the serving layout.
+    The forward is the runtime model's own (its decoder layers, `DenseAttention` over a packed
+    batch instead of the KV cache); a forward hook on each adapted projection adds the routed
+    op's reference implementation, with this adapter (and its static residual) in slot 0 of the
+    serving layout.
     """
 
     def __init__(self, model_dir: str | Path, spec: AdapterSpec, *, seed: int = 0,
@@ -211,6 +212,11 @@ class GoatTrainer(torch.nn.Module):
             self.router[key] = torch.nn.Parameter(
                 (torch.rand(spec.num_experts, d_in, generator=gen) * 2 - 1) * bound)
         self.router_logits: dict[str, torch.Tensor] = {}  # of the last forward, per module
+        # The adapter's slot layout and token slots of the forward under way (`_add_delta`).
+        self._slots: dict[str, RoutedLoRAWeights] = {}
+        self._token_slots = torch.zeros(0, dtype=torch.int32)
+        for linear in self.modules_by_linear:
+            linear.register_forward_hook(self._add_delta)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The adapter's parameters (the base model's are frozen)."""
@@ -253,50 +259,29 @@ class GoatTrainer(torch.nn.Module):
             out[name] = weights
         return out
 
-    def _project(self, linear: FusedLinear, x: torch.Tensor,
-                 slots: dict[str, RoutedLoRAWeights], token_slots: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, linear.weight, linear.bias)
+    def _add_delta(self, linear: FusedLinear, inputs: tuple[torch.Tensor, ...],
+                   y: torch.Tensor) -> torch.Tensor:
+        """Forward hook on each adapted linear: add the adapter's routed delta (and static
+        rows) to the base projection y the model's own FusedLinear computed."""
+        (x,) = inputs
         for s, name in self.modules_by_linear.get(linear, ()):
-            weights = slots[name]
             cols = y[:, linear.out_offsets[s] : linear.out_offsets[s + 1]]
-            add_routed_lora_reference(cols, x, token_slots, weights)
+            add_routed_lora_reference(cols, x, self._token_slots, self._slots[name])
             if self.training:
                 self.router_logits[name] = x @ self.router[self._key(name)].T
         return y
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
-        """The final-norm hidden states [T, hidden] of every packed token."""
-        model, config = self.base, self.base.config
-        slots = self._slot_weights() if self.modules_by_linear else {}
-        token_slots = torch.zeros(batch.num_tokens, dtype=torch.int32)
-        masks: dict[int | None, torch.Tensor] = {}
+        """The final-norm hidden states [T, hidden] of every packed token: the model's own
+        forward, with dense attention under the batch's block mask instead of a KV cache."""
+        self._slots = self._slot_weights() if self.modules_by_linear else {}
+        self._token_slots = torch.zeros(batch.num_tokens, dtype=torch.int32)
         self.router_logits = {}
-        x = F.embedding(batch.input_ids, model.embed_tokens)
-        cos, sin = model.rotary(batch.positions)
-        for i, layer in enumerate(model.layers):
-            window = config.sliding_windows[i]
-            if window not in masks:
-                masks[window] = batch.attention_mask(window)
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = self._project(attn.qkv_proj, h, slots, token_slots).split(
-                [attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-            q = q.reshape(-1, attn.num_heads, attn.head_dim)
-            k = k.reshape(-1, attn.num_kv_heads, attn.head_dim)
-            v = v.reshape(-1, attn.num_kv_heads, attn.head_dim)
-            if attn.q_norm is not None and attn.k_norm is not None:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                attn_mask=masks[window], enable_gqa=True)[0].transpose(0, 1)
-            x = x + self._project(attn.o_proj, out.reshape(-1, attn.q_size), slots,
-                                  token_slots)
-            mlp = layer.mlp
-            gate, up = self._project(mlp.gate_up_proj, layer.post_attention_layernorm(x), slots,
-                                     token_slots).split(mlp.intermediate_size, dim=-1)
-            x = x + self._project(mlp.down_proj, F.silu(gate) * up, slots, token_slots)
-        return model.norm(x)
+        try:
+            return self.base(batch.input_ids, batch.positions,
+                             attention=DenseAttention(batch.attention_mask))
+        finally:
+            self._slots = {}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.base.lm_head).float()

@@ -354,3 +354,15 @@ def test_demo_adapter_serves_on_the_default_model(name):
     assert info["kind"] == "GOAT" and info["init_signature"]["slug"] == "r8-e4-goat-c0.25"
     assert info["size_bytes"] < 8 << 20
     assert name in (DEMO_ADAPTERS / "README.md").read_text()
+
+
+def test_gradients_through_the_model_linears_are_exact():
+    """Training runs the model's own linears: their decode-size oneDNN path has no backward,
+    so a gradient through x must take F.linear (else autograd silently returns a wrong one)."""
+    from goat_runtime.model.layers import fast_linear
+
+    gen = torch.Generator().manual_seed(0)
+    weight, grad_out = torch.randn(12, 16, generator=gen), torch.randn(8, 12, generator=gen)
+    x = torch.randn(8, 16, generator=gen, requires_grad=True)
+    (fast_linear(x, weight) * grad_out).sum().backward()
+    torch.testing.assert_close(x.grad, grad_out @ weight)
