@@ -40,13 +40,12 @@ RESULT = "BENCH_RESULT "  # vLLM logs to stdout too: the child's answer is the l
 
 
 def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    h, i = config["hidden_size"], config["intermediate_size"]
-    kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
-    per_layer = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h),
-                 "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, h),
-                 "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-    return {f"model.layers.{n}.{m}": s for n in range(config["num_hidden_layers"])
-            for m, s in per_layer.items()}
+    """The adaptable Linears' shapes of a config, from the model built on the meta device."""
+    from goat_runtime.adapters.binding import linear_shapes as model_linear_shapes
+    from goat_runtime.model import LlamaForCausalLM, ModelConfig
+
+    model = LlamaForCausalLM(ModelConfig.from_dict(config), device="meta")
+    return model_linear_shapes(model.fused_linears())
 
 
 def prepare(root: Path) -> None:
