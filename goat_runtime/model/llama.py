@@ -12,6 +12,7 @@ from goat_runtime.model.config import ModelConfig
 from goat_runtime.model.context import get_step_context
 from goat_runtime.model.kv_cache import KVCache
 from goat_runtime.model.layers import (
+    AttentionFn,
     FusedLinear,
     PagedAttention,
     RMSNorm,
@@ -44,7 +45,9 @@ class Attention(nn.Module):
         self.attn = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim,
                                    c.sliding_windows[layer])
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention: AttentionFn | None = None) -> torch.Tensor:
+        """attention: instead of the paged cache (e.g. `layers.DenseAttention` for training)."""
         qkv = self.qkv_proj(x)
         num_qk = self.num_heads + self.num_kv_heads
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
@@ -53,7 +56,9 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_norm(qk[:, : self.num_heads]),
                             self.k_norm(qk[:, self.num_heads :])], dim=1)
         qk = apply_rotary(qk, cos, sin)  # q and k heads in one go
-        out = self.attn(qk[:, : self.num_heads], qk[:, self.num_heads :], v)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        out = (self.attn(q, k, v) if attention is None
+               else attention(q, k, v, self.attn.sliding_window))
         return self.o_proj(out.view(-1, self.q_size))
 
 
@@ -87,8 +92,9 @@ class DecoderLayer(nn.Module):
                                                 device=device)
         self.mlp = MLP(config, layer, dtype, device)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention: AttentionFn | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -109,12 +115,15 @@ class LlamaForCausalLM(nn.Module):
             config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.lm_head_packed: torch.Tensor | None = None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden], under a step context."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attention: AttentionFn | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden], under a step context; or,
+        given `attention` (e.g. `layers.DenseAttention`), without a KV cache or step context
+        where no linear has routed adapter slots attached."""
         x = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, attention)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
