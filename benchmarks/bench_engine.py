@@ -49,8 +49,8 @@ from benchmarks.random_model import (
 )
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
-from goat_runtime.engine.kv_cache import block_bytes
 from goat_runtime.engine.sampling import SamplingParams
+from goat_runtime.model.kv_cache import block_bytes
 from goat_runtime.model.layers import fast_linear
 from goat_runtime.model.llama import LlamaForCausalLM
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.random_model import SMOLLM2_135M
-from goat_runtime.engine.context import build_step_context, step_context
-from goat_runtime.engine.kv_cache import KVCache
 from goat_runtime.model import layers
 from goat_runtime.model.config import ModelConfig
+from goat_runtime.model.context import build_step_context, step_context
+from goat_runtime.model.kv_cache import KVCache
 from goat_runtime.model.layers import FusedLinear, PagedAttention
 from goat_runtime.model.llama import LlamaForCausalLM
 from goat_runtime.ops.paged_attention import (

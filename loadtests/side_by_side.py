@@ -39,8 +39,8 @@ from benchmarks.floors import (
     measure_bandwidth,
 )
 from benchmarks.random_model import base_linears, write_adapters
-from goat_runtime.engine.kv_cache import block_bytes
 from goat_runtime.model.config import ModelConfig
+from goat_runtime.model.kv_cache import block_bytes
 from goat_runtime.vllm_plugin.venv import ensure_vllm_venv, vllm_venv
 from loadtests.common import (
     BASE_NAME,

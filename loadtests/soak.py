@@ -374,8 +374,8 @@ def prepare_adapters(src: Path, dst: Path) -> list[str]:
 def kv_blocks_total(model_dir: Path, kv_cache_memory: str) -> int:
     """The number of KV blocks the server allocates for this budget (the engine's own rule)."""
     from goat_runtime.engine.config import EngineConfig
-    from goat_runtime.engine.kv_cache import cache_blocks_for_budget
     from goat_runtime.model.config import ModelConfig
+    from goat_runtime.model.kv_cache import cache_blocks_for_budget
     from server.cli import parse_size
 
     budget = parse_size(kv_cache_memory)

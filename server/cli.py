@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "adapters":
         # A model directory literally named 'adapters' can still be served as ./adapters.
-        from goat_runtime.adapters.tools import main as adapter_tools
+        from server.adapters_cli import main as adapter_tools
 
         return adapter_tools(args_list[1:]) or 0
     parser = build_parser()

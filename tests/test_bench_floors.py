@@ -15,7 +15,7 @@ from benchmarks.floors import (
     median_of_ratios,
     step_bytes,
 )
-from goat_runtime.engine.kv_cache import block_bytes
+from goat_runtime.model.kv_cache import block_bytes
 from tests.engine.test_engine import make_engine
 
 

@@ -17,9 +17,9 @@ from goat_runtime.default_model import (
     DefaultModelError,
     default_model_dir,
 )
-from goat_runtime.engine.context import build_step_context, step_context
-from goat_runtime.engine.kv_cache import KVCache
 from goat_runtime.model import LlamaForCausalLM, ModelConfig, load_model
+from goat_runtime.model.context import build_step_context, step_context
+from goat_runtime.model.kv_cache import KVCache
 
 # Conversion and locking, with a stand-in converter (fast)
 

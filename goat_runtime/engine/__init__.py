@@ -1,1 +1,3 @@
-"""The engine: per-step context, paged KV cache (later: scheduler, runner, step loop)."""
+"""The engine: requests, scheduling, KV block allocation, adapter slots, sampling and the step
+loop (`LLMEngine`), run on its own thread by `AsyncEngine`. It drives `goat_runtime.model` and
+imports nothing from `server/`."""

@@ -255,9 +255,6 @@ class AdapterManager:
 
     # ---- device slots -----------------------------------------------------------------------
 
-    def has_slot(self, name: str) -> bool:
-        return name in self._slots
-
     def can_bind(self, names: Collection[str], extra: str) -> bool:
         """Whether `extra` can join a step whose adapters are `names`: at most max_loras distinct
         adapters per step, as many as there are slots."""
@@ -372,9 +369,6 @@ class AdapterManager:
 
     def slot_owner(self, slot: int) -> str | None:
         return self._slots[slot] if 0 <= slot < self.max_loras else None
-
-    def device_adapters(self) -> list[str]:
-        return [n for n in self._slots if n is not None]
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -16,8 +16,8 @@ import torch
 from transformers import AutoTokenizer
 
 from goat_runtime.engine.adapter_manager import AdapterManager
+from goat_runtime.engine.block_allocator import BlockAllocator
 from goat_runtime.engine.config import EngineConfig
-from goat_runtime.engine.context import build_step_context, step_context
 from goat_runtime.engine.detokenizer import IncrementalDetokenizer
 from goat_runtime.engine.faults import (
     EngineDeadError,
@@ -26,7 +26,6 @@ from goat_runtime.engine.faults import (
     request_error,
     run_isolated,
 )
-from goat_runtime.engine.kv_cache import BlockAllocator, KVCache, cache_blocks_for_budget
 from goat_runtime.engine.outputs import (
     CompletionDelta,
     EngineError,
@@ -47,6 +46,8 @@ from goat_runtime.engine.sampler import (
 from goat_runtime.engine.sampling import SamplingParams
 from goat_runtime.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
 from goat_runtime.model import load_model
+from goat_runtime.model.context import build_step_context, step_context
+from goat_runtime.model.kv_cache import KVCache, cache_blocks_for_budget
 
 logger = logging.getLogger(__name__)
 

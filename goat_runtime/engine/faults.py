@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
-from goat_runtime.engine.context import build_step_context, step_context
 from goat_runtime.engine.outputs import EngineError
 from goat_runtime.engine.sampler import SamplingRow, make_generator, sample
 from goat_runtime.engine.sampling import SamplingParams
+from goat_runtime.model.context import build_step_context, step_context
 
 if TYPE_CHECKING:
     from goat_runtime.engine.engine import LLMEngine

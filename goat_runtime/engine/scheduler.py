@@ -20,7 +20,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from goat_runtime.engine.adapter_manager import AdapterManager
-from goat_runtime.engine.kv_cache import BlockAllocator, block_hash
+from goat_runtime.engine.block_allocator import BlockAllocator, block_hash
 from goat_runtime.engine.request import Sequence, SequenceStatus
 
 

@@ -2,14 +2,14 @@
 and paged attention. Batch metadata comes from the installed StepContext, never from arguments.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from goat_runtime.engine.context import get_step_context
 from goat_runtime.model.config import RopeConfig
+from goat_runtime.model.context import get_step_context
 from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora, paged_decode_attention
 
 # Up to this many rows (tokens), fp32 linears on the CPU go through oneDNN: it beats the default
@@ -40,8 +40,11 @@ ROW_BUCKETS = sorted({onednn_row_bucket(t) for t in range(1, ONEDNN_MAX_ROWS + 1
 
 
 def _onednn_rows(x: torch.Tensor) -> bool:
+    # mkldnn's linear has no backward (autograd would silently give wrong gradients): a
+    # gradient through x (training) takes F.linear.
     return (_HAS_ONEDNN and x.is_cpu and x.dtype == torch.float32
-            and 0 < x.shape[0] <= ONEDNN_MAX_ROWS)
+            and 0 < x.shape[0] <= ONEDNN_MAX_ROWS
+            and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
@@ -216,3 +219,43 @@ class PagedAttention(nn.Module):
                 q[d.token_indices], self.k_cache, self.v_cache, d.block_tables, d.context_lens,
                 d.max_context_len, self.head_dim**-0.5, window)
         return out
+
+
+# q [T, heads, head_dim], k, v [T, kv_heads, head_dim], the layer's sliding window -> out
+# [T, heads, head_dim]: what a decoder layer attends with when not through its paged cache.
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int | None], torch.Tensor]
+
+
+class DenseAttention:
+    """Attention over all the forward's tokens at once, without a KV cache or step context (the
+    trainer's packed batches): the decoder layers call it, given one, instead of PagedAttention.
+
+    mask(window) -> [T, T] bool, True where query row i may attend key column j, for a layer
+    with that sliding window (None: no window); without `mask`, the tokens are one sequence
+    and attention is causal. A mask is built once per window and shared by the layers.
+    """
+
+    def __init__(self, mask: Callable[[int | None], torch.Tensor] | None = None):
+        self._mask = mask
+        self._masks: dict[int | None, torch.Tensor | None] = {}
+
+    def mask(self, window: int | None, num_tokens: int,
+             device: torch.device) -> torch.Tensor | None:
+        if window not in self._masks:
+            if self._mask is not None:
+                self._masks[window] = self._mask(window)
+            elif window is None:
+                self._masks[window] = None  # is_causal
+            else:
+                pos = torch.arange(num_tokens, device=device)
+                self._masks[window] = ((pos[None, :] <= pos[:, None])
+                                       & (pos[None, :] > pos[:, None] - window))
+        return self._masks[window]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 window: int | None) -> torch.Tensor:
+        mask = self.mask(window, q.shape[0], q.device)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=mask is None, enable_gqa=True)[0]
+        return out.transpose(0, 1).contiguous()

@@ -4,15 +4,15 @@ Pre-norm decoder layers with fused q/k/v and gate/up projections, RoPE, GQA page
 a SwiGLU MLP; the config's flags switch on biases, q/k norm and sliding windows.
 """
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from goat_runtime.engine.context import get_step_context
 from goat_runtime.model.config import ModelConfig
+from goat_runtime.model.context import get_step_context
+from goat_runtime.model.kv_cache import KVCache
 from goat_runtime.model.layers import (
+    AttentionFn,
     FusedLinear,
     PagedAttention,
     RMSNorm,
@@ -22,9 +22,6 @@ from goat_runtime.model.layers import (
     fast_linear,
     pack_for_onednn,
 )
-
-if TYPE_CHECKING:  # the cache module needs ModelConfig; importing it here would be circular
-    from goat_runtime.engine.kv_cache import KVCache
 
 
 class Attention(nn.Module):
@@ -48,7 +45,9 @@ class Attention(nn.Module):
         self.attn = PagedAttention(c.num_heads, c.num_kv_heads, c.head_dim,
                                    c.sliding_windows[layer])
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention: AttentionFn | None = None) -> torch.Tensor:
+        """attention: instead of the paged cache (e.g. `layers.DenseAttention` for training)."""
         qkv = self.qkv_proj(x)
         num_qk = self.num_heads + self.num_kv_heads
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
@@ -57,7 +56,9 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_norm(qk[:, : self.num_heads]),
                             self.k_norm(qk[:, self.num_heads :])], dim=1)
         qk = apply_rotary(qk, cos, sin)  # q and k heads in one go
-        out = self.attn(qk[:, : self.num_heads], qk[:, self.num_heads :], v)
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        out = (self.attn(q, k, v) if attention is None
+               else attention(q, k, v, self.attn.sliding_window))
         return self.o_proj(out.view(-1, self.q_size))
 
 
@@ -91,8 +92,9 @@ class DecoderLayer(nn.Module):
                                                 device=device)
         self.mlp = MLP(config, layer, dtype, device)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attention: AttentionFn | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -113,12 +115,15 @@ class LlamaForCausalLM(nn.Module):
             config.vocab_size, config.hidden_size, dtype=dtype, device=device)
         self.lm_head_packed: torch.Tensor | None = None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden], under a step context."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attention: AttentionFn | None = None) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden], under a step context; or,
+        given `attention` (e.g. `layers.DenseAttention`), without a KV cache or step context
+        where no linear has routed adapter slots attached."""
         x = F.embedding(input_ids, self.embed_tokens)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, attention)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -138,7 +143,7 @@ class LlamaForCausalLM(nn.Module):
             linear.pack_weights()
         self.lm_head_packed = pack_for_onednn(self.lm_head.data)
 
-    def attach_kv_cache(self, cache: "KVCache") -> None:
+    def attach_kv_cache(self, cache: KVCache) -> None:
         for i, layer in enumerate(self.layers):
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = cache.k[i], cache.v[i]
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from goat_runtime.adapters.format import AdapterError, load_adapter
-from goat_runtime.adapters.tools import (
+from server.adapters_cli import (
     base_linear_shapes,
     inspect_adapter,
     main,

@@ -12,7 +12,11 @@ from transformers import AutoTokenizer
 from goat_runtime.adapters.binding import linear_shapes, slice_weights
 from goat_runtime.adapters.format import load_adapter
 from goat_runtime.adapters.static import RHO, StaticComponents, residual_factors
-from goat_runtime.adapters.tasks import (
+from goat_runtime.adapters.writer import ALL_PROJECTIONS
+from goat_runtime.engine.config import EngineConfig
+from goat_runtime.engine.engine import LLMEngine
+from goat_runtime.engine.sampling import SamplingParams
+from goat_runtime.training.tasks import (
     TASKS,
     NumbersTask,
     ReverseTask,
@@ -21,19 +25,14 @@ from goat_runtime.adapters.tasks import (
     number_words,
     prompt_ids,
 )
-from goat_runtime.adapters.train import (
+from goat_runtime.training.train import TrainConfig, train
+from goat_runtime.training.trainer import (
     AdapterSpec,
     GoatTrainer,
-    TrainConfig,
     goat_expert_init,
     load_balancing_loss,
     pack,
-    train,
 )
-from goat_runtime.adapters.writer import ALL_PROJECTIONS
-from goat_runtime.engine.config import EngineConfig
-from goat_runtime.engine.engine import LLMEngine
-from goat_runtime.engine.sampling import SamplingParams
 from tests.adapters.adapted_model import FIXTURE
 
 BASE = FIXTURE / "base"
@@ -100,7 +99,7 @@ def test_init_follows_the_reference_formulas(tmp_path):
 def test_dense_uniform_init_reproduces_the_base_exactly(tmp_path, tokenizer):
     """With every expert chosen at equal weight (k = E, zero router) and init_cof = 1/E, the
     experts add back exactly what the static residual removes: loss and logits are the base's.
-    (With top-k < E routing the reference's init is not output-preserving; see train.py.)"""
+    (With top-k < E routing the reference's init is not output-preserving; see trainer.py.)"""
     spec = AdapterSpec(rank=8, num_experts=4, top_k=4, target_modules=ALL_PROJECTIONS)
     trainer = GoatTrainer(BASE, spec, static_cache_dir=tmp_path)
     for router in trainer.router.values():
@@ -318,7 +317,7 @@ def test_bad_specs_are_refused():
 
 
 def test_main_writes_an_adapter(tmp_path, monkeypatch):
-    from goat_runtime.adapters import train as train_module
+    from goat_runtime.training import train as train_module
 
     monkeypatch.setitem(train_module.TASKS, "reverse", FIXTURE_TASK)
     out = tmp_path / "a"
@@ -346,8 +345,8 @@ DEMO_ADAPTERS = Path(__file__).resolve().parents[2] / "adapters"
 @pytest.mark.slow  # converts the default model on first use (about a minute)
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_demo_adapter_serves_on_the_default_model(name):
-    from goat_runtime.adapters.tools import inspect_adapter, validate_adapter
     from goat_runtime.default_model import default_model_dir
+    from server.adapters_cli import inspect_adapter, validate_adapter
 
     path = DEMO_ADAPTERS / name
     assert validate_adapter(path, default_model_dir()) == []
@@ -355,3 +354,15 @@ def test_demo_adapter_serves_on_the_default_model(name):
     assert info["kind"] == "GOAT" and info["init_signature"]["slug"] == "r8-e4-goat-c0.25"
     assert info["size_bytes"] < 8 << 20
     assert name in (DEMO_ADAPTERS / "README.md").read_text()
+
+
+def test_gradients_through_the_model_linears_are_exact():
+    """Training runs the model's own linears: their decode-size oneDNN path has no backward,
+    so a gradient through x must take F.linear (else autograd silently returns a wrong one)."""
+    from goat_runtime.model.layers import fast_linear
+
+    gen = torch.Generator().manual_seed(0)
+    weight, grad_out = torch.randn(12, 16, generator=gen), torch.randn(8, 12, generator=gen)
+    x = torch.randn(8, 16, generator=gen, requires_grad=True)
+    (fast_linear(x, weight) * grad_out).sum().backward()
+    torch.testing.assert_close(x.grad, grad_out @ weight)

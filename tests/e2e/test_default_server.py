@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from goat_runtime.adapters.tasks import eval_examples, get_task
+from goat_runtime.training.tasks import eval_examples, get_task
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_ADAPTERS = sorted(p.name for p in (REPO / "adapters").iterdir()

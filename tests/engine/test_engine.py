@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
-from goat_runtime.engine.kv_cache import block_bytes
 from goat_runtime.engine.outputs import EngineError
 from goat_runtime.engine.sampling import SamplingParams
+from goat_runtime.model.kv_cache import block_bytes
 from tests.adapters.adapted_model import FIXTURE
 from tests.devices import DEVICES, check_logprobs_close
 

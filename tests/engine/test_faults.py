@@ -16,10 +16,10 @@ import goat_runtime.engine.engine as engine_module
 import goat_runtime.model.layers as layers
 from goat_runtime.engine.async_engine import AsyncEngine
 from goat_runtime.engine.config import EngineConfig
-from goat_runtime.engine.context import get_step_context
 from goat_runtime.engine.faults import EngineDeadError
 from goat_runtime.engine.outputs import EngineError
 from goat_runtime.engine.sampling import SamplingParams
+from goat_runtime.model.context import get_step_context
 from tests.adapters.adapted_model import FIXTURE
 from tests.engine.test_engine import (
     GREEDY,

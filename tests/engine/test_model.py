@@ -11,15 +11,10 @@ from safetensors.torch import load_file
 from goat_runtime.adapters.binding import bind_adapters, linear_shapes, slice_weights
 from goat_runtime.adapters.format import load_adapter
 from goat_runtime.adapters.static import StaticComponents
-from goat_runtime.engine.context import build_step_context, get_step_context, step_context
-from goat_runtime.engine.kv_cache import (
-    BlockAllocator,
-    KVCache,
-    NoFreeBlocksError,
-    block_bytes,
-    cache_blocks_for_budget,
-)
+from goat_runtime.engine.block_allocator import BlockAllocator, NoFreeBlocksError
 from goat_runtime.model import LlamaForCausalLM, ModelConfig, load_model
+from goat_runtime.model.context import build_step_context, get_step_context, step_context
+from goat_runtime.model.kv_cache import KVCache, block_bytes, cache_blocks_for_budget
 from goat_runtime.model.layers import (
     ONEDNN_MAX_ROWS,
     ROW_BUCKETS,

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from goat_runtime.engine.kv_cache import BlockAllocator, block_hash
+from goat_runtime.engine.block_allocator import BlockAllocator, block_hash
 from goat_runtime.engine.request import Request, Sequence, SequenceStatus
 from goat_runtime.engine.sampling import SamplingParams
 from goat_runtime.engine.scheduler import Scheduler, SchedulerConfig

@@ -74,7 +74,7 @@ def test_parsing(tmp_path: Path) -> None:
 
 
 def test_adapters_subcommand_dispatches_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
-    import goat_runtime.adapters.tools as tools
+    import server.adapters_cli as tools
 
     seen = []
     monkeypatch.setattr(tools, "main", lambda argv: seen.append(argv) or 3)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from goat_runtime.adapters.tasks import eval_examples, get_task
+from goat_runtime.training.tasks import eval_examples, get_task
 from tests.vllm.serving import call, goat_serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]

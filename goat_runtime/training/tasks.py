@@ -8,7 +8,7 @@ chat around the answer, rarely passes: the checkers want the answer and nothing 
 
 `evaluate` measures a task's accuracy with the serving engine, adapter against base, greedy.
 
-    python -m goat_runtime.adapters.tasks --task reverse --adapter adapters/reverse -n 50
+    python -m goat_runtime.training.tasks --task reverse --adapter adapters/reverse -n 50
 """
 
 import argparse
@@ -277,7 +277,7 @@ def evaluate(model_dir: str | Path, adapter_dir: str | Path, task: Task | str, n
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m goat_runtime.adapters.tasks",
+        prog="python -m goat_runtime.training.tasks",
         description="Accuracy of an adapter on a synthetic task, against its base (greedy, "
                     "held-out prompts, served by the engine).")
     parser.add_argument("--task", required=True, choices=sorted(TASKS))

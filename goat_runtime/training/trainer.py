@@ -26,18 +26,13 @@ Training sequences share their chat template's system prompt: a batch is packed 
 token stream whose common prefix is computed once and attended by every sequence (a block
 mask), which is exactly the per-sequence computation at a fraction of the cost.
 
-    python -m goat_runtime.adapters.train --task uppercase --out adapters/uppercase --steps 30
+The training loop and its command line are in `train.py`.
 """
 
-import argparse
 import contextlib
-import json
 import math
-import random
-import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,18 +42,9 @@ from goat_runtime.adapters.binding import slice_weights
 from goat_runtime.adapters.format import GOAT_INIT_TYPES, AdaptedLinear, InitSignature
 from goat_runtime.adapters.slots import allocate_slots, write_slot
 from goat_runtime.adapters.static import RHO, Factors, StaticComponents, selected_indices
-from goat_runtime.adapters.tasks import (
-    TASKS,
-    Example,
-    Task,
-    answer_ids,
-    eval_examples,
-    get_task,
-    prompt_ids,
-)
 from goat_runtime.adapters.writer import ALL_PROJECTIONS, save_adapter
 from goat_runtime.model import LlamaForCausalLM, load_model
-from goat_runtime.model.layers import FusedLinear, apply_rotary
+from goat_runtime.model.layers import DenseAttention, FusedLinear
 from goat_runtime.ops.reference import add_routed_lora_reference
 from goat_runtime.ops.routed_lora import RoutedLoRAWeights
 
@@ -107,27 +93,6 @@ class AdapterSpec:
     @property
     def signature(self) -> InitSignature:
         return InitSignature(self.rank, self.num_experts, self.init_type, float(self.cof))
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run. Defaults: what the demo adapters use."""
-
-    task: str
-    out: Path
-    model_dir: Path | None = None  # None: the embedded SmolLM2-135M-Instruct
-    adapter: AdapterSpec = field(default_factory=AdapterSpec)
-    steps: int = 30
-    batch_size: int = 8
-    lr: float = 5e-3
-    warmup_steps: int = 5  # linear warmup, then cosine decay to lr / 10
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    aux_loss_coeff: float = 1e-3
-    seed: int = 0
-    threads: int = 1
-    eval_prompts: int = 0  # > 0: measure accuracy with the engine after training
-    static_cache_dir: Path | None = None  # None: the server's default cache
 
 
 def load_balancing_loss(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -200,9 +165,10 @@ def pack(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> Pack
 class GoatTrainer(torch.nn.Module):
     """A frozen base model plus trainable GOAT adapter parameters on its target projections.
 
-    The forward is the runtime model's computation written out with plain attention over a
-    packed batch (no KV cache); each adapted projection adds the routed op's reference
-    implementation, with this adapter (and its static residual) in slot 0 of the serving layout.
+    The forward is the runtime model's own (its decoder layers, `DenseAttention` over a packed
+    batch instead of the KV cache); a forward hook on each adapted projection adds the routed
+    op's reference implementation, with this adapter (and its static residual) in slot 0 of the
+    serving layout.
     """
 
     def __init__(self, model_dir: str | Path, spec: AdapterSpec, *, seed: int = 0,
@@ -246,6 +212,11 @@ class GoatTrainer(torch.nn.Module):
             self.router[key] = torch.nn.Parameter(
                 (torch.rand(spec.num_experts, d_in, generator=gen) * 2 - 1) * bound)
         self.router_logits: dict[str, torch.Tensor] = {}  # of the last forward, per module
+        # The adapter's slot layout and token slots of the forward under way (`_add_delta`).
+        self._slots: dict[str, RoutedLoRAWeights] = {}
+        self._token_slots = torch.zeros(0, dtype=torch.int32)
+        for linear in self.modules_by_linear:
+            linear.register_forward_hook(self._add_delta)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The adapter's parameters (the base model's are frozen)."""
@@ -288,50 +259,29 @@ class GoatTrainer(torch.nn.Module):
             out[name] = weights
         return out
 
-    def _project(self, linear: FusedLinear, x: torch.Tensor,
-                 slots: dict[str, RoutedLoRAWeights], token_slots: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, linear.weight, linear.bias)
+    def _add_delta(self, linear: FusedLinear, inputs: tuple[torch.Tensor, ...],
+                   y: torch.Tensor) -> torch.Tensor:
+        """Forward hook on each adapted linear: add the adapter's routed delta (and static
+        rows) to the base projection y the model's own FusedLinear computed."""
+        (x,) = inputs
         for s, name in self.modules_by_linear.get(linear, ()):
-            weights = slots[name]
             cols = y[:, linear.out_offsets[s] : linear.out_offsets[s + 1]]
-            add_routed_lora_reference(cols, x, token_slots, weights)
+            add_routed_lora_reference(cols, x, self._token_slots, self._slots[name])
             if self.training:
                 self.router_logits[name] = x @ self.router[self._key(name)].T
         return y
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
-        """The final-norm hidden states [T, hidden] of every packed token."""
-        model, config = self.base, self.base.config
-        slots = self._slot_weights() if self.modules_by_linear else {}
-        token_slots = torch.zeros(batch.num_tokens, dtype=torch.int32)
-        masks: dict[int | None, torch.Tensor] = {}
+        """The final-norm hidden states [T, hidden] of every packed token: the model's own
+        forward, with dense attention under the batch's block mask instead of a KV cache."""
+        self._slots = self._slot_weights() if self.modules_by_linear else {}
+        self._token_slots = torch.zeros(batch.num_tokens, dtype=torch.int32)
         self.router_logits = {}
-        x = F.embedding(batch.input_ids, model.embed_tokens)
-        cos, sin = model.rotary(batch.positions)
-        for i, layer in enumerate(model.layers):
-            window = config.sliding_windows[i]
-            if window not in masks:
-                masks[window] = batch.attention_mask(window)
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = self._project(attn.qkv_proj, h, slots, token_slots).split(
-                [attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-            q = q.reshape(-1, attn.num_heads, attn.head_dim)
-            k = k.reshape(-1, attn.num_kv_heads, attn.head_dim)
-            v = v.reshape(-1, attn.num_kv_heads, attn.head_dim)
-            if attn.q_norm is not None and attn.k_norm is not None:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                attn_mask=masks[window], enable_gqa=True)[0].transpose(0, 1)
-            x = x + self._project(attn.o_proj, out.reshape(-1, attn.q_size), slots,
-                                  token_slots)
-            mlp = layer.mlp
-            gate, up = self._project(mlp.gate_up_proj, layer.post_attention_layernorm(x), slots,
-                                     token_slots).split(mlp.intermediate_size, dim=-1)
-            x = x + self._project(mlp.down_proj, F.silu(gate) * up, slots, token_slots)
-        return model.norm(x)
+        try:
+            return self.base(batch.input_ids, batch.positions,
+                             attention=DenseAttention(batch.attention_mask))
+        finally:
+            self._slots = {}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.base.lm_head).float()
@@ -384,210 +334,3 @@ def goat_expert_init(weight: torch.Tensor, spec: AdapterSpec) -> tuple[torch.Ten
     root = torch.sqrt(s[sel] / (spec.scale * RHO))
     return ((root[:, None] * vh[sel]).float().contiguous(),
             (u[:, sel] * root[None, :]).float().contiguous())
-
-
-# Training loop
-
-
-@dataclass
-class TrainResult:
-    out: Path
-    steps: int
-    seconds: float  # the training loop
-    setup_seconds: float  # loading the base, SVD init, the initial and base losses
-    losses: list[float]  # per step: the language-model loss
-    aux_losses: list[float]
-    initial_loss: float  # on the first batch, before any update
-    base_loss: float  # the base model (no adapter) on the first batch
-    num_parameters: int
-    size_bytes: int
-    eval: dict | None = None
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to a tenth of the peak."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    span = max(config.steps - config.warmup_steps, 1)
-    progress = min((step - config.warmup_steps) / span, 1.0)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def batches(task: Task, tokenizer, batch_size: int, seed: int,
-            held_out: Sequence[Example]) -> Callable[[], tuple[PackedBatch, list[Example]]]:
-    """Fresh training batches from `seed`, never a held-out prompt."""
-    rng, skip = random.Random(seed), {e.prompt for e in held_out}
-
-    def next_batch() -> tuple[PackedBatch, list[Example]]:
-        examples: list[Example] = []
-        while len(examples) < batch_size:
-            example = task.sample(rng)
-            if example.prompt not in skip:
-                examples.append(example)
-        prompts = [prompt_ids(tokenizer, e.prompt) for e in examples]
-        seqs = [p + answer_ids(tokenizer, e.answer) for p, e in zip(prompts, examples,
-                                                                     strict=True)]
-        return pack(seqs, [len(p) for p in prompts]), examples
-
-    return next_batch
-
-
-def _progress(total: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # plain lines on stderr
-        return None
-    return tqdm(total=total, file=sys.stderr, desc="training", unit="step", dynamic_ncols=True)
-
-
-def train(config: TrainConfig, task: Task | None = None, *, progress: bool = True) -> TrainResult:
-    """Train a GOAT adapter on `task` (default: config.task) and save it to config.out."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        return _train(config, task, progress)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(config: TrainConfig, task: Task | None, progress: bool) -> TrainResult:
-    from transformers import AutoTokenizer
-
-    setup_started = time.monotonic()
-    torch.manual_seed(config.seed)
-    model_dir = config.model_dir
-    if model_dir is None:
-        from goat_runtime.default_model import default_model_dir
-
-        model_dir = default_model_dir()
-    task = task or get_task(config.task)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    trainer = GoatTrainer(model_dir, config.adapter, seed=config.seed,
-                          static_cache_dir=config.static_cache_dir)
-    held_out = eval_examples(task, max(config.eval_prompts, 50))
-    next_batch = batches(task, tokenizer, config.batch_size, config.seed, held_out)
-    optimizer = torch.optim.AdamW(trainer.trainable_parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
-    losses, aux_losses = [], []
-    first_batch, _ = next_batch()
-    with torch.no_grad():
-        initial_loss = trainer.losses(first_batch)[0].item()
-        base_loss = base_model_loss(trainer, first_batch)
-    setup_seconds = time.monotonic() - setup_started
-    started = time.monotonic()
-    bar = _progress(config.steps) if progress else None
-    trainer.train()
-    for step in range(config.steps):
-        batch = first_batch if step == 0 else next_batch()[0]
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        lm_loss, aux = trainer.losses(batch)
-        loss = lm_loss + config.aux_loss_coeff * aux
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainer.trainable_parameters(), config.max_grad_norm)
-        optimizer.step()
-        losses.append(lm_loss.item())
-        aux_losses.append(aux.item())
-        if bar is not None:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", aux=f"{aux_losses[-1]:.3f}")
-            bar.update(1)
-        elif progress:
-            print(f"step {step + 1}/{config.steps} loss {losses[-1]:.4f} aux "
-                  f"{aux_losses[-1]:.4f} ({time.monotonic() - started:.0f}s)", file=sys.stderr,
-                  flush=True)
-    if bar is not None:
-        bar.close()
-    seconds = time.monotonic() - started
-    trainer.eval()
-    out = trainer.save(config.out, base_name(Path(model_dir)))
-    result = TrainResult(
-        out=out, steps=config.steps, seconds=seconds, setup_seconds=setup_seconds,
-        losses=losses, aux_losses=aux_losses,
-        initial_loss=initial_loss, base_loss=base_loss,
-        num_parameters=sum(p.numel() for p in trainer.trainable_parameters()),
-        size_bytes=(out / "adapter_model.safetensors").stat().st_size)
-    if config.eval_prompts > 0:
-        from goat_runtime.adapters.tasks import evaluate
-
-        ev = evaluate(model_dir, out, task, config.eval_prompts,
-                      static_cache_dir=config.static_cache_dir)
-        result.eval = {"n": ev.n, "adapter_accuracy": ev.adapter_accuracy,
-                       "base_accuracy": ev.base_accuracy, "samples": ev.samples[:5]}
-    return result
-
-
-@torch.no_grad()
-def base_model_loss(trainer: GoatTrainer, batch: PackedBatch) -> float:
-    """The loss of the base model itself (no adapter, no residual) on `batch`."""
-    with trainer.adapter_disabled():
-        return trainer.losses(batch)[0].item()
-
-
-def base_name(model_dir: Path) -> str:
-    from goat_runtime.default_model import HF_REPO_ID, MODEL_NAME
-
-    return HF_REPO_ID if model_dir.name == MODEL_NAME else str(model_dir)
-
-
-# Command line
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m goat_runtime.adapters.train",
-        description="Train a GOAT adapter on a synthetic task (fp32, CPU) and save it as a "
-                    "GOAT-PEFT folder the server loads.")
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--out", type=Path, required=True, help="adapter folder to write")
-    p.add_argument("--model", type=Path, default=None,
-                   help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
-    d = TrainConfig(task="", out=Path())
-    a = AdapterSpec()
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--rank", type=int, default=a.rank, help="total rank over all experts")
-    p.add_argument("--experts", type=int, default=a.num_experts)
-    p.add_argument("--top-k", type=int, default=a.top_k)
-    p.add_argument("--alpha", type=float, default=a.lora_alpha, help="lora_alpha")
-    p.add_argument("--init-type", choices=GOAT_INIT_TYPES, default=a.init_type)
-    p.add_argument("--init-cof", type=float, default=None,
-                   help="static residual coefficient (default 1/experts, as the reference)")
-    p.add_argument("--targets", default=",".join(a.target_modules),
-                   help=f"comma-separated projections (default {','.join(a.target_modules)})")
-    p.add_argument("--aux-loss-coeff", type=float, default=d.aux_loss_coeff)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default 1)")
-    p.add_argument("--eval", type=int, default=0, metavar="N",
-                   help="after training, measure accuracy on N held-out prompts with the engine")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        spec = AdapterSpec(rank=args.rank, num_experts=args.experts, top_k=args.top_k,
-                           lora_alpha=args.alpha, init_type=args.init_type,
-                           init_cof=args.init_cof,
-                           target_modules=tuple(t.strip() for t in args.targets.split(",")
-                                                if t.strip()))
-        config = TrainConfig(task=args.task, out=args.out, model_dir=args.model, adapter=spec,
-                             steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             seed=args.seed, aux_loss_coeff=args.aux_loss_coeff,
-                             threads=args.threads, eval_prompts=args.eval)
-        result = train(config, progress=not args.quiet)
-    except (ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    summary = {k: v for k, v in asdict(result).items() if k not in ("losses", "aux_losses")}
-    summary.update(out=str(result.out), seconds=round(result.seconds, 1),
-                   setup_seconds=round(result.setup_seconds, 1),
-                   final_loss=round(sum(result.losses[-5:]) / len(result.losses[-5:]), 4))
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

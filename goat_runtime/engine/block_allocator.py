@@ -1,47 +1,16 @@
-"""The paged KV cache: per-layer K/V tensors of fixed-size blocks, and the block allocator.
+"""The KV cache's block allocator: which sequence owns which block of the model's KV tensors.
 
 A sequence's tokens live in the blocks its block table lists, token p at slot
-block_table[p // block_size] * block_size + p % block_size. Blocks carry reference counts so
-that sequences share prefix blocks: full blocks are cached under a hash of their content, their
-prefix and the adapter that computed them (prefix caching).
+block_table[p // block_size] * block_size + p % block_size (the tensors themselves are the
+model's: `goat_runtime.model.kv_cache`). Blocks carry reference counts so that sequences share
+prefix blocks: full blocks are cached under a hash of their content, their prefix and the
+adapter that computed them (prefix caching).
 """
 
 import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-
-import torch
-
-from goat_runtime.model.config import ModelConfig
-
-
-def block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes over all layers, K and V."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
-
-
-def cache_blocks_for_budget(memory_bytes: int, config: ModelConfig, block_size: int,
-                            dtype: torch.dtype) -> int:
-    """How many blocks fit in `memory_bytes` (0 if not even one does)."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, found {block_size}")
-    return max(0, memory_bytes // block_bytes(config, block_size, dtype))
-
-
-class KVCache:
-    """k[layer] / v[layer]: [num_blocks, block_size, num_kv_heads, head_dim]."""
-
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"a KV cache needs at least one block of at least one token, "
-                             f"got {num_blocks} blocks of {block_size}")
-        self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
 
 
 class NoFreeBlocksError(RuntimeError):

@@ -1,12 +1,13 @@
-"""Adapter tooling behind `goat-serve adapters inspect|validate`.
+"""`goat-serve adapters inspect|validate|train`: the adapter tools beside the server's CLI.
 
 inspect_adapter reads only adapter_config.json and the safetensors header (shapes and dtypes, no
 tensor data); validate_adapter loads the adapter exactly as the server would, against the Linear
 shapes of a base model computed from its config.json alone (the model is built on the meta
 device: no weights are read). Pickle checkpoints are never opened.
 
-    python -m goat_runtime.adapters.tools inspect PATH [--json]
-    python -m goat_runtime.adapters.tools validate PATH [--model DIR] [--max-lora-rank N] [--json]
+    goat-serve adapters inspect PATH [--json]
+    goat-serve adapters validate PATH [--model DIR] [--max-lora-rank N] [--json]
+    goat-serve adapters train --help   (goat_runtime.training.train)
 """
 
 import argparse
@@ -294,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `inspect`, `validate` or `train`; returns the exit status (0 ok, 1 invalid adapter)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:  # its own parser (and heavy imports), only when asked for
-        from goat_runtime.adapters.train import main as train_main
+        from goat_runtime.training.train import main as train_main
 
         return train_main(argv[1:])
     args = _parser().parse_args(argv)

@@ -6,6 +6,9 @@ which hidden states become logits) is read from the installed `StepContext`. A s
 batch of T tokens: the new (query) tokens of sequence i are the contiguous run
 [seq_starts[i], seq_starts[i] + query_lens[i]), and are the last query_lens[i] of its
 context_lens[i] tokens (context = tokens already in the cache + these new ones).
+
+The model owns this contract (what its layers read); whoever runs it (the engine, tests,
+benchmarks) builds a context per step with `build_step_context` and installs it.
 """
 
 from collections.abc import Iterator, Sequence
