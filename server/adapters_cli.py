@@ -198,7 +198,7 @@ def _weights_file(path: Path) -> Path:
     raise AdapterError(f"{path}: missing {WEIGHTS_FILE}")
 
 
-def _positive(config: dict, key: str, config_file: Path) -> int | float:
+def _positive(config: dict[str, Any], key: str, config_file: Path) -> int | float:
     value = config.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise AdapterError(f"{config_file}: {key} must be a positive number, found {value!r}")
@@ -217,7 +217,7 @@ def _read_header(weights_file: Path) -> dict[str, tuple[str, list[int]]]:
         ) from None
 
 
-def _module_sort_key(name: str) -> tuple:
+def _module_sort_key(name: str) -> tuple[tuple[int, int, str], ...]:
     # model.layers.10 after model.layers.9
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 

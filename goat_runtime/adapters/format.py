@@ -471,7 +471,7 @@ def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors
     return layers, signature
 
 
-def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+def lora_scale(alpha: float, rank: float, use_rslora: bool = False) -> float:
     """PEFT's scale: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (for GOAT, r is the
     expert rank)."""
     return alpha / (math.sqrt(rank) if use_rslora else rank)

@@ -16,7 +16,8 @@ from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora, paged_decode_at
 # MKL GEMM at decode batch sizes and loses to it beyond about 256 rows (figures in
 # docs/benchmarks.md, "Figures behind defaults").
 ONEDNN_MAX_ROWS = 256
-_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+# torch leaves torch.backends.mkldnn.is_available unannotated.
+_HAS_ONEDNN: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
 
 
 # oneDNN (and ideep above it) cache a compiled primitive per distinct input shape, up to 1024
@@ -55,7 +56,8 @@ def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
     view: it does not see later writes to `weight`."""
     if not (_HAS_ONEDNN and weight.is_cpu and weight.dtype == torch.float32):
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
+    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
+    return packed
 
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -67,8 +69,8 @@ def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         bucket = onednn_row_bucket(rows)
         if bucket != rows:  # padded with zero rows; each output row depends on its input row only
             x = torch.cat([x, x.new_zeros(bucket - rows, x.shape[1])])
-        y = torch.ops.mkldnn._linear_pointwise(x, weight if packed is None else packed, bias,
-                                               "none", [], "")
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            x, weight if packed is None else packed, bias, "none", [], "")
         return y if bucket == rows else y[:rows]
     return F.linear(x, weight, bias)
 
@@ -96,6 +98,8 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """cos/sin for the step's positions, computed once per forward and shared by all layers."""
+
+    inv_freq: torch.Tensor  # a buffer
 
     def __init__(self, head_dim: int, rope: RopeConfig, device: torch.device | str):
         super().__init__()

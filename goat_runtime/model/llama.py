@@ -59,7 +59,8 @@ class Attention(nn.Module):
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         out = (self.attn(q, k, v) if attention is None
                else attention(q, k, v, self.attn.sliding_window))
-        return self.o_proj(out.view(-1, self.q_size))
+        y: torch.Tensor = self.o_proj(out.view(-1, self.q_size))
+        return y
 
 
 class MLP(nn.Module):
@@ -78,7 +79,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        y: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        return y
 
 
 class DecoderLayer(nn.Module):
@@ -95,7 +97,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attention: AttentionFn | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        y: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return y
 
 
 class LlamaForCausalLM(nn.Module):
@@ -124,7 +127,8 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, attention)
-        return self.norm(x)
+        hidden: torch.Tensor = self.norm(x)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [N, vocab] of the step context's logits_indices."""
@@ -144,8 +148,12 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head_packed = pack_for_onednn(self.lm_head.data)
 
     def attach_kv_cache(self, cache: KVCache) -> None:
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers()):
             layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = cache.k[i], cache.v[i]
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """self.layers, typed."""
+        return [m for m in self.layers if isinstance(m, DecoderLayer)]
 
     def fused_linears(self) -> list[FusedLinear]:
         """The linears adapters can target, in layer order."""
@@ -157,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
                    "model.norm.weight": self.norm.weight.data}
         if not self.config.tie_word_embeddings:
             targets["lm_head.weight"] = self.lm_head.data
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers()):
             prefix = f"model.layers.{i}."
             targets[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight.data
             targets[prefix + "post_attention_layernorm.weight"] = \

@@ -15,8 +15,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from goat_runtime.adapters.format import GOAT_INIT_TYPES
 from goat_runtime.training.tasks import (
@@ -65,7 +67,7 @@ class TrainResult:
     base_loss: float  # the base model (no adapter) on the first batch
     num_parameters: int
     size_bytes: int
-    eval: dict | None = None
+    eval: dict[str, object] | None = None  # accuracies and a few samples, with --eval
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -77,7 +79,7 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def batches(task: Task, tokenizer, batch_size: int, seed: int,
+def batches(task: Task, tokenizer: PreTrainedTokenizerBase, batch_size: int, seed: int,
             held_out: Sequence[Example]) -> Callable[[], tuple[PackedBatch, list[Example]]]:
     """Fresh training batches from `seed`, never a held-out prompt."""
     rng, skip = random.Random(seed), {e.prompt for e in held_out}
@@ -96,12 +98,22 @@ def batches(task: Task, tokenizer, batch_size: int, seed: int,
     return next_batch
 
 
-def _progress(total: int):
+class _Progress(Protocol):
+    """What the loop uses of a tqdm bar."""
+
+    def set_postfix(self, **values: str) -> None: ...
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int) -> _Progress | None:
     try:
         from tqdm import tqdm
     except ImportError:  # plain lines on stderr
         return None
-    return tqdm(total=total, file=sys.stderr, desc="training", unit="step", dynamic_ncols=True)
+    bar: _Progress = tqdm(total=total, file=sys.stderr, desc="training", unit="step",
+                          dynamic_ncols=True)
+    return bar
 
 
 def train(config: TrainConfig, task: Task | None = None, *, progress: bool = True) -> TrainResult:
@@ -148,7 +160,7 @@ def _train(config: TrainConfig, task: Task | None, progress: bool) -> TrainResul
         lm_loss, aux = trainer.losses(batch)
         loss = lm_loss + config.aux_loss_coeff * aux
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         torch.nn.utils.clip_grad_norm_(trainer.trainable_parameters(), config.max_grad_norm)
         optimizer.step()
         losses.append(lm_loss.item())

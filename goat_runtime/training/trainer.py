@@ -157,7 +157,9 @@ def pack(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> Pack
         for j in range(max(prompt_len, 1), len(s)):
             loss_rows.append(row(j - 1))
             labels.append(s[j])
-    as_long = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    def as_long(v: list[int]) -> torch.Tensor:
+        return torch.tensor(v, dtype=torch.int64)
+
     return PackedBatch(as_long(ids), as_long(positions), as_long(segments), as_long(loss_rows),
                        as_long(labels))
 
@@ -278,8 +280,9 @@ class GoatTrainer(torch.nn.Module):
         self._token_slots = torch.zeros(batch.num_tokens, dtype=torch.int32)
         self.router_logits = {}
         try:
-            return self.base(batch.input_ids, batch.positions,
-                             attention=DenseAttention(batch.attention_mask))
+            hidden: torch.Tensor = self.base(batch.input_ids, batch.positions,
+                                             attention=DenseAttention(batch.attention_mask))
+            return hidden
         finally:
             self._slots = {}
 
