@@ -32,6 +32,7 @@ class Request:
     prompt_logprobs: list | None = None  # set once the whole prompt has been computed
     # Prompt logprobs so far (None for the first token), filled chunk by chunk.
     prompt_entries: list = field(default_factory=lambda: [None])
+    prompt_ranks: list = field(default_factory=lambda: [None])  # each prompt token's rank
     prompt_logprobs_sent: bool = False
     aborted: bool = False
 
