@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import adapter_routes, routes
+from server import adapter_routes, routes, tokenize_routes
 from server.auth import ApiKeyMiddleware
 from server.engine import ServingEngine
 from server.errors import RequestContextMiddleware, error_response, install_error_handlers
@@ -91,6 +91,7 @@ def create_app(engine: ServingEngine, settings: Settings | None = None,
     install_openapi(app)
     app.include_router(routes.router)
     app.include_router(adapter_routes.router)
+    app.include_router(tokenize_routes.router)
     # Added innermost first: request ids and the 500 guard wrap everything, then auth, then
     # the body limit (so unauthenticated clients cannot make the server read big bodies).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)

@@ -21,7 +21,10 @@ from server.protocol import (
     CompletionChunk,
     CompletionLogprobs,
     CompletionResponse,
+    CompletionStreamChoice,
     DeltaMessage,
+    PromptLogprob,
+    PromptLogprobs,
     TopLogprob,
     UsageInfo,
 )
@@ -32,6 +35,25 @@ def _clamp(logprob: float | None) -> float:
     if logprob is None or logprob != logprob:
         return -9999.0
     return max(logprob, -9999.0)
+
+
+def prompt_logprobs_out(entries: list[dict[int, float] | None], ranks: list[int | None],
+                        top: int, decode: Callable[[int], str]) -> PromptLogprobs:
+    """The engine's prompt logprobs as vLLM's `prompt_logprobs`: per position the prompt's own
+    token (with its rank over the vocabulary) and then the `top` most likely tokens, ranked 1
+    to `top` (the prompt's token keeps its place in that list when it is one of them)."""
+    result: PromptLogprobs = []
+    for entry, rank in zip(entries, ranks, strict=True):
+        if entry is None or rank is None:
+            result.append(None)
+            continue
+        own, *others = entry
+        in_top = rank <= top
+        top_ranks = iter([r for r in range(1, top + 1) if not (in_top and r == rank)])
+        result.append({token: PromptLogprob(
+            logprob=_clamp(entry[token]), rank=rank if token == own else next(top_ranks),
+            decoded_token=decode(token)) for token in (own, *others)})
+    return result
 
 
 class _Choice:
@@ -63,11 +85,17 @@ class Assembler(ABC):
         self.prompt_tokens = 0
         self.timings: list[dict[str, float]] = []
         self._seen_jobs: set[int] = set()
+        self.prompt_top = 0  # the top alternatives asked for per prompt position
+        self.prompt_logprobs: dict[int, PromptLogprobs] = {}  # per job, when asked for
 
     def _observe(self, job: int, output: RequestOutput) -> None:
         if job not in self._seen_jobs:
             self._seen_jobs.add(job)
             self.prompt_tokens += output.num_prompt_tokens
+        if output.prompt_logprobs is not None and output.prompt_logprob_ranks is not None:
+            self.prompt_logprobs[job] = prompt_logprobs_out(
+                output.prompt_logprobs, output.prompt_logprob_ranks, self.prompt_top,
+                self.decode)
         if output.finished and output.metrics:
             self.timings.append(dict(output.metrics))
 
@@ -112,10 +140,12 @@ class Assembler(ABC):
 
 class CompletionAssembler(Assembler):
     def __init__(self, response_id: str, model: str, n: int, prompt_ids: list[list[int]],
-                 decode: Callable[[int], str], echo_texts: list[str] | None, logprobs: int | None):
+                 decode: Callable[[int], str], echo_texts: list[str] | None, logprobs: int | None,
+                prompt_top: int | None = None):
         super().__init__(response_id, model, n, prompt_ids, decode)
         self.echo_texts = echo_texts  # the prompts' texts, when echo is on
         self.logprobs = logprobs
+        self.prompt_top = prompt_top or 0
 
     def add(self, job: int, output: RequestOutput) -> list[CompletionChunk]:
         """Fold in one engine output; returns the stream chunks it makes."""
@@ -140,7 +170,7 @@ class CompletionAssembler(Assembler):
             self._update(choice, delta)
             if text or logprobs or delta.finish_reason:
                 chunks.append(CompletionChunk(id=self.id, model=self.model, choices=[
-                    CompletionChoice(index=index, text=text, logprobs=logprobs,
+                    CompletionStreamChoice(index=index, text=text, logprobs=logprobs,
                                      finish_reason=delta.finish_reason,
                                      stop_reason=delta.stop_reason)]))
         return chunks
@@ -151,6 +181,8 @@ class CompletionAssembler(Assembler):
         entries = entries or []
         for i, token_id in enumerate(token_ids):
             entry = entries[i] if i < len(entries) else None
+            if entry is not None:  # the token, then the top `logprobs` (prompt_logprobs may
+                entry = dict(list(entry.items())[: (self.logprobs or 0) + 1])  # ask for more)
             token = self.decode(token_id)
             offset = choice.text_offset
             choice.text_offset += len(token)
@@ -174,15 +206,18 @@ class CompletionAssembler(Assembler):
             CompletionChoice(index=i, text="".join(c.text),
                              logprobs=c.completion_logprobs if self.logprobs is not None
                              else None,
-                             finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                             prompt_logprobs=self.prompt_logprobs.get(i // self.n))
             for i, c in enumerate(self.choices)])
 
 
 class ChatAssembler(Assembler):
     def __init__(self, response_id: str, model: str, n: int, prompt_ids: list[int],
-                 decode: Callable[[int], str], top_logprobs: int | None):
+                 decode: Callable[[int], str], top_logprobs: int | None,
+                 prompt_top: int | None = None):
         super().__init__(response_id, model, n, [prompt_ids], decode)
         self.top_logprobs = top_logprobs  # None: no logprobs
+        self.prompt_top = prompt_top or 0
 
     def initial_chunks(self) -> list[ChatCompletionChunk]:
         """The role announcement that opens each choice's stream."""
@@ -230,4 +265,4 @@ class ChatAssembler(Assembler):
                        logprobs=ChatChoiceLogprobs(content=c.chat_logprobs)
                        if self.top_logprobs is not None else None,
                        finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-            for i, c in enumerate(self.choices)])
+            for i, c in enumerate(self.choices)], prompt_logprobs=self.prompt_logprobs.get(0))

@@ -11,9 +11,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from server.protocol import (
     ChatCompletionResponse,
     CompletionResponse,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeResponse,
 )
 
 Responses = dict[int | str, dict[str, Any]]
@@ -62,6 +64,9 @@ HEALTH: Responses = {200: {"description": "The engine is running (an empty body)
                      **_errors(503)}
 METRICS: Responses = {200: _text("Prometheus metrics, text exposition format",
                                  CONTENT_TYPE_LATEST)}
+TOKENIZE: Responses = {200: {"model": TokenizeResponse}, **_errors(400, 401, 404, 413, 500)}
+DETOKENIZE: Responses = {200: {"model": DetokenizeResponse},
+                         **_errors(400, 401, 404, 413, 500)}
 COMPLETIONS = _generation(CompletionResponse, "CompletionChunk")
 CHAT_COMPLETIONS = _generation(ChatCompletionResponse, "ChatCompletionChunk")
 

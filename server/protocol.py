@@ -1,15 +1,16 @@
 """OpenAI-compatible request and response bodies (plus vLLM's extras), and their mapping to
 `SamplingParams`.
 
-Requests tolerate unknown fields (`extra="allow"`; they are ignored) so newer OpenAI clients keep
-working; fields whose meaning goat-serve cannot honour are refused by the routes, never ignored.
+Requests keep the fields they do not declare (`extra="allow"`) for request_fields.py, which
+refuses each by name unless it is on its short list of fields ignored on purpose; fields whose
+meaning goat-serve cannot honour are refused by the routes, never ignored.
 Known fields are typed strictly: a number given as a string, or a boolean given for a number (or
 the reverse), is a 400 naming the field, as OpenAI answers.
 """
 
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -65,6 +66,7 @@ class _SamplingRequest(_Body):
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs, top N each
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None,
                          prompt_logprobs: int | None) -> SamplingParams:
@@ -100,7 +102,9 @@ class CompletionRequest(_SamplingRequest):
     def to_sampling_params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
         max_tokens = check_context(prompt_len, self.max_tokens, max_model_len, "prompt",
                                    "max_tokens", default=16)
-        prompt_logprobs = self.logprobs if self.echo else None
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo:  # as vLLM: echo's logprobs are the prompt's
+            prompt_logprobs = self.logprobs
         return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 
 
@@ -134,7 +138,7 @@ class ChatCompletionRequest(_SamplingRequest):
                                    self.max_tokens_param, default=None)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
-            return self._sampling_params(max_tokens, logprobs, None)
+            return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
         except SamplingParamsError as exc:
             rename = {"max_tokens": self.max_tokens_param, "logprobs": "top_logprobs"}
             raise SamplingParamsError(rename.get(exc.param, exc.param), str(exc)) from exc
@@ -182,12 +186,30 @@ class CompletionLogprobs(_Out):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(_Out):
+class PromptLogprob(_Out):
+    """vLLM's `Logprob`: one token's logprob at a prompt position, its rank in the vocabulary
+    (1: the most likely) and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, token id -> its PromptLogprob (the prompt's own
+# token first, then the top N); None for the first token, which nothing predicts.
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
+class CompletionStreamChoice(_Out):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+
+
+class CompletionChoice(CompletionStreamChoice):
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 def _now() -> int:
@@ -239,6 +261,7 @@ class ChatCompletionResponse(_Out):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(_Out):
@@ -273,7 +296,7 @@ class CompletionChunk(_Out):
     object: str = "text_completion"
     created: int = Field(default_factory=_now)
     model: str
-    choices: list[CompletionChoice]
+    choices: list[CompletionStreamChoice]
     usage: UsageInfo | None = None
 
 
@@ -303,6 +326,36 @@ class LoadLoRAAdapterRequest(_Body):
 class UnloadLoRAAdapterRequest(_Body):
     lora_name: str
     lora_int_id: int | None = None  # vLLM's; unused
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a completion `prompt`, or chat `messages` through the chat template
+    (as /v1/chat/completions renders them)."""
+
+    model: str | None = None  # None: the base model
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool | None = None  # None: true for a prompt, false for messages
+    return_token_strs: bool | None = False
+    # with messages only
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+class TokenizeResponse(_Out):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None  # None: the base model
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Out):
+    prompt: str
 
 
 class ErrorInfo(_Out):

@@ -22,6 +22,7 @@ from server.protocol import (
     ModelList,
     valid_name,
 )
+from server.request_fields import check_fields
 from server.serving import Job, Target, serve
 from server.state import ServerState, get_state
 
@@ -30,7 +31,7 @@ router = APIRouter()
 
 # ---- models -------------------------------------------------------------------
 
-def _resolve_model(state: ServerState, name: str) -> Target:
+def resolve_model(state: ServerState, name: str) -> Target:
     engine = state.engine
     if name == engine.base_name:
         return Target(name, None, True)
@@ -60,7 +61,7 @@ async def list_models(request: Request) -> JSONResponse:
 @router.get("/v1/models/{model_id}", responses=openapi.MODEL)
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     state = get_state(request)
-    target = _resolve_model(state, model_id)  # 404 if unknown
+    target = resolve_model(state, model_id)  # 404 if unknown
     card = next(c for c in _model_cards(state) if c.id == target.name)
     return JSONResponse(card.model_dump())
 
@@ -85,7 +86,7 @@ async def metrics(request: Request) -> Response:
 
 # ---- generation ----------------------------------------------------------------------------
 
-def _decoder(state: ServerState) -> Callable[[int], str]:
+def decoder(state: ServerState) -> Callable[[int], str]:
     cache, tokenizer = state.token_text, state.engine.tokenizer
 
     def decode(token_id: int) -> str:
@@ -111,11 +112,19 @@ def _refuse(param: str, message: str) -> APIError:
     return APIError(400, message, param=param, code="unsupported_parameter")
 
 
+def _check_prompt_logprobs(body: CompletionRequest | ChatCompletionRequest) -> None:
+    if body.prompt_logprobs is not None and body.stream:  # as vLLM answers
+        raise APIError(400, "`prompt_logprobs` are not available when `stream=True`.",
+                       param="prompt_logprobs")
+
+
 @router.post("/v1/completions", response_model=None, responses=openapi.COMPLETIONS)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
-    target = _resolve_model(state, body.model)
+    target = resolve_model(state, body.model)
     with _count_error(state, target):
+        check_fields(body, "completions")
+        _check_prompt_logprobs(body)
         if body.suffix is not None:
             raise _refuse("suffix", "suffix is not supported (no fill-in-the-middle)")
         if body.best_of not in (None, 1, body.n):
@@ -128,8 +137,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     response_id = f"cmpl-{uuid.uuid4().hex}"
     jobs = [Job(f"{response_id}-{i}", ids, p)
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True))]
-    assembler = CompletionAssembler(response_id, body.model, body.n, prompts, _decoder(state),
-                                    texts if body.echo else None, body.logprobs)
+    assembler = CompletionAssembler(response_id, body.model, body.n, prompts, decoder(state),
+                                    texts if body.echo else None, body.logprobs,
+                                    params[0].prompt_logprobs)
     return await serve(request, state, target, jobs, assembler, body.stream,
                         body.include_usage)
 
@@ -138,8 +148,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
              responses=openapi.CHAT_COMPLETIONS)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
-    target = _resolve_model(state, body.model)
+    target = resolve_model(state, body.model)
     with _count_error(state, target):
+        check_fields(body, "chat")
+        _check_prompt_logprobs(body)
         if body.tool_choice is not None and not body.tools:  # as OpenAI answers
             raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed "
                            "when 'tools' are specified.", param="tool_choice")
@@ -154,8 +166,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         prompt_ids = await asyncio.to_thread(render_chat, state.engine.tokenizer, body)
         params = body.to_sampling_params(len(prompt_ids), state.engine.max_model_len)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    assembler = ChatAssembler(response_id, body.model, body.n, prompt_ids, _decoder(state),
-                              params.logprobs)
+    assembler = ChatAssembler(response_id, body.model, body.n, prompt_ids, decoder(state),
+                              params.logprobs, params.prompt_logprobs)
     jobs = [Job(f"{response_id}-0", prompt_ids, params)]
     return await serve(request, state, target, jobs, assembler, body.stream,
                         body.include_usage)

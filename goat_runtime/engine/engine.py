@@ -317,16 +317,21 @@ class LLMEngine:
         """The prompt logprobs of one prefill chunk (prompt positions start.. with these hidden
         states), PROMPT_LOGITS_ROWS rows of logits at a time: a [len(prompt), vocab] tensor
         would be 400 MB for 2,000 tokens of a 49k vocabulary."""
-        entries, prompt = request.prompt_entries, request.prompt_token_ids
+        entries, ranks = request.prompt_entries, request.prompt_ranks
+        prompt = request.prompt_token_ids
         if len(entries) < start + 1:
             raise RuntimeError(f"prompt logprobs of request {request.request_id} reach token "
                                f"{len(entries)}; the chunk starts at {start}")
         del entries[start + 1 :]  # a recompute after preemption replaces what it computed
+        del ranks[start + 1 :]
         targets = prompt[start + 1 : start + 1 + hidden.shape[0]]  # the last predicts no prompt
         num = request.params.prompt_logprobs or 0
         for a in range(0, len(targets), PROMPT_LOGITS_ROWS):
             b = min(a + PROMPT_LOGITS_ROWS, len(targets))
-            entries += prompt_logprobs(self.model.logits(hidden[a:b]), targets[a:b], num)
+            chunk, chunk_ranks = prompt_logprobs(self.model.logits(hidden[a:b]), targets[a:b],
+                                                 num)
+            entries += chunk
+            ranks += chunk_ranks
         if len(entries) == len(prompt):
             request.prompt_logprobs = entries
 
@@ -377,7 +382,8 @@ class LLMEngine:
             request.prompt_logprobs_sent = True
         return RequestOutput(request.request_id, deltas, finished,
                              len(request.prompt_token_ids),
-                             prompt_logprobs=request.prompt_logprobs if first else None)
+                             prompt_logprobs=request.prompt_logprobs if first else None,
+                             prompt_logprob_ranks=request.prompt_ranks if first else None)
 
     def _finish_request(self, request: Request, deltas: list[CompletionDelta]) -> RequestOutput:
         out = self._output(request, deltas, finished=True)

@@ -30,6 +30,8 @@ class RequestOutput:
     num_prompt_tokens: int
     # First output only, when prompt_logprobs was asked for: None for the first prompt token.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # With prompt_logprobs: each prompt token's rank (vLLM's `rank`), None for the first.
+    prompt_logprob_ranks: list[int | None] | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # filled in the last output
     error: Exception | None = None  # the request failed (finished is True); streams raise it
 

@@ -35,6 +35,8 @@ class Request:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     # Prompt logprobs so far (None for the first token), filled chunk by chunk.
     prompt_entries: list[TokenLogprobs | None] = field(default_factory=lambda: [None])
+    # Each prompt token's rank (None for the first).
+    prompt_ranks: list[int | None] = field(default_factory=lambda: [None])
     prompt_logprobs_sent: bool = False
     aborted: bool = False
 

@@ -102,11 +102,14 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledTokens:
 
 
 def prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int], num: int
-                    ) -> list[TokenLogprobs]:
-    """Logprobs of prompt tokens (echo), for a run of prompt positions: row i of `logits`
-    [m, V] is the position that predicts next_token_ids[i]; each entry holds that token's
-    logprob (first) and the top `num` alternatives at the position. The engine calls it once
-    per few rows of a prefill chunk, so no [len(prompt), V] tensor ever exists."""
+                    ) -> tuple[list[TokenLogprobs], list[int]]:
+    """Logprobs of prompt tokens (echo, prompt_logprobs), for a run of prompt positions: row i
+    of `logits` [m, V] is the position that predicts next_token_ids[i]; each entry holds that
+    token's logprob (first) and the top `num` alternatives at the position, in rank order.
+    Also returns each prompt token's rank as vLLM reports it: its place among the top `num`
+    if it is one of them, else the number of tokens at least as likely (itself included).
+    The engine calls it once per few rows of a prefill chunk, so no [len(prompt), V] tensor
+    ever exists."""
     targets = [int(t) for t in next_token_ids]
     if logits.dim() != 2 or logits.shape[0] != len(targets):
         raise ValueError(f"logits must be [{len(targets)}, vocab] for {len(targets)} prompt "
@@ -118,16 +121,21 @@ def prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int], num: in
         raise ValueError(f"prompt token ids must be in [0, {vocab})")
     lp = torch.log_softmax(logits.float(), dim=-1)
     index = torch.tensor(targets, dtype=torch.long, device=logits.device)
-    actual = lp.gather(1, index[:, None]).squeeze(1).tolist()
+    actual_t = lp.gather(1, index[:, None])
+    ranks = (lp >= actual_t).sum(dim=-1).tolist()
+    actual = actual_t.squeeze(1).tolist()
     top_values, top_ids = lp.topk(num, dim=-1) if num else (None, None)
     result: list[TokenLogprobs] = []
     for j, value in enumerate(actual):
         entry = {targets[j]: value}
         if top_ids is not None and top_values is not None:
-            for token, alt in zip(top_ids[j].tolist(), top_values[j].tolist(), strict=True):
+            ids = top_ids[j].tolist()
+            if targets[j] in ids:
+                ranks[j] = ids.index(targets[j]) + 1
+            for token, alt in zip(ids, top_values[j].tolist(), strict=True):
                 entry.setdefault(token, alt)
         result.append(entry)
-    return result
+    return result, ranks
 
 
 def _is_greedy(params: SamplingParams) -> bool:

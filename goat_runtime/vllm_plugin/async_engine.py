@@ -103,6 +103,14 @@ def _logprobs(entries) -> list | None:
     return [None if e is None else {t: lp.logprob for t, lp in e.items()} for e in entries]
 
 
+def _ranks(entries, prompt_token_ids: list[int]) -> list[int | None] | None:
+    """Each prompt token's rank from vLLM's prompt logprobs (None for the first)."""
+    if entries is None:
+        return None
+    return [None if e is None else e[t].rank for e, t in zip(entries, prompt_token_ids,
+                                                              strict=True)]
+
+
 class _Stats:
     """A vLLM stat logger (one per engine core) feeding the server's gauges and step metrics;
     vLLM calls `record` on the API server's event loop after each engine step."""
@@ -264,7 +272,9 @@ class VllmAsyncEngine:
                                           c.stop_reason) for c in out.outputs]
                 result = RequestOutput(
                     request_id, deltas, out.finished, len(prompt_token_ids),
-                    prompt_logprobs=_logprobs(out.prompt_logprobs) if first else None)
+                    prompt_logprobs=_logprobs(out.prompt_logprobs) if first else None,
+                    prompt_logprob_ranks=_ranks(out.prompt_logprobs, prompt_token_ids)
+                    if first else None)
                 if out.finished:
                     now = time.time()
                     result.metrics = {"arrival_time": arrival, "first_scheduled_time": arrival,

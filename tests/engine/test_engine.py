@@ -64,6 +64,7 @@ def run(engine: LLMEngine,
         r = results[out.request_id]
         if out.prompt_logprobs is not None:
             r["prompt_logprobs"] = out.prompt_logprobs
+            r["prompt_ranks"] = out.prompt_logprob_ranks
         for d in out.outputs:
             r["tokens"][d.index] += d.token_ids
             r["text"][d.index] += d.text

@@ -52,6 +52,7 @@ def test_preempted_mid_prompt_same_prompt_logprobs(tmp_path, name):
     assert seq.num_computed_tokens == 0
     outputs += list(step_all(engine))
     got = next(o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None)
+    ranks = next(o.prompt_logprob_ranks for o in outputs if o.prompt_logprobs is not None)
     tokens = [t for o in outputs for d in o.outputs for t in d.token_ids]
 
     assert engine.scheduler.num_preemptions == 1
@@ -61,6 +62,12 @@ def test_preempted_mid_prompt_same_prompt_logprobs(tmp_path, name):
     for pos in range(1, len(prompt)):
         assert got[pos][prompt[pos]] == pytest.approx(expected[pos - 1, prompt[pos]].item(),
                                                       abs=1e-4)
+        # the rank over the vocabulary: 1 + the tokens more likely (up to the reference's
+        # rounding)
+        row, value = expected[pos - 1], expected[pos - 1, prompt[pos]]
+        assert 1 + (row > value + 1e-4).sum() <= ranks[pos] <= (row >= value - 1e-4).sum(), pos
+    assert ranks[0] is None and ranks == alone["prompt_ranks"]
+    assert len(set(ranks[1:])) > 3  # a spread of ranks, not all top
     assert engine.allocator.num_free == engine.num_blocks or engine.config.enable_prefix_caching
 
 

@@ -337,17 +337,33 @@ def test_logprobs_top_n_are_the_n_largest():
 
 def test_prompt_logprobs():
     torch.manual_seed(7)
-    next_tokens = [9, 1, 9, 0]
+    next_tokens = [9, 1, 9, 0, 9]  # ranks 7, 4, 4, 3 and 1
     logits = torch.randn(len(next_tokens), 12)
-    result = prompt_logprobs(logits, next_tokens, 2)
-    assert len(result) == len(next_tokens)
+    result, ranks = prompt_logprobs(logits, next_tokens, 2)
+    assert len(result) == len(ranks) == len(next_tokens)
     raw = torch.log_softmax(logits, dim=-1)
     for i, entry in enumerate(result):
         assert next(iter(entry)) == next_tokens[i]  # the prompt's own token first
-        assert set(entry) == {next_tokens[i], *raw[i].topk(2).indices.tolist()}
+        top = raw[i].topk(2).indices.tolist()
+        assert set(entry) == {next_tokens[i], *top}
         for token, value in entry.items():
             assert value == pytest.approx(raw[i, token].item(), abs=1e-6)
-    assert prompt_logprobs(logits, next_tokens, 0)[0] == {9: pytest.approx(raw[0, 9].item())}
+        # the rank over the whole vocabulary: 1 + the tokens more likely
+        assert ranks[i] == 1 + int((raw[i] > raw[i, next_tokens[i]]).sum())
+    assert not all(r <= 2 for r in ranks) and any(r <= 2 for r in ranks)  # both cases covered
+    alone, alone_ranks = prompt_logprobs(logits, next_tokens, 0)
+    assert alone[0] == {9: pytest.approx(raw[0, 9].item())} and alone_ranks == ranks
+
+
+def test_prompt_logprob_ranks_of_ties_follow_the_top_list():
+    """A prompt token tied with others takes its place in the top list (vLLM's dict keeps the
+    top list's rank for it); outside the list, every token at least as likely counts."""
+    logits = torch.tensor([[0.0, 1.0, 1.0, 1.0, -1.0]] * 2)
+    _, ranks = prompt_logprobs(logits, [2, 4], 3)
+    top = torch.log_softmax(logits[0], -1).topk(3).indices.tolist()
+    assert ranks == [top.index(2) + 1, 5]
+    _, ranks = prompt_logprobs(logits, [2, 4], 1)
+    assert ranks[0] == (1 if top[0] == 2 else 3)
 
 
 @pytest.mark.parametrize("logits, tokens", [(torch.zeros(2, 5), [1, 2, 3]),

@@ -49,7 +49,7 @@ def test_malformed_completion_bodies(http: httpx.Client, body: bytes, param: str
 
 
 POST_ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
-               "/v1/unload_lora_adapter"]
+               "/v1/unload_lora_adapter", "/tokenize", "/detokenize"]
 
 
 @pytest.mark.parametrize("route", POST_ROUTES)
@@ -79,12 +79,15 @@ def test_malformed_chat_bodies(http: httpx.Client, body: dict, param: str) -> No
     assert_openai_error(http.post("/v1/chat/completions", json=body), 400, param)
 
 
-def test_unknown_fields_are_tolerated(http: httpx.Client) -> None:
-    response = http.post("/v1/completions", json={
-        "model": "goat0", "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0,
-        "some_future_openai_field": {"x": 1}, "user": "u-1"})
+def test_unknown_fields_are_refused_by_name(http: httpx.Client) -> None:
+    body = {"model": "goat0", "prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0,
+            "user": "u-1"}
+    response = http.post("/v1/completions", json=body)
     assert response.status_code == 200
     assert token_ids(response.json()["choices"][0]["text"]) == greedy("goat0", 0)[:2]
+    error = assert_openai_error(http.post("/v1/completions", json={
+        **body, "some_future_openai_field": {"x": 1}}), 400, "some_future_openai_field")
+    assert error["code"] == "unsupported_parameter"
 
 
 def test_oversized_body_is_413(http: httpx.Client) -> None:

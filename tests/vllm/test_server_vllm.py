@@ -2,7 +2,7 @@
 own environment (the CLI re-executes itself in the vLLM environment). One server for the
 module: greedy completions of the base and of GOAT and LoRA adapters against the fixture's
 reference, adapter listing and loading, a bad adapter refused alone (400, the engine keeps
-serving), metrics, unload. Slow: ~1 min."""
+serving), metrics, unload, prompt_logprobs and /tokenize. Slow: ~1 min."""
 
 import contextlib
 import json
@@ -119,6 +119,36 @@ def test_vllm_engine_serves_goat_api(server):
                          {"lora_name": "again", "lora_path": str(adapters / "goat0")})
     assert status == 200, body
     check("again", "goat0")
+
+
+def test_vllm_engine_prompt_logprobs_and_tokenize(server):
+    """vLLM's prompt_logprobs through goat-serve's server on vLLM's engine: the prompt tokens'
+    logprobs of an adapter, placed and shaped as vLLM answers, agree with the fixture's
+    reference logits; /tokenize and /detokenize answer for an adapter's name."""
+    import torch
+
+    base, _ = server
+    ref = load_file(str(FIXTURE / "reference_outputs.safetensors"))
+    prompt = ref["input_1"].tolist()
+    status, text = _call(base, "/v1/completions", {
+        "model": "lora0", "prompt": prompt, "max_tokens": 1, "prompt_logprobs": 2})
+    assert status == 200, text
+    got = json.loads(text)["choices"][0]["prompt_logprobs"]
+    expected = torch.log_softmax(ref["lora0_logits_1"].float(), dim=-1)
+    assert len(got) == len(prompt) and got[0] is None
+    for pos in range(1, len(prompt)):
+        own, *top = got[pos].items()
+        assert int(own[0]) == prompt[pos] and len(top) in (1, 2)
+        assert own[1]["logprob"] == pytest.approx(expected[pos - 1, prompt[pos]].item(),
+                                                  abs=1e-3)
+        row, value = expected[pos - 1], own[1]["logprob"]
+        assert 1 + (row > value + 1e-3).sum() <= own[1]["rank"] <= (row >= value - 1e-3).sum()
+    status, text = _call(base, "/tokenize", {"model": "goat1", "prompt": "w5 w6 w300"})
+    assert status == 200, text
+    assert json.loads(text) == {"count": 3, "max_model_len": 64, "tokens": [5, 6, 300],
+                                "token_strs": None}
+    status, text = _call(base, "/detokenize", {"model": "goat1", "tokens": [5, 6, 300]})
+    assert status == 200 and json.loads(text) == {"prompt": "w5 w6 w300"}, text
 
 
 def test_tensor_parallel_2_merged_over_http(vllm_python, tmp_path):
