@@ -11,7 +11,7 @@ expand. Plain LoRA slots go through the same path, so they share its fixes. Two 
   adapter (slot -1) get no delta: vLLM 0.32's CPU ops index the weights with -1, i.e. the last
   slot, so with max_loras=1 a base request batched with an adapter request got that adapter.
 - elsewhere (CUDA, and row-parallel layers under tensor parallelism on the CPU), vLLM's punica
-  shrink and expand with the gate (`gate.py`) between them. Row-parallel layers (o_proj,
+  shrink and expand with the gate (`goat_runtime.ops.gate`) between them. Row-parallel layers (o_proj,
   down_proj) see partial sums of the shrink under tensor parallelism: the router logits are
   all-reduced on a copy before the gate. The value rows stay partial; the layer's own
   all-reduce of its output sums them after the (linear) expand. On the CPU the rows of slot -1
@@ -25,7 +25,7 @@ import torch
 
 from goat_runtime.adapters.slots import allocate_slots, clear_slot, write_slice
 from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora
-from goat_runtime.vllm_plugin.gate import gate_rows
+from goat_runtime.ops.gate import gate_rows
 
 
 def require_cpu_kernel() -> None:
