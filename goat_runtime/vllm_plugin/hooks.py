@@ -7,8 +7,8 @@ several times per process).
     the matching order is kept, by a subclass with the GOAT gate (`layers.py`); the logits
     processor's LoRA class likewise.
 (c) `LoRAModelManager.activate_adapter`: after vLLM copies an adapter into a slot, each layer
-    is told that slot's (E, k, rank_e) per slice (on the CPU it then copies the slot into the
-    fused kernel's layout). `LoRAModelManager.__init__` is wrapped too,
+    is told that slot's (E, k, rank_e) and float32 routers per slice (on the CPU it then copies
+    the slot into the fused kernel's layout). `LoRAModelManager.__init__` is wrapped too,
     to learn the base checkpoint and refuse the options the hooks do not cover.
 (d) the front end (`validate.py`): adapters are read and checked in the API-server process
     before a worker loads them, since a failed load in a worker stops vLLM's engine.
@@ -148,13 +148,15 @@ def install() -> None:
             index = self.lora_index_to_id.index(lora_id)
             meta = getattr(self._registered_adapters[lora_id], "goat_meta", None) or {}
             merged = getattr(self._registered_adapters[lora_id], "goat_merged", set())
+            routers = getattr(self._registered_adapters[lora_id], "goat_routers", {})
             for name, module in self.modules.items():
                 if isinstance(module, GoatLinearMixin):
                     subs = self.packed_modules.get(name, [name])
                     if len(subs) != module.n_slices:
                         subs = [name] * module.n_slices
                     module.set_goat_meta(index, [meta.get(s, (0, 0, 0)) for s in subs],
-                                         [s in merged for s in subs])
+                                         [s in merged for s in subs],
+                                         [routers.get(s) for s in subs])
         return activated
 
     LoRAModelManager.activate_adapter = activate_adapter

@@ -135,6 +135,7 @@ def load_goat_lora_model(lora_model_cls, lora_dir: str, *, lora_model_id: int,
         raise ValueError(f"{lora_dir} is not a GOAT adapter")
     loras: dict[str, LoRALayerWeights] = {}
     meta: GoatMeta = {}
+    routers: dict[str, torch.Tensor] = {}
     target = merge_target(base.shapes)
     covered = target.covered(adapter) if target is not None else frozenset()
     merged: set[str] = set()
@@ -154,11 +155,15 @@ def load_goat_lora_model(lora_model_cls, lora_dir: str, *, lora_model_id: int,
         loras[name] = LoRALayerWeights(name, rows, 1, shrink.to(dtype=dtype),
                                        expand.to(dtype=dtype), scaling=1.0)
         meta[name] = module_meta
+        # The router also rides in the shrink, rounded to vLLM's LoRA dtype; the layers take
+        # it from here instead, in float32 (layers.py).
+        routers[name] = adapter.layers[module].router.float().contiguous()
         if module in covered:
             merged.add(name)
         rank = max(rank, rows)
     model = lora_model_cls(lora_model_id, rank, loras)
     model.goat_meta = meta
+    model.goat_routers = routers  # float32 [E, d_in] per sub-module, whatever `dtype` is
     model.goat_merged = merged  # sub-modules whose static term is in the base weights
     logger.info("goat vLLM plugin: loaded GOAT adapter %s (%d modules, %d LoRA rows, "
                 "static components %s)", lora_dir, len(loras), rank,
