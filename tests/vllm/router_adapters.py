@@ -32,7 +32,7 @@ def routers(d_in: int) -> dict[str, torch.Tensor]:
 def make_router_adapters(root: Path) -> dict[str, Path]:
     from goat_runtime.adapters.format import AdaptedLinear
     from goat_runtime.adapters.writer import save_adapter
-    from goat_runtime.vllm_plugin.validate import linear_shapes
+    from goat_runtime.vllm_plugin.state import linear_shapes
 
     gen = torch.Generator().manual_seed(0)
     layers: dict[str, dict[str, AdaptedLinear]] = {"router_fine": {}, "router_exact": {}}
