@@ -206,7 +206,7 @@ class VllmAsyncEngine:
         """--merge-static: the plugin merges the signature most GOAT adapters among --adapter
         and --adapter-dir share (merge.py); vLLM's processes inherit the setting."""
         from goat_runtime.vllm_plugin import merge
-        from goat_runtime.vllm_plugin.validate import linear_shapes
+        from goat_runtime.vllm_plugin.state import linear_shapes
 
         paths = [*self.config.adapters.values(), *filter(None, [self.config.adapter_dir])]
         os.environ[merge.ENV] = os.pathsep.join(str(p) for p in paths)
