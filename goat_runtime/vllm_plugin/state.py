@@ -7,7 +7,7 @@ Linear weights (read once), the merge target read from GOAT_VLLM_MERGE_STATIC, t
 received a merged term, the front end's check cache and whether the hooks are installed.
 `loader.py`, `merge.py` and `validate.py` import this module and never each other's state.
 
-The base model's Linear shapes are the model's own (`goat_runtime.adapters.tools.
+The base model's Linear shapes are the model's own (`goat_runtime.adapters.binding.
 base_linear_shapes`, from config.json: the shapes goat-serve's engine checks adapters against);
 the one checkpoint scan reads those modules' weights for the static components, so the front
 end checks adapters against exactly what the workers load.
@@ -96,7 +96,7 @@ def linear_shapes(path: Path) -> dict[str, tuple[int, int]]:
     """Module name -> (d_out, d_in) of every Linear adapters can target in the base at `path`
     (cached per path). Raises AdapterError if the base has no *.safetensors files or a config
     goat-serve cannot serve."""
-    from goat_runtime.adapters.tools import base_linear_shapes
+    from goat_runtime.adapters.binding import base_linear_shapes
 
     key = str(path.resolve())
     with STATE.lock:
