@@ -27,7 +27,7 @@ class Settings:
 
     api_keys: tuple[str, ...] = ()
     # Directories besides the engine's adapter dir that /v1/load_lora_adapter may load from.
-    allowed_adapter_roots: tuple[Path, ...] = ()
+    allowed_adapter_roots: tuple[Path | str, ...] = ()  # str: an s3:// or hf:// URL prefix
     # Requests allowed to wait for a free engine slot; beyond it: 429. None: no limit.
     max_queued_requests: int | None = None
     max_request_bytes: int = 4 << 20
@@ -45,10 +45,11 @@ class ServerState:
     token_text: dict[int, str] = field(default_factory=dict)  # token id -> decoded text
 
     def adapter_roots(self) -> list[Path]:
-        roots = [Path(r) for r in self.settings.allowed_adapter_roots]
+        """The local folders lora_path may name (URL roots: routes._remote_adapter)."""
+        roots = [Path(r) for r in self.settings.allowed_adapter_roots if isinstance(r, Path)]
         adapter_dir = getattr(self.engine.config, "adapter_dir", None)
-        if adapter_dir is not None:
-            roots.insert(0, Path(adapter_dir))
+        if isinstance(adapter_dir, Path):
+            roots.insert(0, adapter_dir)
         return [r.resolve() for r in roots]
 
 

@@ -1,8 +1,10 @@
-"""Adapters by name across three tiers: disk (the adapter directory), host memory (an LRU of
+"""Adapters by name across three tiers: a store (the adapter directory: a local folder, an S3
+prefix or a Hub repository, goat_runtime/adapters/store.py), host memory (an LRU of
 loaded, checked adapters with their static terms) and device slots (the stacked tensors the
 routed op reads, one slot per adapter, `max_loras` of them).
 
-Loading from disk runs on one background thread, so the running batch never waits for it; the
+Loading from disk runs on one background thread, so the running batch never waits for it
+(remote adapters are first fetched into a local cache on a small pool of download threads); the
 scheduler admits a request once its adapter is on the host, and `bind` puts a step's adapters
 in slots before the forward. The same name requested twice while loading loads once. Every
 static-component computation runs on that same thread (StaticComponents is not thread-safe).
@@ -25,6 +27,7 @@ from goat_runtime.adapters.binding import linear_shapes, slice_weights
 from goat_runtime.adapters.format import CONFIG_FILE, Adapter, AdapterError, load_adapter
 from goat_runtime.adapters.slots import allocate_slots, slice_rows, write_slot
 from goat_runtime.adapters.static import Factors, StaticComponents, most_common_signature
+from goat_runtime.adapters.store import FetchError, Location, StoreConfig, open_location
 from goat_runtime.engine.outputs import AdapterInfo, EngineError, EngineListener
 from goat_runtime.model.layers import FusedLinear
 from goat_runtime.ops import RoutedLoRAWeights
@@ -46,11 +49,19 @@ class HostAdapter:
 
 
 class AdapterManager:
-    def __init__(self, linears: list[FusedLinear], *, adapter_dir: Path | None, max_loras: int,
-                 max_cpu_adapters: int, max_lora_rank: int, static_cache_dir: Path | None,
-                 listener: EngineListener | None = None):
+    def __init__(self, linears: list[FusedLinear], *, adapter_dir: Path | str | None,
+                 max_loras: int, max_cpu_adapters: int, max_lora_rank: int,
+                 static_cache_dir: Path | None, listener: EngineListener | None = None,
+                 store_config: StoreConfig | None = None):
         self.linears = linears
-        self.adapter_dir = adapter_dir
+        self.store_config = store_config or StoreConfig()
+        if listener is not None and self.store_config.events is None:
+            self.store_config.events = listener
+        # The adapter folder; a remote one is listed now, so that a wrong URL or missing
+        # credentials stop the start-up (FetchError) instead of answering 404 to every request.
+        self.store = self.locate(adapter_dir) if adapter_dir is not None else None
+        if self.store is not None and self.store.remote:
+            self.store.adapter_names()
         self.max_loras, self.max_cpu_adapters = max_loras, max_cpu_adapters
         self.max_lora_rank = max_lora_rank
         self.listener = listener
@@ -60,9 +71,10 @@ class AdapterManager:
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU order
         self._loading: dict[str, Future] = {}
         self._failed: dict[str, Exception] = {}
-        self._registered: dict[str, Path] = {}  # loaded by path (not from the adapter dir)
+        self._registered: dict[str, Location] = {}  # loaded by path (not from the adapter dir)
         self._refs: Counter[str] = Counter()  # unfinished requests per adapter
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
+        self._downloads = ThreadPoolExecutor(4, thread_name_prefix="adapter-download")
         self._load_ids = itertools.count(1)
         # Device slots: slot i holds _slots[i] (a name) or None; the base, when it needs a slot
         # (merged static terms), owns the extra last slot.
@@ -94,23 +106,42 @@ class AdapterManager:
         self.base = HostAdapter(None, self.static.static_terms(None), load_id=0, pinned=True)
         self._allocate()
 
+    def start_up_adapters(self, pinned: dict[str, Path | str]) -> list[tuple[str, Path]]:
+        """The start-up adapters' local folders, for merge_static: the pinned ones (fetched if
+        remote: they load next anyway) and the adapter folder's on disk (of a remote store, the
+        ones already cached: the others are not downloaded for this)."""
+        found = [(name, self.locate(source).fetch()) for name, source in pinned.items()]
+        if self.store is not None:
+            for name in self.store.adapter_names():
+                local = self.store.child(name).local()
+                if local is not None:
+                    found.append((name, local))
+        return found
+
     # ---- names ------------------------------------------------------------------------------
 
-    def path_of(self, name: str) -> Path | None:
-        """Where an adapter not loaded yet would come from: the path it was registered with,
-        or <adapter_dir>/<name>."""
+    def locate(self, source: Path | str) -> Location:
+        """The location a path or an s3:// / hf:// URL names (ValueError if malformed)."""
+        return open_location(source, self.store_config)
+
+    def source_of(self, name: str) -> Location | None:
+        """Where an adapter not loaded yet would come from: the location it was registered
+        with, or <adapter_dir>/<name> (no download: a remote store answers from its listing)."""
         if name in self._registered:
             return self._registered[name]
-        if self.adapter_dir is None or "/" in name or name in (".", ".."):
+        if self.store is None or "/" in name or name in (".", "..") or not name:
             return None
-        path = self.adapter_dir / name
-        return path if (path / CONFIG_FILE).is_file() else None
+        try:
+            child = self.store.child(name)
+            return child if child.has_adapter() else None
+        except (ValueError, FetchError):  # an odd name; a store never listed (logged there)
+            return None
 
     def known(self, name: str) -> bool:
         with self._lock:
             if name in self._host or name in self._loading:
                 return True
-        return self.path_of(name) is not None
+        return self.source_of(name) is not None
 
     def is_loaded(self, name: str) -> bool:
         with self._lock:
@@ -122,25 +153,32 @@ class AdapterManager:
             if host is not None and host.adapter is not None:
                 return AdapterInfo(name, host.adapter.kind, True,
                                    "device" if name in self._slots else "host")
-        path = self.path_of(name)
-        return AdapterInfo(name, _kind_on_disk(path), False, "disk") if path else None
+        source = self.source_of(name)
+        return _unloaded_info(name, source) if source else None
 
     def infos(self) -> list[AdapterInfo]:
         with self._lock:
             infos = {name: AdapterInfo(name, h.adapter.kind, True,
                                        "device" if name in self._slots else "host")
                      for name, h in self._host.items() if h.adapter is not None}
-        if self.adapter_dir is not None and self.adapter_dir.is_dir():
-            for path in sorted(self.adapter_dir.iterdir()):
-                if path.name not in infos and (path / CONFIG_FILE).is_file():
-                    infos[path.name] = AdapterInfo(path.name, _kind_on_disk(path), False, "disk")
+        if self.store is not None:
+            try:
+                names = self.store.adapter_names()
+            except FetchError as exc:  # a remote store that cannot be listed: the loaded ones
+                logger.warning("%s", exc)
+                names = []
+            for name in names:
+                if name not in infos:
+                    infos[name] = _unloaded_info(name, self.store.child(name))
         return sorted(infos.values(), key=lambda i: i.name)
 
     # ---- loading ----------------------------------------------------------------------------
 
-    def request_load(self, name: str, path: Path | None = None, *, pinned: bool = False) -> Future:
-        """Start loading `name` (from `path`, or the adapter directory) unless it is loaded or
-        loading; the future resolves when it is on the host (or fails with AdapterError)."""
+    def request_load(self, name: str, path: Path | str | Location | None = None, *,
+                     pinned: bool = False) -> Future:
+        """Start loading `name` (from `path`: a folder or a URL; or from the adapter folder)
+        unless it is loaded or loading; the future resolves when it is on the host (or fails
+        with AdapterError). A remote adapter is fetched first, once however many ask."""
         with self._lock:
             if name in self._host:
                 done: Future = Future()
@@ -150,13 +188,31 @@ class AdapterManager:
                 return self._loading[name]
             self._failed.pop(name, None)
             if path is not None:
-                self._registered[name] = path
-            path = self.path_of(name)
-            if path is None:
+                self._registered[name] = (path if isinstance(path, Location)
+                                          else self.locate(path))
+            source = self.source_of(name)
+            if source is None:
                 raise EngineError(f"The model `{name}` does not exist.", status=404)
-            future = self._executor.submit(self._load, name, path, pinned)
+            if source.remote:
+                future = self._downloads.submit(self._fetch_and_load, name, source, pinned)
+            else:
+                future = self._executor.submit(self._load, name, source.fetch(), pinned)
             self._loading[name] = future
             return future
+
+    def _fetch_and_load(self, name: str, source: Location, pinned: bool) -> None:
+        try:
+            path = source.fetch()
+        except Exception as exc:
+            self._load_failed(name, exc)
+            raise
+        self._executor.submit(self._load, name, path, pinned).result()
+
+    def _load_failed(self, name: str, exc: Exception) -> None:
+        with self._lock:
+            self._loading.pop(name, None)
+            self._failed[name] = exc
+            self._registered.pop(name, None)
 
     def _load(self, name: str, path: Path, pinned: bool) -> None:
         start = time.monotonic()
@@ -164,10 +220,7 @@ class AdapterManager:
             adapter = load_adapter(path, self.shapes, name=name, max_rank=self.max_lora_rank)
             terms = self.static.static_terms(adapter)
         except Exception as exc:
-            with self._lock:
-                self._loading.pop(name, None)
-                self._failed[name] = exc
-                self._registered.pop(name, None)
+            self._load_failed(name, exc)
             raise
         host = HostAdapter(adapter, terms, next(self._load_ids), pinned=pinned)
         with self._lock:
@@ -377,7 +430,17 @@ class AdapterManager:
         return [n for n in self._slots if n is not None]
 
     def shutdown(self) -> None:
+        self._downloads.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _unloaded_info(name: str, source: Location) -> AdapterInfo:
+    """An adapter not in memory: "disk" (a local folder, or a remote one already cached, whose
+    kind its config tells) or "remote" (not downloaded yet: kind "unknown")."""
+    local = source.local()
+    if local is None:
+        return AdapterInfo(name, "unknown", False, "remote")
+    return AdapterInfo(name, _kind_on_disk(local), False, "disk")
 
 
 def _kind_on_disk(path: Path) -> str:

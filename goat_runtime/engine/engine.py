@@ -80,9 +80,9 @@ class LLMEngine:
             self.model.fused_linears(), adapter_dir=config.adapter_dir,
             max_loras=config.max_loras, max_cpu_adapters=config.max_cpu_adapters,
             max_lora_rank=config.max_lora_rank, static_cache_dir=config.static_cache_dir,
-            listener=listener)
+            listener=listener, store_config=config.store_config())
         if config.merge_static:
-            self.adapters.merge_static(self._adapter_candidates())
+            self.adapters.merge_static(self.adapters.start_up_adapters(config.adapters))
         if config.pack_weights:  # the base weights are final from here on
             self.model.pack_weights()
         for name, path in config.adapters.items():  # fail at start, not at the first request
@@ -96,13 +96,6 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}
-
-    def _adapter_candidates(self) -> list:
-        candidates = list(self.config.adapters.items())
-        if self.config.adapter_dir is not None and self.config.adapter_dir.is_dir():
-            candidates += [(p.name, p) for p in sorted(self.config.adapter_dir.iterdir())
-                           if self.adapters.path_of(p.name) == p]
-        return candidates
 
     # ---- requests ---------------------------------------------------------------------------
 
