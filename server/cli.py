@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapters resident on the device at once (default 8)")
     g.add_argument("--max-cpu-adapters", type=_positive, default=32, metavar="N",
                    help="adapters kept in host memory (default 32)")
+    g.add_argument("--max-cpu-adapter-memory", type=parse_size, metavar="SIZE",
+                   help="host memory for loaded adapters, e.g. 4GiB: least recently used ones "
+                        "are evicted beyond it as beyond --max-cpu-adapters (default: no byte "
+                        "bound; adapters in use may exceed it)")
     g.add_argument("--max-lora-rank", type=_positive, default=64, metavar="N",
                    help="largest adapter rank accepted, all experts together (default 64)")
     g.add_argument("--merge-static", action=argparse.BooleanOptionalAction, default=True,
@@ -216,6 +220,7 @@ def serve(args: argparse.Namespace) -> None:
             model_dir=Path(model_dir), adapter_dir=adapter_dir, adapters=dict(args.adapter),
             served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
             max_loras=args.max_loras, max_cpu_adapters=args.max_cpu_adapters,
+            max_cpu_adapter_memory=args.max_cpu_adapter_memory,
             max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
             merge_static=args.merge_static, pack_weights=args.pack_weights,

@@ -144,6 +144,15 @@ class ServerMetrics:
         self.adapter_resident = Gauge("goat_adapter_resident",
                                       "1 where an adapter resides (device or host), else 0.",
                                       ["adapter", "location"], registry=r)
+        self.adapter_memory_bytes = Gauge(
+            "goat_adapter_memory_bytes", "Bytes of adapters by tier: host (loaded adapters' "
+            "tensors and static terms) and device (the slot tensors).", ["tier"], registry=r)
+        self.adapter_memory_adapters = Gauge(
+            "goat_adapter_memory_adapters", "Adapters resident by tier (host, device).",
+            ["tier"], registry=r)
+        for tier in TIERS:
+            self.adapter_memory_bytes.labels(tier)
+            self.adapter_memory_adapters.labels(tier)
         self.adapter_downloads = Counter("goat_adapter_downloads",
                                          "Remote adapters downloaded, by store (s3, hf).",
                                          ["store"], registry=r)
@@ -241,6 +250,10 @@ class ServerMetrics:
     def on_adapter_location(self, name: str, location: str | None) -> None:
         for place in ("device", "host"):
             self.adapter_resident.labels(name, place).set(1 if place == location else 0)
+
+    def on_adapter_memory(self, tier: str, adapters: int, nbytes: int) -> None:
+        self.adapter_memory_bytes.labels(tier).set(nbytes)
+        self.adapter_memory_adapters.labels(tier).set(adapters)
 
     def on_adapter_download(self, store: str, nbytes: int, seconds: float) -> None:
         self.adapter_downloads.labels(store).inc()

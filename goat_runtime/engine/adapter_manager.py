@@ -41,6 +41,7 @@ class HostAdapter:
     terms: dict[str, Factors]  # static terms on top of the served weights
     load_id: int  # distinguishes a reload under the same name (prefix-cache keys use it)
     pinned: bool = False
+    nbytes: int = 0  # host memory of its tensors and static terms (the byte budget counts it)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -52,7 +53,7 @@ class AdapterManager:
     def __init__(self, linears: list[FusedLinear], *, adapter_dir: Path | str | None,
                  max_loras: int, max_cpu_adapters: int, max_lora_rank: int,
                  static_cache_dir: Path | None, listener: EngineListener | None = None,
-                 store_config: StoreConfig | None = None):
+                 store_config: StoreConfig | None = None, max_cpu_memory: int | None = None):
         self.linears = linears
         self.store_config = store_config or StoreConfig()
         if listener is not None and self.store_config.events is None:
@@ -63,6 +64,7 @@ class AdapterManager:
         if self.store is not None and self.store.remote:
             self.store.adapter_names()
         self.max_loras, self.max_cpu_adapters = max_loras, max_cpu_adapters
+        self.max_cpu_memory = max_cpu_memory  # bytes of host adapters (None: count bound only)
         self.max_lora_rank = max_lora_rank
         self.listener = listener
         self.shapes = linear_shapes(linears)
@@ -222,15 +224,18 @@ class AdapterManager:
         except Exception as exc:
             self._load_failed(name, exc)
             raise
-        host = HostAdapter(adapter, terms, next(self._load_ids), pinned=pinned)
+        host = HostAdapter(adapter, terms, next(self._load_ids), pinned=pinned,
+                           nbytes=host_bytes(adapter, terms))
         with self._lock:
             self._host[name] = host
             self._loading.pop(name, None)
         seconds = time.monotonic() - start
-        logger.info("loaded adapter %s (%s) in %.2fs", name, adapter.kind, seconds)
+        logger.info("loaded adapter %s (%s, %d bytes) in %.2fs", name, adapter.kind,
+                    host.nbytes, seconds)
         if self.listener:
             self.listener.on_adapter_loaded(name, seconds)
             self.listener.on_adapter_location(name, "host")
+        self._trim_host(keep=name)  # it waits for its first step: never evicted before it
 
     def status(self, name: str) -> str:
         """"ready" (on the host), "loading", "failed" or "unknown"."""
@@ -282,29 +287,48 @@ class AdapterManager:
         self._drop_slot(name)
         if self.listener:
             self.listener.on_adapter_location(name, None)
+        self._report_memory()
 
     def refs(self, name: str) -> int:
         with self._lock:
             return self._refs[name]
 
-    def _trim_host(self) -> None:
-        """Evict least recently used host adapters over max_cpu_adapters (never pinned ones,
-        ones with requests, or ones in a device slot)."""
+    def _trim_host(self, keep: str | None = None) -> None:
+        """Evict least recently used host adapters while there are more than max_cpu_adapters
+        or they hold more than max_cpu_memory bytes (never pinned ones, ones with requests,
+        ones in a device slot, or `keep`: those may hold the host over its bounds)."""
         evicted = []
         with self._lock:
             excess = len(self._host) - self.max_cpu_adapters
+            over = (sum(h.nbytes for h in self._host.values()) - self.max_cpu_memory
+                    if self.max_cpu_memory is not None else 0)
             for name, host in list(self._host.items()):
-                if excess <= 0:
+                if excess <= 0 and over <= 0:
                     break
-                if host.pinned or self._refs[name] or name in self._slots:
+                if host.pinned or self._refs[name] or name in self._slots or name == keep:
                     continue
                 del self._host[name]
                 evicted.append(name)
                 excess -= 1
+                over -= host.nbytes
         for name in evicted:
             if self.listener:
                 self.listener.on_adapter_evicted(name, "host")
                 self.listener.on_adapter_location(name, None)
+        self._report_memory()
+
+    def memory(self) -> dict[str, tuple[int, int]]:
+        """Per tier, (adapters resident, bytes): "host", the loaded adapters' tensors and
+        static terms; "device", the adapters in slots and the slot tensors' bytes."""
+        with self._lock:
+            host = (len(self._host), sum(h.nbytes for h in self._host.values()))
+        slots = sum(t.nbytes for linear in self.linears for t in _slot_tensors(linear.routed))
+        return {"host": host, "device": (sum(n is not None for n in self._slots), slots)}
+
+    def _report_memory(self) -> None:
+        if self.listener:
+            for tier, (count, nbytes) in self.memory().items():
+                self.listener.on_adapter_memory(tier, count, nbytes)
 
     # ---- device slots -----------------------------------------------------------------------
 
@@ -366,6 +390,7 @@ class AdapterManager:
         self._slots[slot] = name
         if self.listener:
             self.listener.on_adapter_location(name, "device")
+        self._report_memory()
 
     def _needs(self, host: HostAdapter) -> tuple[int, int]:
         rows, experts = 1, 0
@@ -432,6 +457,18 @@ class AdapterManager:
     def shutdown(self) -> None:
         self._downloads.shutdown(wait=False, cancel_futures=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def host_bytes(adapter: Adapter, terms: dict[str, Factors]) -> int:
+    """Bytes an adapter holds in host memory: its factors, routers and static terms."""
+    tensors = [t for layer in adapter.layers.values()
+               for t in (layer.lora_a, layer.lora_b, layer.router) if t is not None]
+    tensors += [t for factors in terms.values() for t in factors]
+    return sum(t.nbytes for t in tensors)
+
+
+def _slot_tensors(routed: RoutedLoRAWeights) -> list[torch.Tensor]:
+    return [routed.shrink, routed.router, routed.expand, routed.slice_meta]
 
 
 def _unloaded_info(name: str, source: Location) -> AdapterInfo:

@@ -48,6 +48,7 @@ class EngineConfig:
     device: str = "auto"  # auto, cpu, cuda
     max_loras: int = 8  # adapters resident in device slots (distinct adapters per step)
     max_cpu_adapters: int = 32  # adapters kept loaded in host memory (LRU)
+    max_cpu_adapter_memory: int | None = None  # bytes of those adapters (LRU); None: no bound
     max_lora_rank: int = 64
     max_num_seqs: int = 64  # running sequences per step
     max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
@@ -73,6 +74,9 @@ class EngineConfig:
                      "adapter_download_retries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_cpu_adapter_memory is not None and self.max_cpu_adapter_memory < 1:
+            raise ValueError(f"max_cpu_adapter_memory must be at least 1 byte, got "
+                             f"{self.max_cpu_adapter_memory}")
         if self.max_cpu_adapters < self.max_loras:
             raise ValueError(f"max_cpu_adapters ({self.max_cpu_adapters}) must be at least "
                              f"max_loras ({self.max_loras}): device adapters live on the host too")

@@ -89,6 +89,9 @@ class EngineListener(Protocol):
 
     def on_expert_selections(self, adapter: str, counts: list[int]) -> None: ...
 
+    def on_adapter_memory(self, tier: str, adapters: int, nbytes: int) -> None:
+        """Adapters resident in a tier ("host" or "device") and the bytes they take."""
+
     # Remote adapters (adapters/store.py's StoreEvents; called from a download thread): store
     # is "s3" or "hf"; reason one of FetchError's.
     def on_adapter_download(self, store: str, nbytes: int, seconds: float) -> None: ...

@@ -95,6 +95,13 @@ def test_metrics_after_traffic(live: LiveServer) -> None:
     assert value(samples, "goat_adapter_evictions_total", adapter="goat0", tier="device") >= 1
     assert sum(v for (n, _), v in samples.items()
                if n == "goat_adapter_evictions_total" and ("tier", "host") in _) >= 1
+    # bytes and adapters per tier: goat1 and lora0 on the host, goat1 in the one slot
+    host = live.engine.engine.adapters
+    assert value(samples, "goat_adapter_memory_adapters", tier="host") == 2
+    assert value(samples, "goat_adapter_memory_bytes", tier="host") == sum(
+        host.get(n).nbytes for n in ("goat1", "lora0")) > 0
+    assert value(samples, "goat_adapter_memory_adapters", tier="device") == 1
+    assert value(samples, "goat_adapter_memory_bytes", tier="device") > 0
     # label values only from the base and loaded adapters (or the fixed UNRESOLVED)
     allowed = {BASE, "goat0", "goat1", "lora0", UNRESOLVED}
     for name in ("goat_requests_total", "goat_prompt_tokens_total",
