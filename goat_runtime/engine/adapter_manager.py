@@ -1,7 +1,13 @@
 """Adapters by name across three tiers: a store (the adapter directory: a local folder, an S3
 prefix or a Hub repository, goat_runtime/adapters/store.py), host memory (an LRU of
 loaded, checked adapters with their static terms) and device slots (the stacked tensors the
-routed op reads, one slot per adapter, `max_loras` of them).
+routed op reads, one slot per adapter).
+
+On an accelerator there are `max_loras` slots, so a step serves at most that many distinct
+adapters and slots are reused LRU. On the CPU the slots are host memory too, so they are not a
+bound: every adapter on the host keeps its slot, written once after its load (not per use), the
+pool grows (doubling) when all are taken, a slot is reused once its adapter has left the host,
+and any number of distinct adapters can share a step.
 
 Loading from disk runs on one background thread, so the running batch never waits for it
 (remote adapters are first fetched into a local cache on a small pool of download threads); the
@@ -82,6 +88,8 @@ class AdapterManager:
         # (merged static terms), owns the extra last slot.
         self._slots: list[str | None] = [None] * max_loras
         self._slot_used: list[float] = [0.0] * max_loras
+        self._slot_ids: list[int] = [0] * max_loras  # the load_id written in each slot
+        self.slots_on_host = linears[0].weight.device.type == "cpu"
         self._value_rows, self._max_experts = 1, 0
         self.base: HostAdapter | None = None
         self._allocate()
@@ -305,7 +313,8 @@ class AdapterManager:
             for name, host in list(self._host.items()):
                 if excess <= 0 and over <= 0:
                     break
-                if host.pinned or self._refs[name] or name in self._slots or name == keep:
+                if host.pinned or self._refs[name] or name == keep or (
+                        name in self._slots and not self.slots_on_host):
                     continue
                 del self._host[name]
                 evicted.append(name)
@@ -323,7 +332,12 @@ class AdapterManager:
         with self._lock:
             host = (len(self._host), sum(h.nbytes for h in self._host.values()))
         slots = sum(t.nbytes for linear in self.linears for t in _slot_tensors(linear.routed))
-        return {"host": host, "device": (sum(n is not None for n in self._slots), slots)}
+        # A snapshot: the engine thread writes them (zip stops at the shorter while one grows)
+        owners = list(zip(self._slots, self._slot_ids, strict=False))
+        with self._lock:
+            resident = sum(n in self._host and self._host[n].load_id == load_id
+                           for n, load_id in owners if n is not None)
+        return {"host": host, "device": (resident, slots)}
 
     def _report_memory(self) -> None:
         if self.listener:
@@ -336,30 +350,51 @@ class AdapterManager:
         return name in self._slots
 
     def can_bind(self, names: Collection[str], extra: str) -> bool:
-        """Whether `extra` can join a step whose adapters are `names`: at most max_loras distinct
-        adapters per step, as many as there are slots."""
-        return extra in names or len(names) < self.max_loras
+        """Whether `extra` can join a step whose adapters are `names`: on an accelerator at most
+        max_loras distinct adapters per step, as many as there are slots; on the CPU any."""
+        return self.slots_on_host or extra in names or len(names) < self.max_loras
 
     def bind(self, names: Iterable[str]) -> dict[str | None, int]:
         """Put the step's adapters in device slots (evicting least recently used ones outside
         the step); returns name -> slot, with None -> the base's slot (-1 when the base needs
         none)."""
         names = set(names)
-        if len(names) > self.max_loras:
+        if len(names) > self.max_loras and not self.slots_on_host:
             raise RuntimeError(f"{len(names)} adapters in one step, max_loras is {self.max_loras}")
         now = time.monotonic()
-        mapping: dict[str | None, int] = {None: self.max_loras if self.base else -1}
+        slots: dict[str | None, int] = {}
         for name in sorted(names):
-            if name in self._slots:
-                slot = self._slots.index(name)
-            else:
+            slot = self._slot_of(name, self.get(name))
+            if slot is None:
                 slot = self._free_slot(names)
                 self._write(slot, name)
             self._slot_used[slot] = now
-            mapping[name] = slot
-        return mapping
+            slots[name] = slot
+        # The base's slot is the last one (after the writes: a pool that grew moved it).
+        return {None: len(self._slots) if self.base else -1, **slots}
+
+    def _peek(self, name: str) -> HostAdapter | None:
+        """The host entry of `name` without touching its LRU place."""
+        with self._lock:
+            return self._host.get(name)
+
+    def _slot_of(self, name: str, host: HostAdapter | None) -> int | None:
+        """The slot holding this load of `name`, if any (not an earlier load's stale copy; a
+        name is in one slot at most, see _write)."""
+        try:
+            slot = self._slots.index(name)
+        except ValueError:
+            return None
+        return slot if host is not None and self._slot_ids[slot] == host.load_id else None
 
     def _free_slot(self, keep: set[str]) -> int:
+        if self.slots_on_host:  # slots of adapters gone from the host, else a bigger pool
+            for i, owner in enumerate(self._slots):
+                if owner is None or self._slot_of(owner, self._peek(owner)) != i:
+                    self._slots[i] = None
+                    return i
+            self._grow_slots()
+            return self._free_slot(keep)
         candidates = [i for i, n in enumerate(self._slots) if n is None or n not in keep]
         slot = min(candidates, key=lambda i: (self._slots[i] is not None, self._slot_used[i]))
         old = self._slots[slot]
@@ -387,7 +422,8 @@ class AdapterManager:
                 self._value_rows, self._max_experts = before
                 raise
         self._write_host(slot, host)  # a failure leaves the slot free (taken only below)
-        self._slots[slot] = name
+        self._drop_slot(name)  # an earlier load's copy (CPU: kept until its slot is reused)
+        self._slots[slot], self._slot_ids[slot] = name, host.load_id
         if self.listener:
             self.listener.on_adapter_location(name, "device")
         self._report_memory()
@@ -419,21 +455,36 @@ class AdapterManager:
             rows, experts = self._needs(self.base)
             self._value_rows = max(self._value_rows, rows)
             self._max_experts = max(self._max_experts, experts)
-        num_slots = self.max_loras + (1 if self.base else 0)
+        num_slots = len(self._slots) + (1 if self.base else 0)
         routed = [allocate_slots(num_slots, linear.out_sizes, linear.d_in,
                                  value_rows=self._value_rows, max_experts=self._max_experts,
                                  dtype=linear.weight.dtype, device=linear.weight.device)
                   for linear in self.linears]
-        hosts = [self.get(name) if name else None for name in self._slots]
+        hosts = [self._peek(name) if name else None for name in self._slots]
+        hosts = [h if h is not None and h.load_id == load_id else None  # not stale copies
+                 for h, load_id in zip(hosts, self._slot_ids, strict=True)]
         for slot, host in enumerate(hosts):
             if host is not None:
                 self._write_host(slot, host, routed)
         if self.base is not None:
-            self._write_host(self.max_loras, self.base, routed)
+            self._write_host(len(self._slots), self.base, routed)
         for linear, slots in zip(self.linears, routed, strict=True):
             linear.routed = slots
         self._slots = [name if host is not None else None
                        for name, host in zip(self._slots, hosts, strict=True)]
+
+    def _grow_slots(self) -> None:
+        """Double the slot pool (CPU), keeping every slot's contents; all or nothing."""
+        extra = len(self._slots)
+        self._slots += [None] * extra
+        self._slot_used += [0.0] * extra
+        self._slot_ids += [0] * extra
+        try:
+            self._allocate()
+        except Exception:
+            del self._slots[-extra:], self._slot_used[-extra:], self._slot_ids[-extra:]
+            raise
+        logger.info("adapter slots grown to %d", len(self._slots))
 
     def _drop_slot(self, name: str) -> None:
         if name in self._slots:
