@@ -76,12 +76,9 @@ def write_random_model(model_dir: Path, config_dict: Mapping[str, Any] | None = 
 def base_linears(model_dir: Path) -> dict[str, tuple[int, int]]:
     """Module name -> (d_out, d_in) of each projection the adapters may target (from the config
     alone: the model is built on the meta device)."""
-    from goat_runtime.adapters.binding import linear_shapes
-    from goat_runtime.model.config import ModelConfig
-    from goat_runtime.model.llama import LlamaForCausalLM
+    from goat_runtime.adapters.binding import base_linear_shapes
 
-    probe = LlamaForCausalLM(ModelConfig.from_pretrained(model_dir), device="meta")
-    return linear_shapes(probe.fused_linears())
+    return base_linear_shapes(model_dir)
 
 
 def write_adapters(folder: Path, shapes: Mapping[str, tuple[int, int]], names: Sequence[str],

@@ -13,6 +13,7 @@ closed loop whose requests pick adapters by Zipf(1.0). It reports:
   cost more per sequence, whatever the adapters cost).
 
     .venv/bin/python -m loadtests.churn [--num-adapters 200] [--num-requests 128]
+    .venv/bin/python -m loadtests.churn --loads-only 50   # adapter load time alone, p50/p99
 
 A benchmark script, not a test: it takes minutes and all of the machine's cores.
 """
@@ -73,6 +74,7 @@ class ChurnConfig:
     output_len: int = 64
     poll_s: float = 0.5  # /metrics polling interval
     max_busy: float | None = None
+    loads_only: int = 0  # > 0: only time that many adapter loads (measure_loads), no server
 
 
 @dataclass
@@ -422,6 +424,24 @@ def run(config: ChurnConfig) -> tuple[ChurnRun, ChurnRun, Ceiling]:
     return baseline, churn, ceiling
 
 
+def measure_loads(folder: Path, names: Sequence[str], shapes: dict[str, tuple[int, int]],
+                  rounds: int = 3) -> LatencyStats:
+    """Read-and-check time of each adapter (`format.load_adapter`, what the loader thread runs
+    before the static terms) from a warm page cache: every file is read once first."""
+    from goat_runtime.adapters.format import load_adapter
+
+    for name in names:
+        for path in (folder / name).iterdir():
+            path.read_bytes()
+    seconds = []
+    for _ in range(rounds):
+        for name in names:
+            start = time.perf_counter()
+            load_adapter(folder / name, shapes)
+            seconds.append(time.perf_counter() - start)
+    return LatencyStats.of(seconds)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
     d = ChurnConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None,
@@ -440,6 +460,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)
     p.add_argument("--output-len", type=int, default=d.output_len)
     p.add_argument("--poll", type=float, default=d.poll_s, help="/metrics poll interval (s)")
+    p.add_argument("--loads-only", type=int, default=0, metavar="N",
+                   help="only time loading N adapters from a warm page cache (3 rounds)")
     add_max_busy_arg(p)
     a = p.parse_args(argv)
     if a.resident_adapters > a.num_adapters:
@@ -449,7 +471,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
         kind=a.kind, num_adapters=a.num_adapters, resident_adapters=a.resident_adapters,
         max_loras=a.max_loras, max_cpu_adapters=a.max_cpu_adapters, zipf_alpha=a.zipf_alpha,
         concurrency=a.concurrency, num_requests=a.num_requests, prompt_len=a.prompt_len,
-        output_len=a.output_len, poll_s=a.poll, max_busy=a.max_busy,
+        output_len=a.output_len, poll_s=a.poll, max_busy=a.max_busy, loads_only=a.loads_only,
     )
 
 
@@ -457,6 +479,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     machine = machine_summary()
     print(machine, file=sys.stderr)
+    if config.loads_only:
+        model_dir = write_random_smollm(config.work_dir / BASE_NAME)
+        shapes = base_linears(model_dir)
+        folder = config.work_dir / f"churn-{config.kind}"
+        names = [f"churn-{i}" for i in range(config.loads_only)]
+        write_adapters(folder, shapes, names, config.kind, seed=5000)
+        size = sum(p.stat().st_size for p in (folder / names[0]).iterdir())
+        stats = measure_loads(folder, names, shapes)
+        print(f"{config.kind} adapter, r=8 E=8 k=2, all projections, {size / 1e6:.1f} MB: load "
+              f"p50 {stats.percentiles['p50']:.1f} ms, p99 {stats.percentiles['p99']:.1f} ms "
+              f"over {stats.count} loads")
+        return 0
     baseline, churn, ceiling = run(config)
     text = report(config, baseline, churn, ceiling)
     print("\n" + text)

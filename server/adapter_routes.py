@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from goat_runtime.adapters.format import AdapterError
+from goat_runtime.adapters.store import FetchError, check_location, is_url, within_url
 from goat_runtime.engine.outputs import EngineError
 from server import openapi
 from server.errors import APIError
@@ -62,14 +63,33 @@ def _adapter_path(state: ServerState, raw: str) -> Path:
     return resolved
 
 
+def _remote_adapter(state: ServerState, raw: str) -> str:
+    """The s3:// or hf:// URL `raw`, which must lie under a URL adapter directory or allowed
+    root (a client must not make the server fetch from anywhere its credentials reach)."""
+    check_unicode("lora_path", raw)
+    try:
+        url = check_location(raw)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="lora_path", code="invalid_path") from exc
+    if not any(within_url(str(url), root) for root in state.url_roots()):
+        raise APIError(400, "lora_path is outside the adapter directory and the allowed roots",
+                       param="lora_path", code="invalid_path")
+    return str(url)
+
+
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
              responses=openapi.LOAD_ADAPTER)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> Response:
     state = get_state(request)
     _check_adapter_name(state, body.lora_name)
-    path = _adapter_path(state, body.lora_path)
+    path = (_remote_adapter(state, body.lora_path) if is_url(body.lora_path)
+            else _adapter_path(state, body.lora_path))
     try:
         await state.engine.load_adapter(body.lora_name, path)
+    except FetchError as exc:
+        status, code = (404, "adapter_not_found") if exc.reason == "not_found" else (
+            400, "invalid_adapter")
+        raise APIError(status, str(exc), param="lora_path", code=code) from exc
     except AdapterError as exc:
         raise APIError(400, state.public_message(str(exc)), param="lora_path",
                        code="invalid_adapter") from exc

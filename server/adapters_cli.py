@@ -22,6 +22,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
+from goat_runtime.adapters.binding import base_linear_shapes
 from goat_runtime.adapters.format import (
     CONFIG_FILE,
     KEY_PREFIX,
@@ -119,19 +120,6 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     else:
         info["scale"] = lora_scale(alpha, rank, info["use_rslora"])
     return info
-
-
-def base_linear_shapes(model_dir: str | Path) -> dict[str, tuple[int, int]]:
-    """Module name -> (d_out, d_in) of every Linear adapters can target in the base model at
-    `model_dir`, from its config.json alone. Raises ValueError for an unusable config."""
-    import torch
-
-    from goat_runtime.adapters.binding import linear_shapes
-    from goat_runtime.model import LlamaForCausalLM, ModelConfig
-
-    config = ModelConfig.from_pretrained(model_dir)
-    model = LlamaForCausalLM(config, torch.float32, device="meta")
-    return linear_shapes(model.fused_linears())
 
 
 def _describe_base(model_dir: Path) -> str:

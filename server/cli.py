@@ -47,7 +47,14 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _adapter_dir(text: str) -> Path:
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _adapter_dir(text: str) -> Path | str:
     # --adapter-dir and --adapter paths are checked while parsing: before the default model is
     # prepared, before --engine vllm re-executes, before any model loads.
     from goat_runtime.engine.config import check_adapter_dir
@@ -58,7 +65,18 @@ def _adapter_dir(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _named_adapter(text: str) -> tuple[str, Path]:
+def _adapter_root(text: str) -> Path | str:
+    from goat_runtime.adapters.store import check_location, is_url
+
+    if not is_url(text):
+        return Path(text)
+    try:
+        return check_location(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _named_adapter(text: str) -> tuple[str, Path | str]:
     name, sep, path = text.partition("=")
     if not sep or not path or not valid_name(name):
         raise argparse.ArgumentTypeError(
@@ -75,18 +93,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base model directory (config, safetensors, tokenizer). Default: the "
                         "embedded SmolLM2-135M-Instruct, with the repository's demo adapters")
     g = p.add_argument_group("adapters")
-    g.add_argument("--adapter-dir", type=_adapter_dir, metavar="DIR",
-                   help="local folder of adapter folders, served by folder name and loaded on "
-                        "first use (must exist; object storage is not supported yet)")
+    g.add_argument("--adapter-dir", type=_adapter_dir, metavar="DIR|URL",
+                   help="folder of adapter folders, served by folder name and loaded on first "
+                        "use: a local folder (must exist), s3://bucket/prefix or "
+                        "hf://org/repo[@revision][/folder] (fetched into --adapter-cache-dir "
+                        "or the Hub's cache)")
     g.add_argument("--adapter", action="append", type=_named_adapter, default=[],
-                   metavar="NAME=PATH", help="preload and pin an adapter (repeatable)")
-    g.add_argument("--allowed-adapter-root", action="append", type=Path, default=[],
-                   metavar="DIR", help="a further folder /v1/load_lora_adapter may load from "
-                                       "(repeatable); by default only --adapter-dir")
+                   metavar="NAME=PATH", help="preload and pin an adapter: a folder or a URL "
+                                             "as for --adapter-dir (repeatable)")
+    g.add_argument("--allowed-adapter-root", action="append", type=_adapter_root, default=[],
+                   metavar="DIR|URL", help="a further folder or URL prefix "
+                                           "/v1/load_lora_adapter may load from (repeatable); "
+                                           "by default only --adapter-dir")
+    g.add_argument("--adapter-cache-dir", type=Path, metavar="DIR",
+                   help="where adapters from S3 are downloaded (default "
+                        "$GOAT_CACHE_DIR/adapters; Hub adapters use the Hub's cache)")
+    g.add_argument("--max-adapter-size", type=parse_size, default=1 << 30, metavar="SIZE",
+                   help="largest remote adapter downloaded, its files together (default 1GiB)")
+    g.add_argument("--adapter-download-timeout", type=_positive_float, default=60.0,
+                   metavar="S", help="seconds per network call of a download (default 60)")
     g.add_argument("--max-loras", type=_positive, default=8, metavar="N",
                    help="adapters resident on the device at once (default 8)")
     g.add_argument("--max-cpu-adapters", type=_positive, default=32, metavar="N",
                    help="adapters kept in host memory (default 32)")
+    g.add_argument("--max-cpu-adapter-memory", type=parse_size, metavar="SIZE",
+                   help="host memory for loaded adapters, e.g. 4GiB: least recently used ones "
+                        "are evicted beyond it as beyond --max-cpu-adapters (default: no byte "
+                        "bound; adapters in use may exceed it)")
     g.add_argument("--max-lora-rank", type=_positive, default=64, metavar="N",
                    help="largest adapter rank accepted, all experts together (default 64)")
     g.add_argument("--merge-static", action=argparse.BooleanOptionalAction, default=True,
@@ -149,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     if args.engine == "vllm":
+        from goat_runtime.adapters.store import is_url
+
+        if any(is_url(s) for s in (args.adapter_dir or "", *(p for _, p in args.adapter))):
+            parser.error("--engine vllm serves local adapter folders only (not s3:// or hf://)")
         from goat_runtime.vllm_plugin.async_engine import reexec_in_vllm_venv
 
         reexec_in_vllm_venv(args_list)  # returns only where vLLM is importable
@@ -186,9 +223,12 @@ def serve(args: argparse.Namespace) -> None:
             model_dir=Path(model_dir), adapter_dir=adapter_dir, adapters=dict(args.adapter),
             served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
             max_loras=args.max_loras, max_cpu_adapters=args.max_cpu_adapters,
+            max_cpu_adapter_memory=args.max_cpu_adapter_memory,
             max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-            merge_static=args.merge_static, pack_weights=args.pack_weights)
+            merge_static=args.merge_static, pack_weights=args.pack_weights,
+            adapter_cache_dir=args.adapter_cache_dir, max_adapter_size=args.max_adapter_size,
+            adapter_download_timeout=args.adapter_download_timeout)
     except ValueError as exc:
         raise SystemExit(f"goat-serve: error: {exc}") from exc
     env_key = os.environ.get("GOAT_SERVE_API_KEY")

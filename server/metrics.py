@@ -35,6 +35,7 @@ _COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _ADAPTERS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 OUTCOMES = ("success", "error", "abort", "rejected")
 TIERS = ("device", "host")
+STORES = ("s3", "hf")  # remote adapter stores (goat_runtime/adapters/store.py)
 
 
 class RequestTracker:
@@ -143,6 +144,28 @@ class ServerMetrics:
         self.adapter_resident = Gauge("goat_adapter_resident",
                                       "1 where an adapter resides (device or host), else 0.",
                                       ["adapter", "location"], registry=r)
+        self.adapter_memory_bytes = Gauge(
+            "goat_adapter_memory_bytes", "Bytes of adapters by tier: host (loaded adapters' "
+            "tensors and static terms) and device (the slot tensors).", ["tier"], registry=r)
+        self.adapter_memory_adapters = Gauge(
+            "goat_adapter_memory_adapters", "Adapters resident by tier (host, device).",
+            ["tier"], registry=r)
+        for tier in TIERS:
+            self.adapter_memory_bytes.labels(tier)
+            self.adapter_memory_adapters.labels(tier)
+        self.adapter_downloads = Counter("goat_adapter_downloads",
+                                         "Remote adapters downloaded, by store (s3, hf).",
+                                         ["store"], registry=r)
+        self.adapter_download_bytes = Counter("goat_adapter_download_bytes",
+                                              "Bytes of remote adapters downloaded.",
+                                              ["store"], registry=r)
+        self.adapter_download_failures = Counter(
+            "goat_adapter_download_failures", "Remote adapter fetches that failed, by store and "
+            "reason (not_found, too_large, pickle, invalid, denied, timeout, network).",
+            ["store", "reason"], registry=r)
+        for store in STORES:
+            self.adapter_downloads.labels(store)
+            self.adapter_download_bytes.labels(store)
         self.expert_selections = Counter("goat_router_expert_selections",
                                          "GOAT router top-k selections per expert, summed over "
                                          "layers and modules.", ["adapter", "expert"],
@@ -227,6 +250,17 @@ class ServerMetrics:
     def on_adapter_location(self, name: str, location: str | None) -> None:
         for place in ("device", "host"):
             self.adapter_resident.labels(name, place).set(1 if place == location else 0)
+
+    def on_adapter_memory(self, tier: str, adapters: int, nbytes: int) -> None:
+        self.adapter_memory_bytes.labels(tier).set(nbytes)
+        self.adapter_memory_adapters.labels(tier).set(adapters)
+
+    def on_adapter_download(self, store: str, nbytes: int, seconds: float) -> None:
+        self.adapter_downloads.labels(store).inc()
+        self.adapter_download_bytes.labels(store).inc(nbytes)
+
+    def on_adapter_download_failed(self, store: str, reason: str) -> None:
+        self.adapter_download_failures.labels(store, reason).inc()
 
     def on_expert_selections(self, adapter: str, counts: list[int]) -> None:
         with self._lock:

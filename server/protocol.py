@@ -310,7 +310,7 @@ class ModelCard(_Out):
     max_model_len: int | None = None
     kind: str = "base"  # "base", "goat" or "lora"
     loaded: bool = True
-    location: str | None = None  # adapters: "device", "host" or "disk"
+    location: str | None = None  # adapters: "device", "host", "disk" or "remote"
 
 
 class ModelList(_Out):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fastapi import Request
 
+from goat_runtime.adapters.store import is_url
 from server.engine import ServingEngine
 from server.metrics import ServerMetrics
 
@@ -17,7 +18,7 @@ class Settings:
 
     api_keys: tuple[str, ...] = ()
     # Directories besides the engine's adapter dir that /v1/load_lora_adapter may load from.
-    allowed_adapter_roots: tuple[Path, ...] = ()
+    allowed_adapter_roots: tuple[Path | str, ...] = ()  # str: an s3:// or hf:// URL prefix
     # Requests allowed to wait for a free engine slot; beyond it: 429. None: no limit.
     max_queued_requests: int | None = None
     max_request_bytes: int = 4 << 20
@@ -33,11 +34,18 @@ class ServerState:
     token_text: dict[int, str] = field(default_factory=dict)  # token id -> decoded text
 
     def adapter_roots(self) -> list[Path]:
-        """The adapter directory first, then the allowed roots, after symlinks."""
-        roots = [Path(r) for r in self.settings.allowed_adapter_roots]
-        if self.engine.config.adapter_dir is not None:
-            roots.insert(0, Path(self.engine.config.adapter_dir))
+        """The local folders lora_path may name, the adapter directory first, after symlinks
+        (URL roots: `url_roots`)."""
+        roots = [r for r in self.settings.allowed_adapter_roots if isinstance(r, Path)]
+        if isinstance(self.engine.config.adapter_dir, Path):
+            roots.insert(0, self.engine.config.adapter_dir)
         return [r.resolve() for r in roots]
+
+    def url_roots(self) -> list[str]:
+        """The s3:// and hf:// prefixes lora_path may name: the adapter directory's and the
+        allowed roots'."""
+        return [str(r) for r in (self.engine.config.adapter_dir,
+                                 *self.settings.allowed_adapter_roots) if r and is_url(r)]
 
     def public_message(self, message: str) -> str:
         """An engine or adapter error message without the server's own directory paths."""

@@ -7,6 +7,7 @@ needs a slot only when a static component is merged: it must undo it).
 """
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,15 @@ def linear_shapes(linears: Sequence[FusedLinear]) -> dict[str, tuple[int, int]]:
     (`LlamaForCausalLM(config, device="meta").fused_linears()`, no weights)."""
     return {name: (size, linear.d_in) for linear in linears
             for name, size in zip(linear.slice_names, linear.out_sizes, strict=True)}
+
+
+def base_linear_shapes(model_dir: str | Path) -> dict[str, tuple[int, int]]:
+    """`linear_shapes` of the base model at `model_dir`, from its config.json alone (the model
+    built on the meta device). Raises ValueError for a config goat-serve cannot serve."""
+    from goat_runtime.model import LlamaForCausalLM, ModelConfig
+
+    config = ModelConfig.from_pretrained(model_dir)
+    return linear_shapes(LlamaForCausalLM(config, torch.float32, device="meta").fused_linears())
 
 
 def slice_weights(linears: Sequence[FusedLinear]) -> dict[str, torch.Tensor]:

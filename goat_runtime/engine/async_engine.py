@@ -217,10 +217,11 @@ class AsyncEngine:
             return None
         return self.engine.adapters.info(name)
 
-    async def load_adapter(self, name: str, path: Path) -> None:
+    async def load_adapter(self, name: str, path: Path | str) -> None:
+        """Load `name` from a local folder or an s3:// / hf:// URL (fetched first)."""
         if self.engine.adapters.is_loaded(name) or self.engine.adapters.status(name) == "loading":
             raise EngineError(f"The adapter `{name}` is already loaded.", status=400)
-        future = self.engine.adapters.request_load(name, Path(path))
+        future = self.engine.adapters.request_load(name, path)
         await asyncio.wrap_future(future)
 
     async def unload_adapter(self, name: str) -> None:

@@ -1,6 +1,5 @@
 """EngineConfig: everything the engine is built from (the server's flags map onto it)."""
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -8,22 +7,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported where used: the command line checks flags without it
     import torch
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+    from goat_runtime.adapters.store import StoreConfig
 
+def check_adapter_dir(path: str | Path) -> Path | str:
+    """The adapter folder `path`: a local folder (a Path), or an s3:// or hf:// URL (a str,
+    checked for form only); ValueError naming it otherwise (a typo would otherwise serve the
+    base alone without a word)."""
+    from goat_runtime.adapters.store import check_location
 
-def check_adapter_dir(path: str | Path) -> Path:
-    """The adapter folder `path`, or ValueError naming it if it is not a local folder (a typo
-    would otherwise serve the base alone without a word)."""
-    text = str(path)
-    if _URL.match(text):
-        raise ValueError(f"adapter folder {text!r}: object storage and URLs are not supported "
-                         f"yet; give a local folder (copy the adapters there first)")
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"adapter folder {text!r} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"adapter folder {text!r} is not a folder")
-    return path
+    return check_location(path)
 
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -43,13 +35,20 @@ def resolve_dtype(dtype: str, device_type: str) -> str:
 @dataclass
 class EngineConfig:
     model_dir: Path
-    adapter_dir: Path | None = None  # adapters known by folder name, loaded on first use
-    adapters: dict[str, Path] = field(default_factory=dict)  # loaded at start and pinned
+    # Adapters known by folder name, loaded on first use: a local folder, s3://bucket/prefix or
+    # hf://org/repo[@revision][/folder] (goat_runtime/adapters/store.py)
+    adapter_dir: Path | str | None = None
+    adapters: dict[str, Path | str] = field(default_factory=dict)  # loaded at start and pinned
+    adapter_cache_dir: Path | None = None  # remote adapters' downloads; $GOAT_CACHE_DIR/adapters
+    max_adapter_size: int = 1 << 30  # bytes of one remote adapter's files
+    adapter_download_timeout: float = 60.0  # seconds per network call
+    adapter_download_retries: int = 3
     served_model_name: str | None = None  # the base's name in requests; default: folder name
     dtype: str = "auto"  # auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16
     device: str = "auto"  # auto, cpu, cuda
     max_loras: int = 8  # adapters resident in device slots (distinct adapters per step)
     max_cpu_adapters: int = 32  # adapters kept loaded in host memory (LRU)
+    max_cpu_adapter_memory: int | None = None  # bytes of those adapters (LRU); None: no bound
     max_lora_rank: int = 64
     max_num_seqs: int = 64  # running sequences per step
     max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
@@ -69,11 +68,15 @@ class EngineConfig:
         self.model_dir = Path(self.model_dir)
         if self.adapter_dir is not None:
             self.adapter_dir = check_adapter_dir(self.adapter_dir)
-        self.adapters = {name: Path(p) for name, p in self.adapters.items()}
+        self.adapters = {name: check_adapter_dir(p) for name, p in self.adapters.items()}
         for name in ("max_loras", "max_cpu_adapters", "max_lora_rank", "max_num_seqs",
-                     "max_num_batched_tokens", "block_size"):
+                     "max_num_batched_tokens", "block_size", "max_adapter_size",
+                     "adapter_download_retries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_cpu_adapter_memory is not None and self.max_cpu_adapter_memory < 1:
+            raise ValueError(f"max_cpu_adapter_memory must be at least 1 byte, got "
+                             f"{self.max_cpu_adapter_memory}")
         if self.max_cpu_adapters < self.max_loras:
             raise ValueError(f"max_cpu_adapters ({self.max_cpu_adapters}) must be at least "
                              f"max_loras ({self.max_loras}): device adapters live on the host too")
@@ -81,6 +84,14 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    def store_config(self) -> "StoreConfig":
+        from goat_runtime.adapters.store import StoreConfig
+
+        return StoreConfig(cache_dir=self.adapter_cache_dir,
+                           max_adapter_bytes=self.max_adapter_size,
+                           timeout=self.adapter_download_timeout,
+                           retries=self.adapter_download_retries)
 
     @property
     def torch_device(self) -> "torch.device":

@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Iterable
 from collections.abc import Sequence as Seq
-from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
@@ -86,9 +85,10 @@ class LLMEngine:
             self.model.fused_linears(), adapter_dir=config.adapter_dir,
             max_loras=config.max_loras, max_cpu_adapters=config.max_cpu_adapters,
             max_lora_rank=config.max_lora_rank, static_cache_dir=config.static_cache_dir,
-            listener=listener)
+            listener=listener, store_config=config.store_config(),
+            max_cpu_memory=config.max_cpu_adapter_memory)
         if config.merge_static:
-            self.adapters.merge_static(self._adapter_candidates())
+            self.adapters.merge_static(self.adapters.start_up_adapters(config.adapters))
         if config.pack_weights:  # the base weights are final from here on
             self.model.pack_weights()
         for name, path in config.adapters.items():  # fail at start, not at the first request
@@ -102,13 +102,6 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}
-
-    def _adapter_candidates(self) -> list[tuple[str, Path]]:
-        candidates = list(self.config.adapters.items())
-        if self.config.adapter_dir is not None and self.config.adapter_dir.is_dir():
-            candidates += [(p.name, p) for p in sorted(self.config.adapter_dir.iterdir())
-                           if self.adapters.path_of(p.name) == p]
-        return candidates
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -129,8 +122,13 @@ class LLMEngine:
             raise EngineError(f"Request id {request_id!r} is already running.", status=400)
         self.check_request(prompt_token_ids, params, adapter)
         if adapter is not None:
-            self.adapters.request_load(adapter)
+            # Held before its load is asked for, so that no trim evicts it in between.
             self.adapters.acquire(adapter)
+            try:
+                self.adapters.request_load(adapter)
+            except Exception:
+                self.adapters.release(adapter)
+                raise
         request = Request(request_id, list(prompt_token_ids), params, adapter)
         for i in range(params.n):
             seq = Sequence(request, i, make_generator(params.seed, i, self.device))

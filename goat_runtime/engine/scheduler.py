@@ -5,12 +5,14 @@ next chunk of it, within a per-step token budget (chunked prefill). When the KV 
 hold a running sequence's next tokens, the newest running sequence is preempted (its blocks
 freed, its tokens recomputed later, ahead of everything waiting). Then waiting sequences are
 admitted first come, first served while the budget, the sequence cap, the KV cache and the
-device adapter slots allow. A sequence whose adapter needs a slot while all are held may be
-passed over by sequences of resident adapters, but only `max_passed_over` times: then one held
-adapter, the one with the fewest running sequences, is drained (no new sequence of it is
-admitted) until its last one finishes and its slot goes to the waiting adapter; the others keep
-the batch full meanwhile. A sequence whose KV blocks do not fit stops admission at once (it is
-never passed over). Adapters still loading from disk do not hold anything up.
+device adapter slots allow (`AdapterManager.can_bind`: on the CPU slots are host memory and
+never block, so admission there is by KV blocks and the token budget alone). A sequence whose
+adapter needs a slot while all are held may be passed over by sequences of resident adapters,
+but only `max_passed_over` times: then one held adapter, the one with the fewest running
+sequences, is drained (no new sequence of it is admitted) until its last one finishes and its
+slot goes to the waiting adapter; the others keep the batch full meanwhile. A sequence whose KV
+blocks do not fit stops admission at once (it is never passed over). Adapters still loading
+from disk do not hold anything up.
 
 An exception while a sequence is given its blocks is charged to it: it is recorded in `faults`
 (the engine fails its request) and scheduling goes on for the others.

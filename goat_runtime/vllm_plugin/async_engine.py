@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from goat_runtime.adapters.format import CONFIG_FILE, AdapterError
+from goat_runtime.adapters.store import is_url
 from goat_runtime.engine.config import EngineConfig, resolve_dtype
 from goat_runtime.engine.outputs import (
     AdapterInfo,
@@ -206,7 +207,7 @@ class VllmAsyncEngine:
         """--merge-static: the plugin merges the signature most GOAT adapters among --adapter
         and --adapter-dir share (merge.py); vLLM's processes inherit the setting."""
         from goat_runtime.vllm_plugin import merge
-        from goat_runtime.vllm_plugin.validate import linear_shapes
+        from goat_runtime.vllm_plugin.state import linear_shapes
 
         paths = [*self.config.adapters.values(), *filter(None, [self.config.adapter_dir])]
         os.environ[merge.ENV] = os.pathsep.join(str(p) for p in paths)
@@ -348,11 +349,16 @@ class VllmAsyncEngine:
         path = self._path_of(name)
         return AdapterInfo(name, _kind(path), False, "disk") if path is not None else None
 
-    async def load_adapter(self, name: str, path: Path, *, on_first_use: bool = False) -> None:
+    async def load_adapter(self, name: str, path: Path | str, *,
+                           on_first_use: bool = False) -> None:
         """Check the adapter with goat-serve's loader (AdapterError: a 400), then hand it to
-        vLLM, which reads it into its host cache; a failed check never reaches vLLM."""
+        vLLM, which reads it into its host cache; a failed check never reaches vLLM. Local
+        folders only: s3:// and hf:// adapters are the native engine's."""
         from vllm.lora.request import LoRARequest
 
+        if is_url(str(path)):
+            raise EngineError("--engine vllm loads adapters from local folders only (s3:// and "
+                              "hf:// adapters need the native engine)", status=400)
         if name in self._adapters:
             if on_first_use:
                 return

@@ -11,11 +11,18 @@ expand. Plain LoRA slots go through the same path, so they share its fixes. Two 
   adapter (slot -1) get no delta: vLLM 0.32's CPU ops index the weights with -1, i.e. the last
   slot, so with max_loras=1 a base request batched with an adapter request got that adapter.
 - elsewhere (CUDA, and row-parallel layers under tensor parallelism on the CPU), vLLM's punica
-  shrink and expand with the gate (`gate.py`) between them. Row-parallel layers (o_proj,
-  down_proj) see partial sums of the shrink under tensor parallelism: the router logits are
-  all-reduced on a copy before the gate. The value rows stay partial; the layer's own
+  shrink and expand with the gate (`goat_runtime.ops.gate`) between them. Row-parallel layers
+  (o_proj, down_proj) see partial sums under tensor parallelism: the router logits are
+  all-reduced before the gate. The value rows stay partial; the layer's own
   all-reduce of its output sums them after the (linear) expand. On the CPU the rows of slot -1
   tokens are zeroed before the expand.
+
+Routers are float32 whatever the served dtype, as in goat-serve's engine (a bfloat16 router
+moves the logits by its rounding and can flip a top-k choice): the router rows also ride in
+vLLM's stacked shrink (in vLLM's LoRA dtype, gated to 0 there), but each layer keeps its own
+float32 stack of them, written by the activate hook from the adapter's float32 routers
+(`loader.py`), and both paths compute the logits from it: the fused kernel's float32 router
+slots, or x @ router^T in float32 on the punica path.
 
 When static components are merged into the base weights (`merge.py`), the tokens whose slot
 does not carry the merged term get it subtracted again, as one low-rank term per layer.
@@ -25,7 +32,7 @@ import torch
 
 from goat_runtime.adapters.slots import allocate_slots, clear_slot, write_slice
 from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora
-from goat_runtime.vllm_plugin.gate import gate_rows
+from goat_runtime.ops.gate import gate_rows
 
 
 def require_cpu_kernel() -> None:
@@ -56,6 +63,11 @@ class GoatLinearMixin:
         self.goat_covered = torch.zeros(max_loras + 1, self.n_slices, dtype=torch.bool,
                                         device=self.device)
         self.goat_num_experts = [0] * (max_loras + 1)  # max E over slices, host-side: no sync
+        # Per slice and slot: the float32 router rows [E_max, d_in of this rank], grown to the
+        # largest E so far; the last slot (what slot -1 indexes) stays zero.
+        self.goat_router = torch.zeros(self.n_slices, max_loras + 1, 0,
+                                       self.lora_a_stacked[0].shape[3], dtype=torch.float32,
+                                       device=self.lora_a_stacked[0].device)
         # Per slot and slice: the shrink rows the adapter uses (<= max_lora_rank).
         self.goat_rows = [[0] * self.n_slices for _ in range(max_loras)]
         self.goat_fused = self.lora_a_stacked[0].device.type == "cpu" and not (
@@ -80,9 +92,14 @@ class GoatLinearMixin:
         self.goat_unwritten.add(index)
 
     def set_goat_meta(self, index: int, meta: list[tuple[int, int, int]],
-                      covered: list[bool] | None = None) -> None:
-        """Called by the activate hook right after vLLM filled slot `index` (set_lora);
-        covered: per slice, whether the slot's static term is the one merged into the base."""
+                      covered: list[bool] | None = None,
+                      routers: list[torch.Tensor | None] | None = None) -> None:
+        """Called by the activate hook right after vLLM filled slot `index` (set_lora), per
+        slice: meta (E, k, rank_e); covered, whether the slot's static term is the one merged
+        into the base; routers, the float32 router [E, d_in] (unsharded: this layer cuts it as
+        vLLM cuts lora_a), None where E = 0."""
+        routers = routers or [None] * self.n_slices
+        self._set_routers(index, [e for e, _, _ in meta], routers)
         self.goat_meta[index] = torch.tensor(meta, dtype=torch.long)
         self.goat_covered[index] = torch.tensor(covered or [False] * self.n_slices)
         self.goat_num_experts[index] = max((e for e, _, _ in meta), default=0)
@@ -94,10 +111,32 @@ class GoatLinearMixin:
             self._write_routed(index)
         self.goat_unwritten.discard(index)
 
+    def _set_routers(self, index: int, experts: list[int],
+                     routers: list[torch.Tensor | None]) -> None:
+        for s, (num_experts, router) in enumerate(zip(experts, routers, strict=True)):
+            if num_experts and (router is None or router.shape[0] != num_experts):
+                raise RuntimeError(
+                    f"goat vLLM plugin: slot {index} slice {s} routes {num_experts} experts but "
+                    f"got router {None if router is None else tuple(router.shape)}")
+        if max(experts, default=0) > self.goat_router.shape[2]:
+            grown = self.goat_router.new_zeros(self.n_slices, self.goat_router.shape[1],
+                                               max(experts), self.goat_router.shape[3])
+            grown[:, :, : self.goat_router.shape[2]] = self.goat_router
+            self.goat_router = grown
+        self.goat_router[:, index] = 0.0
+        for s, router in enumerate(routers):
+            if router is None:
+                continue
+            if self.goat_row_parallel and self.tp_size > 1:
+                router = self.slice_lora_a(router)  # this rank's columns, as vLLM's lora_a
+            # float32 from the adapter's own router: never through the served dtype
+            self.goat_router[s, index, : router.shape[0]] = router.to(torch.float32)
+
     def reset_lora(self, index: int) -> None:
         super().reset_lora(index)
         if hasattr(self, "goat_meta"):
             self.goat_meta[index] = 0
+            self.goat_router[:, index] = 0.0
             self.goat_covered[index] = False
             self.goat_num_experts[index] = 0
             self.goat_slots.discard(index)
@@ -136,8 +175,9 @@ class GoatLinearMixin:
             if rows == 0:
                 continue
             a, b = a_stacked[index, 0, :rows], b_stacked[index, 0, :, :rows]
+            router = self.goat_router[s, index, :num_experts] if num_experts else None
             write_slice(self.goat_routed, index, s, [(a[num_experts:], b[:, num_experts:])],
-                        a[:num_experts] if num_experts else None, top_k, expert_rank)
+                        router, top_k, expert_rank)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         original_shape = output.shape if output.ndim == 3 else None
@@ -155,7 +195,7 @@ class GoatLinearMixin:
             if not x.is_cuda:  # vLLM's CPU ops gave slot -1 the last slot's rows
                 h[:, slots[: x.shape[0]] < 0] = 0.0
             if self.goat_slots:
-                self._goat_gate(h, self.goat_meta[slots], max(self.goat_num_experts))
+                self._goat_gate(h, x, slots[: x.shape[0]], max(self.goat_num_experts))
             self.punica_wrapper.add_expand(output, h, self.lora_b_stacked, self.output_slices,
                                            offset_start=0, add_inputs=True)
         undo = getattr(self.base_layer, "goat_undo", None)
@@ -193,15 +233,26 @@ class GoatLinearMixin:
         h = (x[tokens] @ c.t()) * need[tokens]
         output.index_add_(0, tokens, h @ d.t(), alpha=-1.0)
 
-    def _goat_gate(self, h: torch.Tensor, meta: torch.Tensor, e_max: int) -> None:
-        """h [n_slices, T, R] *= the gate of each token's slot (meta [T, n_slices, 3]: the
-        tokens' slot metadata), in place, all slices in one gate call. Must run on every
+    def _goat_gate(self, h: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
+                   e_max: int) -> None:
+        """h [n_slices, T, R] *= the gate of each token's slot (slots [T], -1: none), in
+        place, all slices in one gate call, from float32 router logits (the layer's float32
+        router stack times x, never the rounded router rows in h). Must run on every
         tensor-parallel rank alike (it may all-reduce): the batch's adapters decide, which all
         ranks share."""
         if e_max == 0:
             return
         n_slices, num_tokens, num_rows = h.shape
-        logits = h[:, :, :e_max].clone()  # a copy: the shared buffer must stay partial
+        routers = self.goat_router[:, :, :e_max]  # [n_slices, slots + 1, E, d_in]
+        num_slots = routers.shape[1]
+        # Every slot's logits for every token (slots x E columns, as small as a LoRA shrink),
+        # then each token's own slot; slot -1 reads the last, all-zero, slot.
+        stacked = routers.reshape(n_slices, num_slots * e_max, x.shape[1])
+        logits = torch.matmul(x.float(), stacked.transpose(1, 2))
+        own = torch.where(slots < 0, num_slots - 1, slots).long()
+        logits = logits.view(n_slices, num_tokens, num_slots, e_max)[
+            :, torch.arange(num_tokens, device=x.device), own]
+        meta = self.goat_meta[own]  # [T, n_slices, 3]
         if self.goat_row_parallel and self.tp_size > 1:
             from vllm.distributed import tensor_model_parallel_all_reduce
 

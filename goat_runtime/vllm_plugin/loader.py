@@ -14,93 +14,19 @@ into the base weights (`merge.py`). Checkpoints that are not GOAT go to
 vLLM's own loader unchanged.
 """
 
-import json
 import logging
-import threading
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from goat_runtime.adapters.format import CONFIG_FILE, KEY_PREFIX, Adapter, load_adapter
+from goat_runtime.adapters.format import KEY_PREFIX, Adapter, load_adapter
 from goat_runtime.adapters.static import StaticComponents
 from goat_runtime.vllm_plugin.merge import merge_target
+from goat_runtime.vllm_plugin.state import base_checkpoint
 
 logger = logging.getLogger(__name__)
 
 # Per adapted sub-module (vLLM name): (num_experts, top_k, expert_rank); the layers read it.
 GoatMeta = dict[str, tuple[int, int, int]]
-
-_NOT_LINEAR = ("embed_tokens", "lm_head", "norm")
-
-
-@dataclass
-class BaseCheckpoint:
-    """The served base model's Linear weights, read from its checkpoint (never from the TP
-    shards a worker holds), so every tensor-parallel rank derives the same factors."""
-
-    path: Path
-    shapes: dict[str, tuple[int, int]]
-    static: StaticComponents
-
-
-_base_lock = threading.Lock()
-_base: BaseCheckpoint | None = None
-_base_model: str | None = None  # set by hooks.py when the LoRA manager is created
-_max_lora_rank = 16
-
-
-def set_base_model(model: str, revision: str | None = None,
-                   max_lora_rank: int | None = None) -> None:
-    """Record the served base model (a directory or a hub id already in the local cache) and
-    the engine's --max-lora-rank."""
-    global _base_model, _base, _max_lora_rank
-    if max_lora_rank is not None:
-        _max_lora_rank = max_lora_rank
-    path = Path(model)
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
-        path = Path(snapshot_download(model, revision=revision, local_files_only=True))
-    if _base is not None and _base.path != path:
-        _base = None
-    _base_model = str(path)
-
-
-def base_checkpoint() -> BaseCheckpoint:
-    global _base
-    with _base_lock:
-        if _base is None:
-            if _base_model is None:
-                raise RuntimeError("goat vLLM plugin: the base model is unknown (the LoRA "
-                                   "manager hook did not run); is the plugin registered?")
-            path = Path(_base_model)
-            weights: dict[str, torch.Tensor] = {}
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise RuntimeError(f"goat vLLM plugin: {path} has no *.safetensors files; "
-                                   f"GOAT static components need the base weights")
-            for file in files:
-                with safe_open(str(file), framework="pt") as f:
-                    for key in f.keys():  # noqa: SIM118
-                        if not key.endswith(".weight") or any(p in key for p in _NOT_LINEAR):
-                            continue
-                        tensor = f.get_tensor(key)
-                        if tensor.ndim == 2 and tensor.is_floating_point():
-                            weights[key.removesuffix(".weight")] = tensor
-            shapes = {m: (w.shape[0], w.shape[1]) for m, w in weights.items()}
-            _base = BaseCheckpoint(path, shapes, StaticComponents(weights))
-        return _base
-
-
-def is_goat_dir(lora_dir: str) -> bool:
-    try:
-        config = json.loads((Path(lora_dir) / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("peft_type") == "GOAT"
-
 
 def stacked_factors(adapter: Adapter, static: StaticComponents,
                     covered: frozenset[str] = frozenset()
@@ -135,6 +61,7 @@ def load_goat_lora_model(lora_model_cls, lora_dir: str, *, lora_model_id: int,
         raise ValueError(f"{lora_dir} is not a GOAT adapter")
     loras: dict[str, LoRALayerWeights] = {}
     meta: GoatMeta = {}
+    routers: dict[str, torch.Tensor] = {}
     target = merge_target(base.shapes)
     covered = target.covered(adapter) if target is not None else frozenset()
     merged: set[str] = set()
@@ -154,17 +81,18 @@ def load_goat_lora_model(lora_model_cls, lora_dir: str, *, lora_model_id: int,
         loras[name] = LoRALayerWeights(name, rows, 1, shrink.to(dtype=dtype),
                                        expand.to(dtype=dtype), scaling=1.0)
         meta[name] = module_meta
+        # The router also rides in the shrink, rounded to vLLM's LoRA dtype; the layers take
+        # it from here instead, in float32 (layers.py).
+        routers[name] = adapter.layers[module].router.float().contiguous()
         if module in covered:
             merged.add(name)
         rank = max(rank, rows)
     model = lora_model_cls(lora_model_id, rank, loras)
     model.goat_meta = meta
+    model.goat_routers = routers  # float32 [E, d_in] per sub-module, whatever `dtype` is
     model.goat_merged = merged  # sub-modules whose static term is in the base weights
     logger.info("goat vLLM plugin: loaded GOAT adapter %s (%d modules, %d LoRA rows, "
                 "static components %s)", lora_dir, len(loras), rank,
                 "cached" if base.static.svd_runs == 0 else f"{base.static.svd_runs} SVDs")
     return model
 
-
-def max_lora_rank() -> int:
-    return _max_lora_rank

@@ -15,44 +15,34 @@ merge happens while vLLM loads the base weights, before its CPU layers repack th
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from goat_runtime.adapters.format import Adapter, AdapterError, InitSignature, load_adapter
-from goat_runtime.adapters.static import Factors, covered_modules, most_common_signature
+from goat_runtime.adapters.format import AdapterError, load_adapter
+from goat_runtime.adapters.static import Factors, most_common_signature
+from goat_runtime.vllm_plugin.state import (
+    STATE,
+    MergeTarget,
+    base_checkpoint,
+    is_goat_dir,
+    set_base_model,
+)
 
 logger = logging.getLogger(__name__)
 
 ENV = "GOAT_VLLM_MERGE_STATIC"
 
 
-@dataclass(frozen=True)
-class MergeTarget:
-    signature: InitSignature
-    modules: frozenset[str]  # checkpoint module names, e.g. model.layers.0.self_attn.q_proj
-
-    def covered(self, adapter: Adapter) -> frozenset[str]:
-        """The modules where `adapter`'s own static term is the merged one: its slot carries
-        no static rows there and its tokens are not undone."""
-        return covered_modules(self.signature, self.modules, adapter)
-
-
-_target: tuple[str, MergeTarget | None] | None = None  # (the env value it was read from, ...)
-merged_layers = 0  # linear layers of this process's model that received a merged term
-
 
 def merge_target(shapes: dict[str, tuple[int, int]]) -> MergeTarget | None:
-    """What GOAT_VLLM_MERGE_STATIC asks to merge, for a base with these Linear shapes."""
-    global _target
+    """What GOAT_VLLM_MERGE_STATIC asks to merge, for a base with these Linear shapes (read
+    once per value of the variable)."""
     value = os.environ.get(ENV, "")
-    if _target is not None and _target[0] == value:
-        return _target[1]
+    if STATE.merge_target is not None and STATE.merge_target[0] == value:
+        return STATE.merge_target[1]
     target = None
     if value:
-        from goat_runtime.vllm_plugin.loader import is_goat_dir
-
         dirs = []
         for part in value.split(os.pathsep):
             root = Path(part)
@@ -74,7 +64,7 @@ def merge_target(shapes: dict[str, tuple[int, int]]) -> MergeTarget | None:
         target = MergeTarget(signature, modules)
         logger.info("goat vLLM plugin: merging the static components of %s (%d adapters, %d "
                     "modules) into the base weights", signature.slug(), count, len(modules))
-    _target = (value, target)
+    STATE.merge_target = (value, target)
     return target
 
 
@@ -113,11 +103,8 @@ def merge_into_model(model: torch.nn.Module, model_config) -> None:
     """Add the target's static terms to the model's Linear weights (this rank's shards) and
     leave on each such layer `goat_undo` = (C [R, d_in_local], D [d_out_local, R], slice of
     each of the R rows), R = the static rank times the merged sub-modules."""
-    global merged_layers
     from vllm.config import get_current_vllm_config
     from vllm.model_executor.layers.linear import LinearBase, RowParallelLinear
-
-    from goat_runtime.vllm_plugin.loader import base_checkpoint, set_base_model
 
     if get_current_vllm_config().lora_config is None:
         # Without LoRA layers nothing would undo the merged term for base requests.
@@ -153,8 +140,8 @@ def merge_into_model(model: torch.nn.Module, model_config) -> None:
         weight += d_all @ c_all
         layer.goat_undo = (c_all, d_all,
                            torch.tensor(slices, dtype=torch.long, device=weight.device))
-        merged_layers += 1
-    if merged_layers == 0:
+        STATE.merged_layers += 1
+    if STATE.merged_layers == 0:
         raise RuntimeError(f"goat vLLM plugin: {ENV}: none of the {len(target.modules)} modules "
                            f"to merge (e.g. {min(target.modules)}) is a Linear layer of the "
                            f"model vLLM loaded")

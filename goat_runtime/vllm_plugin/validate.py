@@ -18,57 +18,13 @@ stat calls once its adapter was checked.
 
 import functools
 import logging
-import threading
 from pathlib import Path
 
 from goat_runtime.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, load_adapter
-from goat_runtime.vllm_plugin.loader import is_goat_dir
 from goat_runtime.vllm_plugin.merge import merge_target
+from goat_runtime.vllm_plugin.state import STATE, is_goat_dir, linear_shapes, model_dir
 
 logger = logging.getLogger(__name__)
-
-_NOT_LINEAR = ("embed_tokens", "lm_head", "norm")
-_lock = threading.Lock()
-_shapes: dict[str, dict[str, tuple[int, int]]] = {}
-_results: dict[tuple, str | None] = {}
-
-
-def model_dir(model: str, revision: str | None = None) -> Path:
-    """The base checkpoint's directory: a local path, or a hub id already in the local cache."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model, revision=revision, local_files_only=True))
-
-
-def linear_shapes(path: Path) -> dict[str, tuple[int, int]]:
-    """Module name -> (d_out, d_in) of the checkpoint's 2-D float weights, read from the
-    safetensors headers only (no tensor data): the same selection as `loader.base_checkpoint`,
-    so the front end checks against what the workers load."""
-    from safetensors import safe_open
-
-    key = str(path.resolve())
-    with _lock:
-        if key in _shapes:
-            return _shapes[key]
-    shapes: dict[str, tuple[int, int]] = {}
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise AdapterError(f"{path}: the base model has no *.safetensors files")
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118
-                if not name.endswith(".weight") or any(p in name for p in _NOT_LINEAR):
-                    continue
-                part = f.get_slice(name)
-                shape = part.get_shape()
-                if len(shape) == 2 and part.get_dtype() in ("F32", "F16", "BF16", "F64"):
-                    shapes[name.removesuffix(".weight")] = (shape[0], shape[1])
-    with _lock:
-        _shapes[key] = shapes
-    return shapes
 
 
 def lora_rows(adapter, covered: frozenset[str] = frozenset()) -> dict[str, int]:
@@ -125,9 +81,9 @@ def validate(lora_path: str, model: str, revision: str | None, max_lora_rank: in
     """Raise AdapterError (a ValueError) with the reason if lora_path cannot be served by this
     engine; cached per adapter files, base and max rank."""
     key = (_stamp(lora_path), model, revision, max_lora_rank)
-    with _lock:
-        if key in _results:
-            error = _results[key]
+    with STATE.lock:
+        if key in STATE.checked:
+            error = STATE.checked[key]
             if error is not None:
                 raise AdapterError(error)
             return
@@ -135,7 +91,7 @@ def validate(lora_path: str, model: str, revision: str | None, max_lora_rank: in
         shapes = linear_shapes(model_dir(model, revision))
     except AdapterError:
         if not is_goat_dir(lora_path):
-            return  # a base without safetensors: plain LoRA is left to vLLM's own checks
+            return  # a base without safetensors or goat-serve's config: plain LoRA is left to vLLM
         raise
     except Exception as exc:
         raise AdapterError(f"the base model {model} cannot be read: {exc}") from None
@@ -144,8 +100,8 @@ def validate(lora_path: str, model: str, revision: str | None, max_lora_rank: in
         error = None
     except AdapterError as exc:
         error = str(exc)
-    with _lock:
-        _results[key] = error
+    with STATE.lock:
+        STATE.checked[key] = error
     if error is not None:
         logger.warning("goat vLLM plugin: refused adapter %s: %s", lora_path, error)
         raise AdapterError(error)

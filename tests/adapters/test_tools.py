@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from goat_runtime.adapters.binding import base_linear_shapes
 from goat_runtime.adapters.format import AdapterError, load_adapter
 from server.adapters_cli import (
-    base_linear_shapes,
     inspect_adapter,
     main,
     validate_adapter,

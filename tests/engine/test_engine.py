@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
-from goat_runtime.engine.outputs import EngineError
+from goat_runtime.engine.outputs import EngineError, EngineListener
 from goat_runtime.engine.sampling import SamplingParams
 from goat_runtime.model.kv_cache import block_bytes
 from tests.adapters.adapted_model import FIXTURE
@@ -331,7 +331,7 @@ def test_host_lru_eviction_reloads(tmp_path):
     assert sum(engine.adapters.is_loaded(n) for n in ("goat0", "goat1", "lora0")) == 1
 
 
-class LoadRecorder:
+class LoadRecorder(EngineListener):
     """An EngineListener that records adapter loads and expert selections."""
 
     def __init__(self):

@@ -24,3 +24,18 @@ def test_seqs_per_step_between_two_scrapes():
     after = {"goat_batch_size_count": 30.0, "goat_batch_size_sum": 290.0}
     assert seqs_per_step(before, after) == 12.0
     assert seqs_per_step(after, after) == 0.0  # no step in between
+
+
+
+def test_measure_loads_times_every_load_of_every_round():
+    import pytest
+
+    from goat_runtime.adapters.format import AdapterError
+    from loadtests.churn import measure_loads
+    from tests.engine.test_adapter_memory import FIXTURE, base_shapes
+
+    folder = FIXTURE / "adapters"
+    stats = measure_loads(folder, ["goat0", "lora0"], base_shapes(), rounds=2)
+    assert stats.count == 4 and 0 < stats.percentiles["p50"] <= stats.max
+    with pytest.raises(AdapterError):  # the loads are the real, checking ones
+        measure_loads(folder, ["goat0"], {}, rounds=1)

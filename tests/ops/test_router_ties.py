@@ -5,7 +5,7 @@ torch.topk's choice among equal probabilities is not the lowest index: for E = 8
 keeps {6} (k = 1), {5, 6} (k = 2), {4, 5, 6, 7} (k = 4). Expected outputs here come from that
 math written out in this file with torch ops, never from the kernels under test: the reference
 loop, the C++ kernel, the Triton kernel (TRITON_INTERPRET=1 on the CPU), the batched `topk_kept`
-and the vLLM plugin's gate (importable without vLLM).
+and the batched gate `ops.gate.gate_rows` (the vLLM plugin's).
 """
 
 import os
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora
+from goat_runtime.ops.gate import gate_rows
 from goat_runtime.ops.reference import add_routed_lora_reference
 from goat_runtime.ops.topk import topk_kept
-from goat_runtime.vllm_plugin.gate import gate_rows
 from tests.ops.random_weights import SliceSpec, random_weights
 
 D_IN, D_OUT = 8, 6

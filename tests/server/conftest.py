@@ -218,7 +218,7 @@ class FakeEngine:
     def adapter_info(self, name: str) -> AdapterInfo | None:
         return next((a for a in self.adapters if a.name == name), None)
 
-    async def load_adapter(self, name: str, path: Path) -> None:
+    async def load_adapter(self, name: str, path: Path | str) -> None:
         raise EngineError("not in the fake", 400)
 
     async def unload_adapter(self, name: str) -> None:

@@ -117,16 +117,19 @@ def test_default_model_and_demo_adapters(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.mark.parametrize(("folder", "engine", "message"), [
-    ("typo", "goat", " does not exist"),
-    ("s3://bucket/adapters", "vllm", ": object storage and URLs are not supported yet; give a "
-                                     "local folder (copy the adapters there first)"),
-    ("a-file", "goat", " is not a folder"),
+    ("typo", "goat", "argument --adapter-dir: adapter folder {value!r} does not exist"),
+    ("gs://bucket/adapters", "goat", "argument --adapter-dir: adapter location {value!r}: "
+                                     "unsupported scheme gs://; use a local folder, "
+                                     "s3://bucket/prefix or hf://org/repo[@revision]"),
+    ("s3://bucket/adapters", "vllm", "--engine vllm serves local adapter folders only (not "
+                                     "s3:// or hf://)"),
+    ("a-file", "goat", "argument --adapter-dir: adapter folder {value!r} is not a folder"),
 ])
-def test_adapter_dir_that_is_not_a_local_folder_stops_start_up(
+def test_adapter_dir_that_cannot_be_served_stops_start_up(
         tmp_path: Path, folder: str, engine: str, message: str) -> None:
-    """A typo or an s3:// URL in --adapter-dir used to serve the base alone without a word:
-    the process stops while parsing its flags (before any model loads, and for --engine vllm
-    before it re-executes in the vLLM environment), with one line naming the folder."""
+    """A typo or an unsupported URL in --adapter-dir used to serve the base alone without a
+    word: the process stops while parsing its flags (before any model loads, and for --engine
+    vllm before it re-executes in the vLLM environment), with one line naming the folder."""
     (tmp_path / "a-file").write_text("")
     value = folder if "://" in folder else str(tmp_path / folder)
     proc = subprocess.run(
@@ -135,8 +138,8 @@ def test_adapter_dir_that_is_not_a_local_folder_stops_start_up(
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"goat-serve: error: argument --adapter-dir: adapter folder {value!r}{message}")
+    assert proc.stderr.strip().splitlines()[-1] == "goat-serve: error: " + message.format(
+        value=value)
 
 
 def test_engine_config_refuses_a_missing_adapter_dir(tmp_path: Path) -> None:

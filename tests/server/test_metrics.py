@@ -17,7 +17,8 @@ from tests.server.exposition import Samples, parse_exposition
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    # One device slot and two host slots, so the traffic below evicts from both tiers.
+    # Two host slots, so the traffic below evicts from the host (on the CPU the device slots
+    # are host memory: one --max-loras slot does not bound them, each host adapter has one).
     server = start_real_server(tmp_path_factory.mktemp("metrics"), max_loras=1,
                                max_cpu_adapters=2)
     yield server
@@ -82,19 +83,26 @@ def test_metrics_after_traffic(live: LiveServer) -> None:
     assert value(samples, "goat_num_requests_running") == 0
     assert value(samples, "goat_num_requests_waiting") == 0
     assert 0.0 <= value(samples, "goat_kv_cache_usage_perc") <= 1.0
-    # adapters: loads, where they reside, evictions (one device slot, two host slots)
+    # adapters: loads, where they reside, evictions (two host slots)
     for adapter in ("goat0", "goat1", "lora0"):
         assert value(samples, "goat_adapter_loads_total", adapter=adapter) >= 1
     assert value(samples, "goat_adapter_load_seconds_count") >= 3
-    # goat1 ran last (the chat), lora0 before it; goat0 has left both tiers
+    # goat1 ran last (the chat), lora0 before it, both in their slots; goat0 has left the host
     assert value(samples, "goat_adapter_resident", adapter="goat1", location="device") == 1
-    assert value(samples, "goat_adapter_resident", adapter="lora0", location="host") == 1
-    assert value(samples, "goat_adapter_resident", adapter="lora0", location="device") == 0
+    assert value(samples, "goat_adapter_resident", adapter="lora0", location="device") == 1
+    assert value(samples, "goat_adapter_resident", adapter="lora0", location="host") == 0
     assert value(samples, "goat_adapter_resident", adapter="goat0", location="device") == 0
     assert value(samples, "goat_adapter_resident", adapter="goat0", location="host") == 0
-    assert value(samples, "goat_adapter_evictions_total", adapter="goat0", tier="device") >= 1
+    assert value(samples, "goat_adapter_evictions_total", adapter="goat0", tier="host") >= 1
     assert sum(v for (n, _), v in samples.items()
-               if n == "goat_adapter_evictions_total" and ("tier", "host") in _) >= 1
+               if n == "goat_adapter_evictions_total" and ("tier", "device") in _) == 0
+    # bytes and adapters per tier: goat1 and lora0 on the host and in slots
+    host = live.engine.engine.adapters
+    assert value(samples, "goat_adapter_memory_adapters", tier="host") == 2
+    assert value(samples, "goat_adapter_memory_bytes", tier="host") == sum(
+        host.get(n).nbytes for n in ("goat1", "lora0")) > 0
+    assert value(samples, "goat_adapter_memory_adapters", tier="device") == 2
+    assert value(samples, "goat_adapter_memory_bytes", tier="device") > 0
     # label values only from the base and loaded adapters (or the fixed UNRESOLVED)
     allowed = {BASE, "goat0", "goat1", "lora0", UNRESOLVED}
     for name in ("goat_requests_total", "goat_prompt_tokens_total",

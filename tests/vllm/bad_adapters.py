@@ -12,7 +12,7 @@ def make_bad_adapters(root: Path) -> dict[str, Path]:
     "too_large" (GOAT r=16, E=8: 8 + 16 + 16 = 40 LoRA rows, over --max-lora-rank 32), and
     "goat0" (a good copy, so a resolver over root finds a servable adapter too)."""
     from goat_runtime.adapters.writer import random_adapter
-    from goat_runtime.vllm_plugin.validate import linear_shapes
+    from goat_runtime.vllm_plugin.state import linear_shapes
 
     root.mkdir(parents=True, exist_ok=True)
     corrupt = root / "corrupt"

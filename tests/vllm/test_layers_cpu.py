@@ -23,19 +23,26 @@ ADAPTERS = [(4, 2, 2, 20), (0, 0, 0, 8), (8, 2, 1, 24)]
 
 class StockLayer:
     """What the mixin uses of vLLM's BaseLinearLayerWithLoRA: per slice, stacked buffers
-    lora_a [max_loras, 1, max_rank, d_in] and lora_b [max_loras, 1, width, max_rank]."""
+    lora_a [max_loras, 1, max_rank, d_in] and lora_b [max_loras, 1, width, max_rank] in vLLM's
+    LoRA dtype; under tensor parallelism a row-parallel layer holds its rank's d_in columns and
+    cuts lora_a itself (slice_lora_a), as vLLM's RowParallelLinearWithLoRA does."""
 
-    def __init__(self, widths: list[int], d_in: int, tp_size: int = 1):
+    def __init__(self, widths: list[int], d_in: int, tp_size: int = 1, tp_rank: int = 0,
+                 dtype: torch.dtype = torch.float32):
         self.base_layer = SimpleNamespace()  # merge.py leaves goat_undo here
         self.output_slices, self.n_slices = tuple(widths), len(widths)
-        self.tp_size, self.device, self.d_in = tp_size, torch.device("cpu"), d_in
+        self.tp_size, self.tp_rank, self.device = tp_size, tp_rank, torch.device("cpu")
+        self.d_in, self.dtype = d_in // tp_size, dtype
 
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
         rank = lora_config.max_lora_rank
-        self.lora_a_stacked = tuple(torch.zeros(max_loras, 1, rank, self.d_in)
+        self.lora_a_stacked = tuple(torch.zeros(max_loras, 1, rank, self.d_in, dtype=self.dtype)
                                     for _ in self.output_slices)
-        self.lora_b_stacked = tuple(torch.zeros(max_loras, 1, w, rank)
+        self.lora_b_stacked = tuple(torch.zeros(max_loras, 1, w, rank, dtype=self.dtype)
                                     for w in self.output_slices)
+
+    def slice_lora_a(self, lora_a: torch.Tensor) -> torch.Tensor:
+        return lora_a[:, self.tp_rank * self.d_in : (self.tp_rank + 1) * self.d_in]
 
     def reset_lora(self, index: int) -> None:
         for t in self.lora_a_stacked + self.lora_b_stacked:
@@ -46,6 +53,8 @@ class StockLayer:
         if isinstance(lora_a, torch.Tensor):  # a one-slice layer gets tensors, not lists
             lora_a, lora_b = [lora_a], [lora_b]
         for i, (a, b) in enumerate(zip(lora_a, lora_b, strict=True)):
+            if self.tp_size > 1:
+                a = self.slice_lora_a(a)
             self.lora_a_stacked[i][index, 0, : a.shape[0]] = a
             self.lora_b_stacked[i][index, 0, :, : b.shape[1]] = b
 
@@ -58,28 +67,32 @@ class PunicaCPU:
 
     def add_shrink(self, y, x, lora_a_stacked, scale) -> None:
         for i, a in enumerate(lora_a_stacked):
-            y[i] += scale * torch.einsum("ti,tri->tr", x, a[self.token_lora_indices, 0])
+            y[i] += scale * torch.einsum("ti,tri->tr", x, a[self.token_lora_indices, 0]).float()
 
     def add_expand(self, y, x, lora_b_stacked, output_slices, offset_start, add_inputs) -> None:
         offset = offset_start
         for i, (b, width) in enumerate(zip(lora_b_stacked, output_slices, strict=True)):
             y[:, offset : offset + width] += torch.einsum(
-                "tr,tor->to", x[i], b[self.token_lora_indices, 0])
+                "tr,tor->to", x[i], b[self.token_lora_indices, 0].float()).to(y.dtype)
             offset += width
 
 
-def make_layer(widths: list[int], d_in: int, tp_size: int = 1, num_slots: int = 3):
+def make_layer(widths: list[int], d_in: int, tp_size: int = 1, num_slots: int = 3,
+               tp_rank: int = 0, dtype: torch.dtype = torch.float32):
     cls = type("Layer", (GoatLinearMixin, StockLayer), {"goat_row_parallel": tp_size > 1})
-    layer = cls(widths, d_in, tp_size)
+    layer = cls(widths, d_in, tp_size, tp_rank, dtype)
     layer.create_lora_weights(num_slots, SimpleNamespace(max_lora_rank=MAX_RANK))
     return layer
 
 
 def fill(layer, slot: int, j: int, a, b) -> None:
-    """What LoRAModelManager.activate_adapter does with the hook: set_lora, then the meta."""
-    layer.set_lora(slot, [a[i][j] for i in range(layer.n_slices)],
-                   [b[i][j] for i in range(layer.n_slices)])
-    layer.set_goat_meta(slot, [ADAPTERS[j][:3]] * layer.n_slices)
+    """What LoRAModelManager.activate_adapter does with the hook: set_lora (the served dtype),
+    then the meta and the float32 routers (the first E rows of each shrink, unsharded)."""
+    e = ADAPTERS[j][0]
+    layer.set_lora(slot, [a[i][j].to(layer.dtype) for i in range(layer.n_slices)],
+                   [b[i][j].to(layer.dtype) for i in range(layer.n_slices)])
+    layer.set_goat_meta(slot, [ADAPTERS[j][:3]] * layer.n_slices, None,
+                        [a[i][j][:e] if e else None for i in range(layer.n_slices)])
 
 
 def weights(d_in: int, widths: list[int], gen: torch.Generator):
@@ -108,7 +121,7 @@ def reference(x, a, b, widths, adapter_of: list[int]) -> torch.Tensor:
 
 def run(layer, x: torch.Tensor, slots: list[int]) -> torch.Tensor:
     layer.punica_wrapper = PunicaCPU(torch.tensor(slots))
-    output = torch.zeros(x.shape[0], sum(layer.output_slices))
+    output = torch.zeros(x.shape[0], sum(layer.output_slices), dtype=x.dtype)
     return layer._apply_lora_to_output(x, output)
 
 
@@ -163,7 +176,9 @@ def test_merged_static_term_is_undone_where_not_covered():
     covered = {0: [True, True], 1: [True, False], 2: [False, False]}
     for slot, j in enumerate((0, 1, 2)):
         layer.set_lora(slot, [a[i][j] for i in range(2)], [b[i][j] for i in range(2)])
-        layer.set_goat_meta(slot, [ADAPTERS[j][:3]] * 2, covered[slot])
+        e = ADAPTERS[j][0]
+        layer.set_goat_meta(slot, [ADAPTERS[j][:3]] * 2, covered[slot],
+                            [a[i][j][:e] if e else None for i in range(2)])
     slots = [-1, 0, 1, 2, 0, -1, 1]
     x = torch.randn(len(slots), d_in, generator=gen)
 
@@ -220,11 +235,10 @@ def test_row_parallel_ranks_with_different_slot_numbers(monkeypatch):
     def rank(r: int, slot_of: list[int]) -> None:
         try:
             half = slice(32 * r, 32 * (r + 1))
-            a_r = [[m[:, half] for m in per_slice] for per_slice in a]
-            layer = make_layer(widths, 32, tp_size=2)
+            layer = make_layer(widths, 64, tp_size=2, tp_rank=r)
             assert not layer.goat_fused
             for j, slot in enumerate(slot_of):
-                fill(layer, slot, j, a_r, b)
+                fill(layer, slot, j, a, b)  # unsharded: the layer cuts its columns
             outputs[r] = run(layer, x[:, half].contiguous(),
                              [slot_of[j] if j >= 0 else -1 for j in adapter_of])
         except BaseException as e:  # surfaced below, not lost in the thread
@@ -248,3 +262,39 @@ def test_missing_cpu_kernel_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "goat_runtime._C", None)
     with pytest.raises(RuntimeError, match=r"C\+\+ kernel .* does not load here"):
         make_layer([8], 16)
+
+
+@pytest.mark.parametrize("path", ["fused", "punica"])
+def test_bfloat16_slots_route_with_the_float32_router(path):
+    """Served in bfloat16 (vLLM's LoRA dtype under --dtype bfloat16), a slot routes as its
+    float32 router does. Expert 1's logit beats expert 0's by 0.0009, under bfloat16's spacing
+    near 1 (2^-7): with the router rows rounded to bfloat16 (as vLLM's stacked shrink holds
+    them) expert 0 would win. Each expert writes a one-hot output column, so the output names
+    the expert chosen. Both paths: the fused kernel (the CPU's) and punica with the gate
+    (CUDA's, and the CPU's row-parallel layers)."""
+    d_in = 16
+    router = torch.zeros(2, d_in)
+    router[0, 0] = 1 + 2**-8 + 2**-12  # rounds up to 1 + 2^-7 in bfloat16
+    router[1, 0], router[1, 1] = 1.0, 0.005  # 0.005 is not a bfloat16 number either
+    x = torch.zeros(5, d_in, dtype=torch.bfloat16)
+    x[:, :2] = torch.tensor([1.0, 2.0, 0.5, 1.0, 4.0])[:, None]  # exact in bfloat16
+    logits32 = x.float() @ router.T
+    logits16 = x.float() @ router.bfloat16().float().T
+    assert (logits32.argmax(1) == 1).all() and (logits16.argmax(1) == 0).all()
+    assert ((logits32[:, 1] - logits32[:, 0]) / logits32[:, 0] < 2**-7).all()
+    # E = 2, k = 1, expert rank 1: rows [router; A_0; A_1], expert e's output is column e.
+    shrink = torch.cat([router, torch.eye(d_in)[:1], torch.eye(d_in)[:1]])
+    expand = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    layer = make_layer([2], d_in, dtype=torch.bfloat16)
+    if path == "punica":
+        layer.goat_fused = False
+    layer.set_lora(0, shrink.bfloat16(), expand.bfloat16())
+    layer.set_goat_meta(0, [(2, 1, 1)], None, [router])
+    slots = [0, -1, 0, 0, 0]
+    output = run(layer, x, slots).float()
+    # The float32 reference's choice, expert 1 (weight 1 after renormalising its top 1), times
+    # each token's A row value x[:, 0]; nothing for the base token.
+    expected = torch.zeros(5, 2)
+    expected[:, 1] = x[:, 0].float()
+    expected[1] = 0.0
+    assert torch.equal(output, expected), output

@@ -10,7 +10,8 @@ from goat_runtime.adapters.format import load_adapter
 from goat_runtime.adapters.static import StaticComponents
 from goat_runtime.vllm_plugin import merge
 from goat_runtime.vllm_plugin.loader import stacked_factors
-from goat_runtime.vllm_plugin.validate import linear_shapes, lora_rows
+from goat_runtime.vllm_plugin.state import STATE, MergeTarget, linear_shapes
+from goat_runtime.vllm_plugin.validate import lora_rows
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "goat-peft-tiny"
 ADAPTERS = FIXTURE / "adapters"
@@ -21,9 +22,9 @@ def shapes() -> dict[str, tuple[int, int]]:
     return linear_shapes(FIXTURE / "base")
 
 
-def target_for(monkeypatch, value: str, shapes) -> merge.MergeTarget | None:
+def target_for(monkeypatch, value: str, shapes) -> MergeTarget | None:
     monkeypatch.setenv(merge.ENV, value)
-    monkeypatch.setattr(merge, "_target", None)
+    monkeypatch.setattr(STATE, "merge_target", None)
     return merge.merge_target(shapes)
 
 

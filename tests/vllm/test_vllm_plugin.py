@@ -1,7 +1,7 @@
 """GOAT and LoRA adapters served by vLLM through the goat plugin, against the fixture's
 reference (greedy tokens and prompt logprobs), alone and mixed with base requests in one batch;
 max_loras=1 with base requests beside adapter requests; tensor parallel 2; static components
-merged into the base weights; the refusals.
+merged into the base weights; routers in float32 under bfloat16 serving; the refusals.
 
 One engine per scenario (tests/vllm/driver.py), started once per module; slow: ~1 min each."""
 
@@ -27,7 +27,7 @@ def reference() -> dict[str, torch.Tensor]:
 
 def _scenario(python: Path, tmp_path_factory, name: str) -> dict[str, torch.Tensor]:
     out = tmp_path_factory.mktemp("vllm") / f"{name}.safetensors"
-    run_in_vllm(python, "driver.py", name, str(out))
+    run_in_vllm(python, "driver", name, str(out))
     return load_file(str(out))
 
 
@@ -124,10 +124,32 @@ def test_merged_static_tensor_parallel_2(merged_tp2_run, reference, name):
         _check(merged_tp2_run, reference, "mixed", name, i)
 
 
+@pytest.fixture(scope="module")
+def bf16_router_run(vllm_python, tmp_path_factory):
+    return _scenario(vllm_python, tmp_path_factory, "bf16_router")
+
+
+def test_bfloat16_serving_routes_with_float32_routers(bf16_router_run):
+    """Served in bfloat16, a GOAT adapter chooses its experts as its float32 router does:
+    router_fine's two router rows differ by less than bfloat16's resolution (rounded, every
+    token ties) and router_exact routes every token as router_fine's float32 rows do with
+    bfloat16-exact rows (tests/vllm/router_adapters.py), so the two answer alike, bit for bit,
+    only if vLLM's bfloat16 LoRA buffers did not round router_fine's router."""
+    results = bf16_router_run
+    for i in range(3):
+        fine, exact = (results[f"bf16/{name}/{i}/prompt_logprobs"]
+                       for name in ("router_fine", "router_exact"))
+        assert not torch.isnan(fine).any(), f"input {i}: missing logprobs"
+        assert torch.equal(fine, exact), (
+            f"input {i}: prompt logprobs differ by {(fine - exact).abs().max().item():.3g}")
+        assert torch.equal(results[f"bf16/router_fine/{i}/greedy"],
+                           results[f"bf16/router_exact/{i}/greedy"]), f"input {i}"
+
+
 @pytest.mark.parametrize("check", ["other_version_refused", "pinned_version_accepted",
                                    "fully_sharded_refused", "merge_without_lora_refused",
                                    "resolver_finds_adapters",
                                    "adapters_validated", "server_refuses_bad_adapters"])
 def test_plugin_checks(vllm_python, check):
-    result = run_in_vllm(vllm_python, "checks.py", check, timeout=300)
+    result = run_in_vllm(vllm_python, "checks", check, timeout=300)
     assert f"ok {check}" in result.stdout, result.stdout

@@ -1,13 +1,14 @@
-"""The top-k router gate of many tokens at once, for vLLM's stacked slot layout.
+"""The top-k router gate of many tokens at once, over a stacked slot layout (router rows first).
 
-`goat_runtime.ops.reference.gate_from_logits` states the semantics for one token; this is the
-same gate vectorised over a batch whose tokens belong to slots with different (E, k, expert
-rank), because vLLM calls a layer once per step for the whole flat batch. Tests check it
-against the reference, token by token. Equal probabilities are kept as torch.topk keeps them on
-the CPU (`goat_runtime.ops.topk`), on every device.
+`goat_runtime.ops.reference.gate_from_logits` states the semantics for one token; `gate_rows`
+is the same gate vectorised over a flat batch whose tokens belong to slots with different
+(E, k, expert rank), as the vLLM plugin's layers call it once per step for the whole batch (the
+routed op's kernels compute it inside their own loops). Equal probabilities are kept as
+torch.topk keeps them on the CPU (`goat_runtime.ops.topk`), on every device.
 
-Row layout of one slot's shrink output h (see `loader.py`): rows [0, E) are the router logits,
-rows [E, E + E * expert_rank) the experts' values, later rows the static term (gate 1).
+Row layout of one slot's shrink output h (vLLM's stacked slots, `vllm_plugin/loader.py`):
+rows [0, E) are the router's, rows [E, E + E * expert_rank) the experts' values, later rows
+the static term (gate 1).
 """
 
 import torch
@@ -16,13 +17,18 @@ from goat_runtime.ops.topk import topk_kept
 
 
 def gate_rows(logits: torch.Tensor, meta: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """Semantics: per token t with meta[t] = (E, k, rank_e), the multiplier of each of the
-    num_rows shrink rows: 0 on the E router rows, the renormalised top-k softmax weight of
-    expert e on its rank_e value rows, 1 on every later row (static term, plain LoRA: E = 0).
+    """Semantics: gate[t, c] = the multiplier of shrink row c of token t, meta[t] = (E, k,
+    rank_e): 0 on the E router rows, on expert e's rank_e value rows the renormalised top-k
+    softmax weight of expert e (softmax over logits[t, :E], torch.topk's k, ties as torch.topk
+    keeps them on the CPU; 0 if not kept), 1 on every later row (static term; every row when
+    E = 0, plain LoRA or no adapter).
 
-    logits: [T, E_max] float32 router logits (columns past a token's E are ignored).
-    meta: [T, 3] int64 (E, k, rank_e); E = 0 means no router.
-    Returns [T, num_rows] float32.
+    logits: [T, E_max] float32 router logits (columns past a token's E are ignored; other
+      dtypes are widened, but the caller should compute them in float32: a rounded logit can
+      flip a choice).
+    meta: [T, 3] int64 (E, k, rank_e) per token, 0 <= k <= E <= E_max.
+    num_rows: R, the rows of the slot layout (>= E + E * rank_e for every token).
+    Returns [T, R] float32 on logits' device.
     """
     num_tokens, e_max = logits.shape
     device = logits.device

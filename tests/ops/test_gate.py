@@ -1,10 +1,10 @@
-"""The vectorised gate of the vLLM layers equals the reference gate, token by token. Runs in
-goat-serve's own environment (no vLLM needed)."""
+"""The batched gate (`ops.gate.gate_rows`, the vLLM plugin's) equals the reference gate, token by
+token."""
 
 import torch
 
+from goat_runtime.ops.gate import gate_rows
 from goat_runtime.ops.reference import gate_from_logits
-from goat_runtime.vllm_plugin.gate import gate_rows
 
 
 def test_gate_rows_matches_reference():

@@ -1,0 +1,91 @@
+"""On the CPU the adapter slots are host memory, not a bound: any number of distinct adapters
+share a step whatever --max-loras says, each adapter is written into its slot once per load
+(not per use), and a slot is reused once its adapter has left the host."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from goat_runtime.engine.adapter_manager import AdapterManager
+from goat_runtime.engine.config import EngineConfig
+from goat_runtime.engine.engine import LLMEngine
+from goat_runtime.engine.outputs import EngineListener
+from goat_runtime.engine.sampling import SamplingParams
+from tests.adapters.adapted_model import FIXTURE
+from tests.engine.test_engine import REFERENCE, run
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+NAMES = ("goat0", "goat1", "lora0")
+
+
+class StepRecorder(EngineListener):
+    def __init__(self) -> None:
+        self.step_adapters: list[set[str]] = []
+        self.memory: dict[str, tuple[int, int]] = {}
+
+    def on_step(self, num_seqs: int, num_tokens: int, adapters: list[str]) -> None:
+        self.step_adapters.append(set(adapters))
+
+    def on_adapter_memory(self, tier: str, adapters: int, nbytes: int) -> None:
+        self.memory[tier] = (adapters, nbytes)
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the adapters written into a slot for a step (not a pool's regrowth copies)."""
+    written: list[str] = []
+    write_host = AdapterManager._write_host
+
+    def counting(self, slot, host, routed=None):
+        if routed is None and host.adapter is not None:
+            written.append(host.adapter.name)
+        return write_host(self, slot, host, routed)
+
+    monkeypatch.setattr(AdapterManager, "_write_host", counting)
+    return written
+
+
+def _engine(tmp_path: Path, adapters: Path, recorder: EngineListener, **options) -> LLMEngine:
+    return LLMEngine(EngineConfig(
+        model_dir=FIXTURE / "base", adapter_dir=adapters, static_cache_dir=tmp_path / "static",
+        block_size=4, max_loras=1, device="cpu", dtype="float32", **options), recorder)
+
+
+def _requests(i: int) -> list:
+    prompt = REFERENCE[f"input_{i}"].tolist()
+    return [(f"{name}-{i}", prompt, GREEDY, name) for name in NAMES] + [
+        (f"base-{i}", prompt, GREEDY, None)]
+
+
+def test_one_step_serves_more_adapters_than_max_loras(tmp_path: Path, writes: list[str]) -> None:
+    recorder = StepRecorder()
+    engine = _engine(tmp_path, FIXTURE / "adapters", recorder, max_cpu_adapters=8)
+    for i in range(2):
+        results = run(engine, _requests(i))
+        for name in (*NAMES, "base"):
+            assert results[f"{name}-{i}"]["tokens"][0] == REFERENCE[f"{name}_greedy_{i}"].tolist()
+    assert max(len(a) for a in recorder.step_adapters) == 3  # max_loras is 1
+    assert sorted(writes) == sorted(NAMES)  # once each, not again for the second round
+    assert recorder.memory["device"][0] == 3
+
+
+def test_a_slot_is_reused_once_its_adapter_left_the_host(tmp_path: Path,
+                                                         writes: list[str]) -> None:
+    adapters = shutil.copytree(FIXTURE / "adapters", tmp_path / "adapters")
+    recorder = StepRecorder()
+    # A one-byte budget: adapters leave the host as soon as their requests are done.
+    engine = _engine(tmp_path, adapters, recorder, max_cpu_adapters=8, max_cpu_adapter_memory=1)
+    prompt = REFERENCE["input_0"].tolist()
+    run(engine, [("a", prompt, GREEDY, "goat0"), ("b", prompt, GREEDY, "goat1")])
+    assert not engine.adapters.is_loaded("goat0") and not engine.adapters.is_loaded("goat1")
+    slots, pool = recorder.memory["device"]
+    assert slots == 0 and pool > 0
+    # goat0 again, changed on disk: the new load must not read the old load's slot, which
+    # still holds the old weights under the same name, and reuses a slot: the pool stays.
+    shutil.rmtree(adapters / "goat0")
+    shutil.copytree(FIXTURE / "adapters" / "goat1", adapters / "goat0")
+    tokens = run(engine, [("c", prompt, GREEDY, "goat0")])["c"]["tokens"][0]
+    assert tokens == REFERENCE["goat1_greedy_0"].tolist()
+    assert sorted(writes[:2]) == ["goat0", "goat1"] and writes[2:] == ["goat0"]
+    assert recorder.memory["device"][1] == pool
