@@ -13,11 +13,14 @@ Keys: {run}/{name}/{i}/greedy [12] and {run}/{name}/{i}/prompt_logprobs [len - 1
 (dense: every token's logprob at every prompt position after the first).
 """
 
+import functools
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.vllm.bad_adapters import make_bad_adapters
 from tests.vllm.router_adapters import make_router_adapters
@@ -28,16 +31,20 @@ ADAPTERS = ("goat0", "goat1", "lora0")
 VOCAB = 320
 
 
-def main() -> None:
-    scenario, out_path = sys.argv[1], sys.argv[2]
+def set_environment(scenario: str) -> None:
     os.environ["VLLM_PLUGINS"] = "goat"
-    merged = scenario.startswith("merged")
-    if merged:  # the fixture's GOAT adapters share one signature: it is merged
+    if scenario.startswith("merged"):  # the fixture's GOAT adapters share one signature
         os.environ["GOAT_VLLM_MERGE_STATIC"] = os.path.join(FIXTURE, "adapters")
     if scenario.endswith("tp2"):
         # vLLM's CPU workers bind one NUMA node each by default; a one-node test machine
         # needs an explicit core per rank.
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+
+
+def main() -> None:
+    scenario, out_path = sys.argv[1], sys.argv[2]
+    set_environment(scenario)
+    merged = scenario.startswith("merged")
     import torch
     from safetensors.torch import load_file, save_file
     from vllm import LLM, SamplingParams
@@ -66,32 +73,9 @@ def main() -> None:
                             prompt_logprobs=VOCAB)
     results: dict[str, torch.Tensor] = {}
 
-    def run(tag: str, batch: list[tuple[str, int]]) -> None:
-        """One generate call: every request is submitted before the engine steps."""
-        outs = llm.generate([{"prompt_token_ids": inputs[i]} for _, i in batch], params,
-                            lora_request=[lora.get(name) for name, _ in batch], use_tqdm=False)
-        for (name, i), out in zip(batch, outs, strict=True):
-            results[f"{tag}/{name}/{i}/greedy"] = torch.tensor(out.outputs[0].token_ids)
-            dense = torch.full((len(inputs[i]) - 1, VOCAB), float("nan"))
-            for pos, entry in enumerate(out.prompt_logprobs[1:]):
-                for token, logprob in entry.items():
-                    dense[pos, token] = logprob.logprob
-            results[f"{tag}/{name}/{i}/prompt_logprobs"] = dense
-
+    run = functools.partial(run_batch, llm, params, inputs, lora, results)
     if scenario == "main":
-        for name in ("base", *ADAPTERS):
-            run("alone", [(name, i) for i in range(3)])
-        run("mixed", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
-        # Bad adapters fail their own generate call with the reason; the engine keeps serving.
-        bad = make_bad_adapters(Path(tempfile.mkdtemp(prefix="goat-bad-")))
-        for k, name in enumerate(("corrupt", "too_large")):
-            lora[name] = LoRARequest(name, 10 + k, str(bad[name]))
-            try:
-                run(f"bad_{name}", [("goat0", 0), (name, 1), ("base", 2)])
-            except ValueError as exc:
-                results[f"refused/{name}"] = torch.tensor([1])
-                print(f"refused {name}: {exc}", flush=True)
-        run("after_bad", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
+        run_main(run, lora, results)
     elif scenario == "max_loras1":
         for name in ADAPTERS:
             run(f"beside_{name}", [("base", 1), (name, 1), ("base", 2), (name, 0)])
@@ -108,6 +92,43 @@ def main() -> None:
         raise SystemExit(f"unknown scenario {scenario!r}")
     save_file({k: v.contiguous() for k, v in results.items()}, out_path)
     print(f"done in {time.time() - start:.1f}s", flush=True)
+
+
+def run_batch(llm: Any, params: Any, inputs: list[list[int]], lora: dict[str, Any],
+              results: dict[str, Any], tag: str, batch: list[tuple[str, int]]) -> None:
+    """One generate call: every request is submitted before the engine steps."""
+    import torch
+
+    outs = llm.generate([{"prompt_token_ids": inputs[i]} for _, i in batch], params,
+                        lora_request=[lora.get(name) for name, _ in batch], use_tqdm=False)
+    for (name, i), out in zip(batch, outs, strict=True):
+        results[f"{tag}/{name}/{i}/greedy"] = torch.tensor(out.outputs[0].token_ids)
+        dense = torch.full((len(inputs[i]) - 1, VOCAB), float("nan"))
+        for pos, entry in enumerate(out.prompt_logprobs[1:]):
+            for token, logprob in entry.items():
+                dense[pos, token] = logprob.logprob
+        results[f"{tag}/{name}/{i}/prompt_logprobs"] = dense
+
+
+def run_main(run: Callable[[str, list[tuple[str, int]]], None], lora: dict[str, Any],
+             results: dict[str, Any]) -> None:
+    """The "main" scenario, with `run` and the LoRA requests of main()."""
+    import torch
+    from vllm.lora.request import LoRARequest
+
+    for name in ("base", *ADAPTERS):
+        run("alone", [(name, i) for i in range(3)])
+    run("mixed", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
+    # Bad adapters fail their own generate call with the reason; the engine keeps serving.
+    bad = make_bad_adapters(Path(tempfile.mkdtemp(prefix="goat-bad-")))
+    for k, name in enumerate(("corrupt", "too_large")):
+        lora[name] = LoRARequest(name, 10 + k, str(bad[name]))
+        try:
+            run(f"bad_{name}", [("goat0", 0), (name, 1), ("base", 2)])
+        except ValueError as exc:
+            results[f"refused/{name}"] = torch.tensor([1])
+            print(f"refused {name}: {exc}", flush=True)
+    run("after_bad", [(name, i) for i in range(3) for name in ("base", *ADAPTERS)])
 
 
 if __name__ == "__main__":
