@@ -77,7 +77,7 @@ class AdapterManager:
         self.static = StaticComponents(slice_weights(linears), static_cache_dir)
         self._lock = threading.Lock()  # host/loading maps: read by the server thread too
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU order
-        self._loading: dict[str, Future] = {}
+        self._loading: dict[str, Future[None]] = {}
         self._failed: dict[str, Exception] = {}
         self._registered: dict[str, Location] = {}  # loaded by path (not from the adapter dir)
         self._refs: Counter[str] = Counter()  # unfinished requests per adapter
@@ -185,13 +185,13 @@ class AdapterManager:
     # ---- loading ----------------------------------------------------------------------------
 
     def request_load(self, name: str, path: Path | str | Location | None = None, *,
-                     pinned: bool = False) -> Future:
+                     pinned: bool = False) -> Future[None]:
         """Start loading `name` (from `path`: a folder or a URL; or from the adapter folder)
         unless it is loaded or loading; the future resolves when it is on the host (or fails
         with AdapterError). A remote adapter is fetched first, once however many ask."""
         with self._lock:
             if name in self._host:
-                done: Future = Future()
+                done: Future[None] = Future()
                 done.set_result(None)
                 return done
             if name in self._loading:
@@ -331,7 +331,8 @@ class AdapterManager:
         static terms; "device", the adapters in slots and the slot tensors' bytes."""
         with self._lock:
             host = (len(self._host), sum(h.nbytes for h in self._host.values()))
-        slots = sum(t.nbytes for linear in self.linears for t in _slot_tensors(linear.routed))
+        slots = sum(t.nbytes for linear in self.linears
+                    for t in _slot_tensors(_attached(linear)))
         # A snapshot: the engine thread writes them (zip stops at the shorter while one grows)
         owners = list(zip(self._slots, self._slot_ids, strict=False))
         with self._lock:
@@ -441,7 +442,7 @@ class AdapterManager:
             for i, linear in enumerate(self.linears):
                 deltas = [host.adapter.layers.get(n) if host.adapter else None
                           for n in linear.slice_names]
-                write_slot(routed[i] if routed is not None else linear.routed, slot, deltas,
+                write_slot(routed[i] if routed is not None else _attached(linear), slot, deltas,
                            [host.terms.get(n) for n in linear.slice_names])
 
     def _allocate(self) -> None:
@@ -492,7 +493,7 @@ class AdapterManager:
         no resident adapter has a router)."""
         if self._max_experts == 0:
             return None
-        routed = self.linears[0].routed
+        routed = _attached(self.linears[0])
         return torch.zeros(routed.shrink.shape[0], self._max_experts, dtype=torch.int64,
                            device=routed.shrink.device)
 
@@ -510,6 +511,13 @@ def host_bytes(adapter: Adapter, terms: dict[str, Factors]) -> int:
                for t in (layer.lora_a, layer.lora_b, layer.router) if t is not None]
     tensors += [t for factors in terms.values() for t in factors]
     return sum(t.nbytes for t in tensors)
+
+
+def _attached(linear: FusedLinear) -> RoutedLoRAWeights:
+    """The slots the manager attached to `linear` (in its constructor)."""
+    if linear.routed is None:
+        raise RuntimeError(f"no adapter slots are attached to {linear.slice_names}")
+    return linear.routed
 
 
 def _slot_tensors(routed: RoutedLoRAWeights) -> list[torch.Tensor]:

@@ -76,8 +76,9 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             try:
                 while not self._grow(seq, n):
-                    victim = next((s for s in reversed(self.running)
-                                   if id(s) not in scheduled_ids), None)
+                    # seq itself is not scheduled yet, so there is always a victim
+                    victim = next(s for s in reversed(self.running)
+                                  if id(s) not in scheduled_ids)
                     self._preempt(victim)
                     preempted = True
                     if victim is seq:

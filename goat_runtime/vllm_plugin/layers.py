@@ -28,6 +28,8 @@ When static components are merged into the base weights (`merge.py`), the tokens
 does not carry the merged term get it subtracted again, as one low-rank term per layer.
 """
 
+from typing import Any
+
 import torch
 
 from goat_runtime.adapters.slots import allocate_slots, clear_slot, write_slice
@@ -50,6 +52,10 @@ class GoatLinearMixin:
     """Mixed into a stock vLLM linear LoRA class (before it in the MRO)."""
 
     goat_row_parallel = False
+    # Set by the vLLM LoRA class this is mixed into.
+    base_layer: Any
+    n_slices: int
+    device: torch.device
 
     def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
         super().create_lora_weights(max_loras, lora_config, model_config)

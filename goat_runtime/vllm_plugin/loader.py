@@ -15,10 +15,11 @@ vLLM's own loader unchanged.
 """
 
 import logging
+from typing import Any
 
 import torch
 
-from goat_runtime.adapters.format import KEY_PREFIX, Adapter, load_adapter
+from goat_runtime.adapters.format import KEY_PREFIX, AdaptedLinear, Adapter, load_adapter
 from goat_runtime.adapters.static import StaticComponents
 from goat_runtime.vllm_plugin.merge import merge_target
 from goat_runtime.vllm_plugin.state import base_checkpoint
@@ -36,7 +37,7 @@ def stacked_factors(adapter: Adapter, static: StaticComponents,
     terms = {} if adapter.signature is None else static.factors(adapter.signature, adapter.layers)
     out = {}
     for module, layer in adapter.layers.items():
-        shrink = [layer.router, layer.lora_a]
+        shrink = [_router(module, layer), layer.lora_a]
         d_out = layer.lora_b.shape[0]
         expand = [torch.zeros(d_out, layer.num_experts), layer.scale * layer.lora_b]
         if module in terms and module not in covered:
@@ -49,8 +50,15 @@ def stacked_factors(adapter: Adapter, static: StaticComponents,
     return out
 
 
-def load_goat_lora_model(lora_model_cls, lora_dir: str, *, lora_model_id: int,
-                         max_lora_rank: int, dtype: torch.dtype | None, weights_mapper=None):
+def _router(module: str, layer: AdaptedLinear) -> torch.Tensor:
+    if layer.router is None:  # load_adapter gives a GOAT adapter GOAT layers only
+        raise ValueError(f"GOAT module {module} has no router")
+    return layer.router
+
+
+def load_goat_lora_model(lora_model_cls: Any, lora_dir: str, *, lora_model_id: int,
+                         max_lora_rank: int, dtype: torch.dtype | None,
+                         weights_mapper: Any = None) -> Any:
     """A vLLM LoRAModel for the GOAT directory lora_dir, with `goat_meta` attached."""
     from vllm.lora.lora_weights import LoRALayerWeights
     from vllm.lora.utils import parse_fine_tuned_lora_name
@@ -83,7 +91,7 @@ def load_goat_lora_model(lora_model_cls, lora_dir: str, *, lora_model_id: int,
         meta[name] = module_meta
         # The router also rides in the shrink, rounded to vLLM's LoRA dtype; the layers take
         # it from here instead, in float32 (layers.py).
-        routers[name] = adapter.layers[module].router.float().contiguous()
+        routers[name] = _router(module, adapter.layers[module]).float().contiguous()
         if module in covered:
             merged.add(name)
         rank = max(rank, rows)

@@ -16,6 +16,7 @@ merge happens while vLLM loads the base weights, before its CPU layers repack th
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,7 +69,8 @@ def merge_target(shapes: dict[str, tuple[int, int]]) -> MergeTarget | None:
     return target
 
 
-def _sub_modules(model: torch.nn.Module, name: str, layer) -> list[tuple[str, int | str | None]]:
+def _sub_modules(model: torch.nn.Module, name: str,
+                 layer: Any) -> list[tuple[str, int | str | None]]:
     """The checkpoint modules packed into vLLM's layer `name`, with each one's shard id for
     the layer's weight loader."""
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
@@ -83,7 +85,8 @@ def _sub_modules(model: torch.nn.Module, name: str, layer) -> list[tuple[str, in
     return [(full[0], None)]
 
 
-def _shard(layer, full: torch.Tensor, shape: tuple[int, int], shard_id) -> torch.Tensor:
+def _shard(layer: Any, full: torch.Tensor, shape: tuple[int, int],
+           shard_id: int | str | None) -> torch.Tensor:
     """`full` (a factor of one checkpoint module, unsharded) cut as vLLM cuts that module's
     weight on this rank, into a zero tensor of the layer's local `shape`: the layer's own
     weight loader does the cutting, so every parallel layout vLLM knows is covered."""
@@ -96,10 +99,11 @@ def _shard(layer, full: torch.Tensor, shape: tuple[int, int], shard_id) -> torch
         param.weight_loader(param, full)
     else:
         param.weight_loader(param, full, shard_id)
-    return param.data
+    data: torch.Tensor = param.data
+    return data
 
 
-def merge_into_model(model: torch.nn.Module, model_config) -> None:
+def merge_into_model(model: torch.nn.Module, model_config: Any) -> None:
     """Add the target's static terms to the model's Linear weights (this rank's shards) and
     leave on each such layer `goat_undo` = (C [R, d_in_local], D [d_out_local, R], slice of
     each of the R rows), R = the static rank times the merged sub-modules."""
@@ -147,7 +151,7 @@ def merge_into_model(model: torch.nn.Module, model_config) -> None:
                            f"model vLLM loaded")
 
 
-def check_undone(model: torch.nn.Module, lora_modules: dict) -> None:
+def check_undone(model: torch.nn.Module, lora_modules: dict[str, Any]) -> None:
     """Raise unless every layer holding a merged term is wrapped by a GOAT LoRA layer, the
     only place the term is undone for the tokens that must not see it."""
     from goat_runtime.vllm_plugin.layers import GoatLinearMixin

@@ -10,6 +10,7 @@ import os
 import re
 import zlib
 from pathlib import Path
+from typing import Any
 
 from goat_runtime.adapters.format import CONFIG_FILE, WEIGHTS_FILE
 
@@ -43,17 +44,17 @@ def find_adapter(root: Path, name: str) -> Path | None:
     return path
 
 
-def make_resolver(root: Path):
+def make_resolver(root: Path) -> Any:
     from vllm.lora.request import LoRARequest
     from vllm.lora.resolver import LoRAResolver
 
-    class GoatAdapterResolver(LoRAResolver):
+    class GoatAdapterResolver(LoRAResolver):  # type: ignore[misc]  # vllm is untyped here
         """Resolves adapter names to folders of goat-serve's adapter directory."""
 
         def __init__(self, root: Path):
             self.root = root
 
-        async def resolve_lora(self, base_model_name: str, lora_name: str):
+        async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
             path = find_adapter(self.root, lora_name)
             if path is None:
                 return None

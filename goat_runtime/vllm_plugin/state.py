@@ -60,7 +60,8 @@ class PluginState:
     installed: bool = False  # hooks.install ran
     goat_classes: dict[type, type] = field(default_factory=dict)  # stock -> GOAT layer class
     shapes: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # per base path
-    checked: dict[tuple, str | None] = field(default_factory=dict)  # validate.py: error or None
+    # validate.py: error or None, per (adapter files' stamp, base, revision, max rank)
+    checked: dict[tuple[object, ...], str | None] = field(default_factory=dict)
 
 
 STATE = PluginState()

@@ -19,15 +19,22 @@ stat calls once its adapter was checked.
 import functools
 import logging
 from pathlib import Path
+from typing import Any
 
-from goat_runtime.adapters.format import CONFIG_FILE, WEIGHTS_FILE, AdapterError, load_adapter
+from goat_runtime.adapters.format import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Adapter,
+    AdapterError,
+    load_adapter,
+)
 from goat_runtime.vllm_plugin.merge import merge_target
 from goat_runtime.vllm_plugin.state import STATE, is_goat_dir, linear_shapes, model_dir
 
 logger = logging.getLogger(__name__)
 
 
-def lora_rows(adapter, covered: frozenset[str] = frozenset()) -> dict[str, int]:
+def lora_rows(adapter: Adapter, covered: frozenset[str] = frozenset()) -> dict[str, int]:
     """Per module, the LoRA rows the vLLM slot needs (`loader.stacked_factors`' layout):
     E router rows + r expert rows + the static residual's rows (GOAT, unless the module is
     `covered` by the static term merged into the base), r (plain LoRA)."""
@@ -65,9 +72,9 @@ def check_adapter(lora_path: str, shapes: dict[str, tuple[int, int]], max_lora_r
             f"of vLLM's allowed values >= {most} (1, 8, 16, 32, 64, 128, 256, 320, 512)")
 
 
-def _stamp(lora_path: str) -> tuple:
+def _stamp(lora_path: str) -> tuple[object, ...]:
     path = Path(lora_path)
-    stamp: list = [str(path.resolve())]
+    stamp: list[object] = [str(path.resolve())]
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         try:
             st = (path / name).stat()
@@ -107,12 +114,12 @@ def validate(lora_path: str, model: str, revision: str | None, max_lora_rank: in
         raise AdapterError(error)
 
 
-def _engine_limits(vllm_config) -> tuple[str, str | None, int]:
+def _engine_limits(vllm_config: Any) -> tuple[str, str | None, int]:
     model_config = vllm_config.model_config
     return model_config.model, model_config.revision, vllm_config.lora_config.max_lora_rank
 
 
-def bad_request(message: str):
+def bad_request(message: str) -> Any:
     from http import HTTPStatus
 
     from vllm.entrypoints.serve import create_error_response
@@ -129,7 +136,7 @@ def install() -> None:
     original_validate_lora = InputProcessor._validate_lora
 
     @functools.wraps(original_validate_lora)
-    def validate_lora(self, lora_request) -> None:
+    def validate_lora(self: Any, lora_request: Any) -> None:
         original_validate_lora(self, lora_request)
         if lora_request is not None and lora_request.lora_path:
             validate(lora_request.lora_path, *_engine_limits(self.vllm_config))
@@ -139,7 +146,7 @@ def install() -> None:
     original_check = OpenAIServingModels._check_load_lora_adapter_request
 
     @functools.wraps(original_check)
-    async def check_load(self, request):
+    async def check_load(self: Any, request: Any) -> Any:
         error = await original_check(self, request)
         if error is not None:
             return error
@@ -154,7 +161,7 @@ def install() -> None:
     original_resolve = OpenAIServingModels.resolve_lora
 
     @functools.wraps(original_resolve)
-    async def resolve_lora(self, lora_name: str):
+    async def resolve_lora(self: Any, lora_name: str) -> Any:
         # vLLM loads the first adapter a resolver finds: check that one before it does.
         if lora_name not in self.lora_requests:
             for resolver in self.lora_resolvers:

@@ -31,6 +31,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from goat_runtime.default_model import PIP_REQUIREMENT as DEFAULT_MODEL_WHEEL
 from goat_runtime.vllm_plugin.link import PTH
@@ -64,15 +65,16 @@ def _kernel_files(repo: Path) -> list[Path]:
     return sorted((repo / "goat_runtime").glob("_C*.so"))
 
 
-def _kernel_stamp(repo: Path) -> list[list]:
+def _kernel_stamp(repo: Path) -> list[list[str | int]]:
     return [[p.name, p.stat().st_mtime_ns, p.stat().st_size] for p in _kernel_files(repo)]
 
 
-def _read_marker(venv: Path) -> dict:
+def _read_marker(venv: Path) -> dict[str, Any]:
     try:
-        return json.loads((venv / MARKER).read_text())
+        marker = json.loads((venv / MARKER).read_text())
     except (OSError, ValueError):
         return {}
+    return marker if isinstance(marker, dict) else {}
 
 
 def _linked(venv: Path, repo: Path) -> bool:
@@ -102,7 +104,7 @@ def _lock(path: Path) -> Iterator[None]:
         yield
 
 
-def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:  # str with text=True
     env = {**os.environ}
     env.pop("VIRTUAL_ENV", None)
     env.pop("PYTHONPATH", None)  # the environment's own packages, not the caller's
@@ -137,7 +139,7 @@ def ensure_vllm_venv(venv: Path | None = None, repo: Path = REPO,
     def step(number: int, text: str) -> None:
         say(f"goat-serve: vLLM environment {venv} [{number}/{STEPS}] {text}")
 
-    def check(cmd: list[str], what: str, **kwargs) -> None:
+    def check(cmd: list[str], what: str, **kwargs: Any) -> None:
         result = _run(cmd, capture_output=True, text=True, **kwargs)
         if result.returncode != 0:
             raise RuntimeError(f"{what} failed ({result.returncode}): {' '.join(cmd)}\n"
