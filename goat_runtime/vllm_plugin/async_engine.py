@@ -83,7 +83,7 @@ def _kind(path: Path) -> str:
     return {"GOAT": "goat", "LORA": "lora"}.get(peft_type, "unknown")
 
 
-def to_vllm_params(params: SamplingParams):
+def to_vllm_params(params: SamplingParams) -> Any:
     from vllm import SamplingParams as VllmParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -98,13 +98,15 @@ def to_vllm_params(params: SamplingParams):
         skip_special_tokens=params.skip_special_tokens, output_kind=RequestOutputKind.DELTA)
 
 
-def _logprobs(entries) -> list | None:
+def _logprobs(entries: Any) -> list[Any] | None:
+    """Token id -> logprob per position; an entry is None only for the first prompt token (a
+    completion's list has none), hence list[Any] for both uses."""
     if entries is None:
         return None
     return [None if e is None else {t: lp.logprob for t, lp in e.items()} for e in entries]
 
 
-def _ranks(entries, prompt_token_ids: list[int]) -> list[int | None] | None:
+def _ranks(entries: Any, prompt_token_ids: list[int]) -> list[int | None] | None:
     """Each prompt token's rank from vLLM's prompt logprobs (None for the first)."""
     if entries is None:
         return None
@@ -119,17 +121,17 @@ class _Stats:
     def __init__(self, engine: "VllmAsyncEngine"):
         self.engine = engine
 
-    def factory(self, vllm_config, engine_index: int = 0):
+    def factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
 
         owner = self.engine
 
-        class Logger(StatLoggerBase):
-            def __init__(self, vllm_config, engine_index: int = 0):
+        class Logger(StatLoggerBase):  # type: ignore[misc]  # vllm is untyped here
+            def __init__(self, vllm_config: Any, engine_index: int = 0):
                 pass
 
-            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None,
-                       engine_idx: int = 0) -> None:
+            def record(self, scheduler_stats: Any, iteration_stats: Any,
+                       mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
                 if scheduler_stats is not None:
                     owner._stats = EngineStats(scheduler_stats.num_running_reqs,
                                                scheduler_stats.num_waiting_reqs,
@@ -171,7 +173,7 @@ class VllmAsyncEngine:
 
     # ---- lifecycle --------------------------------------------------------------------------
 
-    def engine_args(self):
+    def engine_args(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
 
@@ -320,7 +322,7 @@ class VllmAsyncEngine:
 
         validate(str(path), str(self.config.model_dir), None, self.max_lora_rank)
 
-    async def _lora_request(self, name: str):
+    async def _lora_request(self, name: str) -> Any:
         """The vLLM LoRARequest of a loaded adapter, or of one in the adapter directory (loaded
         on first use, like goat-serve's engine)."""
         if name in self._adapters:
