@@ -23,12 +23,7 @@ the tests, under TRITON_INTERPRET=1 on the CPU) import it.
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("goat_runtime.ops.triton_attention needs triton (the 'gpu' extra: "
-                      "pip install 'goat-serve[gpu]')") from exc
+from goat_runtime.ops.triton_import import tl, triton
 
 _DTYPES = (torch.float32, torch.bfloat16)
 # Elements of the [BLOCK_G, BLOCK_N, BLOCK_D] products a program holds at once (registers).

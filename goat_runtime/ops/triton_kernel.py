@@ -24,14 +24,8 @@ import itertools
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("goat_runtime.ops.triton_kernel needs triton (the 'gpu' extra: "
-                      "pip install 'goat-serve[gpu]')") from exc
-
 from goat_runtime.ops.routed_lora import RoutedLoRAWeights
+from goat_runtime.ops.triton_import import tl, triton
 
 _DTYPES = (torch.float32, torch.bfloat16)
 # Elements of a [BLOCK_R, BLOCK_K] (or [BLOCK_R, BLOCK_N]) weight tile a program holds at once.
