@@ -26,13 +26,12 @@ from goat_runtime.adapters.binding import base_linear_shapes
 from goat_runtime.adapters.format import (
     CONFIG_FILE,
     KEY_PREFIX,
-    PICKLE_SUFFIXES,
-    WEIGHTS_FILE,
     AdapterError,
     InitSignature,
-    _read_config,
+    find_weights,
     load_adapter,
     lora_scale,
+    read_config,
 )
 
 DEFAULT_MAX_RANK = 64  # the server's default --max-lora-rank
@@ -55,9 +54,9 @@ def inspect_adapter(path: str | Path) -> dict[str, Any]:
     file). Raises AdapterError if the directory is not a readable GOAT or LoRA adapter.
     """
     path = Path(path)
-    config = _read_config(path)
+    config = read_config(path)
     config_file = path / CONFIG_FILE
-    weights_file = _weights_file(path)
+    weights_file = find_weights(path)
     kind = config.get("peft_type")
     if kind not in ("GOAT", "LORA"):
         raise AdapterError(f"{config_file}: unknown peft_type {kind!r}; expected 'GOAT' or 'LORA'")
@@ -172,18 +171,6 @@ def validate_adapter(path: str | Path, model_dir: str | Path, *,
         warnings.append(f"{path / CONFIG_FILE} says the adapter was trained on {base_name!r}; "
                         f"its shapes fit {model_dir}, but its weights may differ")
     return warnings
-
-
-def _weights_file(path: Path) -> Path:
-    weights_file = path / WEIGHTS_FILE
-    if weights_file.is_file():
-        return weights_file
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise AdapterError(
-            f"{path}: only safetensors checkpoints are read; found the pickle file(s) "
-            f"{', '.join(pickles)}, which are never unpickled. Convert to {WEIGHTS_FILE}.")
-    raise AdapterError(f"{path}: missing {WEIGHTS_FILE}")
 
 
 def _positive(config: dict[str, Any], key: str, config_file: Path) -> int | float:

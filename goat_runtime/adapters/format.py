@@ -138,15 +138,8 @@ def load_adapter(path: str | Path, base_linears: dict[str, tuple[int, int]], *,
     Pickle checkpoints are refused and never opened.
     """
     path = Path(path)
-    config = _read_config(path)
-    weights_file = path / WEIGHTS_FILE
-    if not weights_file.is_file():
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise AdapterError(
-                f"{path}: only safetensors checkpoints are loaded; found the pickle file(s) "
-                f"{', '.join(pickles)}, which are never unpickled. Convert to {WEIGHTS_FILE}.")
-        raise AdapterError(f"{path}: missing {WEIGHTS_FILE}")
+    config = read_config(path)
+    weights_file = find_weights(path)
     config_file = path / CONFIG_FILE
     peft_type = config.get("peft_type")
     if peft_type not in ("GOAT", "LORA"):
@@ -193,7 +186,20 @@ def load_adapter(path: str | Path, base_linears: dict[str, tuple[int, int]], *,
 _Config = dict[str, Any]
 
 
-def _read_config(path: Path) -> _Config:
+def find_weights(path: Path) -> Path:
+    """The adapter's safetensors checkpoint; a pickle checkpoint is refused by name, unopened."""
+    weights_file = path / WEIGHTS_FILE
+    if weights_file.is_file():
+        return weights_file
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise AdapterError(
+            f"{path}: only safetensors checkpoints are loaded; found the pickle file(s) "
+            f"{', '.join(pickles)}, which are never unpickled. Convert to {WEIGHTS_FILE}.")
+    raise AdapterError(f"{path}: missing {WEIGHTS_FILE}")
+
+
+def read_config(path: Path) -> _Config:
     if not path.is_dir():
         raise AdapterError(f"{path}: adapter directory not found")
     config_file = path / CONFIG_FILE
