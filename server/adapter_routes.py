@@ -1,5 +1,6 @@
 """vLLM's adapter routes: POST /v1/load_lora_adapter and /v1/unload_lora_adapter, with the
-checks that keep `lora_path` inside the adapter directory and the allowed roots."""
+checks that keep `lora_path` inside the adapter directory and the allowed roots. Both need an
+admin key (auth.py refuses others first; the routes check again)."""
 
 import os
 import stat
@@ -11,6 +12,7 @@ from fastapi.responses import PlainTextResponse, Response
 from goat_runtime.adapters.format import AdapterError
 from goat_runtime.engine.outputs import EngineError
 from server import openapi
+from server.auth import require_admin
 from server.errors import APIError
 from server.protocol import (
     LoadLoRAAdapterRequest,
@@ -65,6 +67,7 @@ def _adapter_path(state: ServerState, raw: str) -> Path:
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
              responses=openapi.LOAD_ADAPTER)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> Response:
+    require_admin(request)
     state = get_state(request)
     _check_adapter_name(state, body.lora_name)
     path = _adapter_path(state, body.lora_path)
@@ -81,6 +84,7 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> R
 @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
              responses=openapi.UNLOAD_ADAPTER)
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> Response:
+    require_admin(request)
     state = get_state(request)
     _check_adapter_name(state, body.lora_name)
     try:

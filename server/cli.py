@@ -6,11 +6,16 @@ import asyncio
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.protocol import valid_name
+
+if TYPE_CHECKING:
+    from server.state import ServerState
 
 logger = logging.getLogger("server")
 
@@ -125,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on every route but /health and "
                         "/metrics (repeatable for several keys; also read from "
                         "GOAT_SERVE_API_KEY, which keeps it out of the process list)")
+    s.add_argument("--api-keys-file", type=Path, metavar="PATH",
+                   help="tenant keys, YAML or TOML: per key an id, the SHA-256 of its secret, "
+                        "the models it may use (names and globs), whether it may load and "
+                        "unload adapters (admin), and limits (requests and tokens per minute, "
+                        "concurrent requests); re-read on SIGHUP and POST /v1/admin/reload_keys "
+                        "(README: Tenant keys). With it, /metrics needs an admin key")
     s.add_argument("--max-queued-requests", type=int, metavar="N",
                    help="sequences allowed to wait for a slot; more get 429 with Retry-After "
                         "(default: no limit)")
@@ -157,6 +168,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def reload_keys(state: "ServerState") -> None:
+    """SIGHUP: re-read the key file; a bad one is logged and the keys in force stay. (Python
+    runs signal handlers on the main thread, the event loop's, between its callbacks.)"""
+    from server.tenants import KeyFileError
+
+    try:
+        table = state.reload_keys()
+    except KeyFileError as exc:
+        logger.error("key file refused, the keys in force stay: %s", exc)
+        return
+    logger.info("key file reloaded: %d keys", len(table.keys))
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -167,6 +191,7 @@ def serve(args: argparse.Namespace) -> None:
     from server.engine import ServingEngine
     from server.metrics import ServerMetrics
     from server.state import Settings
+    from server.tenants import KeyFileError, Keyring
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -193,9 +218,14 @@ def serve(args: argparse.Namespace) -> None:
     env_key = os.environ.get("GOAT_SERVE_API_KEY")
     settings = Settings(
         api_keys=tuple(args.api_key) + ((env_key,) if env_key else ()),
+        api_keys_file=args.api_keys_file,
         allowed_adapter_roots=tuple(args.allowed_adapter_root),
         max_queued_requests=args.max_queued_requests,
         max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout)
+    try:  # before the model loads: a bad key file stops start-up at once
+        Keyring(settings.api_keys, settings.api_keys_file)
+    except KeyFileError as exc:
+        raise SystemExit(f"goat-serve: error: {exc}") from exc
     metrics = ServerMetrics(max_loras=args.max_loras)
     logger.info("loading %s", model_dir)
     engine: ServingEngine
@@ -208,7 +238,12 @@ def serve(args: argparse.Namespace) -> None:
             engine = AsyncEngine(config, listener=metrics)
         except AdapterError as exc:
             raise SystemExit(f"goat-serve: error: {exc}") from exc
-    app = create_app(engine, settings, metrics)
+    try:
+        app = create_app(engine, settings, metrics)
+    except KeyFileError as exc:  # changed since the check above
+        raise SystemExit(f"goat-serve: error: {exc}") from exc
+    if settings.api_keys_file is not None:
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload_keys(app.state.server))
 
     def engine_failure() -> str | None:
         return engine.failure
@@ -226,7 +261,9 @@ def serve(args: argparse.Namespace) -> None:
             await super().shutdown(sockets)
             await draining
 
+    # access_log off: the app writes its own, with each request's key id (server/auth.py)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                               access_log=False,
                                timeout_graceful_shutdown=args.shutdown_timeout + 5,
                                timeout_keep_alive=5)
     Server(uv_config).run()
