@@ -3,6 +3,7 @@ the SHA-256 of their secret, globs over model names, and a bad file refused whol
 at fault while the keys in force stay."""
 
 import hashlib
+import socket
 import textwrap
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from server.tenants import (
     parse_key_file,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 PASSWORD_SHA = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"  # "password"
 
 ISSUE_YAML = """\
@@ -121,3 +123,9 @@ def test_reload_keeps_the_keys_in_force_when_the_new_file_is_bad(tmp_path: Path)
     globex = ring.table.identify(b"other")
     assert globex is not None and globex.id == "globex" and not globex.admin
     assert ring.table.identify(b"full") is not None  # --api-key keys survive reloads
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

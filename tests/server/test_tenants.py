@@ -5,7 +5,11 @@ the access log and in the per-key metrics."""
 
 import hashlib
 import logging
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,10 +19,19 @@ import httpx
 import pytest
 
 from server.state import Settings
-from tests.server.conftest import BASE, PROMPTS, LiveServer, start_real_server
+from tests.server.conftest import (
+    BASE,
+    FIXTURE,
+    PROMPTS,
+    LiveServer,
+    copy_adapters,
+    start_real_server,
+    wait_healthy,
+)
 from tests.server.exposition import parse_exposition
 from tests.server.test_auth import routes
 from tests.server.test_http import assert_openai_error
+from tests.server.test_key_file import REPO, free_port
 
 SECRETS = {"admin": "admin-secret", "acme": "acme-secret", "globex": "globex-secret"}
 MODELS = {"admin": ["*"], "acme": [BASE, "goat0", "acme-*"], "globex": ["goat1", "lora*"]}
@@ -233,3 +246,50 @@ def test_reload_over_http_access_log_and_key_metrics(live: LiveServer,
             path.write_text(good)
             assert http.post("/v1/admin/reload_keys", headers=auth("admin")).status_code == 200
         assert call(http, "GET", "/v1/models", "globex").status_code == 200
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_python_m_server_with_a_key_file_reloads_on_sighup(tmp_path: Path) -> None:
+    """A real process: a bad key file stops start-up with its line; a good one serves, logs each
+    request's key id; SIGHUP re-reads the file, refusing a bad one (the old keys stay)."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("keys:\n  - id: acme\n    models: [x]\n")
+    port = free_port()
+    adapter_dir = copy_adapters(tmp_path / "adapters")
+    argv = [sys.executable, "-m", "server", str(FIXTURE / "base"), "--adapter-dir",
+            str(adapter_dir), "--port", str(port), "--dtype", "float32", "--device", "cpu",
+            "--kv-cache-memory", "32MiB", "--api-keys-file", str(keys)]
+    env = os.environ | {"GOAT_CACHE_DIR": str(tmp_path / "cache")}
+    bad = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "line 2: key 'acme': 'sha256'" in bad.stderr, bad.stderr
+    keys.write_text(key_file(["admin", "acme"]))
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            def status(key: str) -> int:
+                return http.get("/v1/models", headers=auth(key)).status_code
+
+            assert status("acme") == 200 and status("globex") == 401
+            _wait_for(lambda: "key=acme" in log.read_text())
+            assert "acme-secret" not in log.read_text()
+            keys.write_text("keys:\n  - id: [\n")
+            proc.send_signal(signal.SIGHUP)
+            _wait_for(lambda: "key file refused" in log.read_text())
+            assert "line 3, column 1" in log.read_text() and status("acme") == 200
+            keys.write_text(key_file(["admin", "globex"]))
+            proc.send_signal(signal.SIGHUP)
+            _wait_for(lambda: status("globex") == 200)
+            assert status("acme") == 401
+    finally:
+        proc.terminate()
+        proc.wait(30)
