@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on the CPU in float32, do not keep a second copy of the linear weights "
                         "in oneDNN's blocked layout (it makes decode steps faster and doubles "
                         "those weights' memory)")
+    m.add_argument("--scheduling-policy", choices=("fair", "fcfs"), default="fair",
+                   help="order of the waiting requests under overload: fair shares capacity "
+                        "between API keys by tokens served (a Virtual Token Counter per key; "
+                        "first come, first served with one key), fcfs ignores keys (default "
+                        "fair; --engine goat only)")
     m.add_argument("--engine", choices=("goat", "vllm"), default="goat",
                    help="goat: goat-serve's engine (default); vllm: vLLM's engine with the goat "
                         "plugin, run in the vLLM environment (GOAT_VLLM_VENV, docs/vllm.md)")
@@ -212,7 +217,8 @@ def serve(args: argparse.Namespace) -> None:
             max_loras=args.max_loras, max_cpu_adapters=args.max_cpu_adapters,
             max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-            merge_static=args.merge_static, pack_weights=args.pack_weights)
+            merge_static=args.merge_static, pack_weights=args.pack_weights,
+            scheduling_policy=args.scheduling_policy)
     except ValueError as exc:
         raise SystemExit(f"goat-serve: error: {exc}") from exc
     env_key = os.environ.get("GOAT_SERVE_API_KEY")

@@ -78,10 +78,12 @@ class EngineRun:
     `close` cancels the pumps; each closes its engine stream, which aborts the request.
     """
 
-    def __init__(self, engine: ServingEngine, jobs: list[Job], adapter: str | None):
+    def __init__(self, engine: ServingEngine, jobs: list[Job], adapter: str | None,
+                 tenant: str):
         self._engine = engine
         self._jobs = jobs
         self._adapter = adapter
+        self._tenant = tenant
         self._queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
         self._buffer: collections.deque[tuple[int, Any, BaseException | None]] = (
             collections.deque())
@@ -90,7 +92,7 @@ class EngineRun:
     async def _pump(self, index: int, job: Job) -> None:
         try:
             stream = self._engine.generate(job.request_id, job.prompt_ids, job.params,
-                                           self._adapter)
+                                           self._adapter, self._tenant)
             async with contextlib.aclosing(stream):
                 async for output in stream:
                     self._queue.put_nowait((index, output, None))
@@ -244,7 +246,7 @@ async def serve(request: Request, state: ServerState, target: Target, jobs: list
         lease.settle(None)  # never ran: its request and tokens go back
         raise
     tracker = state.metrics.track(target.label, target.adapter, seqs, key.id, lease.settle)
-    run = EngineRun(state.engine, jobs, target.adapter)
+    run = EngineRun(state.engine, jobs, target.adapter, key.id)
     try:
         await _unless_disconnected(request, run.wait_started())
     except BaseException as exc:  # including cancellation: the engine requests must not leak

@@ -133,9 +133,10 @@ class AsyncEngine:
     # ---- requests ---------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; closing the stream early aborts the request."""
+                       params: SamplingParams, adapter: str | None = None,
+                       tenant: str = "") -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; closing the stream early aborts the request. `tenant`
+        (who sent it) is what the fair-share scheduling shares capacity between."""
         if self._error is not None:
             raise self._dead_error(status=503)
         if not self._accepting or not self.is_alive:
@@ -154,7 +155,7 @@ class AsyncEngine:
 
         def add() -> None:
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params, adapter)
+                self.engine.add_request(request_id, prompt_token_ids, params, adapter, tenant)
             except Exception as exc:
                 loop.call_soon_threadsafe(stream.put_nowait, exc)
                 return

@@ -5,8 +5,9 @@ next chunk of it, within a per-step token budget (chunked prefill). When the KV 
 hold a running sequence's next tokens, the newest running sequence is preempted (its blocks
 freed, its tokens recomputed later, ahead of everything waiting). Then waiting sequences are
 admitted first come, first served while the budget, the sequence cap, the KV cache and the
-device adapter slots allow. A sequence whose adapter needs a slot while all are held may be
-passed over by sequences of resident adapters, but only `max_passed_over` times: then one held
+device adapter slots allow (with the `fair` policy: in the order fairness.py gives, a fair
+share of tokens between tenants). A sequence whose adapter needs a slot while all are held may
+be passed over by sequences of resident adapters, but only `max_passed_over` times: then one held
 adapter, the one with the fewest running sequences, is drained (no new sequence of it is
 admitted) until its last one finishes and its slot goes to the waiting adapter; the others keep
 the batch full meanwhile. A sequence whose KV blocks do not fit stops admission at once (it is
@@ -20,6 +21,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from goat_runtime.engine.adapter_manager import AdapterManager
+from goat_runtime.engine.fairness import make_policy
 from goat_runtime.engine.kv_cache import BlockAllocator, block_hash
 from goat_runtime.engine.request import Sequence, SequenceStatus
 
@@ -31,6 +33,7 @@ class SchedulerConfig:
     block_size: int
     enable_prefix_caching: bool = True
     max_passed_over: int = 32
+    policy: str = "fcfs"  # the waiting queue's order: fcfs or fair (fairness.py)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Scheduler:
         self.allocator = allocator
         self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
+        self.policy = make_policy(config.policy)
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         # The held adapter admitting nothing new until it frees its slot for one passed over.
@@ -92,6 +96,7 @@ class Scheduler:
 
     def _admit(self, budget: int) -> list[ScheduledSeq]:
         admitted: list[ScheduledSeq] = []
+        self.waiting = self.policy.order(self.waiting, self.running)
         held = Counter(s.adapter for s in self.running if s.adapter is not None)
         if self.draining not in held:  # drained: its slot is free for the waiting adapter
             self.draining = None

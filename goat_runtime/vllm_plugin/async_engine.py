@@ -234,8 +234,8 @@ class VllmAsyncEngine:
     # ---- requests ---------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, adapter: str | None = None,
+                       tenant: str = "") -> AsyncIterator[RequestOutput]:  # tenant: unused
         """Stream a request's outputs (deltas); closing the stream early aborts the request
         (vLLM's generator aborts on close)."""
         if not self._accepting or not self.is_alive:
