@@ -7,17 +7,20 @@ PROMPT_WEIGHT and generated tokens GENERATED_WEIGHT (a generated token costs a s
 the paper's weights). Admission offers next the earliest waiting sequence of the tenant with
 the lowest counter. A tenant that becomes active (nothing waiting or running before) has its
 counter lifted to the lowest counter of the tenants already active, so that idling earns no
-credit; when no tenant is active the counters start again from zero. With one tenant the order
-is exactly first come, first served.
+credit; when no tenant is active the counters start again from zero. With one active tenant
+the waiting queue is left as it is: exactly first come, first served.
 
-Sequences that were admitted before (preempted ones, put back at the front) keep their place
-ahead of the rest, as under first come, first served. A tenant is charged from its sequences'
-own state (prompt once admitted, output tokens as they grow), read at each admission; the
-charge only ever grows, so recomputing a preempted sequence costs its tenant nothing more.
+The scheduler tells the policy of each sequence it adds and finishes, and asks for the order
+once per admission. A sequence is charged from its own state (its prompt once admitted, its
+output tokens as they grow) while it runs and when it finishes; the charge only ever grows, so
+recomputing a preempted sequence costs its tenant nothing more. Sequences admitted before
+(preempted ones, at the front of the queue) keep their place ahead of the rest. The cost per
+step: the running sequences, plus, with several active tenants, one pass over the waiting
+queue (as the scheduler's own admission loop makes) and a heap over tenants.
 """
 
+import heapq
 from collections import deque
-from collections.abc import Iterable
 
 from goat_runtime.engine.request import Sequence, SequenceStatus
 
@@ -27,67 +30,84 @@ GENERATED_WEIGHT = 2.0
 
 
 class FirstComeFirstServed:
-    def order(self, waiting: deque[Sequence], running: Iterable[Sequence]) -> deque[Sequence]:
+    def add(self, seq: Sequence) -> None:
+        pass
+
+    def finished(self, seq: Sequence) -> None:
+        pass
+
+    def order(self, waiting: deque[Sequence], running: list[Sequence]) -> deque[Sequence]:
         return waiting
 
 
 class VirtualTokenCounter:
     def __init__(self) -> None:
         self.counters: dict[str, float] = {}
-        # Every sequence seen waiting or running, until it finishes: what it was charged.
-        self._charged: dict[Sequence, float] = {}
-        self._active: set[str] = set()
+        self._unfinished: dict[str, int] = {}  # tenant -> its sequences waiting or running
+        self._present: set[Sequence] = set()
+        self._charged: dict[Sequence, float] = {}  # sequences admitted and not finished
 
-    @staticmethod
-    def _served(seq: Sequence) -> float:
-        admitted = seq.status is SequenceStatus.RUNNING or bool(seq.output_token_ids)
-        prompt = len(seq.request.prompt_token_ids) if admitted else 0
-        return PROMPT_WEIGHT * prompt + GENERATED_WEIGHT * len(seq.output_token_ids)
-
-    def _charge(self) -> None:
-        for seq, charged in list(self._charged.items()):
-            served = self._served(seq)
-            if served > charged:
-                tenant = seq.request.tenant
-                self.counters[tenant] = self.counters.get(tenant, 0.0) + served - charged
-                self._charged[seq] = served
-            if seq.status is SequenceStatus.FINISHED:
-                del self._charged[seq]
-
-    def order(self, waiting: deque[Sequence], running: Iterable[Sequence]) -> deque[Sequence]:
-        """`waiting` in the order admission should try it (the scheduler's one call)."""
-        for seq in (*waiting, *running):
-            self._charged.setdefault(seq, 0.0)
-        self._charge()
-        active = {seq.request.tenant for seq in (*waiting, *running)}
-        if not active:
-            self.counters.clear()
-        before = [self.counters.get(t, 0.0) for t in self._active & active]
-        for tenant in active - self._active:
-            floor = min(before) if before else self.counters.get(tenant, 0.0)
+    def add(self, seq: Sequence) -> None:
+        tenant = seq.request.tenant
+        if not self._unfinished.get(tenant):  # newly active: lifted, no credit for idling
+            active = [self.counters.get(t, 0.0) for t, n in self._unfinished.items() if n]
+            floor = min(active) if active else 0.0
             self.counters[tenant] = max(self.counters.get(tenant, 0.0), floor)
-        self._active = active
+        self._unfinished[tenant] = self._unfinished.get(tenant, 0) + 1
+        self._present.add(seq)
 
+    def finished(self, seq: Sequence) -> None:
+        if seq not in self._present:
+            return
+        self._present.discard(seq)
+        self._charge(seq, admitted=bool(seq.output_token_ids) or seq in self._charged)
+        self._charged.pop(seq, None)
+        tenant = seq.request.tenant
+        self._unfinished[tenant] -= 1
+        if not self._unfinished[tenant]:
+            del self._unfinished[tenant]
+            if not self._unfinished:
+                self.counters.clear()  # nobody active: everyone starts again from zero
+
+    def _charge(self, seq: Sequence, admitted: bool) -> None:
+        served = GENERATED_WEIGHT * len(seq.output_token_ids)
+        if admitted:
+            served += PROMPT_WEIGHT * len(seq.request.prompt_token_ids)
+        delta = served - self._charged.get(seq, 0.0)
+        if delta > 0:
+            tenant = seq.request.tenant
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + delta
+            self._charged[seq] = served
+
+    def order(self, waiting: deque[Sequence], running: list[Sequence]) -> deque[Sequence]:
+        """`waiting` in the order admission should try it."""
+        for seq in running:
+            if seq.status is SequenceStatus.RUNNING:
+                self._charge(seq, admitted=True)
+        if len(self._unfinished) <= 1:  # one tenant: first come, first served
+            return waiting
         ordered: deque[Sequence] = deque()
-        fresh: dict[str, deque[tuple[int, Sequence]]] = {}
-        for position, seq in enumerate(waiting):
-            if self._charged[seq] > 0 or seq.request.first_scheduled_time is not None:
-                ordered.append(seq)  # admitted before (preempted): keeps its place
+        queues: dict[str, deque[Sequence]] = {}
+        for seq in waiting:
+            if seq in self._charged and not queues:  # preempted, at the front: keeps its place
+                ordered.append(seq)
             else:
-                fresh.setdefault(seq.request.tenant, deque()).append((position, seq))
-        if len(fresh) <= 1:  # one tenant: first come, first served
-            ordered.extend(seq for queue in fresh.values() for _, seq in queue)
+                queues.setdefault(seq.request.tenant, deque()).append(seq)
+        if len(queues) <= 1:
+            ordered.extend(seq for queue in queues.values() for seq in queue)
             return ordered
-        # Simulate admitting them all: each tentatively charged its prompt, so one step's
-        # admissions already alternate between tenants.
-        counters = {tenant: self.counters.get(tenant, 0.0) for tenant in fresh}
-        while fresh:
-            tenant = min(fresh, key=lambda t: (counters[t], fresh[t][0][0]))
-            _, seq = fresh[tenant].popleft()
+        # Simulate admitting them all, each tentatively charged its prompt, so that one step's
+        # admissions already alternate; ties go to the tenant whose head came first.
+        heap = [(self.counters.get(tenant, 0.0), i, tenant) for i, tenant in enumerate(queues)]
+        heapq.heapify(heap)
+        while heap:
+            counter, i, tenant = heapq.heappop(heap)
+            queue = queues[tenant]
+            seq = queue.popleft()
             ordered.append(seq)
-            counters[tenant] += PROMPT_WEIGHT * len(seq.request.prompt_token_ids)
-            if not fresh[tenant]:
-                del fresh[tenant]
+            if queue:
+                counter += PROMPT_WEIGHT * len(seq.request.prompt_token_ids)
+                heapq.heappush(heap, (counter, i, tenant))
         return ordered
 
 

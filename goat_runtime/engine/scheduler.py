@@ -59,6 +59,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.policy.add(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -216,6 +217,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self._release_blocks(seq)
         seq.status = SequenceStatus.FINISHED
+        self.policy.finished(seq)
 
     def _release_blocks(self, seq: Sequence) -> None:
         self.allocator.free(seq.blocks)

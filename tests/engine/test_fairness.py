@@ -5,14 +5,14 @@ was idle earns no credit (its counter is lifted)."""
 
 import itertools
 import weakref
-from collections import Counter
+from collections import Counter, deque
 
 import pytest
 import torch
 
 from goat_runtime.engine.fairness import VirtualTokenCounter, make_policy
 from goat_runtime.engine.kv_cache import BlockAllocator
-from goat_runtime.engine.request import Request, Sequence
+from goat_runtime.engine.request import Request, Sequence, SequenceStatus
 from goat_runtime.engine.sampling import SamplingParams
 from goat_runtime.engine.scheduler import Scheduler, SchedulerConfig
 from tests.engine.test_scheduler import ResidentAdapters
@@ -147,3 +147,22 @@ def test_an_idle_tenant_earns_no_credit() -> None:
 def test_policy_names() -> None:
     with pytest.raises(ValueError, match="fcfs, fair"):
         make_policy("lottery")
+
+
+def test_a_preempted_sequence_keeps_its_place_at_the_front() -> None:
+    policy = VirtualTokenCounter()
+    requests = [Request(f"{t}-{i}", [5, 6, 7], SamplingParams(max_tokens=4), None, tenant=t)
+                for i, t in enumerate(["heavy", "heavy", "light"])]
+    seqs = [Sequence(r, 0, torch.Generator()) for r in requests]
+    for seq in seqs:
+        policy.add(seq)
+    seqs[0].status = SequenceStatus.RUNNING
+    seqs[0].output_token_ids += [1, 1]
+    policy.order(deque(seqs[1:]), [seqs[0]])  # charges heavy 3 + 2 * 2
+    assert policy.counters == {"heavy": 7.0, "light": 0.0}
+    seqs[0].status = SequenceStatus.WAITING  # preempted: back at the front
+    order = policy.order(deque([seqs[0], seqs[1], seqs[2]]), [])
+    assert [s.request.request_id for s in order] == ["heavy-0", "light-2", "heavy-1"]
+    for seq in seqs:
+        policy.finished(seq)
+    assert policy.counters == {}  # nobody active: counters start again
