@@ -16,7 +16,8 @@ output tokens as they grow) while it runs and when it finishes; the charge only 
 recomputing a preempted sequence costs its tenant nothing more. Sequences admitted before
 (preempted ones, at the front of the queue) keep their place ahead of the rest. The cost per
 step: the running sequences, plus, with several active tenants, one pass over the waiting
-queue (as the scheduler's own admission loop makes) and a heap over tenants.
+queue (as the scheduler's own admission loop makes) and a heap over tenants for as many
+sequences as one admission can take.
 """
 
 import heapq
@@ -41,7 +42,10 @@ class FirstComeFirstServed:
 
 
 class VirtualTokenCounter:
-    def __init__(self) -> None:
+    def __init__(self, picks: int = 64) -> None:
+        # Sequences ordered by counter per step: admission takes at most max_num_seqs, so the
+        # rest follow per tenant, first come first served (the next step orders them again).
+        self.picks = picks
         self.counters: dict[str, float] = {}
         self._unfinished: dict[str, int] = {}  # tenant -> its sequences waiting or running
         self._present: set[Sequence] = set()
@@ -100,7 +104,9 @@ class VirtualTokenCounter:
         # admissions already alternate; ties go to the tenant whose head came first.
         heap = [(self.counters.get(tenant, 0.0), i, tenant) for i, tenant in enumerate(queues)]
         heapq.heapify(heap)
-        while heap:
+        for _ in range(self.picks):
+            if not heap:
+                break
             counter, i, tenant = heapq.heappop(heap)
             queue = queues[tenant]
             seq = queue.popleft()
@@ -108,12 +114,15 @@ class VirtualTokenCounter:
             if queue:
                 counter += PROMPT_WEIGHT * len(seq.request.prompt_token_ids)
                 heapq.heappush(heap, (counter, i, tenant))
+        for _, _, tenant in sorted(heap):  # the rest: lowest counter's first
+            ordered.extend(queues[tenant])
         return ordered
 
 
-def make_policy(name: str) -> FirstComeFirstServed | VirtualTokenCounter:
+def make_policy(name: str, picks: int = 64) -> FirstComeFirstServed | VirtualTokenCounter:
+    """`picks`: the most sequences one admission can take (the scheduler's max_num_seqs)."""
     if name == "fcfs":
         return FirstComeFirstServed()
     if name == "fair":
-        return VirtualTokenCounter()
+        return VirtualTokenCounter(picks)
     raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {name!r}")

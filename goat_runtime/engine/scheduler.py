@@ -49,7 +49,7 @@ class Scheduler:
         self.allocator = allocator
         self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
-        self.policy = make_policy(config.policy)
+        self.policy = make_policy(config.policy, config.max_num_seqs)
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         # The held adapter admitting nothing new until it frees its slot for one passed over.
