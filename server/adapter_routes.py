@@ -1,5 +1,6 @@
 """vLLM's adapter routes: POST /v1/load_lora_adapter and /v1/unload_lora_adapter, with the
-checks that keep `lora_path` inside the adapter directory and the allowed roots."""
+checks that keep `lora_path` inside the adapter directory and the allowed roots. Both need an
+admin key (auth.py refuses others first; the routes check again)."""
 
 import os
 import stat
@@ -12,6 +13,7 @@ from goat_runtime.adapters.format import AdapterError
 from goat_runtime.adapters.store import FetchError, check_location, is_url, within_url
 from goat_runtime.engine.outputs import EngineError
 from server import openapi
+from server.auth import require_admin
 from server.errors import APIError
 from server.protocol import (
     LoadLoRAAdapterRequest,
@@ -80,6 +82,7 @@ def _remote_adapter(state: ServerState, raw: str) -> str:
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
              responses=openapi.LOAD_ADAPTER)
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> Response:
+    require_admin(request)
     state = get_state(request)
     _check_adapter_name(state, body.lora_name)
     path = (_remote_adapter(state, body.lora_path) if is_url(body.lora_path)
@@ -101,6 +104,7 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> R
 @router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse,
              responses=openapi.UNLOAD_ADAPTER)
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> Response:
+    require_admin(request)
     state = get_state(request)
     _check_adapter_name(state, body.lora_name)
     try:

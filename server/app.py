@@ -9,13 +9,14 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import adapter_routes, routes, tokenize_routes
-from server.auth import ApiKeyMiddleware
+from server import adapter_routes, admin_routes, routes, tokenize_routes
+from server.auth import AccessLogMiddleware, ApiKeyMiddleware
 from server.engine import ServingEngine
 from server.errors import RequestContextMiddleware, error_response, install_error_handlers
 from server.metrics import ServerMetrics
 from server.openapi import install_openapi
 from server.state import ServerState, Settings
+from server.tenants import Keyring
 
 logger = logging.getLogger("server")
 
@@ -69,9 +70,11 @@ def create_app(engine: ServingEngine, settings: Settings | None = None,
     """The OpenAI-compatible app over `engine`.
 
     Pass the `ServerMetrics` given to the engine as its listener, so engine-side events (steps,
-    adapter loads, router selections) land in this app's /metrics.
+    adapter loads, router selections) land in this app's /metrics. A bad key file raises
+    KeyFileError.
     """
     settings = settings or Settings()
+    keyring = Keyring(settings.api_keys, settings.api_keys_file)
     metrics = metrics or ServerMetrics(max_loras=engine.config.max_loras)
     metrics.attach(engine)
 
@@ -86,15 +89,20 @@ def create_app(engine: ServingEngine, settings: Settings | None = None,
 
     app = FastAPI(title="goat-serve", summary="OpenAI-compatible GOAT and LoRA adapter server",
                   lifespan=lifespan)
-    app.state.server = ServerState(engine=engine, settings=settings, metrics=metrics)
+    state = ServerState(engine=engine, settings=settings, metrics=metrics, keyring=keyring)
+    state.keys_changed(keyring.table)
+    app.state.server = state
     install_error_handlers(app)
     install_openapi(app)
     app.include_router(routes.router)
     app.include_router(adapter_routes.router)
     app.include_router(tokenize_routes.router)
-    # Added innermost first: request ids and the 500 guard wrap everything, then auth, then
-    # the body limit (so unauthenticated clients cannot make the server read big bodies).
+    app.include_router(admin_routes.router)
+    # Added innermost first: request ids and the 500 guard wrap everything, then the access
+    # log (it reads the request id and the key auth found), then auth, then the body limit (so
+    # unauthenticated clients cannot make the server read big bodies).
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
-    app.add_middleware(ApiKeyMiddleware, api_keys=settings.api_keys)
+    app.add_middleware(ApiKeyMiddleware, keyring=keyring)
+    app.add_middleware(AccessLogMiddleware)
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -6,12 +6,20 @@ import asyncio
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.protocol import valid_name
+
+if TYPE_CHECKING:  # imported lazily: `goat-serve --help` starts without torch and FastAPI
+    from goat_runtime.engine.config import EngineConfig
+    from server.engine import ServingEngine
+    from server.metrics import ServerMetrics
+    from server.state import ServerState, Settings
 
 logger = logging.getLogger("server")
 
@@ -147,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on the CPU in float32, do not keep a second copy of the linear weights "
                         "in oneDNN's blocked layout (it makes decode steps faster and doubles "
                         "those weights' memory)")
+    m.add_argument("--scheduling-policy", choices=("fair", "fcfs"), default="fair",
+                   help="order of the waiting requests under overload: fair shares capacity "
+                        "between API keys by tokens served (a Virtual Token Counter per key; "
+                        "first come, first served with one key), fcfs ignores keys (default "
+                        "fair; --engine goat only)")
     m.add_argument("--engine", choices=("goat", "vllm"), default="goat",
                    help="goat: goat-serve's engine (default); vllm: vLLM's engine with the goat "
                         "plugin, run in the vLLM environment (GOAT_VLLM_VENV, docs/vllm.md)")
@@ -159,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on every route but /health and "
                         "/metrics (repeatable for several keys; also read from "
                         "GOAT_SERVE_API_KEY, which keeps it out of the process list)")
+    s.add_argument("--api-keys-file", type=Path, metavar="PATH",
+                   help="tenant keys, YAML or TOML: per key an id, the SHA-256 of its secret, "
+                        "the models it may use (names and globs), whether it may load and "
+                        "unload adapters (admin), and limits (requests and tokens per minute, "
+                        "concurrent requests); re-read on SIGHUP and POST /v1/admin/reload_keys "
+                        "(README: Tenant keys). With it, /metrics needs an admin key")
     s.add_argument("--max-queued-requests", type=int, metavar="N",
                    help="sequences allowed to wait for a slot; more get 429 with Retry-After "
                         "(default: no limit)")
@@ -195,19 +214,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def serve(args: argparse.Namespace) -> None:
-    import uvicorn
+def reload_keys(state: "ServerState") -> None:
+    """SIGHUP: re-read the key file; a bad one is logged and the keys in force stay. (Python
+    runs signal handlers on the main thread, the event loop's, between its callbacks.)"""
+    from server.tenants import KeyFileError
 
-    from goat_runtime.adapters.format import AdapterError
-    from goat_runtime.engine.async_engine import AsyncEngine
-    from goat_runtime.engine.config import EngineConfig
-    from server.app import create_app, drain
-    from server.engine import ServingEngine
-    from server.metrics import ServerMetrics
-    from server.state import Settings
+    try:
+        table = state.reload_keys()
+    except KeyFileError as exc:
+        logger.error("key file refused, the keys in force stay: %s", exc)
+        return
+    logger.info("key file reloaded: %d keys", len(table.keys))
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def _model_and_adapter_dirs(args: argparse.Namespace) -> tuple[Path, Path | str | None]:
+    """--model-dir and --adapter-dir, or the embedded default model with the demo adapters."""
     model_dir, adapter_dir = args.model_dir, args.adapter_dir
     if model_dir is None:
         from goat_runtime.default_model import default_model_dir
@@ -218,9 +239,16 @@ def serve(args: argparse.Namespace) -> None:
             raise SystemExit(f"goat-serve: cannot prepare the default model: {exc}") from exc
         if adapter_dir is None and REPO_ADAPTERS.is_dir():
             adapter_dir = REPO_ADAPTERS
+    return Path(model_dir), adapter_dir
+
+
+def _engine_config(args: argparse.Namespace) -> "EngineConfig":
+    from goat_runtime.engine.config import EngineConfig
+
+    model_dir, adapter_dir = _model_and_adapter_dirs(args)
     try:
-        config = EngineConfig(
-            model_dir=Path(model_dir), adapter_dir=adapter_dir, adapters=dict(args.adapter),
+        return EngineConfig(
+            model_dir=model_dir, adapter_dir=adapter_dir, adapters=dict(args.adapter),
             served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
             max_loras=args.max_loras, max_cpu_adapters=args.max_cpu_adapters,
             max_cpu_adapter_memory=args.max_cpu_adapter_memory,
@@ -228,28 +256,66 @@ def serve(args: argparse.Namespace) -> None:
             max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
             merge_static=args.merge_static, pack_weights=args.pack_weights,
             adapter_cache_dir=args.adapter_cache_dir, max_adapter_size=args.max_adapter_size,
-            adapter_download_timeout=args.adapter_download_timeout)
+            adapter_download_timeout=args.adapter_download_timeout,
+            scheduling_policy=args.scheduling_policy)
     except ValueError as exc:
         raise SystemExit(f"goat-serve: error: {exc}") from exc
+
+
+def _settings(args: argparse.Namespace) -> "Settings":
+    """The HTTP layer's settings; a bad key file stops start-up here, before the model loads."""
+    from server.state import Settings
+    from server.tenants import KeyFileError, Keyring
+
     env_key = os.environ.get("GOAT_SERVE_API_KEY")
     settings = Settings(
         api_keys=tuple(args.api_key) + ((env_key,) if env_key else ()),
+        api_keys_file=args.api_keys_file,
         allowed_adapter_roots=tuple(args.allowed_adapter_root),
         max_queued_requests=args.max_queued_requests,
         max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout)
-    metrics = ServerMetrics(max_loras=args.max_loras)
-    logger.info("loading %s", model_dir)
-    engine: ServingEngine
+    try:
+        Keyring(settings.api_keys, settings.api_keys_file)
+    except KeyFileError as exc:
+        raise SystemExit(f"goat-serve: error: {exc}") from exc
+    return settings
+
+
+def _engine(args: argparse.Namespace, config: "EngineConfig",
+            metrics: "ServerMetrics") -> "ServingEngine":
+    from goat_runtime.adapters.format import AdapterError
+    from goat_runtime.engine.async_engine import AsyncEngine
+
+    logger.info("loading %s", config.model_dir)
     if args.engine == "vllm":
         from goat_runtime.vllm_plugin.async_engine import build_engine
 
-        engine = build_engine(config, metrics, args.tensor_parallel_size)
-    else:
-        try:  # a pinned adapter that cannot be loaded: its message, not a traceback
-            engine = AsyncEngine(config, listener=metrics)
-        except AdapterError as exc:
-            raise SystemExit(f"goat-serve: error: {exc}") from exc
-    app = create_app(engine, settings, metrics)
+        return build_engine(config, metrics, args.tensor_parallel_size)
+    try:  # a pinned adapter that cannot be loaded: its message, not a traceback
+        return AsyncEngine(config, listener=metrics)
+    except AdapterError as exc:
+        raise SystemExit(f"goat-serve: error: {exc}") from exc
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from server.app import create_app, drain
+    from server.metrics import ServerMetrics
+    from server.tenants import KeyFileError
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _engine_config(args)
+    settings = _settings(args)
+    metrics = ServerMetrics(max_loras=args.max_loras)
+    engine = _engine(args, config, metrics)
+    try:
+        app = create_app(engine, settings, metrics)
+    except KeyFileError as exc:  # changed since the check above
+        raise SystemExit(f"goat-serve: error: {exc}") from exc
+    if settings.api_keys_file is not None:
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload_keys(app.state.server))
 
     def engine_failure() -> str | None:
         return engine.failure
@@ -267,7 +333,9 @@ def serve(args: argparse.Namespace) -> None:
             await super().shutdown(sockets)
             await draining
 
+    # access_log off: the app writes its own, with each request's key id (server/auth.py)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                               access_log=False,
                                timeout_graceful_shutdown=args.shutdown_timeout + 5,
                                timeout_keep_alive=5)
     Server(uv_config).run()

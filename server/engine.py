@@ -32,8 +32,10 @@ class ServingEngine(Protocol):
         ...
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 adapter: str | None = None) -> AsyncGenerator[RequestOutput, None]:
-        """A request's outputs; closing the stream early aborts the request."""
+                 adapter: str | None = None,
+                 tenant: str = "") -> AsyncGenerator[RequestOutput, None]:
+        """A request's outputs; closing the stream early aborts the request. `tenant` is the
+        API key's id, for an engine that shares capacity between tenants."""
         ...
 
     def list_adapters(self) -> list[AdapterInfo]: ...

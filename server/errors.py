@@ -22,8 +22,8 @@ from goat_runtime.engine.sampling import SamplingParamsError
 
 logger = logging.getLogger("server")
 
-_TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
-          500: "server_error", 503: "service_unavailable"}
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 

@@ -7,6 +7,10 @@ they are served in the same exposition.
 adapters the engine has loaded, or the base's served name; a request whose adapter never loaded
 is counted under UNRESOLVED, so a client cannot mint label values.
 
+Per-key families (`goat_key_*`, label `key`) count each API key's requests, tokens, rate-limit
+refusals and queue time; their label values are the key file's ids only (set_keys, at start and
+on every reload: a removed key's series go), so cardinality is bounded by the key file.
+
 Series exist from the moment their label values are known, at zero, so that `rate()` sees the
 first increase: the base's and UNRESOLVED's at start-up, an adapter's at its load (every outcome,
 both eviction tiers), a GOAT adapter's per-expert selections at its first routed step (its
@@ -18,7 +22,7 @@ names are bounded by the adapter directory).
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -34,6 +38,8 @@ _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.
 _COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _ADAPTERS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 OUTCOMES = ("success", "error", "abort", "rejected")
+RATE_LIMITS = ("requests", "tokens", "concurrent")
+TOKEN_KINDS = ("prompt", "generation")
 TIERS = ("device", "host")
 STORES = ("s3", "hf")  # remote adapter stores (goat_runtime/adapters/store.py)
 
@@ -41,8 +47,11 @@ STORES = ("s3", "hf")  # remote adapter stores (goat_runtime/adapters/store.py)
 class RequestTracker:
     """One API request's life: waiting until its first output, then running, then finished."""
 
-    def __init__(self, metrics: "ServerMetrics", label: str, lora: str | None, seqs: int):
+    def __init__(self, metrics: "ServerMetrics", label: str, lora: str | None, seqs: int,
+                 key: str, on_finish: Callable[[int], None] | None = None):
         self._metrics = metrics
+        self.key = key  # the API key's id
+        self._on_finish = on_finish  # gets the tokens used (prompt + generated)
         self.label = label  # the adapter label, final once the adapter has produced output
         self.lora = lora  # adapter name for vllm:lora_requests_info; None for the base
         self.seqs = seqs  # engine sequences it occupies (prompts x n)
@@ -65,11 +74,16 @@ class RequestTracker:
         self.done = True
         m = self._metrics
         m._forget(self)
+        if self._on_finish is not None:
+            self._on_finish(prompt_tokens + generation_tokens)
         m.requests.labels(self.label, outcome).inc()
+        m.key_requests.labels(self.key, outcome).inc()
         if prompt_tokens:
             m.prompt_tokens.labels(self.label).inc(prompt_tokens)
+            m.key_tokens.labels(self.key, "prompt").inc(prompt_tokens)
         if generation_tokens:
             m.generation_tokens.labels(self.label).inc(generation_tokens)
+            m.key_tokens.labels(self.key, "generation").inc(generation_tokens)
         if outcome != "success":
             return
         now = time.monotonic()
@@ -80,8 +94,9 @@ class RequestTracker:
         m.ttft.labels(self.label).observe(max(0.0, first_token - arrival))
         m.e2e.labels(self.label).observe(max(0.0, finished - arrival))
         if "first_scheduled_time" in timing:
-            m.queue_time.labels(self.label).observe(
-                max(0.0, timing["first_scheduled_time"] - arrival))
+            queued = max(0.0, timing["first_scheduled_time"] - arrival)
+            m.queue_time.labels(self.label).observe(queued)
+            m.key_queue_time.labels(self.key).observe(queued)
         if longest_completion > 1:
             m.tpot.labels(self.label).observe(
                 max(0.0, finished - first_token) / (longest_completion - 1))
@@ -170,6 +185,18 @@ class ServerMetrics:
                                          "GOAT router top-k selections per expert, summed over "
                                          "layers and modules.", ["adapter", "expert"],
                                          registry=r)
+        self.key_requests = Counter("goat_key_requests", "API requests by API key id and "
+                                    "outcome (success, error, abort, rejected).",
+                                    ["key", "outcome"], registry=r)
+        self.key_tokens = Counter("goat_key_tokens", "Tokens by API key id and kind (prompt, "
+                                  "generation).", ["key", "kind"], registry=r)
+        self.key_rate_limited = Counter("goat_key_rate_limited", "Requests refused with 429 "
+                                        "by API key id and limit (requests, tokens, "
+                                        "concurrent).", ["key", "limit"], registry=r)
+        self.key_queue_time = Histogram("goat_key_queue_time_seconds", "Time from arrival to "
+                                        "first scheduling, by API key id.", ["key"],
+                                        buckets=_LATENCY, registry=r)
+        self._keys: set[str] = set()
         r.register(_LiveCollector(self))
 
     def attach(self, engine: Any) -> None:
@@ -192,6 +219,31 @@ class ServerMetrics:
         for metric in self._per_request():
             metric.labels(label)
 
+    def _key_series(self) -> list[tuple[Any, tuple[str, ...]]]:
+        return [*((self.key_requests, ("", o)) for o in OUTCOMES),
+                *((self.key_tokens, ("", k)) for k in TOKEN_KINDS),
+                *((self.key_rate_limited, ("", limit)) for limit in RATE_LIMITS),
+                (self.key_queue_time, ("",))]
+
+    def set_keys(self, ids: list[str]) -> None:
+        """The key ids labels may take: their series start at zero, removed keys' go."""
+        with self._lock:
+            old, self._keys = self._keys, set(ids)
+        for metric, values in self._key_series():
+            for key in old - set(ids):
+                with contextlib.suppress(KeyError):
+                    metric.remove(key, *values[1:])
+            for key in ids:
+                metric.labels(key, *values[1:])
+
+    def refused(self, label: str, key: str, outcome: str, limit: str | None = None) -> None:
+        """A request refused before it ran: bad parameters ("error"), the queue or a key's
+        limit ("rejected"; `limit` names which)."""
+        self.requests.labels(label, outcome).inc()
+        self.key_requests.labels(key, outcome).inc()
+        if limit is not None:
+            self.key_rate_limited.labels(key, limit).inc()
+
     def forget_adapter(self, name: str) -> None:
         """Remove every series labelled with an unloaded adapter."""
         with self._lock:
@@ -208,8 +260,9 @@ class ServerMetrics:
 
     # ---- requests (event loop) ----
 
-    def track(self, label: str, lora: str | None, seqs: int = 1) -> RequestTracker:
-        tracker = RequestTracker(self, label, lora, seqs)
+    def track(self, label: str, lora: str | None, seqs: int, key: str,
+              on_finish: Callable[[int], None] | None = None) -> RequestTracker:
+        tracker = RequestTracker(self, label, lora, seqs, key, on_finish)
         with self._lock:
             self._in_flight.add(tracker)
         return tracker

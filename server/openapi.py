@@ -24,9 +24,12 @@ _ERRORS = {
     400: "Invalid request: malformed JSON, a body that is no object, a wrong type or value, an "
          "unsupported parameter (`param` names the field)",
     401: "Missing or invalid API key (only when the server was started with API keys)",
+    403: "The API key is not an admin key (loading and unloading adapters, reloading keys)",
     404: "The model, adapter or adapter folder does not exist",
     413: "The request body is over the server's limit",
-    429: "Too many requests are queued; retry after the Retry-After header's seconds",
+    429: "Too many requests are queued, or the API key is over one of its limits (requests or "
+         "tokens per minute, concurrent requests); retry after the Retry-After header's "
+         "seconds",
     500: "An internal error, or the engine failed while serving this request",
     503: "The server is shutting down or its engine is not running (Retry-After)",
 }
@@ -53,7 +56,7 @@ def _generation(model: type, chunk: str) -> Responses:
             **_errors(400, 401, 404, 413, 429, 500, 503)}
 
 
-_ENGINE_ERRORS = (400, 401, 404, 413, 500, 503)
+_ENGINE_ERRORS = (400, 401, 403, 404, 413, 500, 503)
 MODELS: Responses = {200: {"model": ModelList}, **_errors(401)}
 MODEL: Responses = {200: {"model": ModelCard}, **_errors(401, 404)}
 LOAD_ADAPTER: Responses = {200: _text("Success: the adapter is loaded"),
@@ -63,10 +66,13 @@ UNLOAD_ADAPTER: Responses = {200: _text("Success: the adapter is unloaded"),
 HEALTH: Responses = {200: {"description": "The engine is running (an empty body)"},
                      **_errors(503)}
 METRICS: Responses = {200: _text("Prometheus metrics, text exposition format",
-                                 CONTENT_TYPE_LATEST)}
+                                 CONTENT_TYPE_LATEST),
+                      **_errors(401, 403)}
 TOKENIZE: Responses = {200: {"model": TokenizeResponse}, **_errors(400, 401, 404, 413, 500)}
 DETOKENIZE: Responses = {200: {"model": DetokenizeResponse},
                          **_errors(400, 401, 404, 413, 500)}
+RELOAD_KEYS: Responses = {200: {"description": "The key file was read again and is in force"},
+                          **_errors(400, 401, 403)}
 COMPLETIONS = _generation(CompletionResponse, "CompletionChunk")
 CHAT_COMPLETIONS = _generation(ChatCompletionResponse, "ChatCompletionChunk")
 

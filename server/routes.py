@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from goat_runtime.engine.sampling import SamplingParamsError
 from server import openapi
 from server.assemblers import ChatAssembler, CompletionAssembler
+from server.auth import tenant
 from server.errors import APIError, error_response
 from server.prompts import completion_prompts, render_chat
 from server.protocol import (
@@ -25,44 +26,58 @@ from server.protocol import (
 from server.request_fields import check_fields
 from server.serving import Job, Target, serve
 from server.state import ServerState, get_state
+from server.tenants import TenantKey
 
 router = APIRouter()
 
 
 # ---- models -------------------------------------------------------------------
 
-def resolve_model(state: ServerState, name: str) -> Target:
+def resolve_model(request: Request, name: str) -> Target:
+    """What `model` names, for the request's key: every model-taking route calls this.
+
+    A name outside the key's list is refused before the engine is asked anything, with the
+    same 404 as a name nothing has: the answer and the work done (hence its time) are the
+    same whether someone else's adapter of that name exists or not."""
+    state = get_state(request)
     engine = state.engine
-    if name == engine.base_name:
-        return Target(name, None, True)
-    if valid_name(name):
-        info = engine.adapter_info(name)
-        if info is not None:
-            return Target(name, name, info.loaded)
-    shown = f" '{name}'" if valid_name(name) else ""
-    raise APIError(404, f"The model{shown} does not exist. GET /v1/models lists the base model "
-                   "and the adapters.", param="model", code="model_not_found")
+    target = None
+    if tenant(request).allows(name):
+        if name == engine.base_name:
+            target = Target(name, None, True)
+        elif valid_name(name):
+            info = engine.adapter_info(name)
+            if info is not None:
+                target = Target(name, name, info.loaded)
+    if target is None:
+        shown = f" '{name}'" if valid_name(name) else ""
+        raise APIError(404, f"The model{shown} does not exist. GET /v1/models lists the base "
+                       "model and the adapters.", param="model", code="model_not_found")
+    return target
 
 
-def _model_cards(state: ServerState) -> list[ModelCard]:
+def _model_cards(state: ServerState, key: TenantKey) -> list[ModelCard]:
+    """The models `key` may use."""
     engine = state.engine
     base, max_len = engine.base_name, engine.max_model_len
-    return [ModelCard(id=base, root=base, max_model_len=max_len)] + [
+    cards = [ModelCard(id=base, root=base, max_model_len=max_len)] + [
         ModelCard(id=info.name, root=info.name, parent=base, kind=info.kind, loaded=info.loaded,
                   location=info.location, max_model_len=max_len)
         for info in sorted(engine.list_adapters(), key=lambda a: a.name)]
+    return [card for card in cards if key.allows(card.id)]
 
 
 @router.get("/v1/models", responses=openapi.MODELS)
 async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse(ModelList(data=_model_cards(get_state(request))).model_dump())
+    cards = _model_cards(get_state(request), tenant(request))
+    return JSONResponse(ModelList(data=cards).model_dump())
 
 
 @router.get("/v1/models/{model_id}", responses=openapi.MODEL)
 async def get_model(model_id: str, request: Request) -> JSONResponse:
-    state = get_state(request)
-    target = resolve_model(state, model_id)  # 404 if unknown
-    card = next(c for c in _model_cards(state) if c.id == target.name)
+    target = resolve_model(request, model_id)  # 404 if unknown or not the key's
+    card = next(c for c in _model_cards(get_state(request), tenant(request))
+                if c.id == target.name)
     return JSONResponse(card.model_dump())
 
 
@@ -99,12 +114,13 @@ def decoder(state: ServerState) -> Callable[[int], str]:
 
 
 @contextlib.contextmanager
-def _count_error(state: ServerState, target: Target) -> Iterator[None]:
-    """Count a request refused while being prepared (bad parameters) under its adapter."""
+def _count_error(request: Request, target: Target) -> Iterator[None]:
+    """Count a request refused while being prepared (bad parameters) under its adapter and
+    its key."""
     try:
         yield
     except (APIError, SamplingParamsError):
-        state.metrics.requests.labels(target.label, "error").inc()
+        get_state(request).metrics.refused(target.label, tenant(request).id, "error")
         raise
 
 
@@ -121,8 +137,8 @@ def _check_prompt_logprobs(body: CompletionRequest | ChatCompletionRequest) -> N
 @router.post("/v1/completions", response_model=None, responses=openapi.COMPLETIONS)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
-    target = resolve_model(state, body.model)
-    with _count_error(state, target):
+    target = resolve_model(request, body.model)
+    with _count_error(request, target):
         check_fields(body, "completions")
         _check_prompt_logprobs(body)
         if body.suffix is not None:
@@ -148,8 +164,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
              responses=openapi.CHAT_COMPLETIONS)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
-    target = resolve_model(state, body.model)
-    with _count_error(state, target):
+    target = resolve_model(request, body.model)
+    with _count_error(request, target):
         check_fields(body, "chat")
         _check_prompt_logprobs(body)
         if body.tool_choice is not None and not body.tools:  # as OpenAI answers

@@ -20,10 +20,12 @@ from goat_runtime.adapters.format import AdapterError
 from goat_runtime.engine.outputs import EngineError
 from goat_runtime.engine.sampling import SamplingParams, SamplingParamsError
 from server.assemblers import Assembler
+from server.auth import tenant
 from server.engine import ServingEngine
 from server.errors import APIError, error_body, from_exception
 from server.metrics import UNRESOLVED, RequestTracker
 from server.state import ServerState
+from server.tenants import TenantKey
 
 logger = logging.getLogger("server")
 T = TypeVar("T")
@@ -76,10 +78,12 @@ class EngineRun:
     `close` cancels the pumps; each closes its engine stream, which aborts the request.
     """
 
-    def __init__(self, engine: ServingEngine, jobs: list[Job], adapter: str | None):
+    def __init__(self, engine: ServingEngine, jobs: list[Job], adapter: str | None,
+                 tenant: str):
         self._engine = engine
         self._jobs = jobs
         self._adapter = adapter
+        self._tenant = tenant
         self._queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
         self._buffer: collections.deque[tuple[int, Any, BaseException | None]] = (
             collections.deque())
@@ -88,7 +92,7 @@ class EngineRun:
     async def _pump(self, index: int, job: Job) -> None:
         try:
             stream = self._engine.generate(job.request_id, job.prompt_ids, job.params,
-                                           self._adapter)
+                                           self._adapter, self._tenant)
             async with contextlib.aclosing(stream):
                 async for output in stream:
                     self._queue.put_nowait((index, output, None))
@@ -144,11 +148,11 @@ async def _unless_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
     return work.result()
 
 
-def _admit(state: ServerState, target: Target, seqs: int) -> None:
+def _admit(state: ServerState, target: Target, key: TenantKey, seqs: int) -> None:
     """503 while draining; 429 when more than --max-queued-requests sequences would wait."""
     engine = state.engine
     if state.draining or not engine.is_alive:
-        state.metrics.requests.labels(target.label, "rejected").inc()
+        state.metrics.refused(target.label, key.id, "rejected")
         raise APIError(503, "The server is shutting down or its engine is not running",
                        code="unavailable", headers={"Retry-After": "5"})
     limit = state.settings.max_queued_requests
@@ -158,7 +162,7 @@ def _admit(state: ServerState, target: Target, seqs: int) -> None:
     queued = max(engine.stats().num_waiting,
                  state.metrics.in_flight_seqs() + seqs - max_running)
     if queued > limit:
-        state.metrics.requests.labels(target.label, "rejected").inc()
+        state.metrics.refused(target.label, key.id, "rejected")
         raise APIError(429, f"Too many queued requests (limit {limit}); retry shortly",
                        code="queue_full", headers={"Retry-After": "1"})
 
@@ -167,9 +171,11 @@ class _EventStream(StreamingResponse):
     """A StreamingResponse that always releases its engine requests, even if the stream never
     starts (client gone before the first byte)."""
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None],
+                 headers: dict[str, str]):
         super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                  **headers})
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -225,11 +231,22 @@ async def _collect(run: EngineRun, assembler: Assembler) -> None:
 
 async def serve(request: Request, state: ServerState, target: Target, jobs: list[Job],
                  assembler: Assembler, stream: bool, include_usage: bool) -> Response:
-    """Run the engine requests and answer with one JSON body or a server-sent event stream."""
+    """Run the engine requests and answer with one JSON body or a server-sent event stream,
+    within the key's limits (429) and the server's queue (_admit)."""
     seqs = sum(job.params.n for job in jobs)
-    _admit(state, target, seqs)
-    tracker = state.metrics.track(target.label, target.adapter, seqs)
-    run = EngineRun(state.engine, jobs, target.adapter)
+    key = tenant(request)
+    # Tokens at admission: each prompt plus what its sequences may generate.
+    cost = sum(len(job.prompt_ids) + job.params.n * job.params.max_tokens for job in jobs)
+    lease = state.limiter.acquire(
+        key, cost, on_refused=lambda limit: state.metrics.refused(target.label, key.id,
+                                                                  "rejected", limit))
+    try:
+        _admit(state, target, key, seqs)
+    except APIError:
+        lease.settle(None)  # never ran: its request and tokens go back
+        raise
+    tracker = state.metrics.track(target.label, target.adapter, seqs, key.id, lease.settle)
+    run = EngineRun(state.engine, jobs, target.adapter, key.id)
     try:
         await _unless_disconnected(request, run.wait_started())
     except BaseException as exc:  # including cancellation: the engine requests must not leak
@@ -249,7 +266,7 @@ async def serve(request: Request, state: ServerState, target: Target, jobs: list
             tracker.finish("abort", **assembler.totals())
 
         return _EventStream(_events(state, request_id, run, assembler, tracker, include_usage),
-                            on_close=release)
+                            on_close=release, headers=lease.headers)
     outcome = "abort"
     try:
         await _unless_disconnected(request, _collect(run, assembler))
@@ -264,4 +281,4 @@ async def serve(request: Request, state: ServerState, target: Target, jobs: list
     finally:
         run.close()
         tracker.finish(outcome, **assembler.totals())
-    return JSONResponse(assembler.response().model_dump())
+    return JSONResponse(assembler.response().model_dump(), headers=lease.headers)

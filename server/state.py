@@ -9,14 +9,17 @@ from fastapi import Request
 
 from goat_runtime.adapters.store import is_url
 from server.engine import ServingEngine
+from server.limits import RateLimiter
 from server.metrics import ServerMetrics
+from server.tenants import Keyring, KeyTable
 
 
 @dataclass
 class Settings:
     """What the HTTP layer needs beyond the engine's own config."""
 
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()  # full-access keys (--api-key)
+    api_keys_file: Path | None = None  # tenant keys (--api-keys-file), see server/tenants.py
     # Directories besides the engine's adapter dir that /v1/load_lora_adapter may load from.
     allowed_adapter_roots: tuple[Path | str, ...] = ()  # str: an s3:// or hf:// URL prefix
     # Requests allowed to wait for a free engine slot; beyond it: 429. None: no limit.
@@ -30,8 +33,21 @@ class ServerState:
     engine: ServingEngine
     settings: Settings
     metrics: ServerMetrics
+    keyring: Keyring
+    limiter: RateLimiter = field(default_factory=RateLimiter)
     draining: bool = False
     token_text: dict[int, str] = field(default_factory=dict)  # token id -> decoded text
+
+    def keys_changed(self, table: KeyTable) -> None:
+        """After the keys are (re)loaded: metrics series and limiter state follow the ids."""
+        self.metrics.set_keys(table.ids)
+        self.limiter.forget(set(table.ids))
+
+    def reload_keys(self) -> KeyTable:
+        """Re-read the key file (KeyFileError: the keys in force stay)."""
+        table = self.keyring.reload()
+        self.keys_changed(table)
+        return table
 
     def adapter_roots(self) -> list[Path]:
         """The local folders lora_path may name, the adapter directory first, after symlinks

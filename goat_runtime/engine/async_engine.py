@@ -138,9 +138,10 @@ class AsyncEngine:
     # ---- requests ---------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams,
-                       adapter: str | None = None) -> AsyncGenerator[RequestOutput, None]:
-        """Stream a request's outputs; closing the stream early aborts the request."""
+                       params: SamplingParams, adapter: str | None = None,
+                       tenant: str = "") -> AsyncGenerator[RequestOutput, None]:
+        """Stream a request's outputs; closing the stream early aborts the request. `tenant`
+        (who sent it) is what the fair-share scheduling shares capacity between."""
         self._check_new_request(request_id, prompt_token_ids, params, adapter)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
@@ -149,7 +150,7 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise self._dead_error()
         self._post(functools.partial(self._add_request, request_id, prompt_token_ids, params,
-                                     adapter, loop, stream))
+                                     adapter, tenant, loop, stream))
         finished = False
         try:
             while True:
@@ -183,12 +184,12 @@ class AsyncEngine:
             raise EngineError(f"Request id {request_id!r} is already running.", status=400)
 
     def _add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                     adapter: str | None, loop: asyncio.AbstractEventLoop,
+                     adapter: str | None, tenant: str, loop: asyncio.AbstractEventLoop,
                      stream: asyncio.Queue[_StreamItem]) -> None:
         """On the engine thread: add the request (an error goes to its stream) and wake the
         loop when its adapter has loaded."""
         try:
-            self.engine.add_request(request_id, prompt_token_ids, params, adapter)
+            self.engine.add_request(request_id, prompt_token_ids, params, adapter, tenant)
         except Exception as exc:
             loop.call_soon_threadsafe(stream.put_nowait, exc)
             return

@@ -62,6 +62,9 @@ class EngineConfig:
     # those weights' memory); see LlamaForCausalLM.pack_weights
     pack_weights: bool = True
     enable_prefix_caching: bool = True
+    # The waiting queue's order under overload: fair (a Virtual Token Counter per tenant, see
+    # fairness.py; first come, first served with one tenant) or fcfs.
+    scheduling_policy: str = "fair"
     static_cache_dir: Path | None = None  # default: $GOAT_CACHE_DIR/static
 
     def __post_init__(self) -> None:
@@ -82,6 +85,9 @@ class EngineConfig:
                              f"max_loras ({self.max_loras}): device adapters live on the host too")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.scheduling_policy not in ("fcfs", "fair"):
+            raise ValueError("scheduling_policy must be fcfs or fair, got "
+                             f"{self.scheduling_policy!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

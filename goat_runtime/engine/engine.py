@@ -95,7 +95,8 @@ class LLMEngine:
             self.adapters.request_load(name, path, pinned=True).result()
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            config.block_size, config.enable_prefix_caching),
+                            config.block_size, config.enable_prefix_caching,
+                            policy=config.scheduling_policy),
             self.allocator, self.adapters)
         eos = set(model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -117,7 +118,7 @@ class LLMEngine:
             raise EngineError(f"The model `{adapter}` does not exist.", status=404)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None) -> None:
+                    adapter: str | None = None, tenant: str = "") -> None:
         if request_id in self.requests:
             raise EngineError(f"Request id {request_id!r} is already running.", status=400)
         self.check_request(prompt_token_ids, params, adapter)
@@ -129,7 +130,7 @@ class LLMEngine:
             except Exception:
                 self.adapters.release(adapter)
                 raise
-        request = Request(request_id, list(prompt_token_ids), params, adapter)
+        request = Request(request_id, list(prompt_token_ids), params, adapter, tenant)
         for i in range(params.n):
             seq = Sequence(request, i, make_generator(params.seed, i, self.device))
             seq.detokenizer = IncrementalDetokenizer(

@@ -27,6 +27,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter: str | None  # None: the base model
+    tenant: str = ""  # who sent it (the server's API key id), for the fair share (fairness.py)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

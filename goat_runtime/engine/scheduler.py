@@ -6,13 +6,14 @@ hold a running sequence's next tokens, the newest running sequence is preempted 
 freed, its tokens recomputed later, ahead of everything waiting). Then waiting sequences are
 admitted first come, first served while the budget, the sequence cap, the KV cache and the
 device adapter slots allow (`AdapterManager.can_bind`: on the CPU slots are host memory and
-never block, so admission there is by KV blocks and the token budget alone). A sequence whose
-adapter needs a slot while all are held may be passed over by sequences of resident adapters,
-but only `max_passed_over` times: then one held adapter, the one with the fewest running
-sequences, is drained (no new sequence of it is admitted) until its last one finishes and its
-slot goes to the waiting adapter; the others keep the batch full meanwhile. A sequence whose KV
-blocks do not fit stops admission at once (it is never passed over). Adapters still loading
-from disk do not hold anything up.
+never block, so admission there is by KV blocks and the token budget alone), in the order the
+scheduling policy gives (fairness.py: with `fair`, a fair share of tokens between tenants). A
+sequence whose adapter needs a slot while all are held may be passed over by sequences of
+resident adapters, but only `max_passed_over` times: then one held adapter, the one with the
+fewest running sequences, is drained (no new sequence of it is admitted) until its last one
+finishes and its slot goes to the waiting adapter; the others keep the batch full meanwhile. A
+sequence whose KV blocks do not fit stops admission at once (it is never passed over). Adapters
+still loading from disk do not hold anything up.
 
 An exception while a sequence is given its blocks is charged to it: it is recorded in `faults`
 (the engine fails its request) and scheduling goes on for the others.
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 from goat_runtime.engine.adapter_manager import AdapterManager
 from goat_runtime.engine.block_allocator import BlockAllocator, block_hash
+from goat_runtime.engine.fairness import make_policy
 from goat_runtime.engine.request import Sequence, SequenceStatus
 
 
@@ -33,6 +35,7 @@ class SchedulerConfig:
     block_size: int
     enable_prefix_caching: bool = True
     max_passed_over: int = 32
+    policy: str = "fcfs"  # the waiting queue's order: fcfs or fair (fairness.py)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Scheduler:
         self.allocator = allocator
         self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
+        self.policy = make_policy(config.policy, config.max_num_seqs)
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         # The held adapter admitting nothing new until it frees its slot for one passed over.
@@ -57,6 +61,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.policy.add(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -95,6 +100,7 @@ class Scheduler:
 
     def _admit(self, budget: int) -> list[ScheduledSeq]:
         admitted: list[ScheduledSeq] = []
+        self.waiting = self.policy.order(self.waiting, self.running)
         held = Counter(s.adapter for s in self.running if s.adapter is not None)
         if self.draining not in held:  # drained: its slot is free for the waiting adapter
             self.draining = None
@@ -214,6 +220,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self._release_blocks(seq)
         seq.status = SequenceStatus.FINISHED
+        self.policy.finished(seq)
 
     def _release_blocks(self, seq: Sequence) -> None:
         self.allocator.free(seq.blocks)

@@ -245,8 +245,8 @@ class VllmAsyncEngine:
     # ---- requests ---------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams,
-                       adapter: str | None = None) -> AsyncGenerator[RequestOutput, None]:
+                       params: SamplingParams, adapter: str | None = None,
+                       tenant: str = "") -> AsyncGenerator[RequestOutput, None]:  # tenant: unused
         """Stream a request's outputs (deltas); closing the stream early aborts the request
         (vLLM's generator aborts on close)."""
         if not self._accepting or not self.is_alive:

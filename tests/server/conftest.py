@@ -188,8 +188,8 @@ class FakeEngine:
         return None
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, adapter: str | None = None,
+                       tenant: str = "") -> AsyncIterator[RequestOutput]:
         finished = False
         self.running += 1
         try:

@@ -1,0 +1,128 @@
+"""The order in which waiting sequences are offered to the scheduler's admission: first come,
+first served, or a fair share between tenants (the server's API key ids, `Request.tenant`).
+
+`fair` is the Virtual Token Counter of Sheng et al., "Fairness in Serving Large Language Models"
+(OSDI 2024): each tenant has a counter of the tokens it was served, prompt tokens weighted
+PROMPT_WEIGHT and generated tokens GENERATED_WEIGHT (a generated token costs a step of its own;
+the paper's weights). Admission offers next the earliest waiting sequence of the tenant with
+the lowest counter. A tenant that becomes active (nothing waiting or running before) has its
+counter lifted to the lowest counter of the tenants already active, so that idling earns no
+credit; when no tenant is active the counters start again from zero. With one active tenant
+the waiting queue is left as it is: exactly first come, first served.
+
+The scheduler tells the policy of each sequence it adds and finishes, and asks for the order
+once per admission. A sequence is charged from its own state (its prompt once admitted, its
+output tokens as they grow) while it runs and when it finishes; the charge only ever grows, so
+recomputing a preempted sequence costs its tenant nothing more. Sequences admitted before
+(preempted ones, at the front of the queue) keep their place ahead of the rest. The cost per
+step: the running sequences, plus, with several active tenants, one pass over the waiting
+queue (as the scheduler's own admission loop makes) and a heap over tenants for as many
+sequences as one admission can take.
+"""
+
+import heapq
+from collections import deque
+
+from goat_runtime.engine.request import Sequence, SequenceStatus
+
+POLICIES = ("fcfs", "fair")
+PROMPT_WEIGHT = 1.0
+GENERATED_WEIGHT = 2.0
+
+
+class FirstComeFirstServed:
+    def add(self, seq: Sequence) -> None:
+        pass
+
+    def finished(self, seq: Sequence) -> None:
+        pass
+
+    def order(self, waiting: deque[Sequence], running: list[Sequence]) -> deque[Sequence]:
+        return waiting
+
+
+class VirtualTokenCounter:
+    def __init__(self, picks: int = 64) -> None:
+        # Sequences ordered by counter per step: admission takes at most max_num_seqs, so the
+        # rest follow per tenant, first come first served (the next step orders them again).
+        self.picks = picks
+        self.counters: dict[str, float] = {}
+        self._unfinished: dict[str, int] = {}  # tenant -> its sequences waiting or running
+        self._present: set[Sequence] = set()
+        self._charged: dict[Sequence, float] = {}  # sequences admitted and not finished
+
+    def add(self, seq: Sequence) -> None:
+        tenant = seq.request.tenant
+        if not self._unfinished.get(tenant):  # newly active: lifted, no credit for idling
+            active = [self.counters.get(t, 0.0) for t, n in self._unfinished.items() if n]
+            floor = min(active) if active else 0.0
+            self.counters[tenant] = max(self.counters.get(tenant, 0.0), floor)
+        self._unfinished[tenant] = self._unfinished.get(tenant, 0) + 1
+        self._present.add(seq)
+
+    def finished(self, seq: Sequence) -> None:
+        if seq not in self._present:
+            return
+        self._present.discard(seq)
+        self._charge(seq, admitted=bool(seq.output_token_ids) or seq in self._charged)
+        self._charged.pop(seq, None)
+        tenant = seq.request.tenant
+        self._unfinished[tenant] -= 1
+        if not self._unfinished[tenant]:
+            del self._unfinished[tenant]
+            if not self._unfinished:
+                self.counters.clear()  # nobody active: everyone starts again from zero
+
+    def _charge(self, seq: Sequence, admitted: bool) -> None:
+        served = GENERATED_WEIGHT * len(seq.output_token_ids)
+        if admitted:
+            served += PROMPT_WEIGHT * len(seq.request.prompt_token_ids)
+        delta = served - self._charged.get(seq, 0.0)
+        if delta > 0:
+            tenant = seq.request.tenant
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + delta
+            self._charged[seq] = served
+
+    def order(self, waiting: deque[Sequence], running: list[Sequence]) -> deque[Sequence]:
+        """`waiting` in the order admission should try it."""
+        for seq in running:
+            if seq.status is SequenceStatus.RUNNING:
+                self._charge(seq, admitted=True)
+        if len(self._unfinished) <= 1:  # one tenant: first come, first served
+            return waiting
+        ordered: deque[Sequence] = deque()
+        queues: dict[str, deque[Sequence]] = {}
+        for seq in waiting:
+            if seq in self._charged and not queues:  # preempted, at the front: keeps its place
+                ordered.append(seq)
+            else:
+                queues.setdefault(seq.request.tenant, deque()).append(seq)
+        if len(queues) <= 1:
+            ordered.extend(seq for queue in queues.values() for seq in queue)
+            return ordered
+        # Simulate admitting them all, each tentatively charged its prompt, so that one step's
+        # admissions already alternate; ties go to the tenant whose head came first.
+        heap = [(self.counters.get(tenant, 0.0), i, tenant) for i, tenant in enumerate(queues)]
+        heapq.heapify(heap)
+        for _ in range(self.picks):
+            if not heap:
+                break
+            counter, i, tenant = heapq.heappop(heap)
+            queue = queues[tenant]
+            seq = queue.popleft()
+            ordered.append(seq)
+            if queue:
+                counter += PROMPT_WEIGHT * len(seq.request.prompt_token_ids)
+                heapq.heappush(heap, (counter, i, tenant))
+        for _, _, tenant in sorted(heap):  # the rest: lowest counter's first
+            ordered.extend(queues[tenant])
+        return ordered
+
+
+def make_policy(name: str, picks: int = 64) -> FirstComeFirstServed | VirtualTokenCounter:
+    """`picks`: the most sequences one admission can take (the scheduler's max_num_seqs)."""
+    if name == "fcfs":
+        return FirstComeFirstServed()
+    if name == "fair":
+        return VirtualTokenCounter(picks)
+    raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {name!r}")

@@ -1,0 +1,233 @@
+"""The fair share between API keys under overload (issue 20): two keys, a heavy one sending
+`--ratio` times the light one's requests, beyond the server's capacity.
+
+For each scheduling policy (`--scheduling-policy fcfs` and `fair`, one server each, both
+started at once, the same flags otherwise; rounds alternate between them), three open-loop
+phases of `--duration` seconds: the light key alone, the heavy key alone (one key: the
+policies must not differ), both at once. Printed: the light key's TTFT p50 alone and beside
+the heavy key (and their ratio), and the tokens streamed per second in each phase, with the
+fair / fcfs throughput ratio of each round. A request still waiting for its first token
+when a phase ends counts with the time it has waited (a lower bound), so a queue that never
+drains shows as such.
+Requests are token ids (random, so the prefix cache never helps) with `ignore_eos`.
+
+    python -m loadtests.fairness                    # the tiny fixture model, ~4 minutes
+    python -m loadtests.fairness --model-dir DIR    # another base model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from loadtests.common import REPO, ServerProcess, format_table, free_port, load_avg
+
+FIXTURE = REPO / "tests" / "fixtures" / "goat-peft-tiny" / "base"
+SECRETS = {"light": "light-secret", "heavy": "heavy-secret"}
+POLICIES = ("fcfs", "fair")
+
+
+@dataclass
+class Phase:
+    """One open-loop phase: per key, TTFTs (censored at the end) and tokens streamed."""
+
+    name: str
+    duration_s: float
+    ttft_s: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in SECRETS})
+    waiting: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SECRETS, 0))
+    tokens: int = 0
+    errors: int = 0
+
+    def p50_ms(self, key: str) -> float | None:
+        values = self.ttft_s[key]
+        return statistics.median(values) * 1000 if values else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.duration_s
+
+
+async def _one(http: httpx.AsyncClient, key: str, body: dict, phase: Phase,
+               end: float) -> None:
+    start = time.monotonic()
+    first: float | None = None
+    try:
+        async with http.stream("POST", "/v1/completions", json=body,
+                               headers={"Authorization": f"Bearer {SECRETS[key]}"}) as response:
+            if response.status_code != 200:
+                phase.errors += 1
+                return
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                now = time.monotonic()
+                if now > end:
+                    break
+                if first is None:
+                    first = now
+                    phase.ttft_s[key].append(now - start)
+                phase.tokens += 1  # one token per event (n = 1)
+    finally:
+        if first is None and time.monotonic() >= end:  # still waiting: censored
+            phase.ttft_s[key].append(end - start)
+            phase.waiting[key] += 1
+
+
+async def run_phase(url: str, model: str, name: str, rates: dict[str, float], args: Namespace,
+                    seed: int) -> Phase:
+    phase = Phase(name, args.duration)
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
+        start = time.monotonic()
+        end = start + args.duration
+        tasks: list[asyncio.Task] = []
+
+        async def sender(key: str, rate: float) -> None:
+            next_at = start + rng.expovariate(rate)
+            while next_at < end:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                body = {"model": model, "prompt": [rng.randrange(10, 90)
+                                                   for _ in range(args.prompt_len)],
+                        "max_tokens": args.output_len, "ignore_eos": True, "stream": True,
+                        "temperature": 0}
+                tasks.append(asyncio.create_task(_one(http, key, body, phase, end)))
+                next_at += rng.expovariate(rate)
+
+        await asyncio.gather(*(sender(k, r) for k, r in rates.items() if r > 0))
+        await asyncio.sleep(max(0.0, end - time.monotonic()))
+        for task in tasks:
+            task.cancel()  # closes the stream: the server aborts the request
+        await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(2.0)  # let the server finish aborting before the next phase
+    return phase
+
+
+def key_file(folder: Path) -> Path:
+    path = folder / "keys.yaml"
+    entries = [f"  - id: {key}\n    sha256: {hashlib.sha256(s.encode()).hexdigest()}\n"
+               "    models: ['*']\n" for key, s in SECRETS.items()]
+    path.write_text("keys:\n" + "".join(entries))
+    return path
+
+
+def start_server(policy: str, args: Namespace, folder: Path) -> ServerProcess:
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", str(args.model_dir), "--port", str(port),
+           "--api-keys-file", str(key_file(folder)), "--scheduling-policy", policy,
+           "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-memory", args.kv_cache_memory,
+           "--device", "cpu", "--dtype", "float32", "--log-level", "warning"]
+    return ServerProcess(f"goat-serve-{policy}", cmd, port, folder / f"{policy}.log").start()
+
+
+def run_round(server: ServerProcess, args: Namespace, seed: int) -> list[Phase]:
+    """The three phases on one server: light alone, heavy alone (one key), both."""
+    headers = {"Authorization": f"Bearer {SECRETS['light']}"}
+    model = httpx.get(f"{server.url}/v1/models", headers=headers).json()["data"][0]["id"]
+    heavy = args.light_rate * args.ratio
+    plan = [("light alone", {"light": args.light_rate}),
+            ("heavy alone (one key)", {"heavy": heavy}),
+            ("light + heavy", {"light": args.light_rate, "heavy": heavy})]
+    return [asyncio.run(run_phase(server.url, model, name, rates, args, seed + i))
+            for i, (name, rates) in enumerate(plan)]
+
+
+def run(policies: Sequence[str], args: Namespace, folder: Path) -> dict[str, list[list[Phase]]]:
+    """Both servers up at once (the idle one costs nothing); rounds alternate between them, in
+    turn first, so that the machine's drift falls on both alike."""
+    servers = {policy: start_server(policy, args, folder) for policy in policies}
+    try:
+        for server in servers.values():
+            server.wait_healthy()
+        results: dict[str, list[list[Phase]]] = {policy: [] for policy in policies}
+        for r in range(args.rounds):
+            turn = policies if r % 2 == 0 else list(reversed(policies))
+            for policy in turn:
+                results[policy].append(run_round(servers[policy], args, seed=10 * r))
+        return results
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def report(results: dict[str, list[list[Phase]]], args: Namespace) -> str:
+    rows = []
+    for policy, rounds in results.items():
+        for r, (alone, heavy, both) in enumerate(rounds):
+            light_alone, light_both = alone.p50_ms("light"), both.p50_ms("light")
+            ratio = light_both / light_alone if light_alone and light_both else None
+            rows.append([policy, r, light_alone, light_both, ratio, both.p50_ms("heavy"),
+                         f"{both.waiting['light']}/{len(both.ttft_s['light'])}",
+                         heavy.tokens_per_s, both.tokens_per_s, both.errors + heavy.errors])
+    table = format_table(["policy", "round", "light TTFT p50 alone (ms)",
+                          "light TTFT p50 with heavy (ms)", "ratio", "heavy TTFT p50 (ms)",
+                          "light waiting at end", "tok/s heavy alone", "tok/s both", "errors"],
+                         rows)
+    lines = [table, ""]
+    fcfs, fair = results.get("fcfs"), results.get("fair")
+    if fcfs and fair:
+        for i, label in ((1, "one key"), (2, "two keys")):
+            ratios = [b[i].tokens_per_s / a[i].tokens_per_s for a, b in zip(fcfs, fair,
+                                                                            strict=True)]
+            lines.append(f"throughput fair / fcfs, {label}: per round "
+                         f"{', '.join(f'{x:.3f}' for x in ratios)}; median "
+                         f"{statistics.median(ratios):.3f}")
+    lines.append(f"model {args.model_dir.name}, light {args.light_rate:g} req/s, heavy "
+                 f"{args.light_rate * args.ratio:g} req/s, {args.prompt_len} prompt + "
+                 f"{args.output_len} output tokens, max-num-seqs {args.max_num_seqs}, "
+                 f"{args.duration:g} s per phase, {args.rounds} rounds, load average "
+                 f"{load_avg()}")
+    return "\n".join(lines)
+
+
+Namespace = argparse.Namespace
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtests.fairness", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, default=FIXTURE)
+    p.add_argument("--scheduling-policy", choices=(*POLICIES, "both"), default="both",
+                   help="the policy (or both, side by side) to measure")
+    p.add_argument("--light-rate", type=float, default=2.0, help="light key's requests/s")
+    p.add_argument("--ratio", type=float, default=10.0, help="heavy rate / light rate")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--output-len", type=int, default=96)
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--kv-cache-memory", default="64MiB")
+    p.add_argument("--duration", type=float, default=15.0, help="seconds per phase")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per policy, interleaved")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    policies = POLICIES if args.scheduling_policy == "both" else (args.scheduling_policy,)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run(policies, args, Path(tmp))
+    print(report(results, args))
+    if args.json:
+        args.json.write_text(json.dumps({
+            policy: [[{"phase": p.name, "light_ttft_p50_ms": p.p50_ms("light"),
+                       "heavy_ttft_p50_ms": p.p50_ms("heavy"), "tokens_per_s": p.tokens_per_s,
+                       "waiting_at_end": p.waiting, "errors": p.errors} for p in phases]
+                     for phases in rounds]
+            for policy, rounds in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

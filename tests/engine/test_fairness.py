@@ -1,0 +1,168 @@
+"""The fair share (engine/fairness.py) through the scheduler, stepped by hand: with one tenant it
+admits exactly as first come, first served; with two, a light tenant is not stuck behind a
+heavy one's backlog, backlogged tenants get equal tokens (not equal requests), and a tenant that
+was idle earns no credit (its counter is lifted)."""
+
+import itertools
+import weakref
+from collections import Counter, deque
+
+import pytest
+import torch
+from goat_runtime.engine.kv_cache import BlockAllocator
+
+from goat_runtime.engine.fairness import VirtualTokenCounter, make_policy
+from goat_runtime.engine.request import Request, Sequence, SequenceStatus
+from goat_runtime.engine.sampling import SamplingParams
+from goat_runtime.engine.scheduler import Scheduler, SchedulerConfig
+from tests.engine.test_scheduler import ResidentAdapters
+
+_ids = itertools.count()
+SEEN: "weakref.WeakKeyDictionary[Scheduler, set[str]]" = weakref.WeakKeyDictionary()
+
+
+def make(policy: str, max_num_seqs: int = 2, blocks: int = 512) -> Scheduler:
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=64,
+                             block_size=4, policy=policy)
+    return Scheduler(config, BlockAllocator(blocks), ResidentAdapters(4))
+
+
+def add(scheduler: Scheduler, tenant: str, prompt_len: int = 5, output_len: int = 4) -> Sequence:
+    request = Request(f"{tenant}-{next(_ids)}", list(range(5, 5 + prompt_len)),
+                      SamplingParams(max_tokens=output_len), None, tenant=tenant)
+    seq = Sequence(request, 0, torch.Generator())
+    request.sequences.append(seq)
+    scheduler.add(seq)
+    return seq
+
+
+def step(scheduler: Scheduler) -> list[str]:
+    """One step without a model; returns the request ids admitted (first scheduled) in it."""
+    admitted = []
+    seen = SEEN.setdefault(scheduler, set())
+    for item in scheduler.schedule():
+        seq = item.seq
+        if seq.request.request_id not in seen:
+            seen.add(seq.request.request_id)
+            admitted.append(seq.request.request_id)
+        scheduler.computed(item)
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.output_token_ids.append(1)
+            if len(seq.output_token_ids) == seq.request.params.max_tokens:
+                scheduler.finish(seq)
+    return admitted
+
+
+def admission_order(scheduler: Scheduler, steps: int = 200) -> list[str]:
+    order: list[str] = []
+    for _ in range(steps):
+        order += step(scheduler)
+        if not scheduler.has_work():
+            break
+    return order
+
+
+def test_one_tenant_is_first_come_first_served() -> None:
+    traces = {}
+    for policy in ("fcfs", "fair"):
+        # A small KV cache: sequences are preempted and recomputed, which must not reorder
+        # either. The trace: every step's (request, tokens) in the order scheduled.
+        scheduler = make(policy, max_num_seqs=3, blocks=7)
+        plan = [(3 + (i * 7) % 11, 6 + (i * 5) % 9) for i in range(12)]
+        index: dict[str, int] = {}
+        trace: list[list[tuple[int, int]]] = []
+        for i, (prompt, output) in enumerate(plan):
+            index[add(scheduler, "only", prompt, output).request.request_id] = i
+            if i % 3 == 2:
+                trace.append(traced_step(scheduler, index))
+        while scheduler.has_work():
+            trace.append(traced_step(scheduler, index))
+        assert scheduler.num_preemptions > 0
+        traces[policy] = trace
+    assert traces["fcfs"] == traces["fair"]
+
+
+def traced_step(scheduler: Scheduler, index: dict[str, int]) -> list[tuple[int, int]]:
+    items = scheduler.schedule()
+    for item in items:
+        seq = item.seq
+        scheduler.computed(item)
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.output_token_ids.append(1)
+            if len(seq.output_token_ids) == seq.request.params.max_tokens:
+                scheduler.finish(seq)
+    return [(index[i.seq.request.request_id], i.num_new_tokens) for i in items]
+
+
+def first_light(policy: str) -> int:
+    """Admissions before the light tenant's one request, sent after 20 of the heavy one's."""
+    scheduler = make(policy)
+    for _ in range(20):
+        add(scheduler, "heavy")
+    step(scheduler)
+    add(scheduler, "light")
+    order = admission_order(scheduler)
+    return next(i for i, rid in enumerate(order) if rid.startswith("light"))
+
+
+def test_a_light_tenant_does_not_wait_behind_a_heavy_backlog() -> None:
+    assert first_light("fcfs") >= 18
+    assert first_light("fair") == 0  # the next admission
+
+
+def test_backlogged_tenants_share_tokens_not_requests() -> None:
+    scheduler = make("fair", max_num_seqs=2)
+    for _ in range(40):
+        add(scheduler, "long", prompt_len=20, output_len=4)  # 20 + 2 * 4 = 28 per request
+        add(scheduler, "short", prompt_len=3, output_len=2)  # 3 + 2 * 2 = 7 per request
+    served: Counter[str] = Counter()
+    counted: Counter[str] = Counter()
+    for _ in range(30):
+        for rid in step(scheduler):
+            counted[rid.split("-")[0]] += 1
+    policy = scheduler.policy
+    assert isinstance(policy, VirtualTokenCounter)
+    served.update(policy.counters)
+    # Four short requests for each long one, and the counters within one request's cost.
+    assert counted["short"] >= 3 * counted["long"] > 0
+    assert abs(served["long"] - served["short"]) <= 28 + 7
+
+
+def test_an_idle_tenant_earns_no_credit() -> None:
+    scheduler = make("fair")
+    for _ in range(10):
+        add(scheduler, "early")
+    for _ in range(12):
+        step(scheduler)  # early is served alone: its counter grows
+    policy = scheduler.policy
+    assert isinstance(policy, VirtualTokenCounter) and policy.counters["early"] > 0
+    for _ in range(10):
+        add(scheduler, "late")
+    order = [rid.split("-")[0] for rid in admission_order(scheduler)]
+    first = order[:8]
+    # Lifted to early's counter, late alternates with it instead of taking every slot first.
+    assert 3 <= first.count("late") <= 5, order
+
+
+def test_policy_names() -> None:
+    with pytest.raises(ValueError, match="fcfs, fair"):
+        make_policy("lottery")
+
+
+def test_a_preempted_sequence_keeps_its_place_at_the_front() -> None:
+    policy = VirtualTokenCounter()
+    requests = [Request(f"{t}-{i}", [5, 6, 7], SamplingParams(max_tokens=4), None, tenant=t)
+                for i, t in enumerate(["heavy", "heavy", "light"])]
+    seqs = [Sequence(r, 0, torch.Generator()) for r in requests]
+    for seq in seqs:
+        policy.add(seq)
+    seqs[0].status = SequenceStatus.RUNNING
+    seqs[0].output_token_ids += [1, 1]
+    policy.order(deque(seqs[1:]), [seqs[0]])  # charges heavy 3 + 2 * 2
+    assert policy.counters == {"heavy": 7.0, "light": 0.0}
+    seqs[0].status = SequenceStatus.WAITING  # preempted: back at the front
+    order = policy.order(deque([seqs[0], seqs[1], seqs[2]]), [])
+    assert [s.request.request_id for s in order] == ["heavy-0", "light-2", "heavy-1"]
+    for seq in seqs:
+        policy.finished(seq)
+    assert policy.counters == {}  # nobody active: counters start again
