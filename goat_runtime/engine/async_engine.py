@@ -80,6 +80,7 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
         self.engine.adapters.shutdown()
+        self.engine.grammars.shutdown()
 
     def _run(self) -> None:
         try:
@@ -143,6 +144,8 @@ class AsyncEngine:
         if adapter in self._unloading:
             raise EngineError(f"The model `{adapter}` does not exist.", status=404)
         self.engine.check_request(prompt_token_ids, params, adapter)
+        if params.constraint is not None:  # off the engine thread, within the time limit
+            await asyncio.to_thread(self.engine.grammars.compile, params.constraint)
         if request_id in self._streams:
             raise EngineError(f"Request id {request_id!r} is already running.", status=400)
         loop = asyncio.get_running_loop()

@@ -64,6 +64,8 @@ class EngineConfig:
     pack_weights: bool = True
     enable_prefix_caching: bool = True
     static_cache_dir: Path | None = None  # default: $GOAT_CACHE_DIR/static
+    # Seconds a request waits for its structured-output grammar to compile before a 400.
+    grammar_compile_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)

@@ -43,6 +43,7 @@ from goat_runtime.engine.sampler import (
 )
 from goat_runtime.engine.sampling import SamplingParams
 from goat_runtime.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from goat_runtime.engine.structured import Grammars, token_bitmask
 from goat_runtime.model import load_model
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids,
+                                 config.grammar_compile_timeout)
         self.requests: dict[str, Request] = {}
 
     def _adapter_candidates(self) -> list:
@@ -122,6 +125,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise EngineError(f"Request id {request_id!r} is already running.", status=400)
         self.check_request(prompt_token_ids, params, adapter)
+        # cached when the async front compiled it off this thread
+        grammar = self.grammars.compile(params.constraint) if params.constraint else None
         if adapter is not None:
             self.adapters.request_load(adapter)
             self.adapters.acquire(adapter)
@@ -131,6 +136,8 @@ class LLMEngine:
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, request.prompt_token_ids,
                 skip_special_tokens=params.skip_special_tokens, stop=params.stop)
+            if grammar is not None:
+                seq.matcher = self.grammars.matcher(grammar)
             request.sequences.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = request
@@ -231,7 +238,8 @@ class LLMEngine:
         try:
             return sample(logits[[rows[id(s)] for s in seqs]], [
                 SamplingRow(s.request.params, s.request.prompt_token_ids, s.output_token_ids,
-                            s.generator, self.eos_token_ids) for s in seqs])
+                            s.generator, self.eos_token_ids) for s in seqs],
+                token_bitmask([s.matcher for s in seqs], logits.shape[1]))
         except Exception:
             for generator, state in states:
                 generator.set_state(state)
@@ -334,10 +342,13 @@ class LLMEngine:
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         seq.output_token_ids.append(token)
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise RuntimeError(f"token {token} was sampled against its sequence's grammar")
         finish, stop_reason = None, None
         if token in params.stop_token_ids:
             finish, stop_reason = "stop", token
-        elif token in self.eos_token_ids and not params.ignore_eos:
+        elif (token in self.eos_token_ids and not params.ignore_eos) or (
+                seq.matcher is not None and seq.matcher.is_terminated()):
             finish = "stop"
         if finish is None:
             text = seq.detokenizer.add([token])

@@ -58,6 +58,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     detokenizer: object = None  # IncrementalDetokenizer, attached by the engine
+    matcher: object = None  # xgrammar GrammarMatcher of a structured output (structured.py)
     pending_logprobs: list = field(default_factory=list)  # of tokens not yet emitted
     _token_ids: list[int] = field(init=False, repr=False)  # prompt + output, see token_ids
 
