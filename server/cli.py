@@ -46,6 +46,15 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _template(text: str) -> str:
+    """--chat-template: the file's text, read while parsing so a wrong path stops the start."""
+    try:
+        return Path(text).read_text()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read chat template {text!r}: "
+                                         f"{exc.strerror}") from exc
+
+
 def _adapter_dir(text: str) -> Path:
     # --adapter-dir and --adapter paths are checked while parsing: before the default model is
     # prepared, before --engine vllm re-executes, before any model loads.
@@ -133,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds in-flight requests get to finish before they are "
                         "aborted (default 30)")
+    s.add_argument("--chat-template", type=_template, metavar="PATH",
+                   help="a Jinja chat template file used instead of the model's (default: the "
+                   "model's; for tools, a Hermes-style one when the model's ChatML template "
+                   "does not render them)")
+    s.add_argument("--tool-call-parser", choices=("hermes",), default="hermes",  # tools.py
+                   help="how tool calls are read from the output (default hermes: "
+                   "<tool_call> JSON blocks)")
+    s.add_argument("--grammar-compile-timeout", type=_non_negative_float, default=10.0,
+                   metavar="S", help="seconds a structured output's grammar may take to "
+                   "compile before the request is refused (default 10)")
     s.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     return p
@@ -187,7 +206,8 @@ def serve(args: argparse.Namespace) -> None:
             max_loras=args.max_loras, max_cpu_adapters=args.max_cpu_adapters,
             max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-            merge_static=args.merge_static, pack_weights=args.pack_weights)
+            merge_static=args.merge_static, pack_weights=args.pack_weights,
+            grammar_compile_timeout=args.grammar_compile_timeout)
     except ValueError as exc:
         raise SystemExit(f"goat-serve: error: {exc}") from exc
     env_key = os.environ.get("GOAT_SERVE_API_KEY")
@@ -195,7 +215,8 @@ def serve(args: argparse.Namespace) -> None:
         api_keys=tuple(args.api_key) + ((env_key,) if env_key else ()),
         allowed_adapter_roots=tuple(args.allowed_adapter_root),
         max_queued_requests=args.max_queued_requests,
-        max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout)
+        max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
+        chat_template=args.chat_template, tool_call_parser=args.tool_call_parser)
     metrics = ServerMetrics(max_loras=args.max_loras)
     logger.info("loading %s", model_dir)
     engine: ServingEngine

@@ -343,7 +343,8 @@ class LLMEngine:
             request.first_token_time = time.monotonic()
         seq.output_token_ids.append(token)
         if seq.matcher is not None and not seq.matcher.accept_token(token):
-            raise RuntimeError(f"token {token} was sampled against its sequence's grammar")
+            raise RuntimeError("no token of the vocabulary continues the output within its "
+                               f"structured-output grammar (token {token} was drawn)")
         finish, stop_reason = None, None
         if token in params.stop_token_ids:
             finish, stop_reason = "stop", token
