@@ -43,7 +43,7 @@ from goat_runtime.engine.sampler import (
 )
 from goat_runtime.engine.sampling import SamplingParams
 from goat_runtime.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
-from goat_runtime.engine.structured import Grammars, token_bitmask
+from goat_runtime.engine.structured import GrammarError, Grammars, token_bitmask
 from goat_runtime.model import load_model
 
 logger = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ class LLMEngine:
                 if seq.status is not SequenceStatus.FINISHED:
                     self.scheduler.finish(seq)
             out = self._finish_request(request, [])
-            out.error = request_error(exc)
+            out.error = exc if isinstance(exc, GrammarError) else request_error(exc)
             outputs.append(out)
         if all(i.seq.request.request_id in failures for i in scheduled):
             try:
@@ -343,8 +343,8 @@ class LLMEngine:
             request.first_token_time = time.monotonic()
         seq.output_token_ids.append(token)
         if seq.matcher is not None and not seq.matcher.accept_token(token):
-            raise RuntimeError("no token of the vocabulary continues the output within its "
-                               f"structured-output grammar (token {token} was drawn)")
+            raise GrammarError("No token of the model's vocabulary continues the output within "
+                               "its structured-output grammar")
         finish, stop_reason = None, None
         if token in params.stop_token_ids:
             finish, stop_reason = "stop", token

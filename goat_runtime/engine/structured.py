@@ -19,11 +19,20 @@ from typing import Any
 import torch
 import xgrammar as xgr
 
+from goat_runtime.engine.outputs import EngineError
 from goat_runtime.engine.sampling import Constraint, SamplingParamsError
 
 # What each kind is called in errors.
 _WHAT = {"json": "JSON schema", "json_object": "JSON object", "regex": "regex",
          "choice": "choice", "grammar": "grammar (EBNF)", "structural_tag": "structural tag"}
+
+
+class GrammarError(EngineError):
+    """A constrained output that no token of the vocabulary can continue (a grammar this
+    tokenizer cannot write): the request's fault, so a 400, not an engine fault."""
+
+    def __init__(self, message: str):
+        super().__init__(message, status=400)
 
 
 class Grammars:
