@@ -82,7 +82,7 @@ class Grammars:
                 info = xgr.TokenizerInfo.from_huggingface(
                     self._tokenizer, vocab_size=self.vocab_size,
                     stop_token_ids=self._stop_token_ids)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+                self._compiler = xgr.GrammarCompiler(info)
             compiler = self._compiler
         kind, spec = constraint.kind, constraint.spec
         if kind == "json":

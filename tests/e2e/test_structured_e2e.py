@@ -4,7 +4,9 @@ prompts on the base and on each demo adapter; a tool-call round trip; `tool_choi
 never returns invalid arguments over 50 varied prompts. Requests go concurrently (one batch)."""
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -116,3 +118,13 @@ def test_required_tool_calls_always_parse_over_50_prompts(server_url):
             arguments = json.loads(call["arguments"])
             assert isinstance(arguments["city"], str), (prompt, arguments)
             assert arguments["unit"] in ("celsius", "fahrenheit"), (prompt, arguments)
+
+
+def test_readme_example(server_url, capsys):
+    """The README's structured-output and tool-call example prints what the README says."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+                 if "response_format=City" in b)
+    expected = [line[2:] for line in block.splitlines() if line.startswith("# ")]
+    exec(block.replace("http://127.0.0.1:8000", server_url), {})
+    assert capsys.readouterr().out.splitlines() == expected
