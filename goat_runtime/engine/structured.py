@@ -113,24 +113,28 @@ class Grammars:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+_BATCH = xgr.BatchGrammarMatcher()  # fills the rows of a batch on xgrammar's threads
+
+
 def token_bitmask(matchers: Sequence[xgr.GrammarMatcher | None], vocab_size: int
                   ) -> torch.Tensor | None:
     """The next-token bitmask of a batch: [len(matchers), ceil(vocab_size / 32)] int32 on the
     CPU, bit t of row i set when token t may follow; rows without a matcher allow every token.
     None when no row is constrained."""
-    if all(m is None for m in matchers):
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    if not rows:
         return None
     bitmask = xgr.allocate_token_bitmask(len(matchers), vocab_size)  # all ones
-    for i, m in enumerate(matchers):
-        if m is not None:
-            m.fill_next_token_bitmask(bitmask, i)
+    _BATCH.batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
     return bitmask
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     """Semantics: logits[i, t] = -inf wherever bit t of bitmask[i] is clear, in place, for the
-    whole batch in one kernel (xgrammar's; CPU or CUDA).
+    whole batch in one kernel (xgrammar's; CPU or CUDA), which skips the all-ones rows.
 
     logits: [N, V] float32, modified in place. bitmask: [N, ceil(V / 32)] int32 (any device)."""
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device),
-                                    vocab_size=logits.shape[1])
+    rows = (bitmask != -1).any(dim=1).nonzero().squeeze(1).tolist()
+    if rows:
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device),
+                                        vocab_size=logits.shape[1], indices=rows)

@@ -111,4 +111,5 @@ def test_bitmask_masks_only_constrained_rows(engine):
     assert result.token_ids == [9, 42]
     assert logits[0, 42] == 10.0  # the input is not modified
     assert result.logprobs[0][9] == pytest.approx(0.0)  # the mask is seen by the logprobs
+    assert sample(logits, rows, token_bitmask([None, matcher], vocab)).token_ids == [42, 9]
     assert token_bitmask([None, None], vocab) is None
