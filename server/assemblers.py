@@ -22,9 +22,12 @@ from server.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     CompletionStreamChoice,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     PromptLogprob,
     PromptLogprobs,
+    ToolCall,
     TopLogprob,
     UsageInfo,
 )
@@ -68,6 +71,8 @@ class _Choice:
         self.text_offset = 0
         self.completion_logprobs = CompletionLogprobs()
         self.chat_logprobs: list[ChatTokenLogprob] = []
+        self.parser: Any = None  # tool calls: a tools.HermesToolParser over the text
+        self.tool_calls: list[ToolCall] = []
 
 
 class Assembler(ABC):
@@ -214,10 +219,12 @@ class CompletionAssembler(Assembler):
 class ChatAssembler(Assembler):
     def __init__(self, response_id: str, model: str, n: int, prompt_ids: list[int],
                  decode: Callable[[int], str], top_logprobs: int | None,
-                 prompt_top: int | None = None):
+                 prompt_top: int | None = None, tool_parser: Callable[[], Any] | None = None):
         super().__init__(response_id, model, n, [prompt_ids], decode)
         self.top_logprobs = top_logprobs  # None: no logprobs
         self.prompt_top = prompt_top or 0
+        for choice in self.choices:  # tool calls are parsed out of the text
+            choice.parser = tool_parser() if tool_parser is not None else None
 
     def initial_chunks(self) -> list[ChatCompletionChunk]:
         """The role announcement that opens each choice's stream."""
@@ -237,15 +244,44 @@ class ChatAssembler(Assembler):
                                         and i < len(delta.logprobs) else None)
                     for i, t in enumerate(delta.token_ids)])
                 choice.chat_logprobs.extend(logprobs.content or [])
-            choice.text.append(delta.text)
+            text, calls = self._parse(choice, delta)
+            choice.text.append(text)
             self._update(choice, delta)
-            if delta.text or logprobs or delta.finish_reason:
+            for call in calls:  # OpenAI streams the id and name first, then the arguments
+                k = len(choice.tool_calls)
+                choice.tool_calls.append(call)
+                for part in (DeltaToolCall(index=k, id=call.id, type="function",
+                                           function=DeltaFunctionCall(name=call.function.name,
+                                                                      arguments="")),
+                             DeltaToolCall(index=k, function=DeltaFunctionCall(
+                                 arguments=call.function.arguments))):
+                    chunks.append(ChatCompletionChunk(id=self.id, model=self.model, choices=[
+                        ChatStreamChoice(index=delta.index,
+                                         delta=DeltaMessage(tool_calls=[part]))]))
+            if text or logprobs or delta.finish_reason:
                 chunks.append(ChatCompletionChunk(id=self.id, model=self.model, choices=[
                     ChatStreamChoice(index=delta.index, delta=DeltaMessage(
-                        content=delta.text or (None if delta.finish_reason else "")),
-                        logprobs=logprobs, finish_reason=delta.finish_reason,
+                        content=text or (None if delta.finish_reason else "")),
+                        logprobs=logprobs, finish_reason=self._finish_reason(choice),
                         stop_reason=delta.stop_reason)]))
         return chunks
+
+    @staticmethod
+    def _parse(choice: _Choice, delta: CompletionDelta) -> tuple[str, list[ToolCall]]:
+        """The delta's content, and the tool calls it completes."""
+        if choice.parser is None:
+            return delta.text, []
+        text, calls = choice.parser.feed(delta.text)
+        if delta.finish_reason is not None:
+            rest, more = choice.parser.finish()
+            text, calls = text + rest, calls + more
+        return text, calls
+
+    @staticmethod
+    def _finish_reason(choice: _Choice) -> str | None:
+        if choice.tool_calls and choice.finish_reason == "stop":
+            return "tool_calls"
+        return choice.finish_reason
 
     def _token_logprob(self, token_id: int, entry: dict[int, float] | None) -> ChatTokenLogprob:
         token = self.decode(token_id)
@@ -261,8 +297,10 @@ class ChatAssembler(Assembler):
 
     def response(self) -> ChatCompletionResponse:
         return ChatCompletionResponse(id=self.id, model=self.model, usage=self.usage(), choices=[
-            ChatChoice(index=i, message=ChatMessageOut(content="".join(c.text)),
+            ChatChoice(index=i, message=ChatMessageOut(
+                content=("".join(c.text).strip() or None) if c.tool_calls else "".join(c.text),
+                tool_calls=c.tool_calls),
                        logprobs=ChatChoiceLogprobs(content=c.chat_logprobs)
                        if self.top_logprobs is not None else None,
-                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                       finish_reason=self._finish_reason(c), stop_reason=c.stop_reason)
             for i, c in enumerate(self.choices)], prompt_logprobs=self.prompt_logprobs.get(0))

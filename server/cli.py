@@ -62,6 +62,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _template(text: str) -> str:
+    """--chat-template: the file's text, read while parsing so a wrong path stops the start."""
+    try:
+        return Path(text).read_text()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read chat template {text!r}: "
+                                         f"{exc.strerror}") from exc
+
+
 def _adapter_dir(text: str) -> Path | str:
     # --adapter-dir and --adapter paths are checked while parsing: before the default model is
     # prepared, before --engine vllm re-executes, before any model loads.
@@ -186,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds in-flight requests get to finish before they are "
                         "aborted (default 30)")
+    s.add_argument("--chat-template", type=_template, metavar="PATH",
+                   help="a Jinja chat template file used instead of the model's (default: the "
+                   "model's; for tools, a Hermes-style one when the model's ChatML template "
+                   "does not render them)")
+    s.add_argument("--tool-call-parser", choices=("hermes",), default="hermes",  # tools.py
+                   help="how tool calls are read from the output (default hermes: "
+                   "<tool_call> JSON blocks)")
+    s.add_argument("--grammar-compile-timeout", type=_non_negative_float, default=10.0,
+                   metavar="S", help="seconds a structured output's grammar may take to "
+                   "compile before the request is refused (default 10)")
     s.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"))
     return p
@@ -257,7 +276,8 @@ def _engine_config(args: argparse.Namespace) -> "EngineConfig":
             merge_static=args.merge_static, pack_weights=args.pack_weights,
             adapter_cache_dir=args.adapter_cache_dir, max_adapter_size=args.max_adapter_size,
             adapter_download_timeout=args.adapter_download_timeout,
-            scheduling_policy=args.scheduling_policy)
+            scheduling_policy=args.scheduling_policy,
+            grammar_compile_timeout=args.grammar_compile_timeout)
     except ValueError as exc:
         raise SystemExit(f"goat-serve: error: {exc}") from exc
 
@@ -273,7 +293,8 @@ def _settings(args: argparse.Namespace) -> "Settings":
         api_keys_file=args.api_keys_file,
         allowed_adapter_roots=tuple(args.allowed_adapter_root),
         max_queued_requests=args.max_queued_requests,
-        max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout)
+        max_request_bytes=args.max_request_bytes, shutdown_timeout=args.shutdown_timeout,
+        chat_template=args.chat_template, tool_call_parser=args.tool_call_parser)
     try:
         Keyring(settings.api_keys, settings.api_keys_file)
     except KeyFileError as exc:

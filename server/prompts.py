@@ -6,6 +6,7 @@ from typing import Any
 
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, CompletionRequest, check_unicode
+from server.tools import history_message, tools_template, uses_tools
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
@@ -33,8 +34,10 @@ async def completion_prompts(tokenizer: Any, body: CompletionRequest,
     return [list(ids) for ids in items], texts
 
 
-def render_chat(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
-    """The messages through the tokenizer's chat template, as token ids."""
+def render_chat(tokenizer: Any, body: ChatCompletionRequest,
+                chat_template: str | None = None) -> list[int]:
+    """The messages through the chat template (`chat_template`, --chat-template, or the
+    tokenizer's; with tools, server/tools.py picks one that renders them), as token ids."""
     messages = []
     for i, message in enumerate(body.messages):
         content = message.content
@@ -44,14 +47,21 @@ def render_chat(tokenizer: Any, body: ChatCompletionRequest) -> list[int]:
                 raise APIError(400, "Only text content parts are supported",
                                param=f"messages[{i}].content")
             content = "\n".join(part["text"] for part in content)
-        role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": content or ""})
-    if not getattr(tokenizer, "chat_template", None):
+        entry = history_message(message)
+        entry["role"] = "system" if message.role == "developer" else message.role
+        entry["content"] = content or ""
+        messages.append(entry)
+    model_template = getattr(tokenizer, "chat_template", None)
+    if uses_tools(body):
+        chat_template = tools_template(model_template, chat_template)
+    if not (chat_template or model_template):
         raise APIError(400, "This model has no chat template; use /v1/completions",
                        param="messages")
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     try:
         text = tokenizer.apply_chat_template(
-            messages, tokenize=False, continue_final_message=body.continue_final_message,
+            messages, tools=tools, chat_template=chat_template, tokenize=False,
+            continue_final_message=body.continue_final_message,
             add_generation_prompt=body.add_generation_prompt
             and not body.continue_final_message)
     except Exception as exc:  # the template rejected the conversation (roles, order, ...)

@@ -8,13 +8,14 @@ Known fields are typed strictly: a number given as a string, or a boolean given 
 the reverse), is a 400 naming the field, as OpenAI answers.
 """
 
+import json
 import re
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from goat_runtime.engine.sampling import SamplingParams, SamplingParamsError
+from goat_runtime.engine.sampling import Constraint, SamplingParams, SamplingParamsError
 
 # Adapter (and served model) names: safe as URL segments, folder names and metric labels.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -43,6 +44,93 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+# ---- structured outputs and tools (requests) ------------------------------------------------
+
+class JsonSchemaFormat(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM 0.32's `structured_outputs` request field (exactly one constraint)."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    # None: compact JSON (goat-serve's default); false: any whitespace (vLLM's default)
+    disable_any_whitespace: bool | None = None
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+
+def constraint_of(structured: StructuredOutputs | None,
+                  response_format: ResponseFormat | None) -> Constraint | None:
+    """The request's structured output: `response_format` (json_object, json_schema) or
+    `structured_outputs`, as vLLM combines them (the former wins)."""
+    compact = structured is None or structured.disable_any_whitespace is not False
+    if response_format is not None and response_format.type != "text":
+        if response_format.type == "json_object":
+            return Constraint("json_object", any_whitespace=not compact,
+                              param="response_format")
+        if response_format.json_schema is None:
+            raise SamplingParamsError("response_format", "response_format of type json_schema "
+                                      "needs json_schema")
+        return Constraint("json", json.dumps(response_format.json_schema.schema_),
+                          any_whitespace=not compact, param="response_format")
+    if structured is None:
+        return None
+    for name in ("disable_additional_properties", "whitespace_pattern"):
+        if getattr(structured, name):
+            raise SamplingParamsError(f"structured_outputs.{name}",
+                                      f"structured_outputs.{name} is not supported")
+    given = {name: value for name, value in (
+        ("json", structured.json_), ("regex", structured.regex), ("choice", structured.choice),
+        ("grammar", structured.grammar), ("json_object", structured.json_object),
+        ("structural_tag", structured.structural_tag)) if value is not None}
+    if len(given) != 1:
+        raise SamplingParamsError("structured_outputs", "structured_outputs takes exactly one "
+                                  "of json, regex, choice, grammar, json_object, structural_tag")
+    kind, value = next(iter(given.items()))
+    if kind == "json_object":
+        spec = ""
+    elif kind == "choice" or (kind == "json" and not isinstance(value, str)):
+        spec = json.dumps(value)
+    else:
+        spec = value
+    return Constraint(kind, spec, any_whitespace=not compact, param="structured_outputs")
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class _SamplingRequest(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -67,9 +155,12 @@ class _SamplingRequest(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None  # vLLM's: the prompt tokens' logprobs, top N each
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None,
-                         prompt_logprobs: int | None) -> SamplingParams:
+                         prompt_logprobs: int | None,
+                         constraint: Constraint | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
 
         def given(value: Any, default: Any) -> Any:
@@ -84,7 +175,9 @@ class _SamplingRequest(_Body):
             repetition_penalty=given(self.repetition_penalty, 1.0),
             stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens,
+            constraint=constraint or constraint_of(self.structured_outputs,
+                                                   self.response_format))
 
     @property
     def include_usage(self) -> bool:
@@ -112,6 +205,8 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -120,9 +215,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None  # only with tools, which are refused
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # vLLM's extras for the chat template
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -131,14 +226,16 @@ class ChatCompletionRequest(_SamplingRequest):
     def max_tokens_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
-    def to_sampling_params(self, prompt_len: int, max_model_len: int) -> SamplingParams:
+    def to_sampling_params(self, prompt_len: int, max_model_len: int,
+                           tool_constraint: Constraint | None = None) -> SamplingParams:
         requested = (self.max_completion_tokens if self.max_completion_tokens is not None
                      else self.max_tokens)
         max_tokens = check_context(prompt_len, requested, max_model_len, "messages",
                                    self.max_tokens_param, default=None)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
-            return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
+            return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs,
+                                         tool_constraint)
         except SamplingParamsError as exc:
             rename = {"max_tokens": self.max_tokens_param, "logprobs": "top_logprobs"}
             raise SamplingParamsError(rename.get(exc.param, exc.param), str(exc)) from exc
@@ -240,9 +337,43 @@ class ChatChoiceLogprobs(_Out):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(_Out):
+    name: str
+    arguments: str  # JSON
+
+
+class ToolCall(_Out):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessageOut(_Out):
     role: str = "assistant"
-    content: str = ""
+    content: str | None = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class _Sparse(_Out):
+    """Serialized with only the fields set (OpenAI's stream deltas carry only what changed)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Sparse):
+    """A streamed tool call: first its id, type and name, then its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
 
 class ChatChoice(_Out):
@@ -264,14 +395,11 @@ class ChatCompletionResponse(_Out):
     prompt_logprobs: PromptLogprobs | None = None
 
 
-class DeltaMessage(_Out):
+class DeltaMessage(_Sparse):
+    # OpenAI's deltas carry only what changed: {"role": ...} first, then {"content": ...}.
     role: str | None = None
     content: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset(self, handler: Any) -> dict[str, Any]:
-        # OpenAI's deltas carry only what changed: {"role": ...} first, then {"content": ...}.
-        return {k: v for k, v in handler(self).items() if v is not None}
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(_Out):

@@ -27,6 +27,7 @@ from server.request_fields import check_fields
 from server.serving import Job, Target, serve
 from server.state import ServerState, get_state
 from server.tenants import TenantKey
+from server.tools import TOOL_CALL_PARSERS, tool_constraint
 
 router = APIRouter()
 
@@ -171,19 +172,25 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         if body.tool_choice is not None and not body.tools:  # as OpenAI answers
             raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed "
                            "when 'tools' are specified.", param="tool_choice")
-        if body.tools:
-            raise _refuse("tools", "tools (function calling) are not supported")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise _refuse("response_format", "Only response_format type 'text' is supported")
+        tools_grammar = tool_constraint(body)
+        if tools_grammar is not None and (body.structured_outputs or (
+                body.response_format and body.response_format.type != "text")):
+            raise APIError(400, "A tool_choice that calls a function cannot be combined with "
+                           "structured outputs", param="tool_choice")
         if body.logit_bias:
             raise _refuse("logit_bias", "logit_bias is not supported")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
-        prompt_ids = await asyncio.to_thread(render_chat, state.engine.tokenizer, body)
-        params = body.to_sampling_params(len(prompt_ids), state.engine.max_model_len)
+        prompt_ids = await asyncio.to_thread(render_chat, state.engine.tokenizer, body,
+                                             state.settings.chat_template)
+        params = body.to_sampling_params(len(prompt_ids), state.engine.max_model_len,
+                                         tools_grammar)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    parse_tools = body.tools and body.tool_choice != "none"
     assembler = ChatAssembler(response_id, body.model, body.n, prompt_ids, decoder(state),
-                              params.logprobs, params.prompt_logprobs)
+                              params.logprobs, params.prompt_logprobs,
+                              TOOL_CALL_PARSERS[state.settings.tool_call_parser]
+                              if parse_tools else None)
     jobs = [Job(f"{response_id}-0", prompt_ids, params)]
     return await serve(request, state, target, jobs, assembler, body.stream,
                         body.include_usage)

@@ -26,6 +26,8 @@ class Settings:
     max_queued_requests: int | None = None
     max_request_bytes: int = 4 << 20
     shutdown_timeout: float = 30.0
+    chat_template: str | None = None  # --chat-template's text; None: the model's own
+    tool_call_parser: str = "hermes"  # --tool-call-parser (server/tools.py)
 
 
 @dataclass

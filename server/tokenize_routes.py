@@ -53,7 +53,7 @@ async def _token_ids(state: ServerState, body: TokenizeRequest) -> list[int]:
                                  messages=body.messages,
                                  add_generation_prompt=body.add_generation_prompt,
                                  continue_final_message=body.continue_final_message)
-    return await asyncio.to_thread(render_chat, tokenizer, chat)
+    return await asyncio.to_thread(render_chat, tokenizer, chat, state.settings.chat_template)
 
 
 @router.post("/tokenize", response_model=None, responses=openapi.TOKENIZE)

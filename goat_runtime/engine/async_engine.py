@@ -85,6 +85,7 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
         self.engine.adapters.shutdown()
+        self.engine.grammars.shutdown()
 
     def _run(self) -> None:
         try:
@@ -143,6 +144,8 @@ class AsyncEngine:
         """Stream a request's outputs; closing the stream early aborts the request. `tenant`
         (who sent it) is what the fair-share scheduling shares capacity between."""
         self._check_new_request(request_id, prompt_token_ids, params, adapter)
+        if params.constraint is not None:  # off the engine thread, within the time limit
+            await asyncio.to_thread(self.engine.grammars.compile, params.constraint)
         loop = asyncio.get_running_loop()
         stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
         self._streams[request_id] = (loop, stream)

@@ -66,6 +66,8 @@ class EngineConfig:
     # fairness.py; first come, first served with one tenant) or fcfs.
     scheduling_policy: str = "fair"
     static_cache_dir: Path | None = None  # default: $GOAT_CACHE_DIR/static
+    # Seconds a request waits for its structured-output grammar to compile before a 400.
+    grammar_compile_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         self.model_dir = Path(self.model_dir)

@@ -44,6 +44,7 @@ from goat_runtime.engine.sampler import (
 )
 from goat_runtime.engine.sampling import SamplingParams
 from goat_runtime.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig
+from goat_runtime.engine.structured import GrammarError, Grammars, token_bitmask
 from goat_runtime.model import load_model
 from goat_runtime.model.context import build_step_context, step_context
 from goat_runtime.model.kv_cache import KVCache, cache_blocks_for_budget
@@ -102,6 +103,8 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids,
+                                 config.grammar_compile_timeout)
         self.requests: dict[str, Request] = {}
 
     # ---- requests ---------------------------------------------------------------------------
@@ -122,6 +125,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise EngineError(f"Request id {request_id!r} is already running.", status=400)
         self.check_request(prompt_token_ids, params, adapter)
+        # cached when the async front compiled it off this thread
+        grammar = self.grammars.compile(params.constraint) if params.constraint else None
         if adapter is not None:
             # Held before its load is asked for, so that no trim evicts it in between.
             self.adapters.acquire(adapter)
@@ -136,6 +141,8 @@ class LLMEngine:
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, request.prompt_token_ids,
                 skip_special_tokens=params.skip_special_tokens, stop=params.stop)
+            if grammar is not None:
+                seq.matcher = self.grammars.matcher(grammar)
             request.sequences.append(seq)
             self.scheduler.add(seq)
         self.requests[request_id] = request
@@ -244,7 +251,8 @@ class LLMEngine:
         try:
             return sample(logits[[rows[id(s)] for s in seqs]], [
                 SamplingRow(s.request.params, s.request.prompt_token_ids, s.output_token_ids,
-                            s.generator, self.eos_token_ids) for s in seqs])
+                            s.generator, self.eos_token_ids) for s in seqs],
+                token_bitmask([s.matcher for s in seqs], logits.shape[1]))
         except Exception:
             for generator, state in states:
                 generator.set_state(state)
@@ -266,7 +274,7 @@ class LLMEngine:
                 if seq.status is not SequenceStatus.FINISHED:
                     self.scheduler.finish(seq)
             out = self._finish_request(request, [])
-            out.error = request_error(exc)
+            out.error = exc if isinstance(exc, GrammarError) else request_error(exc)
             outputs.append(out)
         if all(i.seq.request.request_id in failures for i in scheduled):
             try:
@@ -351,11 +359,15 @@ class LLMEngine:
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
         seq.output_token_ids.append(token)
+        if seq.matcher is not None and not seq.matcher.accept_token(token):
+            raise GrammarError("No token of the model's vocabulary continues the output within "
+                               "its structured-output grammar")
         finish: str | None = None
         stop_reason: str | int | None = None
         if token in params.stop_token_ids:
             finish, stop_reason = "stop", token
-        elif token in self.eos_token_ids and not params.ignore_eos:
+        elif (token in self.eos_token_ids and not params.ignore_eos) or (
+                seq.matcher is not None and seq.matcher.is_terminated()):
             finish = "stop"
         if finish is None:
             text = detokenizer.add([token])

@@ -7,12 +7,16 @@ with its own generator, output and KV blocks (vLLM V1 fans n out the same way).
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from goat_runtime.engine.detokenizer import IncrementalDetokenizer
 from goat_runtime.engine.outputs import TokenLogprobs
 from goat_runtime.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -64,6 +68,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     detokenizer: IncrementalDetokenizer | None = None  # attached by the engine
+    matcher: "GrammarMatcher | None" = None  # of a structured output (structured.py)
     _token_ids: list[int] = field(init=False, repr=False)  # prompt + output, see token_ids
 
     def __post_init__(self) -> None:

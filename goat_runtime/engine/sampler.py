@@ -21,6 +21,7 @@ import torch
 
 from goat_runtime.engine.outputs import TokenLogprobs
 from goat_runtime.engine.sampling import SamplingParams
+from goat_runtime.engine.structured import apply_token_bitmask
 
 # Temperatures below this sample greedily, as vLLM does: dividing logits by them overflows.
 GREEDY_TEMPERATURE = 1e-5
@@ -74,8 +75,12 @@ class SampledTokens:
     logprobs: list[TokenLogprobs | None]
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledTokens:
-    """Choose the next token of every row. `logits` [N, V] (N = len(rows)) is not modified."""
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow],
+           token_bitmask: torch.Tensor | None = None) -> SampledTokens:
+    """Choose the next token of every row. `logits` [N, V] (N = len(rows)) is not modified.
+    `token_bitmask` [N, ceil(V / 32)] int32 (structured outputs, engine/structured.py) masks
+    the tokens each row's grammar forbids, for every row at once, before anything else (the
+    logprobs then see the mask, as vLLM's do)."""
     if logits.dim() != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], "
                          f"got {tuple(logits.shape)}")
@@ -83,7 +88,11 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledTokens:
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     if not rows:
         return SampledTokens([], [])
+    original = logits
     logits = logits.float()  # no copy when already float32
+    if token_bitmask is not None:
+        logits = logits.clone() if logits.data_ptr() == original.data_ptr() else logits
+        apply_token_bitmask(logits, token_bitmask)
     work = _apply_penalties(logits, rows)
     greedy = [i for i, row in enumerate(rows) if _is_greedy(row.params)]
     drawn = [i for i, row in enumerate(rows) if not _is_greedy(row.params)]

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+# What Constraint.kind may be (engine/structured.py compiles each with xgrammar).
+CONSTRAINT_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 class SamplingParamsError(ValueError):
@@ -16,6 +18,26 @@ class SamplingParamsError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Structured output: what the generated text must match (vLLM's StructuredOutputsParams).
+
+    `spec` is the JSON schema (json), the regex, the choices as a JSON list (choice), the EBNF
+    grammar or the xgrammar structural tag (JSON); json_object has none. `param` names the API
+    field it came from, for errors (an invalid schema is a 400 naming it)."""
+
+    kind: str
+    spec: str = ""
+    any_whitespace: bool = False  # JSON: compact unless asked (small models pad with spaces)
+    param: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise SamplingParamsError(self.param, f"unknown constraint kind {self.kind!r}")
+        if not isinstance(self.spec, str) or (not self.spec and self.kind != "json_object"):
+            raise SamplingParamsError(self.param, f"the {self.kind} constraint is empty")
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,7 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives per generated token (0: only the chosen)
     prompt_logprobs: int | None = None  # the same for every prompt token (echo)
     skip_special_tokens: bool = True
+    constraint: Constraint | None = None  # structured output (engine/structured.py)
 
     def __post_init__(self) -> None:
         def check(ok: bool, param: str, message: str) -> None:
@@ -81,6 +104,10 @@ class SamplingParams:
             value = getattr(self, name)
             check(value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS), name,
                   f"{name} must be between 0 and {MAX_LOGPROBS}, got {value!r}")
+        # The grammar decides where a constrained output ends: suppressing EOS could leave it
+        # no token at all.
+        check(self.constraint is None or self.min_tokens == 0, "min_tokens",
+              "min_tokens cannot be combined with structured outputs")
 
     @property
     def greedy(self) -> bool:

@@ -85,9 +85,17 @@ def _kind(path: Path) -> str:
 
 def to_vllm_params(params: SamplingParams) -> Any:
     from vllm import SamplingParams as VllmParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    structured = None
+    if (c := params.constraint) is not None:  # vLLM's own structured outputs (xgrammar too)
+        value: Any = c.spec
+        if c.kind in ("json_object", "choice"):
+            value = True if c.kind == "json_object" else json.loads(c.spec)
+        structured = StructuredOutputsParams(**{c.kind: value},
+                                             disable_any_whitespace=not c.any_whitespace)
     return VllmParams(
+        structured_outputs=structured,
         n=params.n, max_tokens=params.max_tokens, min_tokens=params.min_tokens,
         temperature=params.temperature, top_p=params.top_p,
         top_k=max(params.top_k, 0), min_p=params.min_p, seed=params.seed,

@@ -3,11 +3,6 @@ concurrent batch of chat requests over every demo adapter and the base, on the s
 prompts: each adapter's effect shows in its answers and not in the base's."""
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,38 +16,6 @@ DEMO_ADAPTERS = sorted(p.name for p in (REPO / "adapters").iterdir()
 PROMPTS_PER_TASK = 6
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server_url():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", str(port), "--kv-cache-memory", "256MiB"],
-        cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600  # the first start converts the default model (~1 min)
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"goat-serve exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise RuntimeError("goat-serve did not become healthy")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 def test_demo_adapters_change_the_answers(server_url):

@@ -138,8 +138,8 @@ def test_a_sampler_fault_restores_the_generators_of_the_others(tmp_path, monkeyp
     victim = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     sample = engine_module.sample
 
-    def faulty_sample(logits, rows):
-        result = sample(logits, rows)  # every row's generator has drawn
+    def faulty_sample(logits, rows, token_bitmask=None):
+        result = sample(logits, rows, token_bitmask)  # every row's generator has drawn
         if any(row.params is victim for row in rows):
             INJECTED["sampler raises for one request"] += 1
             raise ValueError("injected sampler fault")

@@ -212,3 +212,18 @@ def test_pinned_adapter_problems_are_one_line(tmp_path: Path,
     with pytest.raises(SystemExit, match=r"goat-serve: error: .*missing adapter_config\.json"):
         cli.main([str(FIXTURE / "base"), "--adapter", f"a={tmp_path}", "--device", "cpu",
                   "--kv-cache-memory", "8MiB"])
+
+
+def test_tool_and_structured_output_flags(tmp_path: Path) -> None:
+    template = tmp_path / "tools.jinja"
+    template.write_text("{{ messages[0].content }}")
+    args = cli.build_parser().parse_args(["--chat-template", str(template),
+                                          "--grammar-compile-timeout", "2.5"])
+    assert args.chat_template == "{{ messages[0].content }}"  # the file's text
+    assert args.grammar_compile_timeout == 2.5 and args.tool_call_parser == "hermes"
+    defaults = cli.build_parser().parse_args([])
+    assert defaults.chat_template is None and defaults.grammar_compile_timeout == 10.0
+    for bad in (["--chat-template", str(tmp_path / "missing.jinja")],
+                ["--tool-call-parser", "llama3"], ["--grammar-compile-timeout", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(bad)

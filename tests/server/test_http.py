@@ -73,7 +73,10 @@ def test_body_must_be_an_object(http: httpx.Client, route: str, body: bytes, kin
     ({"model": BASE, "messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2},
      "top_logprobs"),
     ({"model": BASE, "messages": [{"role": "user", "content": "w5"}],
-      "response_format": {"type": "json_object"}}, "response_format"),
+      "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "w5"}],
+      "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 3}}}},
+     "response_format"),
 ])
 def test_malformed_chat_bodies(http: httpx.Client, body: dict, param: str) -> None:
     assert_openai_error(http.post("/v1/chat/completions", json=body), 400, param)
