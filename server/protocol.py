@@ -103,10 +103,10 @@ def constraint_of(structured: StructuredOutputs | None,
     kind, value = next(iter(given.items()))
     if kind == "json_object":
         spec = ""
-    elif kind == "choice" or (kind == "json" and not isinstance(value, str)):
-        spec = json.dumps(value)
-    else:
+    elif isinstance(value, str) and kind != "choice":
         spec = value
+    else:  # a choice list, or a JSON schema given as an object
+        spec = json.dumps(value)
     return Constraint(kind, spec, any_whitespace=not compact, param="structured_outputs")
 
 

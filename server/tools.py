@@ -19,7 +19,7 @@ from typing import Any
 
 from goat_runtime.engine.sampling import Constraint
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, ToolCall
+from server.protocol import ChatCompletionRequest, FunctionCall, ToolCall
 
 HERMES_TEMPLATE = Path(__file__).parent / "templates" / "hermes_tools.jinja"
 _PROBE_NAME = "goat_serve_probe_tool"
@@ -30,9 +30,11 @@ def _renders_tools(template: str) -> bool:
     """Whether a chat template shows the tools it is given (SmolLM2's ignores them)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    probe = [{"type": "function", "function": {"name": _PROBE_NAME, "parameters": {}}}]
+    probe: list[Any] = [
+        {"type": "function", "function": {"name": _PROBE_NAME, "parameters": {}}}]
     try:
-        rendered, _ = render_jinja_template(
+        # transformers annotates the result as str; it is (rendered chats, generation indices)
+        rendered, _ = render_jinja_template(  # type: ignore[str-unpack]
             conversations=[[{"role": "user", "content": "hi"}]], tools=probe,
             chat_template=template, add_generation_prompt=True)
     except Exception:
@@ -176,8 +178,8 @@ def _parse_call(body: str) -> ToolCall | None:
     if not isinstance(data, dict) or not isinstance(data.get("name"), str):
         return None
     arguments = data.get("arguments", data.get("parameters", {}))
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function={
-        "name": data["name"], "arguments": json.dumps(arguments, ensure_ascii=False)})
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
+        name=data["name"], arguments=json.dumps(arguments, ensure_ascii=False)))
 
 
 TOOL_CALL_PARSERS = {"hermes": HermesToolParser}  # --tool-call-parser

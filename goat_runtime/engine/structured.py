@@ -45,7 +45,8 @@ class Grammars:
         self._stop_token_ids = sorted(stop_token_ids)
         self.timeout = timeout
         self._cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, str, bool], Future] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, bool], Future[xgr.CompiledGrammar]] = (
+            OrderedDict())
         self._lock = threading.Lock()
         self._compiler_lock = threading.Lock()
         self._compiler: xgr.GrammarCompiler | None = None  # built on first use (~1 s)
@@ -125,7 +126,8 @@ def token_bitmask(matchers: Sequence[xgr.GrammarMatcher | None], vocab_size: int
     if not rows:
         return None
     bitmask = xgr.allocate_token_bitmask(len(matchers), vocab_size)  # all ones
-    _BATCH.batch_fill_next_token_bitmask([matchers[i] for i in rows], bitmask, rows)
+    constrained = [m for m in matchers if m is not None]
+    _BATCH.batch_fill_next_token_bitmask(constrained, bitmask, rows)
     return bitmask
 
 
