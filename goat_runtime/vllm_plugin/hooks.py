@@ -20,6 +20,9 @@ several times per process).
 import functools
 import logging
 import os
+from typing import Any
+
+import torch
 
 from goat_runtime.vllm_plugin.state import STATE
 
@@ -49,7 +52,7 @@ def goat_class(stock: type) -> type:
     return STATE.goat_classes[stock]
 
 
-def check_lora_config(lora_config) -> None:
+def check_lora_config(lora_config: Any) -> None:
     """Refuse the LoRA options whose code paths bypass the GOAT layers."""
     from vllm import envs
 
@@ -91,8 +94,10 @@ def _hook_loader() -> None:
     original_load = LoRAModel.from_local_checkpoint.__func__
 
     @functools.wraps(original_load)
-    def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, *,
-                              lora_model_id=None, device="cuda", dtype=None, **kwargs):
+    def from_local_checkpoint(cls: type[Any], lora_dir: str, expected_lora_modules: set[str],
+                              peft_helper: Any, *, lora_model_id: int | None = None,
+                              device: str = "cuda", dtype: torch.dtype | None = None,
+                              **kwargs: Any) -> Any:
         if not is_goat_dir(lora_dir):
             return original_load(cls, lora_dir, expected_lora_modules, peft_helper,
                                  lora_model_id=lora_model_id, device=device, dtype=dtype,
@@ -104,7 +109,9 @@ def _hook_loader() -> None:
             else lora_model_id, max_lora_rank=STATE.max_lora_rank, dtype=dtype,
             weights_mapper=kwargs.get("weights_mapper"))
 
-    LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
+    # typeshed types functools.wraps' result as _Wrapped, which mypy does not take as
+    # classmethod's callable (python/typeshed#10653); at run time it is the function itself.
+    LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)  # type: ignore[arg-type]
 
 
 def _hook_layer_classes() -> None:
@@ -132,7 +139,7 @@ def _hook_manager_init() -> None:
     original_init = LoRAModelManager.__init__
 
     @functools.wraps(original_init)
-    def manager_init(self, *args, **kwargs):
+    def manager_init(self: Any, *args: Any, **kwargs: Any) -> None:
         vllm_config = kwargs.get("vllm_config")
         lora_config = kwargs.get("lora_config") or getattr(vllm_config, "lora_config", None)
         check_lora_config(lora_config)
@@ -155,18 +162,20 @@ def _hook_activate_adapter() -> None:
     from vllm.lora.model_manager import LoRAModelManager
 
     from goat_runtime.vllm_plugin.layers import GoatLinearMixin
+    from goat_runtime.vllm_plugin.loader import GoatMeta
 
     original_activate = LoRAModelManager.activate_adapter
 
     @functools.wraps(original_activate)
-    def activate_adapter(self, lora_id: int) -> bool:
-        activated = original_activate(self, lora_id)
+    def activate_adapter(self: Any, lora_id: int) -> bool:
+        activated: bool = original_activate(self, lora_id)
         if activated:
             index = self.lora_index_to_id.index(lora_id)
             model = self._registered_adapters[lora_id]
-            meta = getattr(model, "goat_meta", None) or {}
-            merged = getattr(model, "goat_merged", set())
-            routers = getattr(model, "goat_routers", {})
+            # loader.py's attributes; a stock vLLM LoRAModel has none
+            meta: GoatMeta = getattr(model, "goat_meta", None) or {}
+            merged: set[str] = getattr(model, "goat_merged", set())
+            routers: dict[str, torch.Tensor] = getattr(model, "goat_routers", {})
             for name, module in self.modules.items():
                 if isinstance(module, GoatLinearMixin):
                     subs = self.packed_modules.get(name, [name])
@@ -190,9 +199,10 @@ def _hook_weight_loading() -> None:
     original_process = base_loader.process_weights_after_loading
 
     @functools.wraps(original_process)
-    def process_weights_after_loading(model, model_config, target_device):
+    def process_weights_after_loading(model: Any, model_config: Any,
+                                      target_device: torch.device) -> None:
         if os.environ.get(merge.ENV):
             merge.merge_into_model(model, model_config)
-        return original_process(model, model_config, target_device)
+        original_process(model, model_config, target_device)
 
     base_loader.process_weights_after_loading = process_weights_after_loading

@@ -28,7 +28,7 @@ When static components are merged into the base weights (`merge.py`), the tokens
 does not carry the merged term get it subtracted again, as one low-rank term per layer.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,16 +48,53 @@ def require_cpu_kernel() -> None:
             f"`pip install goat-serve[vllm]`)") from e
 
 
-class GoatLinearMixin:
+if TYPE_CHECKING:
+    # What the stock vLLM LoRA classes the mixins go into provide, as vLLM 0.32 declares it
+    # (vllm is untyped here), so that mypy checks the mixins' use of it and their super()
+    # calls. At run time the mixins' base is `object`: the vLLM class follows them in the MRO.
+    class _VllmLoRALayer:
+        base_layer: Any
+        punica_wrapper: Any  # vLLM's PunicaWrapperBase: the batch's token -> slot mapping
+
+        def create_lora_weights(self, max_loras: int, lora_config: Any,
+                                model_config: Any = None) -> None: ...
+
+        def reset_lora(self, index: int) -> None: ...
+
+    class _VllmLinearLoRA(_VllmLoRALayer):
+        n_slices: int
+        device: torch.device
+        tp_size: int
+        output_slices: tuple[int, ...]
+        lora_a_stacked: tuple[torch.Tensor, ...]  # per slice [max_loras, 1, rank, d_in]
+        lora_b_stacked: tuple[torch.Tensor, ...]  # per slice [max_loras, 1, d_out, rank]
+
+        # lora_a/lora_b: one tensor, or one per slice (None where a sub-module is not adapted)
+        def set_lora(self, index: int, lora_a: torch.Tensor | list[torch.Tensor | None],
+                     lora_b: torch.Tensor | list[torch.Tensor | None]) -> None: ...
+
+        def slice_lora_a(self, lora_a: torch.Tensor) -> torch.Tensor: ...
+
+    class _VllmLogitsLoRA(_VllmLoRALayer):
+        lora_a_stacked: torch.Tensor  # [max_loras, 1, rank, hidden]
+        lora_b_stacked: torch.Tensor  # [max_loras, 1, vocab, rank]
+
+        def set_lora(self, index: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None: ...
+
+        def _get_logits(self, hidden_states: torch.Tensor, lm_head: Any,
+                        embedding_bias: torch.Tensor | None = None,
+                        skip_gather: bool = False) -> torch.Tensor | None: ...
+else:
+    _VllmLinearLoRA = _VllmLogitsLoRA = object
+
+
+class GoatLinearMixin(_VllmLinearLoRA):
     """Mixed into a stock vLLM linear LoRA class (before it in the MRO)."""
 
     goat_row_parallel = False
-    # Set by the vLLM LoRA class this is mixed into.
-    base_layer: Any
-    n_slices: int
-    device: torch.device
 
-    def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
+    def create_lora_weights(self, max_loras: int, lora_config: Any,
+                            model_config: Any = None) -> None:
         super().create_lora_weights(max_loras, lora_config, model_config)
         # Per slot and slice: (E, k, rank_e); the extra last row (all zero) is what slot -1
         # indexes, so tokens without an adapter read "no router".
@@ -87,7 +124,8 @@ class GoatLinearMixin:
         self.goat_written: set[int] = set()
         self.goat_unwritten: set[int] = set()
 
-    def set_lora(self, index, lora_a, lora_b) -> None:
+    def set_lora(self, index: int, lora_a: torch.Tensor | list[torch.Tensor | None],
+                 lora_b: torch.Tensor | list[torch.Tensor | None]) -> None:
         super().set_lora(index, lora_a, lora_b)
         parts = lora_a if isinstance(lora_a, (list, tuple)) else [lora_a]
         max_rows = self.lora_a_stacked[0].shape[2]
@@ -162,18 +200,18 @@ class GoatLinearMixin:
                 or max(experts) > routed.max_experts):
             old_rows = routed.num_value_rows if routed is not None else 1
             old_experts = routed.max_experts if routed is not None else 0
-            self.goat_routed = allocate_slots(
+            routed = self.goat_routed = allocate_slots(
                 self.lora_a_stacked[0].shape[0], self.output_slices,
                 self.lora_a_stacked[0].shape[3], value_rows=max(old_rows, value_rows),
                 max_experts=max(old_experts, max(experts)), dtype=self.lora_a_stacked[0].dtype,
                 device=self.lora_a_stacked[0].device)
             for other in self.goat_written - {index}:
-                self._write_slot(other)
-        self._write_slot(index)
+                self._write_slot(routed, other)
+        self._write_slot(routed, index)
         self.goat_written.add(index)
 
-    def _write_slot(self, index: int) -> None:
-        clear_slot(self.goat_routed, index)
+    def _write_slot(self, routed: RoutedLoRAWeights, index: int) -> None:
+        clear_slot(routed, index)
         for s, (a_stacked, b_stacked) in enumerate(zip(self.lora_a_stacked,
                                                        self.lora_b_stacked, strict=True)):
             rows = self.goat_rows[index][s]
@@ -182,7 +220,7 @@ class GoatLinearMixin:
                 continue
             a, b = a_stacked[index, 0, :rows], b_stacked[index, 0, :, :rows]
             router = self.goat_router[s, index, :num_experts] if num_experts else None
-            write_slice(self.goat_routed, index, s, [(a[num_experts:], b[:, num_experts:])],
+            write_slice(routed, index, s, [(a[num_experts:], b[:, num_experts:])],
                         router, top_k, expert_rank)
 
     def _apply_lora_to_output(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -268,13 +306,14 @@ class GoatLinearMixin:
         h *= gate.view(n_slices, num_tokens, num_rows)
 
 
-class GoatLogitsMixin:
+class GoatLogitsMixin(_VllmLogitsLoRA):
     """Mixed into vLLM's LogitsProcessorWithLoRA: GOAT and most LoRA adapters leave lm_head
     alone, so the lm_head delta is skipped unless a slot holds lm_head weights. vLLM 0.32 on the
     CPU crashes in `add_lora_logits` when prompt logprobs of two or more requests are computed
     in one step (the logits have one row per prompt token, its indices one per request)."""
 
-    def create_lora_weights(self, max_loras, lora_config, model_config=None) -> None:
+    def create_lora_weights(self, max_loras: int, lora_config: Any,
+                            model_config: Any = None) -> None:
         super().create_lora_weights(max_loras, lora_config, model_config)
         self.goat_lm_head_slots: set[int] = set()
 
@@ -283,7 +322,7 @@ class GoatLogitsMixin:
         if hasattr(self, "goat_lm_head_slots"):
             self.goat_lm_head_slots.discard(index)
 
-    def set_lora(self, index, lora_a, lora_b) -> None:
+    def set_lora(self, index: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         super().set_lora(index, lora_a, lora_b)
         # vLLM's warm-up loads all-zero dummy adapters into the slots (and may leave them
         # there): only a nonzero delta counts.
@@ -292,11 +331,14 @@ class GoatLogitsMixin:
         else:
             self.goat_lm_head_slots.discard(index)
 
-    def _get_logits(self, hidden_states, lm_head, embedding_bias=None, skip_gather=False):
+    def _get_logits(self, hidden_states: torch.Tensor, lm_head: Any,
+                    embedding_bias: torch.Tensor | None = None,
+                    skip_gather: bool = False) -> torch.Tensor | None:
         if not self.goat_lm_head_slots:
             actual = lm_head.base_layer if hasattr(lm_head, "base_layer") else lm_head
-            return self.base_layer._get_logits(hidden_states, actual, embedding_bias,
-                                               skip_gather)
+            base_logits: torch.Tensor | None = self.base_layer._get_logits(
+                hidden_states, actual, embedding_bias, skip_gather)
+            return base_logits
         rows = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
         requests = self.punica_wrapper.sampler_indices.shape[0]
         if rows != requests:
