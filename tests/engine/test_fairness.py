@@ -9,8 +9,8 @@ from collections import Counter, deque
 
 import pytest
 import torch
-from goat_runtime.engine.kv_cache import BlockAllocator
 
+from goat_runtime.engine.block_allocator import BlockAllocator
 from goat_runtime.engine.fairness import VirtualTokenCounter, make_policy
 from goat_runtime.engine.request import Request, Sequence, SequenceStatus
 from goat_runtime.engine.sampling import SamplingParams
