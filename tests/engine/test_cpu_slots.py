@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from goat_runtime.engine.adapter_manager import AdapterManager
+from goat_runtime.engine.adapter_slots import DeviceSlots
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
 from goat_runtime.engine.outputs import EngineListener
@@ -35,14 +35,14 @@ class StepRecorder(EngineListener):
 def writes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the adapters written into a slot for a step (not a pool's regrowth copies)."""
     written: list[str] = []
-    write_host = AdapterManager._write_host
+    write_host = DeviceSlots._write_host
 
     def counting(self, slot, host, routed=None):
         if routed is None and host.adapter is not None:
             written.append(host.adapter.name)
         return write_host(self, slot, host, routed)
 
-    monkeypatch.setattr(AdapterManager, "_write_host", counting)
+    monkeypatch.setattr(DeviceSlots, "_write_host", counting)
     return written
 
 

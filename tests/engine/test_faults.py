@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-import goat_runtime.engine.adapter_manager as adapter_manager
+import goat_runtime.engine.adapter_slots as adapter_slots
 import goat_runtime.engine.engine as engine_module
 import goat_runtime.model.layers as layers
 from goat_runtime.engine.async_engine import AsyncEngine
@@ -213,7 +213,7 @@ def test_transient_allocation_failures_cost_no_request(tmp_path, monkeypatch):
     memory for any batch of more than 40 tokens: the step's sequences run again in smaller
     groups, and every request completes with its reference tokens."""
     engine = make_engine(tmp_path, max_num_batched_tokens=4096)
-    allocate_slots, forward = adapter_manager.allocate_slots, engine.model.forward
+    allocate_slots, forward = adapter_slots.allocate_slots, engine.model.forward
     failed_once = []
 
     def faulty_allocate_slots(*args, **kwargs):
@@ -229,7 +229,7 @@ def test_transient_allocation_failures_cost_no_request(tmp_path, monkeypatch):
             raise torch.OutOfMemoryError("injected: batch too big")
         return forward(input_ids, positions)
 
-    monkeypatch.setattr(adapter_manager, "allocate_slots", faulty_allocate_slots)
+    monkeypatch.setattr(adapter_slots, "allocate_slots", faulty_allocate_slots)
     monkeypatch.setattr(engine.model, "forward", faulty_forward)
     tokens, errors = run_faulty(engine, reference_requests())
     assert failed_once and not errors

@@ -1,6 +1,6 @@
 """The churn benchmark's slot bound: an ideal engine's sequences per step under its closed loop."""
 
-from loadtests.churn import seqs_per_step, slot_bound
+from loadtests.churn_metrics import seqs_per_step, slot_bound
 
 
 def test_enough_slots_run_every_client():
