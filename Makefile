@@ -50,8 +50,9 @@ fmt: setup
 test: lint
 	$(BIN)/pytest
 
-# The suite without the slow tests (default model, end to end) and the vLLM ones, for the
-# edit-test loop; `make test` (as CI) runs everything.
+# The suite without the slow tests (each over about 4 s: the default model end to end, kernel
+# grids, subprocess servers) and the vLLM ones, for the edit-test loop (under 3 minutes on 2
+# cores); `make test` (as CI) runs everything.
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow and not vllm"
 

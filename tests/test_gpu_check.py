@@ -57,6 +57,7 @@ def test_pytest_summary():
     assert gpu_check.pytest_summary("Traceback ...") == "no summary"
 
 
+@pytest.mark.slow
 def test_the_selection_collects_the_gpu_tests_and_not_the_cpu_kernels():
     """On this machine (no CUDA) the selection is the Triton and device-helper tests; the C++
     kernels' tests, which need goat_runtime._C (not built on the GPU machine), are left out."""
@@ -73,6 +74,7 @@ def test_the_selection_collects_the_gpu_tests_and_not_the_cpu_kernels():
     assert not any("[cpu" in i and "triton" not in i for i in ids)
 
 
+@pytest.mark.slow
 def test_pytest_step_runs_and_logs(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_check, "PYTEST_FILES", ("tests/test_devices.py",))
     table = gpu_check.Table()
@@ -99,6 +101,7 @@ def test_pytest_step_kills_a_run_past_its_timeout(monkeypatch, tmp_path):
     assert (tmp_path / "pytest.log").read_text() == "started\n"
 
 
+@pytest.mark.slow
 def test_goat_runtime_imports_without_the_cpu_extension():
     """The GPU machine runs the checkout as is, without goat_runtime._C (built for this
     machine's python, not for the one there): everything the CUDA path imports must load."""
@@ -137,6 +140,7 @@ def test_a_failing_step_is_reported_and_the_others_still_run(monkeypatch, tmp_pa
     assert "| ran " in text and "env: RuntimeError" in text
 
 
+@pytest.mark.slow
 def test_quick_rehearsal_on_the_cpu(tmp_path):
     """Every step but pytest (covered above) on tiny shapes: the same code the GPU run takes."""
     assert gpu_check.main(["--device", "cpu", "--quick", "--skip-pytest", "--out",

@@ -22,6 +22,7 @@ def merged(request):
     return request.param
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
 def test_reference_logits(op, merged, tmp_path):
     function, device = OPS[op]
@@ -36,6 +37,7 @@ def test_reference_logits(op, merged, tmp_path):
                                    REFERENCE[f"base_logits_{i}"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_static_term_matters(tmp_path):
     """Without the static correction the GOAT logits are off: the test above is not vacuous."""
     model = AdaptedModel([FIXTURE / "adapters" / "goat0"], add_routed_lora_reference,

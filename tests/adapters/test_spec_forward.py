@@ -120,6 +120,7 @@ def expected(adapters) -> dict[str, torch.Tensor]:
     return {name: spec_logits(path) for name, path in adapters.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
 def test_served_logits_match_the_spec(op, adapters, expected, tmp_path):
     model = AdaptedModel(list(adapters.values()), OPS[op], cache_dir=tmp_path)

@@ -228,6 +228,7 @@ def expected(trained, tokenizer):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge_static", [False, True], ids=["unmerged", "merged"])
 def test_engine_serves_the_trained_model(trained, expected, merge_static):
     root = trained[0]

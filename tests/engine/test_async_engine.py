@@ -37,6 +37,7 @@ async def collect(engine: AsyncEngine, request_id: str, adapter: str | None,
     return tokens
 
 
+@pytest.mark.slow
 def test_concurrent_streams_each_get_their_adapter(engine):
     async def main():
         await engine.start()
@@ -51,6 +52,7 @@ def test_concurrent_streams_each_get_their_adapter(engine):
         assert tokens == REFERENCE[f"{name or 'base'}_greedy_1"].tolist(), name
 
 
+@pytest.mark.slow
 def test_closing_a_stream_aborts_and_frees(engine):
     async def main():
         await engine.start()

@@ -88,6 +88,7 @@ def adapter_in_step(engine, name: str, slots: torch.Tensor) -> bool:
     return any(engine.adapters.slot_owner(s) == name for s in slots.unique().tolist())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("after_steps", [0, 5])
 def test_a_kernel_fault_for_one_adapter_fails_its_requests_alone(tmp_path, monkeypatch,
                                                                   after_steps):
@@ -127,6 +128,7 @@ def test_a_kernel_fault_for_one_adapter_fails_its_requests_alone(tmp_path, monke
     assert_all_returned(engine)
 
 
+@pytest.mark.slow
 def test_a_sampler_fault_restores_the_generators_of_the_others(tmp_path, monkeypatch):
     """The sampler raises after drawing for every row of a batch that holds one request's row:
     that request fails; seeded requests that shared the batch draw as they do alone."""
@@ -184,6 +186,7 @@ def test_an_adapter_that_vanishes_between_scheduling_and_binding(tmp_path, monke
     assert gone.value.status == 404
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["_start", "schedule"])
 def test_a_block_allocation_failure_fails_one_request(tmp_path, monkeypatch, where):
     """The block allocator raises once in a chunked, mixed run, when a waiting sequence is
@@ -291,6 +294,7 @@ async def collect(engine: AsyncEngine, request_id: str, adapter: str | None) -> 
 
 
 
+@pytest.mark.slow
 def test_a_detokenizer_fault_fails_its_request_alone(tmp_path):
     """Detokenizing goat1's third token raises (in a step that samples the whole batch): goat1
     fails, after two tokens; the others complete."""

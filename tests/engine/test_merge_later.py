@@ -55,6 +55,7 @@ def outputs(tmp_path: Path, store: Path, later: dict[str, Path], merge: bool) ->
     return run(engine, requests)  # one mixed batch: every adapter beside the others
 
 
+@pytest.mark.slow
 def test_merged_equals_unmerged_for_adapters_loaded_later(tmp_path, stores):
     store, later = stores
     unmerged = outputs(tmp_path / "u", store, later, merge=False)
@@ -85,6 +86,7 @@ def test_later_adapters_differ_from_each_other(tmp_path, stores):
         assert (prompt_logprobs(f"{name}-0") - base).abs().max() > 1e-3, name
 
 
+@pytest.mark.slow
 def test_merged_by_default_only_with_goat_adapters(tmp_path, stores):
     """Default flags merge the start-up store's GOAT signature; an empty store (or one of LoRA
     adapters only) merges nothing and gives the base no undo slot."""

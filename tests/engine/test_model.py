@@ -176,6 +176,7 @@ def test_greedy_decode_batched(adapted):
         assert generated[k] == REFERENCE[f"{name}_greedy_{i}"].tolist(), f"{name} prompt {i}"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="on CUDA the adapted[cuda] tests run it")
 def test_greedy_decode_with_the_triton_attention(monkeypatch, tmp_path):
     """The decode steps' attention through the Triton kernel (under the interpreter here), as
@@ -301,6 +302,7 @@ HF_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", HF_CASES)
 def test_matches_transformers(case, tmp_path):
     model_type, overrides = HF_CASES[case]
@@ -406,6 +408,7 @@ def test_onednn_row_buckets():
     assert len(ROW_BUCKETS) == 48 and ROW_BUCKETS[-1] == ONEDNN_MAX_ROWS
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")
 def test_fast_linear_memory_is_bounded_over_row_counts():
     """oneDNN keeps a primitive per input shape, and memory with it, so a server's RSS grew with

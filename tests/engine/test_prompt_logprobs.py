@@ -32,6 +32,7 @@ def assert_same_logprobs(got: list, expected: list, tol: float = 1e-5) -> None:
             assert a[token] == pytest.approx(b[token], abs=tol), (pos, token)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_preempted_mid_prompt_same_prompt_logprobs(tmp_path, name):
     """Chunks of 4 tokens; the sequence is preempted after two chunks of its 33-token prompt,
@@ -71,6 +72,7 @@ def test_preempted_mid_prompt_same_prompt_logprobs(tmp_path, name):
     assert engine.allocator.num_free == engine.num_blocks or engine.config.enable_prefix_caching
 
 
+@pytest.mark.slow
 def test_echo_burst_under_kv_pressure(tmp_path):
     """The issue's burst: 10 echo + logprobs requests of 200-350 prompt tokens over the base
     and two adapters, on a KV cache too small to hold them all (prefill chunks of 256, so
@@ -94,6 +96,7 @@ def test_echo_burst_under_kv_pressure(tmp_path):
         assert_same_logprobs(got["prompt_logprobs"], alone["prompt_logprobs"], tol=1e-4)
 
 
+@pytest.mark.slow
 def test_prompt_logits_bounded_per_chunk(tmp_path, monkeypatch):
     """No more than PROMPT_LOGITS_ROWS rows of prompt logits exist at once, however long the
     prompt chunk: the model's logits are asked for a few rows at a time."""

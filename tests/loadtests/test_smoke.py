@@ -59,6 +59,7 @@ def check_records(result: LoadResult, models: list[str]) -> None:
     assert s.ttft_ms.percentiles["p50"] <= s.ttft_ms.percentiles["p99"]
 
 
+@pytest.mark.slow
 def test_open_loop_completions(server: ServerProcess) -> None:
     result = run(LoadConfig(
         models=MODELS, url=server.url, rate=20.0, concurrency=8, duration_s=3.0,

@@ -21,6 +21,7 @@ from loadtests.soak_checks import WANTED
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "goat-peft-tiny"
 
 
+@pytest.mark.slow
 def test_soak_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                     capsys: pytest.CaptureFixture[str]) -> None:
     # Static GOAT terms are cached under GOAT_CACHE_DIR (inherited by the server).

@@ -64,6 +64,7 @@ def reference(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_wi
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heads", HEAD_SHAPES, ids=str)
 @pytest.mark.parametrize("lengths", list(LENGTHS))
 @pytest.mark.parametrize("block_size", [1, 16])
@@ -251,6 +252,7 @@ def test_triton_kernel_on_cuda(heads, dtype, window):
                                _triton(*args, 0.1), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_triton_kernel_compiles_for_cuda(tmp_path):
     """The kernel the interpreter runs also compiles to cubins for sm_80 and sm_90, fp32 and
     bf16, with triton's bundled ptxas: no GPU needed."""

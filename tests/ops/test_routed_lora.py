@@ -106,6 +106,7 @@ def problems(draw):
     return specs, d_in, num_tokens, popularity, none_fraction, seed
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_matches_reference_property(problem):
@@ -136,6 +137,7 @@ def test_every_expert_choice_matters():
 # ---- Punica-style grid ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("popularity", POPULARITIES)
 @pytest.mark.parametrize("hidden", [64, 576, 1536])
 @pytest.mark.parametrize("rank", [8, 16, 64])

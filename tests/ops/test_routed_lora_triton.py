@@ -70,6 +70,7 @@ def _check(weights: RoutedLoRAWeights, slots: torch.Tensor, dtype: torch.dtype, 
 @pytest.mark.parametrize("static_rank", [0, 4])
 @pytest.mark.parametrize("experts", [(0, 0), (1, 1), (4, 2), (4, 4)],
                          ids=["lora", "E1k1", "E4k2", "E4k4"])
+@pytest.mark.slow
 def test_matches_reference(experts, static_rank, num_slices, dtype):
     num_experts, top_k = experts
     case = (4 * num_experts + top_k) + static_rank + num_slices  # varies the cheap knobs
@@ -95,6 +96,7 @@ MIXED_SLOTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_tokens", [1, 7, 33])
 @pytest.mark.parametrize("popularity", POPULARITIES)
 def test_mixed_slots_and_popularities(popularity, num_tokens):
@@ -189,6 +191,7 @@ INVALID = {
 }
 
 
+@pytest.mark.slow
 def test_expert_counts_match_reference():
     spec = [_slice(40, 8, 2, 1, 4), _slice(24, 4, 3, 2, 0)]
     weights = random_weights([spec] * 4, 48, seed=21)
@@ -250,6 +253,7 @@ print("topk", 90, "ok" if compiled.asm["cubin"] else "bad")
 """
 
 
+@pytest.mark.slow
 def test_kernel_compiles_for_cuda(tmp_path):
     """The kernel the interpreter runs also compiles to cubins for sm_80 and sm_90 (fp32 and
     bf16), and the batched tie-rule kernel for sm_90, with triton's bundled ptxas: no GPU

@@ -31,6 +31,7 @@ def routes(live: LiveServer) -> list[tuple[str, str]]:
     return found
 
 
+@pytest.mark.slow
 def test_every_route_requires_the_key(auth_server: LiveServer) -> None:
     all_routes = routes(auth_server)
     assert ("POST", "/v1/chat/completions") in all_routes and ("GET", "/docs") in all_routes

@@ -98,6 +98,7 @@ def _fuzz(operation: Any, mode: GenerationMode, base_url: str, stats: dict[str, 
         raise
 
 
+@pytest.mark.slow
 def test_fuzz_the_api(tmp_path_factory: pytest.TempPathFactory,
                       capsys: pytest.CaptureFixture[str]) -> None:
     live = start_real_server(tmp_path_factory.mktemp("fuzz"))  # the fuzzer may load adapters

@@ -128,6 +128,7 @@ def test_n_at_and_past_its_cap(http: httpx.Client) -> None:
             assert_openai_error(http.post(route, json={**base, "n": n}), 400, "n")
 
 
+@pytest.mark.slow
 def test_max_tokens_at_and_past_its_cap(http: httpx.Client) -> None:
     room = 512 - len(PROMPTS[0])  # the fixture's max_model_len, less the prompt
     body = {**COMPLETION, "max_tokens": room, "ignore_eos": True}
