@@ -114,6 +114,17 @@ def _logprobs(entries: Any) -> list[Any] | None:
     return [None if e is None else {t: lp.logprob for t, lp in e.items()} for e in entries]
 
 
+def _deltas(outputs: Any) -> list[CompletionDelta]:
+    """vLLM's CompletionOutputs as deltas; EngineError (500) for one that vLLM's engine ended
+    with an error, as vLLM's own server answers it, never as a finished completion."""
+    if any(c.finish_reason == "error" for c in outputs):
+        raise EngineError("vLLM's engine ended the request with an error (for example a "
+                          "structured output the vocabulary cannot write; the server log says "
+                          "which).", status=500)
+    return [CompletionDelta(c.index, c.text, list(c.token_ids), _logprobs(c.logprobs),
+                            c.finish_reason, c.stop_reason) for c in outputs]
+
+
 def _ranks(entries: Any, prompt_token_ids: list[int]) -> list[int | None] | None:
     """Each prompt token's rank from vLLM's prompt logprobs (None for the first)."""
     if entries is None:
@@ -278,9 +289,7 @@ class VllmAsyncEngine:
             async for out in stream:
                 if first_token is None and any(c.token_ids for c in out.outputs):
                     first_token = time.time()
-                deltas = [CompletionDelta(c.index, c.text, list(c.token_ids),
-                                          _logprobs(c.logprobs), c.finish_reason,
-                                          c.stop_reason) for c in out.outputs]
+                deltas = _deltas(out.outputs)
                 result = RequestOutput(
                     request_id, deltas, out.finished, len(prompt_token_ids),
                     prompt_logprobs=_logprobs(out.prompt_logprobs) if first else None,
