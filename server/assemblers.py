@@ -219,7 +219,8 @@ class CompletionAssembler(Assembler):
 class ChatAssembler(Assembler):
     def __init__(self, response_id: str, model: str, n: int, prompt_ids: list[int],
                  decode: Callable[[int], str], top_logprobs: int | None,
-                 prompt_top: int | None = None, tool_parser: Callable[[], Any] | None = None):
+                 prompt_top: int | None = None, *,
+                 tool_parser: Callable[[], Any] | None = None):
         super().__init__(response_id, model, n, [prompt_ids], decode)
         self.top_logprobs = top_logprobs  # None: no logprobs
         self.prompt_top = prompt_top or 0

@@ -189,7 +189,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     parse_tools = body.tools and body.tool_choice != "none"
     assembler = ChatAssembler(response_id, body.model, body.n, prompt_ids, decoder(state),
                               params.logprobs, params.prompt_logprobs,
-                              TOOL_CALL_PARSERS[state.settings.tool_call_parser]
+                              tool_parser=TOOL_CALL_PARSERS[state.settings.tool_call_parser]
                               if parse_tools else None)
     jobs = [Job(f"{response_id}-0", prompt_ids, params)]
     return await serve(request, state, target, jobs, assembler, body.stream,

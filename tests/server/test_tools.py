@@ -66,7 +66,7 @@ def _outputs(pieces: list[str], finish: str) -> list[RequestOutput]:
 
 
 def _assembler() -> ChatAssembler:
-    return ChatAssembler("chatcmpl-x", "m", 1, [1, 2, 3], str, None, HermesToolParser)
+    return ChatAssembler("chatcmpl-x", "m", 1, [1, 2, 3], str, None, tool_parser=HermesToolParser)
 
 
 def test_stream_deltas_as_openai_streams_them():
