@@ -5,7 +5,9 @@ For each scheduling policy (`--scheduling-policy fcfs` and `fair`, one server ea
 started at once, the same flags otherwise; rounds alternate between them), three open-loop
 phases of `--duration` seconds: the light key alone, the heavy key alone (one key: the
 policies must not differ), both at once. Printed: the light key's TTFT p50 alone and beside
-the heavy key (and their ratio), and the tokens streamed per second in each phase, with the
+the heavy key (and their ratio), the light key's mean queue time beside it as the server
+measures it (`/metrics`, read with a third, admin key: the scheduler's share of the TTFT), and
+the tokens streamed per second in each phase, with the
 fair / fcfs throughput ratio of each round. A request still waiting for its first token
 when a phase ends counts with the time it has waited (a lower bound), so a queue that never
 drains shows as such.
@@ -36,6 +38,7 @@ from loadtests.common import REPO, ServerProcess, format_table, free_port, load_
 
 FIXTURE = REPO / "tests" / "fixtures" / "goat-peft-tiny" / "base"
 SECRETS = {"light": "light-secret", "heavy": "heavy-secret"}
+OPS_SECRET = "ops-secret"  # an admin key that sends nothing: it reads /metrics
 POLICIES = ("fcfs", "fair")
 
 
@@ -49,6 +52,9 @@ class Phase:
     waiting: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SECRETS, 0))
     tokens: int = 0
     errors: int = 0
+    # The server's own mean queue time (arrival to first scheduled) of the key's requests that
+    # finished in the phase, from /metrics: the scheduler's share of the TTFT.
+    queue_ms: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(SECRETS))
 
     def p50_ms(self, key: str) -> float | None:
         values = self.ttft_s[key]
@@ -85,9 +91,26 @@ async def _one(http: httpx.AsyncClient, key: str, body: dict, phase: Phase,
             phase.waiting[key] += 1
 
 
+def queue_time(url: str) -> dict[str, tuple[float, float]]:
+    """Per key, (sum of seconds, count) of the server's goat_key_queue_time_seconds."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {OPS_SECRET}"},
+                     timeout=30).text
+    totals: dict[str, tuple[float, float]] = {}
+    for key in SECRETS:
+        values = [0.0, 0.0]
+        for i, part in enumerate(("sum", "count")):
+            prefix = f'goat_key_queue_time_seconds_{part}{{key="{key}"}} '
+            for line in text.splitlines():
+                if line.startswith(prefix):
+                    values[i] = float(line[len(prefix):])
+        totals[key] = (values[0], values[1])
+    return totals
+
+
 async def run_phase(url: str, model: str, name: str, rates: dict[str, float], args: Namespace,
                     seed: int) -> Phase:
     phase = Phase(name, args.duration)
+    queued_before = queue_time(url)
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
@@ -112,6 +135,10 @@ async def run_phase(url: str, model: str, name: str, rates: dict[str, float], ar
             task.cancel()  # closes the stream: the server aborts the request
         await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.sleep(2.0)  # let the server finish aborting before the next phase
+    for key, (total, count) in queue_time(url).items():
+        before_total, before_count = queued_before[key]
+        if count > before_count:
+            phase.queue_ms[key] = 1000 * (total - before_total) / (count - before_count)
     return phase
 
 
@@ -119,6 +146,8 @@ def key_file(folder: Path) -> Path:
     path = folder / "keys.yaml"
     entries = [f"  - id: {key}\n    sha256: {hashlib.sha256(s.encode()).hexdigest()}\n"
                "    models: ['*']\n" for key, s in SECRETS.items()]
+    entries.append(f"  - id: ops\n    sha256: {hashlib.sha256(OPS_SECRET.encode()).hexdigest()}"
+                   "\n    models: ['*']\n    admin: true\n")
     path.write_text("keys:\n" + "".join(entries))
     return path
 
@@ -168,11 +197,13 @@ def report(results: dict[str, list[list[Phase]]], args: Namespace) -> str:
         for r, (alone, heavy, both) in enumerate(rounds):
             light_alone, light_both = alone.p50_ms("light"), both.p50_ms("light")
             ratio = light_both / light_alone if light_alone and light_both else None
-            rows.append([policy, r, light_alone, light_both, ratio, both.p50_ms("heavy"),
+            rows.append([policy, r, light_alone, light_both, ratio, both.queue_ms["light"],
+                         both.p50_ms("heavy"),
                          f"{both.waiting['light']}/{len(both.ttft_s['light'])}",
                          heavy.tokens_per_s, both.tokens_per_s, both.errors + heavy.errors])
     table = format_table(["policy", "round", "light TTFT p50 alone (ms)",
-                          "light TTFT p50 with heavy (ms)", "ratio", "heavy TTFT p50 (ms)",
+                          "light TTFT p50 with heavy (ms)", "ratio",
+                          "light queue mean with heavy (ms)", "heavy TTFT p50 (ms)",
                           "light waiting at end", "tok/s heavy alone", "tok/s both", "errors"],
                          rows)
     lines = [table, ""]

@@ -18,10 +18,20 @@ recomputing a preempted sequence costs its tenant nothing more. Sequences admitt
 step: the running sequences, plus, with several active tenants, one pass over the waiting
 queue (as the scheduler's own admission loop makes) and a heap over tenants for as many
 sequences as one admission can take.
+
+Ordering alone leaves a light tenant waiting until one of a heavy tenant's running sequences
+finishes (the paper's VTC never preempts). So `victim` names a running sequence to preempt
+when a less-served tenant waits and the batch is full (the scheduler asks once per step, so at
+most one such preemption a step): the newest sequence of the most-served running tenant whose
+counter is above the waiting tenant's and that runs at least two sequences more than it. The
+last condition bounds the recompute: a preemption only evens out the running sequences
+between two tenants, never swaps them back and forth (after it the waiting tenant still runs
+no more than the other), and one tenant alone never preempts anything. A sequence preempted
+for fairness queues at the head of its own tenant's queue, not ahead of everyone.
 """
 
 import heapq
-from collections import deque
+from collections import Counter, deque
 
 from goat_runtime.engine.request import Sequence, SequenceStatus
 
@@ -40,6 +50,13 @@ class FirstComeFirstServed:
     def order(self, waiting: deque[Sequence], running: list[Sequence]) -> deque[Sequence]:
         return waiting
 
+    def victim(self, waiting: deque[Sequence],
+               running: list[Sequence]) -> tuple[Sequence, Sequence] | None:
+        return None
+
+    def yielded(self, seq: Sequence) -> None:
+        pass
+
 
 class VirtualTokenCounter:
     def __init__(self, picks: int = 64) -> None:
@@ -50,6 +67,7 @@ class VirtualTokenCounter:
         self._unfinished: dict[str, int] = {}  # tenant -> its sequences waiting or running
         self._present: set[Sequence] = set()
         self._charged: dict[Sequence, float] = {}  # sequences admitted and not finished
+        self._yielded: set[Sequence] = set()  # preempted for fairness, not yet readmitted
 
     def add(self, seq: Sequence) -> None:
         tenant = seq.request.tenant
@@ -66,6 +84,7 @@ class VirtualTokenCounter:
         self._present.discard(seq)
         self._charge(seq, admitted=bool(seq.output_token_ids) or seq in self._charged)
         self._charged.pop(seq, None)
+        self._yielded.discard(seq)
         tenant = seq.request.tenant
         self._unfinished[tenant] -= 1
         if not self._unfinished[tenant]:
@@ -85,15 +104,14 @@ class VirtualTokenCounter:
 
     def order(self, waiting: deque[Sequence], running: list[Sequence]) -> deque[Sequence]:
         """`waiting` in the order admission should try it."""
-        for seq in running:
-            if seq.status is SequenceStatus.RUNNING:
-                self._charge(seq, admitted=True)
+        self._charge_running(running)
         if len(self._unfinished) <= 1:  # one tenant: first come, first served
             return waiting
         ordered: deque[Sequence] = deque()
         queues: dict[str, deque[Sequence]] = {}
         for seq in waiting:
-            if seq in self._charged and not queues:  # preempted, at the front: keeps its place
+            # Preempted for KV room, at the front: keeps its place (not if it yielded).
+            if seq in self._charged and seq not in self._yielded and not queues:
                 ordered.append(seq)
             else:
                 queues.setdefault(seq.request.tenant, deque()).append(seq)
@@ -117,6 +135,43 @@ class VirtualTokenCounter:
         for _, _, tenant in sorted(heap):  # the rest: lowest counter's first
             ordered.extend(queues[tenant])
         return ordered
+
+
+    def _charge_running(self, running: list[Sequence]) -> None:
+        for seq in running:
+            if seq.status is SequenceStatus.RUNNING:
+                self._charge(seq, admitted=True)
+                self._yielded.discard(seq)
+
+    def victim(self, waiting: deque[Sequence],
+               running: list[Sequence]) -> tuple[Sequence, Sequence] | None:
+        """(a running sequence to preempt, the waiting one it makes room for), or None: for
+        the earliest waiting sequence of the least-served waiting tenant, the newest sequence
+        of the most-served running tenant above it that runs 2+ sequences more than it."""
+        if len(self._unfinished) <= 1 or not waiting:
+            return None
+        self._charge_running(running)
+        heads: dict[str, Sequence] = {}
+        for seq in waiting:
+            heads.setdefault(seq.request.tenant, seq)
+        tenant = min(heads, key=lambda t: self.counters.get(t, 0.0))  # ties: earliest head
+        floor = self.counters.get(tenant, 0.0)
+        newest: dict[str, Sequence] = {}
+        runs: Counter[str] = Counter()
+        for seq in running:  # oldest first: the last one of a tenant is its newest
+            if seq.status is SequenceStatus.RUNNING:
+                newest[seq.request.tenant] = seq
+                runs[seq.request.tenant] += 1
+        above = [t for t in newest if t != tenant and self.counters.get(t, 0.0) > floor
+                 and runs[t] >= runs[tenant] + 2]
+        if not above:
+            return None
+        top = max(above, key=lambda t: self.counters.get(t, 0.0))
+        return newest[top], heads[tenant]
+
+    def yielded(self, seq: Sequence) -> None:
+        """`seq` was preempted for fairness: it queues with its tenant, not at the front."""
+        self._yielded.add(seq)
 
 
 def make_policy(name: str, picks: int = 64) -> FirstComeFirstServed | VirtualTokenCounter:

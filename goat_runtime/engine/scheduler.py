@@ -7,7 +7,10 @@ freed, its tokens recomputed later, ahead of everything waiting). Then waiting s
 admitted first come, first served while the budget, the sequence cap, the KV cache and the
 device adapter slots allow (`AdapterManager.can_bind`: on the CPU slots are host memory and
 never block, so admission there is by KV blocks and the token budget alone), in the order the
-scheduling policy gives (fairness.py: with `fair`, a fair share of tokens between tenants). A
+scheduling policy gives (fairness.py: with `fair`, a fair share of tokens between tenants;
+before the running sequences are scheduled, it may name one running sequence a step to preempt
+when a less-served tenant's sequence waits and the sequence cap or the KV cache leaves it no
+room, so that the newcomer is admitted in the same step). A
 sequence whose adapter needs a slot while all are held may be passed over by sequences of
 resident adapters, but only `max_passed_over` times: then one held adapter, the one with the
 fewest running sequences, is drained (no new sequence of it is admitted) until its last one
@@ -54,6 +57,7 @@ class Scheduler:
         self.policy = make_policy(config.policy, config.max_num_seqs)
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_fairness_preemptions = 0  # of num_preemptions, those made for the policy
         # The held adapter admitting nothing new until it frees its slot for one passed over.
         self.draining: str | None = None
         # Sequences whose scheduling raised, with the exception, until the engine takes them.
@@ -73,6 +77,7 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         scheduled_ids: set[int] = set()
         preempted = False
+        self._preempt_for_fairness(budget)
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -97,6 +102,35 @@ class Scheduler:
         if not preempted:
             scheduled += self._admit(budget)
         return scheduled
+
+    def _preempt_for_fairness(self, budget: int) -> None:
+        """At most one preemption a step, of the sequence the policy names, only when the
+        sequence it makes room for could not be admitted otherwise but could be after."""
+        bs = self.config.block_size
+        if not self.running or (len(self.running) < self.config.max_num_seqs
+                                and -(-budget // bs) <= self.allocator.num_free):
+            return  # room for any first chunk: admission takes whoever waits
+        choice = self.policy.victim(self.waiting, self.running)
+        if choice is None:
+            return
+        victim, seq = choice
+        # Its first chunk's blocks, counting no prefix-cache hits (at worst one preemption
+        # too many when hits would have made it fit).
+        needed = -(-min(seq.num_tokens, budget) // bs)
+        if len(self.running) < self.config.max_num_seqs and needed <= self.allocator.num_free:
+            return  # room: admission takes it anyway
+        if needed > self.allocator.num_free + len(victim.blocks):
+            return  # the victim's blocks would not be enough either
+        name = seq.adapter
+        if name is not None:
+            if name == self.draining:
+                return
+            held = {s.adapter for s in self.running if s is not victim and s.adapter is not None}
+            if self.adapters.status(name) != "ready" or not self.adapters.can_bind(held, name):
+                return
+        self._preempt(victim)
+        self.policy.yielded(victim)
+        self.num_fairness_preemptions += 1
 
     def _admit(self, budget: int) -> list[ScheduledSeq]:
         admitted: list[ScheduledSeq] = []

@@ -1,7 +1,8 @@
 """The fair share (engine/fairness.py) through the scheduler, stepped by hand: with one tenant it
 admits exactly as first come, first served; with two, a light tenant is not stuck behind a
-heavy one's backlog, backlogged tenants get equal tokens (not equal requests), and a tenant that
-was idle earns no credit (its counter is lifted)."""
+heavy one's backlog, backlogged tenants get equal tokens (not equal requests), a tenant that
+was idle earns no credit (its counter is lifted), and a less-served tenant that finds the batch
+full takes the newest slot of the most-served one (one preemption a step at most)."""
 
 import itertools
 import weakref
@@ -166,3 +167,55 @@ def test_a_preempted_sequence_keeps_its_place_at_the_front() -> None:
     for seq in seqs:
         policy.finished(seq)
     assert policy.counters == {}  # nobody active: counters start again
+
+
+def full_of_heavy(max_num_seqs: int = 4) -> tuple[Scheduler, list[Sequence]]:
+    """A batch full of the heavy tenant's long sequences, more of them waiting."""
+    scheduler = make("fair", max_num_seqs=max_num_seqs)
+    heavy = [add(scheduler, "heavy", output_len=40) for _ in range(3 * max_num_seqs)]
+    for _ in range(3):
+        step(scheduler)
+    assert [s.status for s in heavy[:max_num_seqs]] == [SequenceStatus.RUNNING] * max_num_seqs
+    return scheduler, heavy
+
+
+def test_a_light_tenant_takes_the_newest_heavy_slot_at_once() -> None:
+    scheduler, heavy = full_of_heavy()
+    light = add(scheduler, "light")
+    # Without preemption it would wait ~37 steps for a heavy sequence to finish.
+    assert step(scheduler) == [light.request.request_id]
+    assert scheduler.num_fairness_preemptions == 1
+    assert heavy[3].status is SequenceStatus.WAITING and heavy[3].num_computed_tokens == 0
+    assert [s.status for s in heavy[:3]] == [SequenceStatus.RUNNING] * 3
+    # The preempted one queues at the head of its own tenant's queue, behind the light one.
+    assert list(scheduler.waiting)[:2] == [heavy[3], heavy[4]]
+    admission_order(scheduler, steps=400)
+    assert not scheduler.has_work()
+
+
+def test_fairness_preemption_evens_slots_one_a_step() -> None:
+    scheduler, heavy = full_of_heavy()
+    light = [add(scheduler, "light", output_len=40) for _ in range(6)]
+    runs = []
+    for _ in range(3):
+        step(scheduler)
+        runs.append(Counter(s.request.tenant for s in scheduler.running))
+    # One preemption a step, until the light tenant runs as many sequences as the heavy one
+    # (then slots turn over as sequences finish, lowest counter first).
+    assert runs == [Counter(heavy=3, light=1)] + [Counter(heavy=2, light=2)] * 2
+    assert scheduler.num_fairness_preemptions == 2
+    for _ in range(1000):
+        before = scheduler.num_fairness_preemptions
+        step(scheduler)
+        assert scheduler.num_fairness_preemptions - before <= 1
+        if not scheduler.has_work():
+            break
+    assert all(s.status is SequenceStatus.FINISHED for s in light + heavy)
+
+
+def test_one_tenant_never_preempts_for_fairness() -> None:
+    scheduler = make("fair", max_num_seqs=4)
+    for _ in range(12):
+        add(scheduler, "only", output_len=40)
+    admission_order(scheduler, steps=1000)
+    assert not scheduler.has_work() and scheduler.num_fairness_preemptions == 0
