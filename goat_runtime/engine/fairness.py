@@ -41,11 +41,14 @@ GENERATED_WEIGHT = 2.0
 
 
 class FirstComeFirstServed:
+    """The queue as it arrived: it keeps no counters, so there is nothing to record when
+    sequences come and go, and it never preempts."""
+
     def add(self, seq: Sequence) -> None:
-        pass
+        """Nothing to count."""
 
     def finished(self, seq: Sequence) -> None:
-        pass
+        """Nothing to count."""
 
     def order(self, waiting: deque[Sequence], running: list[Sequence]) -> deque[Sequence]:
         return waiting
@@ -55,7 +58,7 @@ class FirstComeFirstServed:
         return None
 
     def yielded(self, seq: Sequence) -> None:
-        pass
+        """Never asked: `victim` names none."""
 
 
 class VirtualTokenCounter:
