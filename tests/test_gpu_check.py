@@ -89,6 +89,7 @@ def test_pytest_step_runs_and_logs(monkeypatch, tmp_path):
     assert table.problems == ["tests: pytest exited with 3"]
 
 
+@pytest.mark.slow
 def test_pytest_step_kills_a_run_past_its_timeout(monkeypatch, tmp_path):
     sleeper = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
     monkeypatch.setattr(gpu_check, "pytest_command", lambda quick: sleeper)

@@ -56,6 +56,7 @@ def tree_copy(tmp_path_factory) -> Path:
     ("goat_runtime/engine/engine.py", "import benchmarks.floors", TOOLS, "benchmarks.floors"),
     ("server/cli.py", "from loadtests import common", TOOLS, "loadtests.common"),
 ])
+@pytest.mark.slow
 def test_an_added_import_breaks_its_contract(tree_copy, module, added, broken, message):
     path = tree_copy / module
     original = path.read_text()

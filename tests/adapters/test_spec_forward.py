@@ -128,6 +128,7 @@ def test_served_logits_match_the_spec(op, adapters, expected, tmp_path):
         torch.testing.assert_close(model.logits(IDS, slot), expected[name], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_the_cases_are_not_vacuous(adapters, expected, tmp_path):
     """The tie rule and goat_mini's selection each move the logits far beyond the tolerance."""
     lowest = spec_logits(adapters["zero_router"], lowest_index_topk)

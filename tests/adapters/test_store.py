@@ -76,6 +76,7 @@ def test_locations_and_confinement(tmp_path: Path) -> None:
 
 # ---- S3 ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_s3_lists_without_downloading_then_fetches_once(s3, config: StoreConfig) -> None:
     for name in ("goat0", "lora0"):
         upload(s3, ADAPTERS / name, f"team/{name}")
@@ -104,6 +105,7 @@ def test_s3_new_version_replaces_the_cached_one(s3, config: StoreConfig) -> None
     assert _same_files(second, ADAPTERS / "goat1")
 
 
+@pytest.mark.slow
 def test_s3_interrupted_download_leaves_nothing_and_is_retried(s3, config: StoreConfig,
                                                                monkeypatch) -> None:
     upload(s3, ADAPTERS / "goat0", "x")
@@ -143,6 +145,7 @@ def test_s3_failing_download_is_counted_and_caches_nothing(s3, config: StoreConf
     assert location.local() is None
 
 
+@pytest.mark.slow
 def test_s3_refusals_download_nothing(s3, config: StoreConfig, monkeypatch) -> None:
     upload(s3, ADAPTERS / "goat0", "big")
     s3.put_file(str(ADAPTERS / "goat0" / CONFIG_FILE), f"{BUCKET}/pickled/{CONFIG_FILE}")

@@ -205,6 +205,7 @@ def trained(tmp_path_factory):
     return root, result, trainer, adapter
 
 
+@pytest.mark.slow
 def test_saved_adapter_loads(trained):
     _, result, trainer, adapter = trained
     assert adapter.kind == "goat" and set(adapter.layers) == set(trainer.module_names)

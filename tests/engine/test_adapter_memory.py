@@ -67,6 +67,7 @@ def adapters(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_host_cache_evicts_by_bytes(tmp_path: Path, adapters: Path) -> None:
     size = {name: expected_bytes(adapters / name) for name in ("goat0", "goat1", "lora0",
                                                                 "small")}

@@ -3,6 +3,8 @@ sequence cap is full) has its adapter on the host before the running one finishe
 
 from pathlib import Path
 
+import pytest
+
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
 from goat_runtime.engine.sampling import SamplingParams
@@ -10,6 +12,7 @@ from tests.adapters.adapted_model import FIXTURE
 from tests.engine.test_engine import REFERENCE
 
 
+@pytest.mark.slow
 def test_queued_requests_adapter_loads_while_another_runs(tmp_path: Path) -> None:
     engine = LLMEngine(EngineConfig(
         model_dir=FIXTURE / "base", adapter_dir=FIXTURE / "adapters",

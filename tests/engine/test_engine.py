@@ -100,6 +100,7 @@ def check_reference(results: dict[str, dict], prompt_logprobs: bool = False) -> 
                         expected[pos - 1, token].item(), abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("merge_static", [False, True])
 def test_reference_each_alone(tmp_path, merge_static):
     engine = make_engine(tmp_path, merge_static=merge_static)
@@ -120,6 +121,7 @@ def check_reference_one(results, request):
             expected[pos - 1, prompt[pos]].item(), abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("merge_static", [False, True])
 def test_reference_all_in_one_mixed_batch(tmp_path, merge_static, device):
@@ -129,6 +131,7 @@ def test_reference_all_in_one_mixed_batch(tmp_path, merge_static, device):
     check_reference(results, prompt_logprobs=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_greedy_close_to_float32(tmp_path, device):
     """bfloat16 greedy decoding against the float32 engine on the same device (which gives the
@@ -146,6 +149,7 @@ def test_bfloat16_greedy_close_to_float32(tmp_path, device):
                          names=[r[0] for r in requests])
 
 
+@pytest.mark.slow
 def test_weights_packed_once_final(tmp_path):
     """The engine packs the base weights for oneDNN after merging static terms (the reference
     tests above run packed, merged and unmerged); --no-pack-weights serves the plain ones."""
@@ -185,6 +189,7 @@ def adapter_dir_with_four(tmp_path: Path) -> Path:
     return tmp_path / "adapters"
 
 
+@pytest.mark.slow
 def test_batch_invariance_under_preemption(tmp_path):
     adapters = adapter_dir_with_four(tmp_path)
     names = [None, "goat0", "goat1", "lora0", "goat2"]
@@ -237,6 +242,7 @@ def test_abort_frees_every_block(tmp_path):
     assert all(engine.adapters.refs(n) == 0 for n in NAMES if n)
 
 
+@pytest.mark.slow
 def test_prefix_cache_hits_same_tokens(tmp_path, monkeypatch):
     engine = make_engine(tmp_path)
     added = []
@@ -256,6 +262,7 @@ def test_prefix_cache_hits_same_tokens(tmp_path, monkeypatch):
     check_reference(second)
 
 
+@pytest.mark.slow
 def test_prefix_cache_is_per_adapter(tmp_path):
     engine = make_engine(tmp_path)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
@@ -270,6 +277,7 @@ def test_prefix_cache_is_per_adapter(tmp_path):
     assert seq.num_cached_hits == 0
 
 
+@pytest.mark.slow
 def test_unknown_adapter_and_bad_requests(tmp_path):
     engine = make_engine(tmp_path)
     with pytest.raises(EngineError, match="does not exist") as info:
@@ -283,6 +291,7 @@ def test_unknown_adapter_and_bad_requests(tmp_path):
         engine.add_request("w", [5, 999], GREEDY, None)
 
 
+@pytest.mark.slow
 def test_invalid_adapter_fails_its_requests_alone(tmp_path):
     adapters = adapter_dir_with_four(tmp_path)
     (adapters / "broken").mkdir()
@@ -302,6 +311,7 @@ def test_invalid_adapter_fails_its_requests_alone(tmp_path):
     assert tokens == REFERENCE["goat0_greedy_0"].tolist()
 
 
+@pytest.mark.slow
 def test_stop_conditions(tmp_path):
     engine = make_engine(tmp_path)
     ref = REFERENCE["goat0_greedy_1"].tolist()
@@ -315,12 +325,14 @@ def test_stop_conditions(tmp_path):
     assert word not in r["text"][0] and r["finish"] == ["stop"]
 
 
+@pytest.mark.slow
 def test_more_adapters_than_slots(tmp_path):
     engine = make_engine(tmp_path, max_loras=1)
     results = run(engine, reference_requests())
     check_reference(results)
 
 
+@pytest.mark.slow
 def test_host_lru_eviction_reloads(tmp_path):
     adapters = adapter_dir_with_four(tmp_path)
     engine = make_engine(tmp_path, adapter_dir=adapters, max_loras=1, max_cpu_adapters=1)
@@ -355,6 +367,7 @@ class LoadRecorder(EngineListener):
         self.selections[adapter] = [a + b for a, b in zip(totals, counts, strict=True)]
 
 
+@pytest.mark.slow
 def test_same_adapter_requested_twice_loads_once_and_routers_are_counted(tmp_path):
     recorder = LoadRecorder()
     engine = LLMEngine(EngineConfig(model_dir=FIXTURE / "base", adapter_dir=FIXTURE / "adapters",

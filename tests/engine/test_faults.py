@@ -158,6 +158,7 @@ def test_a_sampler_fault_restores_the_generators_of_the_others(tmp_path, monkeyp
     assert_all_returned(engine)
 
 
+@pytest.mark.slow
 def test_an_adapter_that_vanishes_between_scheduling_and_binding(tmp_path, monkeypatch):
     """goat1's folder is deleted and its host copy lost (as an eviction racing the step would)
     after the scheduler admitted its requests: binding it raises, its requests fail with 500,
@@ -211,6 +212,7 @@ def test_a_block_allocation_failure_fails_one_request(tmp_path, monkeypatch, whe
     assert_all_returned(engine)
 
 
+@pytest.mark.slow
 def test_transient_allocation_failures_cost_no_request(tmp_path, monkeypatch):
     """Growing the adapter slots fails once (a torch allocation), and the forward runs out of
     memory for any batch of more than 40 tokens: the step's sequences run again in smaller
@@ -240,6 +242,7 @@ def test_transient_allocation_failures_cost_no_request(tmp_path, monkeypatch):
     assert_all_returned(engine)
 
 
+@pytest.mark.slow
 def test_a_fault_of_the_engine_kills_it(tmp_path, monkeypatch):
     """Every forward raises: each request fails alone, then the base-model probe fails too, and
     the engine is dead (the step raises)."""
@@ -257,6 +260,7 @@ def test_a_fault_of_the_engine_kills_it(tmp_path, monkeypatch):
             pass
 
 
+@pytest.mark.slow
 def test_a_dead_async_engine_fails_every_stream_and_says_why(tmp_path, monkeypatch):
     engine = AsyncEngine(EngineConfig(model_dir=FIXTURE / "base",
                                       adapter_dir=FIXTURE / "adapters", block_size=4,

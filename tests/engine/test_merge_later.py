@@ -71,6 +71,7 @@ def test_merged_equals_unmerged_for_adapters_loaded_later(tmp_path, stores):
                 assert a[token] == pytest.approx(b[token], abs=2e-5), (request_id, pos, token)
 
 
+@pytest.mark.slow
 def test_later_adapters_differ_from_each_other(tmp_path, stores):
     """The comparison above means something: the adapters' static terms and deltas change the
     logits far more than its tolerance."""

@@ -122,6 +122,7 @@ def test_last_token_logits_by_default(base_model):
 # (2) adapters, merged and unmerged static components
 
 
+@pytest.mark.slow
 def test_adapter_logits_each_alone(adapted):
     model, slots = adapted
     for name, slot in slots.items():
@@ -226,6 +227,7 @@ def test_chunked_prefill_matches(adapted):
     torch.testing.assert_close(second[-1], REFERENCE["goat1_logits_0"][-1], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_bfloat16_close_to_reference(tmp_path, device):
     model = load_model(FIXTURE / "base", dtype=torch.bfloat16, device=device)
@@ -379,6 +381,7 @@ def test_cache_blocks_for_budget():
     assert cache_blocks_for_budget(10 * per_block, config, 16, torch.bfloat16) == 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rows", [1, 17, 32, 100, ONEDNN_MAX_ROWS, ONEDNN_MAX_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fast_linear_is_f_linear(rows, bias):

@@ -268,6 +268,7 @@ def random_params(rng: random.Random) -> SamplingParams:
 
 @pytest.mark.parametrize(("vocab", "batch", "trial"), [(2048, 48, 0), (2048, 48, 1),
                                                          (49152, 16, 2)])
+@pytest.mark.slow
 def test_batch_invariance(vocab, batch, trial):
     """A row's token depends only on its own logits, params, history and generator: sampled
     alone, or in a batch of different rows (at any position), with the same seed."""

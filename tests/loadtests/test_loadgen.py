@@ -410,6 +410,7 @@ def test_stream_parsing_over_mock_transport() -> None:
     assert record.error_kind == "bad_json" and record.error == "{oops"
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_png(server: tuple[str, FastAPI], tmp_path, capsys) -> None:
     url, _ = server
     out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"

@@ -187,6 +187,7 @@ SMALL_HEADS = [(4, 2, 16), (3, 1, 13), (2, 2, 8)]
 SMALL_LENS = [1, 3, 4, 5, 12, 37]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("heads", SMALL_HEADS, ids=str)
 def test_triton_kernel_matches_gather_and_sdpa(heads, dtype):

@@ -114,6 +114,7 @@ def test_many_value_rows():
     _check(weights, slots, torch.float32, seed=5, block_k=16, block_n=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_several_tiles_with_partial_edges(dtype):
     """d_in = 40 in 16-wide tiles (3, the last partial), slice widths 24/8/16 in 16-wide tiles."""

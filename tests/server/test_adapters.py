@@ -50,6 +50,7 @@ def complete(http: httpx.Client, model: str, i: int = 0) -> httpx.Response:
                                               "ignore_eos": True})
 
 
+@pytest.mark.slow
 def test_request_loads_an_adapter_on_demand(http: httpx.Client) -> None:
     assert models(http)["goat1"]["loaded"] is False
     response = complete(http, "goat1", 1)

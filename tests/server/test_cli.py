@@ -125,6 +125,7 @@ def test_default_model_and_demo_adapters(monkeypatch: pytest.MonkeyPatch) -> Non
                                      "s3:// or hf://)"),
     ("a-file", "goat", "argument --adapter-dir: adapter folder {value!r} is not a folder"),
 ])
+@pytest.mark.slow
 def test_adapter_dir_that_cannot_be_served_stops_start_up(
         tmp_path: Path, folder: str, engine: str, message: str) -> None:
     """A typo or an unsupported URL in --adapter-dir used to serve the base alone without a

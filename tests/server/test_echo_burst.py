@@ -20,6 +20,7 @@ def small_cache_server(tmp_path_factory):
     live.stop()
 
 
+@pytest.mark.slow
 def test_echo_logprobs_burst_under_kv_pressure(small_cache_server):
     rng = random.Random(11)
     models = [BASE, "goat0", "lora0"]

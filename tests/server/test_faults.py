@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 
 import goat_runtime.model.layers as layers
 from tests.server.conftest import (
@@ -89,6 +90,7 @@ def test_a_dead_engine_answers_503_on_health_naming_the_cause(tmp_path, monkeypa
         live.stop()
 
 
+@pytest.mark.slow
 def test_the_server_process_exits_non_zero_when_its_engine_dies(tmp_path: Path) -> None:
     port = _free_port()
     env = os.environ | {"GOAT_CACHE_DIR": str(tmp_path / "cache"),

@@ -56,6 +56,7 @@ POST_ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter
 @pytest.mark.parametrize(("body", "kind"), [
     (b"null", "null"), (b"", "null"), (b"[]", "an array"), (b'"w5"', "a string"),
     (b"5", "a number"), (b"true", "a boolean")])
+@pytest.mark.slow
 def test_body_must_be_an_object(http: httpx.Client, route: str, body: bytes, kind: str) -> None:
     response = http.post(route, content=body, headers={"Content-Type": "application/json"})
     error = assert_openai_error(response, 400)

@@ -45,6 +45,7 @@ def _typed_cases() -> list[tuple[str, str, Any]]:
     return cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("route", "param", "value"), _typed_cases())
 def test_strict_types(http: httpx.Client, route: str, param: str, value: Any) -> None:
     """Strings are not numbers, booleans are not numbers, numbers are not booleans."""

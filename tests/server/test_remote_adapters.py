@@ -48,6 +48,7 @@ def _size(name: str) -> int:
     return sum((ADAPTERS / name / f).stat().st_size for f in (CONFIG_FILE, WEIGHTS_FILE))
 
 
+@pytest.mark.slow
 def test_remote_adapters_are_listed_downloaded_once_and_served(live: LiveServer) -> None:
     with live.http() as http:
         cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
