@@ -25,14 +25,14 @@ from pathlib import Path
 import httpx
 
 from benchmarks.floors import format_ratio, median_of_ratios
+from benchmarks.random_model import write_adapters
+from goat_runtime.adapters.binding import base_linear_shapes
 from loadtests.common import (
     CACHE,
     GoatServeConfig,
-    base_linears,
     goat_serve,
     load_avg,
     machine_summary,
-    write_adapters,
 )
 
 SCHEMA = {  # a typical extraction schema
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> str:
     model_dir = default_model_dir()
     work = args.work_dir
     names = [f"goat-{i}" for i in range(args.adapters)]
-    write_adapters(work / "goat", base_linears(model_dir), names, "goat", seed=0)
+    write_adapters(work / "goat", base_linear_shapes(model_dir), names, "goat", seed=0)
     times = compile_times(model_dir)
     config = GoatServeConfig(model_dir, work / "goat", max_loras=args.adapters,
                              max_num_seqs=max(64, args.concurrency), kv_cache_memory="1GiB")
