@@ -43,10 +43,10 @@ from benchmarks.floors import (
 )
 from benchmarks.random_model import (
     NUM_ADAPTERS,
-    base_linears,
     write_goat_and_lora,
     write_random_model,
 )
+from goat_runtime.adapters.binding import base_linear_shapes
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
 from goat_runtime.engine.sampling import SamplingParams
@@ -200,7 +200,7 @@ def bench(root: Path, args) -> None:
     if not (model_dir / "tokenizer.json").is_file():  # written last
         progress(f"writing the random model into {model_dir}")
         write_random_model(model_dir)
-    goat, lora = write_goat_and_lora(store, store, base_linears(model_dir))
+    goat, lora = write_goat_and_lora(store, store, base_linear_shapes(model_dir))
     progress("starting the engines (the first run computes the static terms: minutes)")
     common = dict(model_dir=model_dir, adapter_dir=store,  # static terms: the server's cache
                   max_loras=2 * NUM_ADAPTERS, max_cpu_adapters=2 * NUM_ADAPTERS,

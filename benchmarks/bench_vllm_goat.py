@@ -29,10 +29,10 @@ from pathlib import Path
 from benchmarks.random_model import (
     NUM_ADAPTERS,
     SMOLLM2_135M,
-    base_linears,
     write_goat_and_lora,
     write_random_model,
 )
+from goat_runtime.adapters.binding import base_linear_shapes
 
 REPO = Path(__file__).resolve().parents[1]  # the children's working directory
 CASES = {"lora": 8, "goat": 32, "goat-merged": 16}  # case -> --max-lora-rank
@@ -42,7 +42,7 @@ RESULT = "BENCH_RESULT "  # vLLM logs to stdout too: the child's answer is the l
 def prepare(root: Path) -> None:
     model_dir = root / "model"
     write_random_model(model_dir)
-    write_goat_and_lora(root / "goat", root / "lora", base_linears(model_dir))
+    write_goat_and_lora(root / "goat", root / "lora", base_linear_shapes(model_dir))
 
 
 def run_case(root: Path, case: str, args) -> float:

@@ -373,16 +373,16 @@ def step_engine(table: Table, device: str, dtype: str, quick: bool, tmp: Path,
     from benchmarks.random_model import (
         NUM_ADAPTERS,
         SMOLLM2_135M,
-        base_linears,
         write_goat_and_lora,
         write_random_model,
     )
+    from goat_runtime.adapters.binding import base_linear_shapes
     from goat_runtime.engine.config import EngineConfig
     from goat_runtime.engine.engine import LLMEngine
 
     model_dir = tmp / "model"
     write_random_model(model_dir, {**SMOLLM2_135M, **TINY_MODEL} if quick else None)
-    goat, lora = write_goat_and_lora(tmp / "goat", tmp / "lora", base_linears(model_dir))
+    goat, lora = write_goat_and_lora(tmp / "goat", tmp / "lora", base_linear_shapes(model_dir))
     batches = (2,) if quick else (32, 256)
     length = 4 if quick else 128
     cases = {"base": ({}, [None]),

@@ -73,14 +73,6 @@ def write_random_model(model_dir: Path, config_dict: Mapping[str, Any] | None = 
     return config
 
 
-def base_linears(model_dir: Path) -> dict[str, tuple[int, int]]:
-    """Module name -> (d_out, d_in) of each projection the adapters may target (from the config
-    alone: the model is built on the meta device)."""
-    from goat_runtime.adapters.binding import base_linear_shapes
-
-    return base_linear_shapes(model_dir)
-
-
 def write_adapters(folder: Path, shapes: Mapping[str, tuple[int, int]], names: Sequence[str],
                    kind: str, *, rank: int = 8, num_experts: int = 8, top_k: int = 2,
                    seed: int = 0) -> list[Path]:

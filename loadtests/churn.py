@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from benchmarks.random_model import base_linears, write_adapters
+from benchmarks.random_model import write_adapters
+from goat_runtime.adapters.binding import base_linear_shapes
 from loadtests.churn_metrics import (
     Poll,
     cold_requests,
@@ -270,7 +271,7 @@ def prepare(config: ChurnConfig) -> tuple[Path, Path, list[str]]:
     folder = config.work_dir / f"churn-{config.kind}"
     print(f"writing {config.num_adapters} adapters to {folder} (once)", file=sys.stderr,
           flush=True)
-    write_adapters(folder, base_linears(model_dir), names, config.kind, seed=5000)
+    write_adapters(folder, base_linear_shapes(model_dir), names, config.kind, seed=5000)
     return model_dir, folder, names
 
 
@@ -370,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(machine, file=sys.stderr)
     if config.loads_only:
         model_dir = write_random_smollm(config.work_dir / BASE_NAME)
-        shapes = base_linears(model_dir)
+        shapes = base_linear_shapes(model_dir)
         folder = config.work_dir / f"churn-{config.kind}"
         names = [f"churn-{i}" for i in range(config.loads_only)]
         write_adapters(folder, shapes, names, config.kind, seed=5000)

@@ -22,7 +22,8 @@ from typing import IO, Any
 
 import httpx
 
-from benchmarks.random_model import base_linears, write_random_model
+from benchmarks.random_model import write_random_model
+from goat_runtime.adapters.binding import base_linear_shapes
 from loadtests.workload import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -405,7 +406,7 @@ def decode_step_fixed_bytes(model_dir: Path, adapters: Sequence[Path], *, merged
 
     probe = LlamaForCausalLM(ModelConfig.from_pretrained(model_dir), device="meta")
     total = base_weight_bytes(probe.fused_linears(), probe.lm_head)
-    shapes = base_linears(model_dir)
+    shapes = base_linear_shapes(model_dir)
     for path in adapters:
         adapter = load_adapter(path, shapes)
         goat = adapter.signature is not None

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.random_model import base_linears, write_adapters
+from benchmarks.random_model import write_adapters
+from goat_runtime.adapters.binding import base_linear_shapes
 from loadtests.common import (
     BASE_NAME,
     CACHE,
@@ -386,7 +387,7 @@ async def disconnects_with_peak(config: FaultsConfig, url: str, adapters: list[s
 def run(config: FaultsConfig) -> tuple[str, bool]:
     model_dir = write_random_smollm(config.work_dir / BASE_NAME)
     good = [f"goat-{i}" for i in range(config.num_adapters)]
-    write_adapters(config.work_dir / "goat", base_linears(model_dir), good, "goat", seed=0)
+    write_adapters(config.work_dir / "goat", base_linear_shapes(model_dir), good, "goat", seed=0)
     adapter_dir = config.work_dir / "faults-adapters"
     make_fault_adapters(config.work_dir / "goat", good, adapter_dir)
     logs = config.out_dir / "logs"

@@ -38,7 +38,8 @@ from benchmarks.floors import (
     decode_floor_tok_s,
     measure_bandwidth,
 )
-from benchmarks.random_model import base_linears, write_adapters
+from benchmarks.random_model import write_adapters
+from goat_runtime.adapters.binding import base_linear_shapes
 from goat_runtime.model.config import ModelConfig
 from goat_runtime.model.kv_cache import block_bytes
 from goat_runtime.vllm_plugin.venv import ensure_vllm_venv, vllm_venv
@@ -176,7 +177,7 @@ def measure(config: BenchConfig, case: Case, server: ServerProcess) -> CaseResul
 def prepare(config: BenchConfig) -> tuple[Path, dict[str, Path], dict[str, Path]]:
     """The random model and the LoRA and GOAT adapter folders (written once, then reused)."""
     model_dir = write_random_smollm(config.work_dir / BASE_NAME)
-    shapes = base_linears(model_dir)
+    shapes = base_linear_shapes(model_dir)
     n = config.num_adapters
     lora_names = [f"lora-{i}" for i in range(n)]
     goat_names = [f"goat-{i}" for i in range(n)]

@@ -8,10 +8,10 @@ from transformers import AutoTokenizer
 
 from benchmarks.random_model import (
     SMOLLM2_135M,
-    base_linears,
     write_goat_and_lora,
     write_random_model,
 )
+from goat_runtime.adapters.binding import base_linear_shapes
 from goat_runtime.adapters.format import load_adapter
 from loadtests.workload import WORDS
 
@@ -31,7 +31,7 @@ def test_prompt_words_are_single_distinct_tokens(tmp_path):
 
 def test_adapters_of_both_kinds_fit_the_base(tmp_path):
     write_random_model(tmp_path / "model", {**SMOLLM2_135M, **TINY})
-    shapes = base_linears(tmp_path / "model")
+    shapes = base_linear_shapes(tmp_path / "model")
     assert shapes["model.layers.1.mlp.down_proj"] == (64, 96)
     assert len(shapes) == 7 * TINY["num_hidden_layers"]
     goat, lora = write_goat_and_lora(tmp_path / "goat", tmp_path / "lora", shapes, count=2)
