@@ -47,7 +47,8 @@ REQUIRED_MODULES = ("torch", "triton", "transformers", "safetensors", "tokenizer
 # and the device helpers' own. Tests of the C++ CPU kernels are left out: _C is not built there.
 PYTEST_FILES = ("tests/test_devices.py", "tests/ops/test_routed_lora_triton.py",
                 "tests/ops/test_paged_attention.py", "tests/engine/test_model.py",
-                "tests/engine/test_engine.py", "tests/adapters/test_fixture_reference.py")
+                "tests/engine/test_engine.py", "tests/adapters/test_fixture_reference.py",
+                "tests/engine/test_device_pool.py")
 PYTEST_SELECTION = "cuda or triton or devices"
 TINY_MODEL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}

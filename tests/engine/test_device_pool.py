@@ -3,7 +3,8 @@ accelerator's logic, the routed op reads the same layout): the slot count follow
 --max-gpu-adapter-memory and one slot's bytes, is recomputed when a larger adapter changes the
 slot size, slots are reused least recently used within the budget, a budget too small for one
 slot is refused, and the scheduler never puts more distinct adapters in a step than the pool
-has slots. (On CUDA itself: benchmarks/gpu_check.py's engine step.)"""
+has slots. The engine test runs on CUDA too where there is a device (benchmarks/gpu_check.py
+also checks the pool there)."""
 
 import functools
 import shutil
@@ -22,6 +23,7 @@ from goat_runtime.engine.outputs import EngineListener
 from goat_runtime.engine.sampling import SamplingParams
 from goat_runtime.model.loader import load_model
 from tests.adapters.adapted_model import FIXTURE
+from tests.devices import DEVICES
 from tests.engine.test_engine import REFERENCE, run
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -59,8 +61,8 @@ def adapters(tmp_path: Path) -> Path:
 
 
 def _manager(tmp_path: Path, adapters: Path, *, max_loras: int = 32, budget: int | None = None,
-             listener: EngineListener | None = None) -> AdapterManager:
-    linears = load_model(FIXTURE / "base").fused_linears()
+             listener: EngineListener | None = None, device: str = "cpu") -> AdapterManager:
+    linears = load_model(FIXTURE / "base", device=device).fused_linears()
     manager = AdapterManager(linears, adapter_dir=adapters, max_loras=max_loras,
                              max_cpu_adapters=32, max_lora_rank=64,
                              static_cache_dir=tmp_path / "static", listener=listener,
@@ -74,10 +76,10 @@ def _load(manager: AdapterManager, *names: str) -> None:
         manager.request_load(name).result(timeout=60)
 
 
-def _slot_bytes(tmp_path: Path, adapters: Path, name: str) -> int:
+def _slot_bytes(tmp_path: Path, adapters: Path, name: str, device: str = "cpu") -> int:
     """Bytes of one slot sized for `name`, read off the allocated tensors of an unbudgeted
     pool (not from the pool's own cost model)."""
-    manager = _manager(tmp_path, adapters, max_loras=4)
+    manager = _manager(tmp_path, adapters, max_loras=4, device=device)
     _load(manager, name)
     manager.bind({name})
     assert manager.slots.nbytes() % 4 == 0
@@ -172,14 +174,16 @@ def test_a_budget_too_small_is_refused(tmp_path: Path, adapters: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("accelerator")
-def test_the_scheduler_never_puts_more_adapters_in_a_step_than_slots(tmp_path: Path,
-                                                                     adapters: Path) -> None:
-    goat = _slot_bytes(tmp_path, adapters, "goat0")
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_scheduler_never_puts_more_adapters_in_a_step_than_slots(
+        tmp_path: Path, adapters: Path, device: str, request: pytest.FixtureRequest) -> None:
+    if device == "cpu":  # on CUDA the pool is the accelerator's as it is
+        request.getfixturevalue("accelerator")
+    goat = _slot_bytes(tmp_path, adapters, "goat0", device)
     recorder = PoolRecorder()
     engine = LLMEngine(EngineConfig(
         model_dir=FIXTURE / "base", adapter_dir=adapters, static_cache_dir=tmp_path / "static",
-        block_size=4, device="cpu", dtype="float32", merge_static=False,
+        block_size=4, device=device, dtype="float32", merge_static=False,
         max_gpu_adapter_memory=2 * goat + goat // 2), recorder)
     prompt = REFERENCE["input_0"].tolist()
     names = ("goat0", "goat1", "goat2", "lora0")

@@ -84,6 +84,9 @@ def test_gpu_adapter_memory_flag() -> None:
     assert args.max_gpu_adapter_memory == 2 << 30 and args.max_loras is None
     assert cli.build_parser().parse_args([]).max_gpu_adapter_memory is None
     base = FIXTURE / "base"
+    config = cli._engine_config(cli.build_parser().parse_args(
+        [str(base), "--max-gpu-adapter-memory", "3MiB", "--max-loras", "5"]))
+    assert (config.max_gpu_adapter_memory, config.max_loras) == (3 << 20, 5)
     assert EngineConfig(model_dir=base).max_device_slots == 8
     assert EngineConfig(model_dir=base, max_gpu_adapter_memory=1 << 30,
                         max_cpu_adapters=100).max_device_slots == 100
