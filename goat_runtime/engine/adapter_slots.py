@@ -71,6 +71,7 @@ class DeviceSlots:
                         "slots are host memory", max_bytes)
         self.cost = slot_cost(linears)
         self._needs_cache: dict[str, tuple[int, Needs]] = {}  # name -> (load_id, its needs)
+        self._base_needs: tuple[HostAdapter, Needs] | None = None
         self._value_rows, self._max_experts = 1, 0
         self.base: HostAdapter | None = None
         count = max_loras if self.slots_on_host else self._count_at(Needs(1, 0))
@@ -312,9 +313,17 @@ class DeviceSlots:
             cached = self._needs_cache[name] = (host.load_id, self._needs(host))
         return cached[1]
 
+    def _needs_of_base(self) -> "Needs":
+        """The base's slot size (computed once: admission asks for it per waiting sequence)."""
+        if self.base is None:
+            return Needs(1, 0)
+        if self._base_needs is None or self._base_needs[0] is not self.base:
+            self._base_needs = (self.base, self._needs(self.base))
+        return self._base_needs[1]
+
     def _step_needs(self, names: Iterable[str]) -> "Needs":
         """The slot size a step of these adapters (and the base's slot, if any) needs."""
-        needs = [self._needs(self.base)] if self.base else []
+        needs = [self._needs_of_base()] if self.base else []
         needs += [self._needs_of(name) for name in names]
         return Needs(max((n.rows for n in needs), default=1),
                      max((n.experts for n in needs), default=0))
