@@ -185,6 +185,7 @@ def test_the_scheduler_never_puts_more_adapters_in_a_step_than_slots(
         model_dir=FIXTURE / "base", adapter_dir=adapters, static_cache_dir=tmp_path / "static",
         block_size=4, device=device, dtype="float32", merge_static=False,
         max_gpu_adapter_memory=2 * goat + goat // 2), recorder)
+    assert not engine.adapters.slots.slots_on_host
     prompt = REFERENCE["input_0"].tolist()
     names = ("goat0", "goat1", "goat2", "lora0")
     results = run(engine, [(f"{n}-{i}", prompt, GREEDY, n) for n in names for i in range(2)]
