@@ -47,7 +47,8 @@ REQUIRED_MODULES = ("torch", "triton", "transformers", "safetensors", "tokenizer
 # and the device helpers' own. Tests of the C++ CPU kernels are left out: _C is not built there.
 PYTEST_FILES = ("tests/test_devices.py", "tests/ops/test_routed_lora_triton.py",
                 "tests/ops/test_paged_attention.py", "tests/engine/test_model.py",
-                "tests/engine/test_engine.py", "tests/adapters/test_fixture_reference.py")
+                "tests/engine/test_engine.py", "tests/adapters/test_fixture_reference.py",
+                "tests/engine/test_device_pool.py")
 PYTEST_SELECTION = "cuda or triton or devices"
 TINY_MODEL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
@@ -176,6 +177,52 @@ def step_fixture_reference(table: Table, device: str, tmp: Path) -> None:
                   f"{same}/{len(prompts)}", f"max |prompt logprob error| {error:.1e}"
                   + (" (must be 12/12)" if dtype == "float32" else " (near-ties may flip)"))
         engine.adapters.shutdown()
+    step_slot_pool(table, device, tmp, reference)
+
+
+def step_slot_pool(table: Table, device: str, tmp: Path, reference: dict) -> None:
+    """The byte-sized slot pool (--max-gpu-adapter-memory): a budget of 2.5 GOAT slots gives 2
+    slots; the fixture's adapters then share them, float32 tokens still the reference's. On the
+    CPU (a rehearsal) the pool's accelerator logic runs on CPU tensors."""
+    from unittest import mock
+
+    import goat_runtime.engine.adapter_manager as manager
+    from goat_runtime.engine.config import EngineConfig
+    from goat_runtime.engine.engine import LLMEngine
+    from goat_runtime.engine.sampling import SamplingParams
+    from tests.adapters.adapted_model import FIXTURE
+
+    slots = (functools.partial(manager.DeviceSlots, slots_on_host=False) if device == "cpu"
+             else manager.DeviceSlots)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    names = ("goat0", "goat1", "lora0")
+    with mock.patch.object(manager, "DeviceSlots", slots):
+        budget = None
+        for _ in range(2):  # first unbounded, to read one GOAT slot's bytes off the tensors
+            engine = LLMEngine(EngineConfig(
+                model_dir=FIXTURE / "base", adapter_dir=FIXTURE / "adapters", device=device,
+                dtype="float32", static_cache_dir=tmp / "static", block_size=4,
+                merge_static=False, max_loras=None if budget else 4,
+                max_gpu_adapter_memory=budget))
+            prompt = reference["input_0"].tolist()
+            for i, name in enumerate(names if budget else names[:1]):
+                engine.add_request(f"{name}-{i}", prompt, params, name)
+            tokens: dict[str, list[int]] = {}
+            while engine.has_work():
+                for out in engine.step():
+                    tokens.setdefault(out.request_id.split("-")[0], []).extend(
+                        t for d in out.outputs for t in d.token_ids)
+            pool = engine.adapters.slots
+            engine.adapters.shutdown()
+            if budget is None:
+                budget = pool.nbytes() // 4 * 5 // 2
+        same = sum(tokens[n] == reference[f"{n}_greedy_0"].tolist() for n in names)
+        ok = pool.num_slots() == 2 and pool.nbytes() <= budget and same == len(names)
+    if not ok:
+        table.problems.append("slot pool: not 2 slots within the budget, or tokens differ")
+    table.add("fixture", "slot pool of 2.5 GOAT slots' bytes: slots, tokens",
+              f"{pool.num_slots()} slots, {same}/{len(names)}",
+              f"{pool.nbytes()} of {budget} bytes (must be 2 slots, 3/3)")
 
 
 # ---- 3. the GPU tests -----------------------------------------------------------------------

@@ -75,7 +75,7 @@ def create_app(engine: ServingEngine, settings: Settings | None = None,
     """
     settings = settings or Settings()
     keyring = Keyring(settings.api_keys, settings.api_keys_file)
-    metrics = metrics or ServerMetrics(max_loras=engine.config.max_loras)
+    metrics = metrics or ServerMetrics(max_loras=engine.config.max_device_slots)
     metrics.attach(engine)
 
     @contextlib.asynccontextmanager

@@ -129,8 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest remote adapter downloaded, its files together (default 1GiB)")
     g.add_argument("--adapter-download-timeout", type=_positive_float, default=60.0,
                    metavar="S", help="seconds per network call of a download (default 60)")
-    g.add_argument("--max-loras", type=_positive, default=8, metavar="N",
-                   help="adapters resident on the device at once (default 8)")
+    g.add_argument("--max-loras", type=_positive, metavar="N",
+                   help="accelerator (CUDA) adapter slots, the most distinct adapters one step "
+                        "serves there (default 8; with --max-gpu-adapter-memory, as many as it "
+                        "holds, up to --max-cpu-adapters). Not a bound on the CPU, whose slots "
+                        "are host memory")
+    g.add_argument("--max-gpu-adapter-memory", type=parse_size, metavar="SIZE",
+                   help="accelerator memory for adapter slots, e.g. 2GiB: the slot count is "
+                        "what it holds at one slot's bytes (the largest rank and expert count "
+                        "in the pool), at most --max-loras where given; start-up fails if it "
+                        "holds no slot (default: --max-loras slots, whatever their size; "
+                        "ignored on the CPU; --engine goat only)")
     g.add_argument("--max-cpu-adapters", type=_positive, default=32, metavar="N",
                    help="adapters kept in host memory (default 32)")
     g.add_argument("--max-cpu-adapter-memory", type=parse_size, metavar="SIZE",
@@ -222,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.engine == "vllm":
         from goat_runtime.adapters.store import is_url
 
+        if args.max_gpu_adapter_memory is not None:
+            parser.error("--max-gpu-adapter-memory needs --engine goat (vLLM sizes its slots "
+                         "by --max-loras and --max-lora-rank)")
+
         if any(is_url(s) for s in (args.adapter_dir or "", *(p for _, p in args.adapter))):
             parser.error("--engine vllm serves local adapter folders only (not s3:// or hf://)")
         from goat_runtime.vllm_plugin.async_engine import reexec_in_vllm_venv
@@ -271,6 +284,7 @@ def _engine_config(args: argparse.Namespace) -> "EngineConfig":
             served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
             max_loras=args.max_loras, max_cpu_adapters=args.max_cpu_adapters,
             max_cpu_adapter_memory=args.max_cpu_adapter_memory,
+            max_gpu_adapter_memory=args.max_gpu_adapter_memory,
             max_lora_rank=args.max_lora_rank, max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
             merge_static=args.merge_static, pack_weights=args.pack_weights,
@@ -329,7 +343,7 @@ def serve(args: argparse.Namespace) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _engine_config(args)
     settings = _settings(args)
-    metrics = ServerMetrics(max_loras=args.max_loras)
+    metrics = ServerMetrics(max_loras=config.max_device_slots)
     engine = _engine(args, config, metrics)
     try:
         app = create_app(engine, settings, metrics)

@@ -168,6 +168,14 @@ class ServerMetrics:
         for tier in TIERS:
             self.adapter_memory_bytes.labels(tier)
             self.adapter_memory_adapters.labels(tier)
+        self.adapter_slots = Gauge(
+            "goat_adapter_slots", "Adapter slots in the device pool (the base's own not "
+            "counted): on an accelerator the most distinct adapters a step serves (from "
+            "--max-gpu-adapter-memory and --max-loras); on the CPU the pool's size, not a "
+            "bound.", registry=r)
+        self.adapter_slot_bytes = Gauge(
+            "goat_adapter_slot_bytes", "Bytes one device slot takes at the pool's size (the "
+            "largest rank and expert count in it).", registry=r)
         self.adapter_downloads = Counter("goat_adapter_downloads",
                                          "Remote adapters downloaded, by store (s3, hf).",
                                          ["store"], registry=r)
@@ -307,6 +315,12 @@ class ServerMetrics:
     def on_adapter_memory(self, tier: str, adapters: int, nbytes: int) -> None:
         self.adapter_memory_bytes.labels(tier).set(nbytes)
         self.adapter_memory_adapters.labels(tier).set(adapters)
+
+    def on_adapter_slots(self, slots: int, slot_bytes: int, bounded: bool) -> None:
+        self.adapter_slots.set(slots)
+        self.adapter_slot_bytes.set(slot_bytes)
+        if bounded:  # vllm:lora_requests_info's max_lora: what a step can serve now
+            self.max_loras = slots
 
     def on_adapter_download(self, store: str, nbytes: int, seconds: float) -> None:
         self.adapter_downloads.labels(store).inc()

@@ -151,5 +151,6 @@ def test_quick_rehearsal_on_the_cpu(tmp_path):
         assert f"| {section} " in text, section
     assert "FAILED" not in text and "skipped" not in text and "every check passed" in text
     assert re.search(r"float32: greedy sequences equal to the reference +\| 12/12 ", text)
+    assert re.search(r"slot pool of 2.5 GOAT slots' bytes: slots, tokens +\| 2 slots, 3/3 ", text)
     for case in ("base", "16 GOAT, static merged", "16 GOAT, unmerged", "16 LoRA"):
         assert re.search(rf"\| {case}, batch 2 +\| [\d,]+ tok/s", text), case

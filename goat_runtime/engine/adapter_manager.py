@@ -37,7 +37,8 @@ class AdapterManager:
     def __init__(self, linears: list[FusedLinear], *, adapter_dir: Path | str | None,
                  max_loras: int, max_cpu_adapters: int, max_lora_rank: int,
                  static_cache_dir: Path | None, listener: EngineListener | None = None,
-                 store_config: StoreConfig | None = None, max_cpu_memory: int | None = None):
+                 store_config: StoreConfig | None = None, max_cpu_memory: int | None = None,
+                 max_device_memory: int | None = None):
         self.linears = linears
         self.store_config = store_config or StoreConfig()
         if listener is not None and self.store_config.events is None:
@@ -62,8 +63,9 @@ class AdapterManager:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
         self._downloads = ThreadPoolExecutor(4, thread_name_prefix="adapter-download")
         self._load_ids = itertools.count(1)
+        # max_loras bounds accelerator slots (with max_device_memory, their bytes) only
         self.slots = DeviceSlots(linears, max_loras, listener, get=self.get, peek=self._peek,
-                                 on_change=self._report_memory)
+                                 on_change=self._report_memory, max_bytes=max_device_memory)
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -200,6 +202,7 @@ class AdapterManager:
         try:
             adapter = load_adapter(path, self.shapes, name=name, max_rank=self.max_lora_rank)
             terms = self.static.static_terms(adapter)
+            self.slots.check_fits(name, adapter, terms)  # an accelerator's byte budget
         except Exception as exc:
             self._load_failed(name, exc)
             raise

@@ -1,22 +1,29 @@
 """Device slots: the stacked tensors the routed op reads, one slot per adapter, written from
 the host entries the adapter manager (engine/adapter_manager.py) keeps.
 
-On an accelerator there are `max_loras` slots, so a step serves at most that many distinct
-adapters and slots are reused LRU. On the CPU the slots are host memory too, so they are not a
-bound: every adapter on the host keeps its slot, written once after its load (not per use), the
-pool grows (doubling) when all are taken, a slot is reused once its adapter has left the host,
-and any number of distinct adapters can share a step. The base, when it needs a slot (merged
-static terms), owns the extra last slot.
+On an accelerator the slots are a pool, reused LRU, and a step serves at most as many distinct
+adapters as it has slots: `max_loras`, or with a byte budget (`--max-gpu-adapter-memory`) as
+many as the budget holds at one slot's bytes, at most `max_loras`. A slot is sized to the
+largest rank and expert count in the pool (the kernel reads every value row of a slice), so its
+bytes change as adapters come and go: before a step's adapters are written the pool is resized
+for them and the count recomputed within the budget (`_fit`).
+
+On the CPU the slots are host memory too, so they are not a bound: every adapter on the host
+keeps its slot, written once after its load (not per use), the pool grows (doubling) when all
+are taken, a slot is reused once its adapter has left the host, and any number of distinct
+adapters can share a step. The base, when it needs a slot (merged static terms), owns the extra
+last slot.
 """
 
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from goat_runtime.adapters.format import Adapter
+from goat_runtime.adapters.format import Adapter, AdapterError
 from goat_runtime.adapters.slots import allocate_slots, slice_rows, write_slot
 from goat_runtime.adapters.static import Factors
 from goat_runtime.engine.outputs import EngineListener
@@ -48,22 +55,44 @@ class DeviceSlots:
     def __init__(self, linears: list[FusedLinear], max_loras: int,
                  listener: EngineListener | None, *,
                  get: Callable[[str], HostAdapter | None],
-                 peek: Callable[[str], HostAdapter | None], on_change: Callable[[], None]):
+                 peek: Callable[[str], HostAdapter | None], on_change: Callable[[], None],
+                 max_bytes: int | None = None, slots_on_host: bool | None = None):
+        """max_loras: the accelerator's most slots (the CPU pool's first size); max_bytes: the
+        accelerator pool's bytes (None: max_loras slots whatever their size); slots_on_host:
+        whether slots are host memory, by default where the linears' weights are (False on
+        CPU tensors: the accelerator's pool logic, for tests)."""
         self.linears, self.max_loras, self.listener = linears, max_loras, listener
         self._get, self._peek, self._on_change = get, peek, on_change
-        # Slot i holds _slots[i] (a name) or None.
-        self._slots: list[str | None] = [None] * max_loras
-        self._slot_used: list[float] = [0.0] * max_loras
-        self._slot_ids: list[int] = [0] * max_loras  # the load_id written in each slot
-        self.slots_on_host = linears[0].weight.device.type == "cpu"
+        self.slots_on_host = (linears[0].weight.device.type == "cpu" if slots_on_host is None
+                              else slots_on_host)
+        self.max_bytes = None if self.slots_on_host else max_bytes
+        if max_bytes is not None and self.slots_on_host:
+            logger.info("the adapter slot budget (%d bytes) is for accelerators: on the CPU "
+                        "slots are host memory", max_bytes)
+        self.cost = slot_cost(linears)
+        self._needs_cache: dict[str, tuple[int, Needs]] = {}  # name -> (load_id, its needs)
+        self._base_needs: tuple[HostAdapter, Needs] | None = None
         self._value_rows, self._max_experts = 1, 0
         self.base: HostAdapter | None = None
+        count = max_loras if self.slots_on_host else self._count_at(Needs(1, 0))
+        if count < 1:
+            raise ValueError(self._too_small(Needs(1, 0), "an adapter slot"))
+        # Slot i holds _slots[i] (a name) or None.
+        self._slots: list[str | None] = [None] * count
+        self._slot_used: list[float] = [0.0] * count
+        self._slot_ids: list[int] = [0] * count  # the load_id written in each slot
         self._allocate()
 
     def set_base(self, base: HostAdapter) -> None:
-        """Give the base a slot of its own (its static terms undo the merged ones)."""
+        """Give the base a slot of its own (its static terms undo the merged ones); on an
+        accelerator with a byte budget it takes its share of the budget."""
         self.base = base
-        self._allocate()
+        if self.slots_on_host:
+            self._allocate()
+        else:
+            needs = self._step_needs(())
+            self._resize(Needs(max(needs.rows, self._value_rows),
+                               max(needs.experts, self._max_experts)), set())
 
     def holds(self, name: str) -> bool:
         """Whether some slot holds `name` (possibly an earlier load of it)."""
@@ -80,17 +109,25 @@ class DeviceSlots:
                    for t in _slot_tensors(_attached(linear)))
 
     def can_bind(self, names: Collection[str], extra: str) -> bool:
-        """Whether `extra` can join a step whose adapters are `names`: on an accelerator at most
-        max_loras distinct adapters per step, as many as there are slots; on the CPU any."""
-        return self.slots_on_host or extra in names or len(names) < self.max_loras
+        """Whether `extra` can join a step whose adapters are `names`: on the CPU always; on an
+        accelerator while the step's distinct adapters are no more than the slots a pool sized
+        for them has (max_loras, or what the byte budget holds at the size the largest of them
+        needs). A lone adapter always may: one too large for the budget fails in `bind`."""
+        if self.slots_on_host or extra in names:
+            return True
+        wanted = {*names, extra}
+        return len(wanted) <= max(1, self._count_at(self._step_needs(wanted)))
 
     def bind(self, names: Iterable[str]) -> dict[str | None, int]:
         """Put the step's adapters in device slots (evicting least recently used ones outside
         the step); returns name -> slot, with None -> the base's slot (-1 when the base needs
         none)."""
         names = set(names)
-        if len(names) > self.max_loras and not self.slots_on_host:
-            raise RuntimeError(f"{len(names)} adapters in one step, max_loras is {self.max_loras}")
+        if not self.slots_on_host:
+            self._fit(names)
+            if len(names) > len(self._slots):
+                raise RuntimeError(f"{len(names)} adapters in one step, the device pool has "
+                                   f"{len(self._slots)} slots")
         now = time.monotonic()
         slots: dict[str | None, int] = {}
         for name in sorted(names):
@@ -153,14 +190,14 @@ class DeviceSlots:
             self.listener.on_adapter_location(name, "device")
         self._on_change()
 
-    def _needs(self, host: HostAdapter) -> tuple[int, int]:
+    def _needs(self, host: HostAdapter) -> "Needs":
         rows, experts = 1, 0
         for linear in self.linears:
             for module in linear.slice_names:
                 delta = host.adapter.layers.get(module) if host.adapter else None
                 r, e = slice_rows(delta, host.terms.get(module))
                 rows, experts = max(rows, r), max(experts, e)
-        return rows, experts
+        return Needs(rows, experts)
 
     def _write_host(self, slot: int, host: HostAdapter,
                     routed: list[RoutedLoRAWeights] | None = None) -> None:
@@ -197,6 +234,9 @@ class DeviceSlots:
             linear.routed = slots
         self._slots = [name if host is not None else None
                        for name, host in zip(self._slots, hosts, strict=True)]
+        if self.listener:
+            self.listener.on_adapter_slots(len(self._slots), self.slot_bytes(),
+                                           not self.slots_on_host)
 
     def _grow_slots(self) -> None:
         """Double the slot pool (CPU), keeping every slot's contents; all or nothing."""
@@ -225,7 +265,141 @@ class DeviceSlots:
                            device=routed.shrink.device)
 
     def slot_owner(self, slot: int) -> str | None:
-        return self._slots[slot] if 0 <= slot < self.max_loras else None
+        return self._slots[slot] if 0 <= slot < len(self._slots) else None
+
+    # ---- the accelerator's pool: slots counted within a byte budget ---------------------------
+
+    def num_slots(self) -> int:
+        """Adapter slots in the pool (the base's own not counted)."""
+        return len(self._slots)
+
+    def slot_bytes(self) -> int:
+        """Bytes one slot takes at the pool's current size."""
+        return self.cost.nbytes(Needs(self._value_rows, self._max_experts))
+
+    def check_fits(self, name: str, adapter: Adapter, terms: dict[str, Factors]) -> None:
+        """Raise AdapterError if an accelerator pool with a byte budget cannot hold `adapter`
+        in even one slot (beside the base's), so that its load fails with the reason instead
+        of its requests waiting for a slot that can never be."""
+        if self.slots_on_host or self.max_bytes is None:
+            return
+        needs = self._step_needs(())
+        own = self._needs(HostAdapter(adapter, terms, load_id=0))
+        needs = Needs(max(needs.rows, own.rows), max(needs.experts, own.experts))
+        if self._count_at(needs) < 1:
+            raise AdapterError(self._too_small(needs, f"adapter {name}'s slot"))
+
+    def _count_at(self, needs: "Needs") -> int:
+        """Adapter slots of this size the pool has: max_loras, or fewer where the byte budget
+        (less the base's slot, if any) holds fewer."""
+        if self.max_bytes is None:
+            return self.max_loras
+        held = self.max_bytes // self.cost.nbytes(needs) - (1 if self.base else 0)
+        return min(self.max_loras, held)
+
+    def _too_small(self, needs: "Needs", what: str) -> str:
+        beside = " beside the base model's own slot" if self.base else ""
+        return (f"--max-gpu-adapter-memory ({self.max_bytes} bytes) cannot hold {what}"
+                f"{beside}: one takes {self.cost.nbytes(needs)} bytes ({needs.rows} value rows "
+                f"and {needs.experts} router rows per slice, all linears)")
+
+    def _needs_of(self, name: str) -> "Needs":
+        """The slot size a loaded adapter needs (cached per load; (1, 0) if not loaded)."""
+        host = self._peek(name)
+        if host is None:
+            return Needs(1, 0)
+        cached = self._needs_cache.get(name)
+        if cached is None or cached[0] != host.load_id:
+            cached = self._needs_cache[name] = (host.load_id, self._needs(host))
+        return cached[1]
+
+    def _needs_of_base(self) -> "Needs":
+        """The base's slot size (computed once: admission asks for it per waiting sequence)."""
+        if self.base is None:
+            return Needs(1, 0)
+        if self._base_needs is None or self._base_needs[0] is not self.base:
+            self._base_needs = (self.base, self._needs(self.base))
+        return self._base_needs[1]
+
+    def _step_needs(self, names: Iterable[str]) -> "Needs":
+        """The slot size a step of these adapters (and the base's slot, if any) needs."""
+        needs = [self._needs_of_base()] if self.base else []
+        needs += [self._needs_of(name) for name in names]
+        return Needs(max((n.rows for n in needs), default=1),
+                     max((n.experts for n in needs), default=0))
+
+    def _fit(self, names: set[str]) -> None:
+        """Size the pool for a step of `names` before any of them is written: grown to fit
+        them beside the adapters it holds where the budget leaves enough slots, else sized
+        for the step alone (the others leave the pool, least recently used first)."""
+        step = self._step_needs(names)
+        grown = Needs(max(step.rows, self._value_rows), max(step.experts, self._max_experts))
+        target = grown if self._count_at(grown) >= len(names) else step
+        if target != (self._value_rows, self._max_experts):
+            self._resize(target, names)
+
+    def _resize(self, needs: "Needs", keep: set[str]) -> None:
+        """Reallocate the pool with slots of `needs` and as many as the budget then holds,
+        keeping the adapters in `keep`, then the most recently used ones that still fit; all
+        or nothing. Raises ValueError if the budget holds fewer slots than `keep` needs."""
+        count = self._count_at(needs)
+        if count < max(1, len(keep)):
+            raise ValueError(self._too_small(needs, f"{max(1, len(keep))} adapter slots"
+                                             if len(keep) > 1 else "an adapter slot"))
+        held = [i for i, name in enumerate(self._slots) if name is not None
+                and self._slot_of(name, self._peek(name)) == i]
+        fitting = [i for i in held if self._needs_of(self._slots[i]).rows <= needs.rows
+                   and self._needs_of(self._slots[i]).experts <= needs.experts]
+        fitting.sort(key=lambda i: (self._slots[i] not in keep, -self._slot_used[i]))
+        kept = fitting[:count]
+        before = (self._slots, self._slot_used, self._slot_ids, self._value_rows,
+                  self._max_experts)
+        free = count - len(kept)
+        self._slots = [self._slots[i] for i in kept] + [None] * free
+        self._slot_used = [self._slot_used[i] for i in kept] + [0.0] * free
+        self._slot_ids = [self._slot_ids[i] for i in kept] + [0] * free
+        self._value_rows, self._max_experts = needs
+        try:
+            self._allocate()
+        except Exception:  # the old tensors are still attached (see _allocate)
+            (self._slots, self._slot_used, self._slot_ids, self._value_rows,
+             self._max_experts) = before
+            raise
+        for i in held:
+            if i not in kept and self.listener:
+                self.listener.on_adapter_evicted(before[0][i], "device")
+                self.listener.on_adapter_location(before[0][i], "host")
+        logger.info("adapter slots: %d of %d bytes (%d value rows, %d router rows per slice)",
+                    count, self.slot_bytes(), *needs)
+        self._on_change()
+
+
+class Needs(NamedTuple):
+    """A slot's size: value rows (experts' and static rows) and router rows per slice."""
+    rows: int
+    experts: int
+
+
+@dataclass(frozen=True)
+class SlotCost:
+    """The bytes one slot takes in all the linears' slot tensors: linear in its value rows and
+    router rows (allocate_slots' layout, measured once on the meta device)."""
+    fixed: int
+    per_row: int
+    per_expert: int
+
+    def nbytes(self, needs: Needs) -> int:
+        return self.fixed + needs.rows * self.per_row + needs.experts * self.per_expert
+
+
+def slot_cost(linears: list[FusedLinear]) -> SlotCost:
+    def measure(rows: int, experts: int) -> int:
+        return sum(t.nbytes for linear in linears for t in _slot_tensors(allocate_slots(
+            1, linear.out_sizes, linear.d_in, value_rows=rows, max_experts=experts,
+            dtype=linear.weight.dtype, device="meta")))
+
+    fixed = measure(0, 0)
+    return SlotCost(fixed, measure(1, 0) - fixed, measure(0, 1) - fixed)
 
 
 def _attached(linear: FusedLinear) -> RoutedLoRAWeights:

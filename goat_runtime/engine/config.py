@@ -19,6 +19,7 @@ def check_adapter_dir(path: str | Path) -> Path | str:
 
 
 DTYPES = ("auto", "float32", "bfloat16")
+DEFAULT_MAX_LORAS = 8  # accelerator slots without --max-loras or --max-gpu-adapter-memory
 
 
 def resolve_dtype(dtype: str, device_type: str) -> str:
@@ -46,7 +47,14 @@ class EngineConfig:
     served_model_name: str | None = None  # the base's name in requests; default: folder name
     dtype: str = "auto"  # auto (float32 on cpu, bfloat16 on cuda), float32, bfloat16
     device: str = "auto"  # auto, cpu, cuda
-    max_loras: int = 8  # adapters resident in device slots (distinct adapters per step)
+    # Accelerator slots (distinct adapters per step there; no bound on the CPU, whose slots are
+    # host memory). None: DEFAULT_MAX_LORAS, or as many as max_gpu_adapter_memory holds (see
+    # max_device_slots); given, an upper bound on the count either way.
+    max_loras: int | None = None
+    # Bytes of the accelerator's slot pool: the slot count follows from it and one slot's bytes
+    # at the largest resident rank and expert count (engine/adapter_slots.py). None: max_loras
+    # slots whatever their size. Ignored on the CPU.
+    max_gpu_adapter_memory: int | None = None
     max_cpu_adapters: int = 32  # adapters kept loaded in host memory (LRU)
     max_cpu_adapter_memory: int | None = None  # bytes of those adapters (LRU); None: no bound
     max_lora_rank: int = 64
@@ -74,17 +82,20 @@ class EngineConfig:
         if self.adapter_dir is not None:
             self.adapter_dir = check_adapter_dir(self.adapter_dir)
         self.adapters = {name: check_adapter_dir(p) for name, p in self.adapters.items()}
-        for name in ("max_loras", "max_cpu_adapters", "max_lora_rank", "max_num_seqs",
+        for name in ("max_cpu_adapters", "max_lora_rank", "max_num_seqs",
                      "max_num_batched_tokens", "block_size", "max_adapter_size",
                      "adapter_download_retries"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_cpu_adapter_memory is not None and self.max_cpu_adapter_memory < 1:
-            raise ValueError(f"max_cpu_adapter_memory must be at least 1 byte, got "
-                             f"{self.max_cpu_adapter_memory}")
-        if self.max_cpu_adapters < self.max_loras:
+        if self.max_loras is not None and self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
+        for name in ("max_cpu_adapter_memory", "max_gpu_adapter_memory"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 byte, got {getattr(self, name)}")
+        if self.max_cpu_adapters < self.max_device_slots:
             raise ValueError(f"max_cpu_adapters ({self.max_cpu_adapters}) must be at least "
-                             f"max_loras ({self.max_loras}): device adapters live on the host too")
+                             f"max_loras ({self.max_device_slots}): device adapters live on the "
+                             "host too")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.scheduling_policy not in ("fcfs", "fair"):
@@ -92,6 +103,17 @@ class EngineConfig:
                              f"{self.scheduling_policy!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def max_device_slots(self) -> int:
+        """The most accelerator slots: max_loras where given; else DEFAULT_MAX_LORAS, or with a
+        byte pool (max_gpu_adapter_memory) max_cpu_adapters: the bytes decide below that, and
+        no more adapters than the host keeps can be in slots (they live on the host too)."""
+        if self.max_loras is not None:
+            return self.max_loras
+        if self.max_gpu_adapter_memory is not None:
+            return self.max_cpu_adapters
+        return DEFAULT_MAX_LORAS
 
     def store_config(self) -> "StoreConfig":
         from goat_runtime.adapters.store import StoreConfig

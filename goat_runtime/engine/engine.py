@@ -84,10 +84,11 @@ class LLMEngine:
         self.allocator = BlockAllocator(num_blocks)
         self.adapters = AdapterManager(
             self.model.fused_linears(), adapter_dir=config.adapter_dir,
-            max_loras=config.max_loras, max_cpu_adapters=config.max_cpu_adapters,
+            max_loras=config.max_device_slots, max_cpu_adapters=config.max_cpu_adapters,
             max_lora_rank=config.max_lora_rank, static_cache_dir=config.static_cache_dir,
             listener=listener, store_config=config.store_config(),
-            max_cpu_memory=config.max_cpu_adapter_memory)
+            max_cpu_memory=config.max_cpu_adapter_memory,
+            max_device_memory=config.max_gpu_adapter_memory)
         if config.merge_static:
             self.adapters.merge_static(self.adapters.start_up_adapters(config.adapters))
         if config.pack_weights:  # the base weights are final from here on

@@ -94,6 +94,10 @@ class EngineListener(Protocol):
     def on_adapter_memory(self, tier: str, adapters: int, nbytes: int) -> None:
         """Adapters resident in a tier ("host" or "device") and the bytes they take."""
 
+    def on_adapter_slots(self, slots: int, slot_bytes: int, bounded: bool) -> None:
+        """The device slot pool's size: its slots (the base's own not counted) and one slot's
+        bytes; bounded: whether the slots bound a step's distinct adapters (an accelerator)."""
+
     # Remote adapters (adapters/store.py's StoreEvents; called from a download thread): store
     # is "s3" or "hf"; reason one of FetchError's.
     def on_adapter_download(self, store: str, nbytes: int, seconds: float) -> None: ...

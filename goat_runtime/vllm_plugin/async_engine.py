@@ -201,7 +201,7 @@ class VllmAsyncEngine:
         return AsyncEngineArgs(
             model=str(self.config.model_dir), served_model_name=[self.base_name], dtype=dtype,
             max_model_len=self.config.max_model_len, max_num_seqs=self.config.max_num_seqs,
-            enable_lora=True, max_loras=self.config.max_loras,
+            enable_lora=True, max_loras=self.config.max_device_slots,
             max_cpu_loras=self.config.max_cpu_adapters, max_lora_rank=self.max_lora_rank,
             tensor_parallel_size=self.tensor_parallel_size,
             kv_cache_memory_bytes=self.config.kv_cache_memory, disable_log_stats=False,

@@ -38,6 +38,7 @@ def test_help_explains_every_flag() -> None:
     text = cli.build_parser().format_help()
     for flag in ("--adapter-dir", "--adapter ", "--served-model-name", "--host", "--port",
                  "--api-key", "--max-loras", "--max-cpu-adapters", "--max-lora-rank",
+                 "--max-gpu-adapter-memory",
                  "--max-num-seqs", "--max-model-len", "--kv-cache-memory",
                  "--max-queued-requests", "--dtype", "--device", "--merge-static",
                  "--no-merge-static",
@@ -71,6 +72,30 @@ def test_parsing(tmp_path: Path) -> None:
                 ["--shutdown-timeout", "-1"]):
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(bad)
+
+
+def test_gpu_adapter_memory_flag() -> None:
+    """--max-gpu-adapter-memory takes sizes; without it (and without --max-loras) the
+    accelerator has 8 slots, with it the bytes decide up to --max-cpu-adapters, and --max-loras
+    bounds the count either way; vLLM's engine has no byte-sized pool."""
+    from goat_runtime.engine.config import EngineConfig
+
+    args = cli.build_parser().parse_args(["/m", "--max-gpu-adapter-memory", "2GiB"])
+    assert args.max_gpu_adapter_memory == 2 << 30 and args.max_loras is None
+    assert cli.build_parser().parse_args([]).max_gpu_adapter_memory is None
+    base = FIXTURE / "base"
+    config = cli._engine_config(cli.build_parser().parse_args(
+        [str(base), "--max-gpu-adapter-memory", "3MiB", "--max-loras", "5"]))
+    assert (config.max_gpu_adapter_memory, config.max_loras) == (3 << 20, 5)
+    assert EngineConfig(model_dir=base).max_device_slots == 8
+    assert EngineConfig(model_dir=base, max_gpu_adapter_memory=1 << 30,
+                        max_cpu_adapters=100).max_device_slots == 100
+    assert EngineConfig(model_dir=base, max_gpu_adapter_memory=1 << 30,
+                        max_loras=3).max_device_slots == 3
+    with pytest.raises(ValueError, match="max_gpu_adapter_memory"):
+        EngineConfig(model_dir=base, max_gpu_adapter_memory=0)
+    with pytest.raises(SystemExit):
+        cli.main([str(base), "--engine", "vllm", "--max-gpu-adapter-memory", "1GiB"])
 
 
 def test_adapters_subcommand_dispatches_lazily(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -103,6 +103,8 @@ def test_metrics_after_traffic(live: LiveServer) -> None:
         host.get(n).nbytes for n in ("goat1", "lora0")) > 0
     assert value(samples, "goat_adapter_memory_adapters", tier="device") == 2
     assert value(samples, "goat_adapter_memory_bytes", tier="device") > 0
+    assert value(samples, "goat_adapter_slots") == host.slots.num_slots() >= 2
+    assert value(samples, "goat_adapter_slot_bytes") == host.slots.slot_bytes() > 0
     # label values only from the base and loaded adapters (or the fixed UNRESOLVED)
     allowed = {BASE, "goat0", "goat1", "lora0", UNRESOLVED}
     for name in ("goat_requests_total", "goat_prompt_tokens_total",
@@ -164,12 +166,17 @@ def test_listener_events_from_the_engine_thread() -> None:
         metrics.on_adapter_evicted("a", "device")
         metrics.on_expert_selections("a", [3, 0, 5, 1])
         metrics.on_expert_selections("a", [1, 0, 0, 0])
+        metrics.on_adapter_slots(5, 1234, True)  # an accelerator's pool
+        metrics.on_adapter_slots(64, 512, False)  # a CPU's: its slots bound no step
 
     thread = threading.Thread(target=engine_thread)
     thread.start()
     thread.join()
     samples, _ = parse_exposition(generate_latest(metrics.registry).decode())
     assert value(samples, "goat_batch_adapters_sum") == 2
+    assert value(samples, "goat_adapter_slots") == 64
+    assert value(samples, "goat_adapter_slot_bytes") == 512
+    assert metrics.max_loras == 5  # vllm:lora_requests_info's max_lora: the bounding pool's
     assert value(samples, "goat_batch_size_sum") == 4
     assert value(samples, "goat_adapter_resident", adapter="a", location="host") == 1
     assert value(samples, "goat_adapter_resident", adapter="a", location="device") == 0
