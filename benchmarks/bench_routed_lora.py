@@ -50,8 +50,8 @@ def stacked_adapters(d_in: int, out_sizes: tuple[int, ...], static_rank: int,
     shrink = torch.randn(NUM_SLOTS, num_slices, rows, d_in, generator=gen) / d_in**0.5
     router = torch.randn(NUM_SLOTS, num_slices, NUM_EXPERTS, d_in, generator=gen) / d_in**0.5
     expand = torch.randn(NUM_SLOTS, rows, offsets[-1], generator=gen) / rows**0.5
-    meta = torch.tensor([NUM_EXPERTS, TOP_K, expert_rank], dtype=torch.int32)
-    meta = meta.expand(NUM_SLOTS, num_slices, 3).contiguous()
+    meta = torch.tensor([NUM_EXPERTS, TOP_K, expert_rank, rows], dtype=torch.int32)
+    meta = meta.expand(NUM_SLOTS, num_slices, 4).contiguous()
     # Routers are float32 whatever the weights' dtype (as the slot manager keeps them).
     return RoutedLoRAWeights(shrink.to(dtype), router, expand.to(dtype), meta, tuple(offsets))
 

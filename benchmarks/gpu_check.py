@@ -282,7 +282,8 @@ def lora_weights(d_in: int, out_sizes: tuple[int, ...], rank: int, slots: int,
         offsets.append(offsets[-1] + size)
     shrink = torch.randn(slots, len(out_sizes), rank, d_in, generator=gen) / d_in**0.5
     expand = torch.randn(slots, rank, offsets[-1], generator=gen) / rank**0.5
-    meta = torch.zeros(slots, len(out_sizes), 3, dtype=torch.int32)
+    meta = torch.zeros(slots, len(out_sizes), 4, dtype=torch.int32)
+    meta[..., 3] = rank
     router = torch.zeros(slots, len(out_sizes), 0, d_in)
     return RoutedLoRAWeights(shrink, router, expand, meta, tuple(offsets))
 

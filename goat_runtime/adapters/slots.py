@@ -13,6 +13,7 @@ import torch
 from goat_runtime.adapters.format import AdaptedLinear
 from goat_runtime.adapters.static import Factors
 from goat_runtime.ops import RoutedLoRAWeights
+from goat_runtime.ops.routed_lora import SLICE_META_FIELDS
 
 
 def allocate_slots(num_slots: int, out_sizes: Sequence[int], d_in: int, *, value_rows: int,
@@ -30,7 +31,8 @@ def allocate_slots(num_slots: int, out_sizes: Sequence[int], d_in: int, *, value
         router=torch.zeros(num_slots, num_slices, max_experts, d_in, dtype=torch.float32,
                            device=device),
         expand=torch.zeros(num_slots, value_rows, offsets[-1], dtype=dtype, device=device),
-        slice_meta=torch.zeros(num_slots, num_slices, 3, dtype=torch.int32, device=device),
+        slice_meta=torch.zeros(num_slots, num_slices, SLICE_META_FIELDS, dtype=torch.int32,
+                               device=device),
         out_offsets=tuple(offsets),
     )
 
@@ -83,8 +85,10 @@ def write_slice(weights: RoutedLoRAWeights, slot: int, s: int,
         row += a.shape[0]
     if router is not None:
         weights.router[slot, s, :experts] = router  # float32: never rounded to the served dtype
-        weights.slice_meta[slot, s] = torch.tensor([experts, top_k, expert_rank],
-                                                   dtype=torch.int32)
+    # The op reads `rows` value rows of this slice, not the padding up to the slots' R.
+    weights.slice_meta[slot, s] = torch.tensor([experts, top_k if router is not None else 0,
+                                                expert_rank if router is not None else 0, rows],
+                                               dtype=torch.int32)
 
 
 def clear_slot(weights: RoutedLoRAWeights, slot: int) -> None:

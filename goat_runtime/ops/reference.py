@@ -32,21 +32,21 @@ def add_routed_lora_reference(y: torch.Tensor, x: torch.Tensor, token_slots: tor
                               expert_counts: torch.Tensor | None = None) -> None:
     """Semantics: y[t] += X[a] (gate(G[a] x[t]) * h) with h = S[a] x[t], a = token_slots[t], per
     slice (G: the float32 router); tokens with slot -1 are left alone; expert_counts[a, e] +=
-    chosen (token, slice) pairs. Shapes as in `add_routed_lora`. fp32 math."""
-    num_value_rows = weights.num_value_rows
+    chosen (token, slice) pairs; only the first `rows` value rows of a slot's slice (its
+    slice_meta) take part. Shapes as in `add_routed_lora`. fp32 math."""
     offsets = weights.out_offsets
     for t in range(x.shape[0]):
         slot = int(token_slots[t])
         if slot < 0:
             continue
         for s in range(weights.num_slices):
-            num_experts, top_k, expert_rank = (int(v) for v in weights.slice_meta[slot, s])
-            values = weights.shrink[slot, s].float() @ x[t].float()
+            num_experts, top_k, expert_rank, rows = (int(v) for v in weights.slice_meta[slot, s])
+            values = weights.shrink[slot, s, :rows].float() @ x[t].float()
             logits = weights.router[slot, s, :num_experts].float() @ x[t].float()
-            gate = gate_from_logits(logits, num_experts, top_k, expert_rank, num_value_rows)
+            gate = gate_from_logits(logits, num_experts, top_k, expert_rank, rows)
             if expert_counts is not None and num_experts:
                 chosen = gate[: num_experts * expert_rank : expert_rank] > 0
                 width = min(num_experts, expert_counts.shape[1])
                 expert_counts[slot, :width] += chosen[:width].to(expert_counts.dtype)
-            expand = weights.expand[slot, :, offsets[s] : offsets[s + 1]].float()
+            expand = weights.expand[slot, :rows, offsets[s] : offsets[s + 1]].float()
             y[t, offsets[s] : offsets[s + 1]] += ((gate * values) @ expand).to(y.dtype)

@@ -8,8 +8,8 @@ Triton kernel (goat_runtime.ops.triton_kernel).
 
 Layouts, per slot a and slice s (R = max value rows, E_max = max experts over slots and slices):
   shrink[a, s]  [R, d_in], the served dtype: the value rows (E expert blocks of expert_rank
-                rows, expert e at rows [e*rank, (e+1)*rank), then the static term's rows, zero
-                padded).
+                rows, expert e at rows [e*rank, (e+1)*rank), then the static term's rows), then
+                zero padding up to R, which the op never reads.
   router[a, s]  [E_max, d_in], always float32: rows [0, E) the router G (rows past E are unused
                 padding). Routers stay in float32 whatever the served dtype, as in the reference
                 (GOAT_SPEC section 2): a bfloat16 router would move the logits by its rounding
@@ -17,13 +17,20 @@ Layouts, per slot a and slice s (R = max value rows, E_max = max experts over sl
                 is widened exactly).
   expand[a]     [R, d_out]: column block [out_offsets[s], out_offsets[s+1]) belongs to slice s;
                 its row c multiplies value row c of that slice, already scaled (s * B_e^T, D^T).
-  slice_meta[a, s] int32 (num_experts E, top_k, expert_rank); E = 0 means no router: every
-                value row has gate 1 (plain LoRA). Value rows past E*expert_rank have gate 1.
+  slice_meta[a, s] int32 (num_experts E, top_k, expert_rank, rows); E = 0 means no router:
+                every value row has gate 1 (plain LoRA). Value rows [E*expert_rank, rows) have
+                gate 1 (the static term's); rows [rows, R) are padding and are not read, so a
+                slot costs what its own adapter holds, not what the largest one holds (a merged
+                GOAT slot beside LoRA slots that carry an undo term, a rank-8 LoRA beside an
+                unmerged GOAT).
 """
 
 from dataclasses import dataclass
 
 import torch
+
+# slice_meta's last dimension: (num_experts, top_k, expert_rank, value rows used).
+SLICE_META_FIELDS = 4
 
 
 @dataclass
@@ -33,7 +40,7 @@ class RoutedLoRAWeights:
     shrink: torch.Tensor  # [num_slots, num_slices, R, d_in], float32 or bfloat16
     router: torch.Tensor  # [num_slots, num_slices, E_max, d_in], float32
     expand: torch.Tensor  # [num_slots, R, d_out], same dtype as shrink
-    slice_meta: torch.Tensor  # [num_slots, num_slices, 3] int32: (E, top_k, expert_rank)
+    slice_meta: torch.Tensor  # [num_slots, num_slices, 4] int32: (E, top_k, expert_rank, rows)
     out_offsets: tuple[int, ...]  # num_slices + 1 column offsets into d_out
 
     @property

@@ -270,10 +270,11 @@ def _routed_lora_kernel(
         num_experts = tl.minimum(tl.maximum(tl.load(meta), 0), max_experts)
         top_k = tl.minimum(tl.maximum(tl.load(meta + stride_mf), 0), num_experts)
         expert_rank = tl.maximum(tl.load(meta + 2 * stride_mf), 0)
+        used_rows = tl.minimum(tl.maximum(tl.load(meta + 3 * stride_mf), 0), num_value_rows)
         num_experts = tl.where(num_experts * expert_rank > 0, num_experts, 0)
 
         rows = tl.arange(0, BLOCK_R)
-        row_mask = rows < num_value_rows
+        row_mask = rows < used_rows  # the padding up to R is never loaded
         expert_rows = rows < num_experts * expert_rank  # row c belongs to expert c // rank
         owner = rows // tl.maximum(expert_rank, 1)
         experts = tl.arange(0, BLOCK_E)
@@ -312,7 +313,7 @@ def _routed_lora_kernel(
                           mask=kept & (experts < counts_width))
 
         # Gate: the expert's weight on its rows, 1 past E * expert_rank (the static term's
-        # rows, and every row when E = 0).
+        # rows, and every row when E = 0); padding rows hold h = 0.
         gate = tl.sum(tl.where(owner[:, None] == experts[None, :], weights[None, :], 0.0),
                       axis=1)
         gated = tl.where(expert_rows, gate, 1.0) * values
@@ -380,7 +381,7 @@ def _validate_weights(y: torch.Tensor, x: torch.Tensor, weights: RoutedLoRAWeigh
     if shrink.dim() != 4 or router.dim() != 4 or expand.dim() != 3 or meta.dim() != 3:
         raise ValueError(
             f"weights must be shrink [slots, slices, R, d_in], router [slots, slices, E_max, "
-            f"d_in], expand [slots, R, d_out], slice_meta [slots, slices, 3]; got "
+            f"d_in], expand [slots, R, d_out], slice_meta [slots, slices, 4]; got "
             f"{tuple(shrink.shape)}, {tuple(router.shape)}, {tuple(expand.shape)}, "
             f"{tuple(meta.shape)}")
     num_slots, num_slices, shrink_rows, d_in = shrink.shape
@@ -401,8 +402,8 @@ def _validate_weights(y: torch.Tensor, x: torch.Tensor, weights: RoutedLoRAWeigh
     if shrink_rows != expand.shape[1]:
         raise ValueError(f"shrink has {shrink_rows} rows per slice, expand "
                          f"{expand.shape[1]} value rows")
-    if tuple(meta.shape) != (num_slots, num_slices, 3) or meta.dtype != torch.int32:
-        raise ValueError(f"slice_meta must be int32 [{num_slots}, {num_slices}, 3]; got "
+    if tuple(meta.shape) != (num_slots, num_slices, 4) or meta.dtype != torch.int32:
+        raise ValueError(f"slice_meta must be int32 [{num_slots}, {num_slices}, 4]; got "
                          f"{meta.dtype} {tuple(meta.shape)}")
     offsets = tuple(weights.out_offsets)
     if (len(offsets) != num_slices + 1 or offsets[0] != 0 or offsets[-1] != y.shape[1]
@@ -424,8 +425,8 @@ def add_routed_lora_triton(y: torch.Tensor, x: torch.Tensor, token_slots: torch.
       token_slots: [T] int32, each token's slot in [0, num_slots), -1 for no adapter.
       weights: shrink [num_slots, num_slices, R, d_in] and expand [num_slots, R, d_out],
         x's dtype; router [num_slots, num_slices, E_max, d_in] float32; slice_meta
-        [num_slots, num_slices, 3] int32 (E, top_k, expert_rank); out_offsets, num_slices + 1
-        column offsets into d_out.
+        [num_slots, num_slices, 4] int32 (E, top_k, expert_rank, rows: value rows used; the
+        padding past them is not loaded); out_offsets, num_slices + 1 column offsets into d_out.
       expert_counts: optional [num_slots, E] int64, contiguous, on x's device: += the chosen
         (token, slice) pairs per slot and expert.
       block_k, block_n: optional tile sizes (powers of two) over d_in and over a slice's output

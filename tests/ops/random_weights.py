@@ -35,7 +35,7 @@ def random_weights(slot_specs: list[list[SliceSpec]], d_in: int, *,
     shrink = torch.zeros(num_slots, num_slices, values, d_in)
     router = torch.zeros(num_slots, num_slices, max_experts, d_in)
     expand = torch.zeros(num_slots, values, offsets[-1])
-    meta = torch.zeros(num_slots, num_slices, 3, dtype=torch.int32)
+    meta = torch.zeros(num_slots, num_slices, 4, dtype=torch.int32)
     for a, row in enumerate(slot_specs):
         for s, spec in enumerate(row):
             rows = spec.num_experts * spec.expert_rank + spec.static_rank
@@ -43,7 +43,7 @@ def random_weights(slot_specs: list[list[SliceSpec]], d_in: int, *,
             router[a, s, : spec.num_experts] = torch.randn(spec.num_experts, d_in, generator=gen)
             expand[a, :rows, offsets[s] : offsets[s + 1]] = torch.randn(
                 rows, spec.d_out, generator=gen) / rows**0.5
-            meta[a, s] = torch.tensor([spec.num_experts, spec.top_k, spec.expert_rank])
+            meta[a, s] = torch.tensor([spec.num_experts, spec.top_k, spec.expert_rank, rows])
     # The router stays float32 whatever the weights' dtype, as the slot manager keeps it.
     return RoutedLoRAWeights(shrink.to(dtype), router, expand.to(dtype), meta, tuple(offsets))
 
@@ -70,3 +70,17 @@ def token_slots(num_tokens: int, num_slots: int, popularity: str, *, seed: int =
     slots = slots.sort().values if popularity in ("uniform", "zipf", "skewed") else slots
     none = torch.rand(num_tokens, generator=gen) < none_fraction
     return torch.where(none, -1, slots).to(torch.int32)
+
+
+def fill_padding(weights: RoutedLoRAWeights, value: float) -> RoutedLoRAWeights:
+    """A copy of `weights` with every padding row (past each slot's slice's `rows` in
+    slice_meta, up to R) of shrink and expand set to `value`: a kernel that reads padding
+    (NaN, say) shows it in its output."""
+    shrink, expand = weights.shrink.clone(), weights.expand.clone()
+    offsets = weights.out_offsets
+    for a in range(shrink.shape[0]):
+        for s in range(shrink.shape[1]):
+            rows = int(weights.slice_meta[a, s, 3])
+            shrink[a, s, rows:] = value
+            expand[a, rows:, offsets[s] : offsets[s + 1]] = value
+    return RoutedLoRAWeights(shrink, weights.router, expand, weights.slice_meta, offsets)

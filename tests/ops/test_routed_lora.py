@@ -8,7 +8,13 @@ from hypothesis import strategies as st
 
 from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora
 from goat_runtime.ops.reference import add_routed_lora_reference
-from tests.ops.random_weights import POPULARITIES, SliceSpec, random_weights, token_slots
+from tests.ops.random_weights import (
+    POPULARITIES,
+    SliceSpec,
+    fill_padding,
+    random_weights,
+    token_slots,
+)
 
 # Unit roundoff of float32: every router logit is a float32 dot product in the kernel and in
 # the reference (a bfloat16 x widens exactly; the router is float32 in both).
@@ -37,7 +43,7 @@ def near_tie_tokens(x: torch.Tensor, slots: torch.Tensor,
         if slot < 0:
             continue
         for s in range(weights.num_slices):
-            num_experts, top_k, _ = (int(v) for v in weights.slice_meta[slot, s])
+            num_experts, top_k, *_ = (int(v) for v in weights.slice_meta[slot, s])
             if num_experts <= top_k:
                 continue
             terms = weights.router[slot, s, :num_experts].double() * x[t].double()
@@ -74,6 +80,27 @@ def check_against_reference(x: torch.Tensor, slots: torch.Tensor, weights: Route
     # Tokens without an adapter are untouched, bit for bit.
     none = slots < 0
     assert torch.equal(y[none], y0[none])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padding_rows_are_never_read(dtype):
+    """Slots of different sizes share one R: a rank-2 LoRA, a GOAT slice with a static term and a
+    GOAT slice without, beside a slot that needs all R = 11 rows. NaN in every slot's padding
+    (past its slice_meta rows) leaves the output exactly as zeros there do, in the kernel and
+    in the reference; a kernel that still read R rows per slot would turn tokens to NaN."""
+    specs = [[SliceSpec(24, 0, 0, 0, 2), SliceSpec(8, 4, 2, 2, 3)],
+             [SliceSpec(24, 4, 1, 2, 0), SliceSpec(8, 0, 0, 0, 5)],
+             [SliceSpec(24, 4, 2, 2, 3), SliceSpec(8, 2, 1, 4, 3)]]
+    weights = random_weights(specs, 40, dtype=dtype, seed=3)
+    assert weights.num_value_rows == 11
+    poisoned = fill_padding(weights, float("nan"))
+    slots = token_slots(36, len(specs), "uniform", seed=4, none_fraction=0.2)
+    x = torch.randn(36, 40, generator=torch.Generator().manual_seed(5)).to(dtype)
+    for op in (add_routed_lora, add_routed_lora_reference):
+        y, y_poisoned = torch.zeros(36, 32, dtype=dtype), torch.zeros(36, 32, dtype=dtype)
+        op(y, x, slots, weights)
+        op(y_poisoned, x, slots, poisoned)
+        assert y.abs().sum() > 0 and torch.equal(y_poisoned, y), op.__name__
 
 
 # ---- property test --------------------------------------------------------------------------

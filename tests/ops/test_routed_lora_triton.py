@@ -20,6 +20,7 @@ from tests.devices import TRITON_DEVICE as DEVICE  # noqa: E402
 from tests.ops.random_weights import (  # noqa: E402
     POPULARITIES,
     SliceSpec,
+    fill_padding,
     random_weights,
     token_slots,
 )
@@ -63,6 +64,21 @@ def _check(weights: RoutedLoRAWeights, slots: torch.Tensor, dtype: torch.dtype, 
     assert torch.equal(y[untouched], y0[untouched])
     if (~untouched).any():  # the adapters did add something
         assert not torch.equal(y[~untouched], y0[~untouched])
+
+
+def test_padding_rows_are_never_loaded():
+    """NaN in every slot's padding rows (past its slice_meta rows, up to R = 11) changes
+    nothing: the kernel masks its loads to the rows a slot uses (see the CPU kernel's test)."""
+    specs = [[SliceSpec(24, 0, 0, 0, 2), SliceSpec(8, 4, 2, 2, 3)],
+             [SliceSpec(24, 4, 1, 2, 0), SliceSpec(8, 0, 0, 0, 5)],
+             [SliceSpec(24, 4, 2, 2, 3), SliceSpec(8, 2, 1, 4, 3)]]
+    weights = random_weights(specs, D_IN, seed=3)
+    slots = token_slots(12, len(specs), "uniform", seed=4)
+    x = torch.randn(12, D_IN, generator=torch.Generator().manual_seed(5))
+    y0 = torch.zeros(12, 32)
+    y = _run(y0, x, slots, weights)
+    y_poisoned = _run(y0, x, slots, fill_padding(weights, float("nan")))
+    assert y.abs().sum() > 0 and torch.equal(y_poisoned, y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -5,8 +5,9 @@
 // Layouts (see goat_runtime/ops/routed_lora.py): shrink [A, S, R, d_in] (value rows), router
 // [A, S, E_max, d_in] float32 whatever the other weights' dtype (the logits are fp32 dot
 // products of fp32 router rows with the fp32 (or widened bfloat16) x, as in the reference),
-// expand [A, R, d_out] (slice s owns columns [off_s, off_{s+1})), slice_meta [A, S, 3] int32
-// (E, top_k, expert_rank).
+// expand [A, R, d_out] (slice s owns columns [off_s, off_{s+1})), slice_meta [A, S, 4] int32
+// (E, top_k, expert_rank, rows): a slice reads only its first `rows` value rows (experts, then
+// the static term); rows [rows, R) are another slot's size of padding and are never read.
 //
 // Strategy: tokens are grouped by slot (counting sort), and each group is cut into work items of
 // at most kMaxTokensPerItem tokens. An item reads each weight row of its slot once and applies it
@@ -48,6 +49,7 @@ namespace goat_cpu {
 namespace {
 
 constexpr int kMaxTokensPerItem = 16;  // tokens of one slot processed together
+constexpr int64_t kMetaFields = 4;      // slice_meta's last dimension
 // Below this many multiply-adds a call runs on the calling thread: waking the pool costs more.
 constexpr int64_t kParallelMinWork = 1 << 16;
 
@@ -86,15 +88,15 @@ constexpr int64_t kPrefetchLines = 96;  // prefetch distance, in 64-byte lines (
 constexpr int kExpandTokens = 3;      // tokens expanded together (register tile, see below)
 
 // Queue the rows of (slot, slice) read before its gates are known: the static rows (shrink
-// rows [E * expert_rank, R)) and the E router rows.
+// rows [E * expert_rank, rows)) and the E router rows.
 template <typename w_t>
 void push_slice_start(Prefetcher& pf, const Problem& p, const w_t* shrink, const float* router,
                       int64_t slot, int64_t s) {
-  const int32_t* m = p.meta + (slot * p.num_slices + s) * 3;
+  const int32_t* m = p.meta + (slot * p.num_slices + s) * kMetaFields;
   const int64_t E = m[0], expert_rows = E > 0 ? E * m[2] : 0;
   const w_t* sh = shrink + (slot * p.num_slices + s) * p.value_rows * p.d_in;
   pf.push(sh + expert_rows * p.d_in,
-          (p.value_rows - expert_rows) * p.d_in * static_cast<int64_t>(sizeof(w_t)));
+          (m[3] - expert_rows) * p.d_in * static_cast<int64_t>(sizeof(w_t)));
   pf.push(router + (slot * p.num_slices + s) * p.max_experts * p.d_in,
           E * p.d_in * static_cast<int64_t>(sizeof(float)));
 }
@@ -140,17 +142,18 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
   pf.pump(kPrefetchLines);
 
   for (int64_t s = 0; s < p.num_slices; ++s) {
-    const int32_t* m = p.meta + (slot * p.num_slices + s) * 3;
+    const int32_t* m = p.meta + (slot * p.num_slices + s) * kMetaFields;
     const int E = m[0], top_k = m[1], er = E > 0 ? m[2] : 0;
-    const int64_t expert_rows = static_cast<int64_t>(E) * er;
+    const int64_t expert_rows = static_cast<int64_t>(E) * er, used_rows = m[3];
     const w_t* sh = shrink + (slot * p.num_slices + s) * R * d_in;
     const float* gr = router_w + (slot * p.num_slices + s) * p.max_experts * d_in;
     const int64_t o0 = p.offsets[s], o1 = p.offsets[s + 1], width = o1 - o0;
     const w_t* ex = expand + slot * R * d_out + o0;
 
-    // Dense pass, needed by every token whatever the routing: the static rows [expert_rows, R)
-    // of the shrink, then the E float32 router rows (never rounded to the weights' dtype).
-    const int64_t static_rows = R - expert_rows, dense_rows = static_rows + E;
+    // Dense pass, needed by every token whatever the routing: the static rows
+    // [expert_rows, used_rows) of the shrink, then the E float32 router rows (never rounded to
+    // the weights' dtype). Rows [used_rows, R) are padding: coefficient 0, never read.
+    const int64_t static_rows = used_rows - expert_rows, dense_rows = static_rows + E;
     float* hd = Scratch::get(sc.hdense, std::max<int64_t>(dense_rows * n, 1));  // [row][n]
     {
       const w_t* rows = sh + expert_rows * d_in;
@@ -171,12 +174,13 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
       }
     }
     for (int64_t c = expert_rows; c < R; ++c) {
-      for (int i = 0; i < n; ++i) coef[i * R + c] = hd[(c - expert_rows) * n + i];
+      const float* h = c < used_rows ? hd + (c - expert_rows) * n : nullptr;
+      for (int i = 0; i < n; ++i) coef[i * R + c] = h != nullptr ? h[i] : 0.f;
     }
 
     // Gates; which experts any token of the item chose.
     if (E > 0) {
-      const float* router = hd + (R - expert_rows) * n;  // [e][n]
+      const float* router = hd + static_rows * n;  // [e][n]
       for (int i = 0; i < n; ++i) {
         for (int e = 0; e < E; ++e) logits[i * emax + e] = router[e * n + i];
         topk_gate(logits + i * emax, E, top_k, gates + i * emax, probs, topk_queue);
@@ -192,7 +196,9 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
         }
       }
     }
-    for (int64_t c = 0; c < R; ++c) row_used[c] = c >= expert_rows || expert_used[c / er];
+    for (int64_t c = 0; c < R; ++c) {
+      row_used[c] = c < used_rows && (c >= expert_rows || expert_used[c / er]);
+    }
 
     // Now the rest of this slice's reads are known: queue them, then the next slice's start.
     for (int e = 0; e < E; ++e) {
@@ -253,7 +259,7 @@ void process_item(const Problem& p, const act_t* x, act_t* y, const w_t* shrink,
     for (int b0 = 0; b0 < n; b0 += kExpandTokens) {
       const int tb = std::min(kExpandTokens, n - b0);
       int nr = 0;
-      for (int64_t c = 0; c < R; ++c) {
+      for (int64_t c = 0; c < used_rows; ++c) {
         bool used = false;
         for (int t = 0; t < tb; ++t) used |= coef[(b0 + t) * R + c] != 0.f;
         if (!used) continue;
@@ -360,8 +366,8 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
               "(routers are never rounded to the served dtype), got ", dtype_name(router));
   TORCH_CHECK(expand.dim() == 3, "add_routed_lora: expand must be [num_slots, R, d_out], got ",
               expand.dim(), " dims");
-  TORCH_CHECK(slice_meta.dim() == 3 && slice_meta.size(2) == 3,
-              "add_routed_lora: slice_meta must be [num_slots, num_slices, 3], got ",
+  TORCH_CHECK(slice_meta.dim() == 3 && slice_meta.size(2) == kMetaFields,
+              "add_routed_lora: slice_meta must be [num_slots, num_slices, 4], got ",
               slice_meta.sizes());
   check_float_dtype(y, "y");
   check_float_dtype(shrink, "shrink");
@@ -441,17 +447,19 @@ void add_routed_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& token_
     if (c == 0) continue;
     used_tokens += c;
     for (int64_t s = 0; s < p.num_slices; ++s) {
-      const int32_t* m = p.meta + (a * p.num_slices + s) * 3;
-      const int32_t E = m[0], k = m[1], er = m[2];
+      const int32_t* m = p.meta + (a * p.num_slices + s) * kMetaFields;
+      const int32_t E = m[0], k = m[1], er = m[2], rows = m[3];
       TORCH_CHECK(E >= 0 && E <= p.max_experts, "add_routed_lora: slot ", a, " slice ", s,
                   " has ", E, " experts; router has room for ", p.max_experts, " rows");
       if (E > 0) {
         TORCH_CHECK(k >= 1 && k <= E, "add_routed_lora: slot ", a, " slice ", s, ": top_k = ",
                     k, " must be between 1 and num_experts = ", E);
-        TORCH_CHECK(er >= 1 && static_cast<int64_t>(E) * er <= p.value_rows,
+        TORCH_CHECK(er >= 1 && static_cast<int64_t>(E) * er <= rows,
                     "add_routed_lora: slot ", a, " slice ", s, ": ", E, " experts of rank ", er,
-                    " do not fit in the ", p.value_rows, " value rows");
+                    " do not fit in its ", rows, " value rows");
       }
+      TORCH_CHECK(rows >= 0 && rows <= p.value_rows, "add_routed_lora: slot ", a, " slice ", s,
+                  " uses ", rows, " value rows; the slots hold ", p.value_rows);
     }
   }
   if (used_tokens == 0) return;
