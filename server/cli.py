@@ -319,6 +319,7 @@ def _settings(args: argparse.Namespace) -> "Settings":
 def _engine(args: argparse.Namespace, config: "EngineConfig",
             metrics: "ServerMetrics") -> "ServingEngine":
     from goat_runtime.adapters.format import AdapterError
+    from goat_runtime.engine.adapter_slots import SlotBudgetError
     from goat_runtime.engine.async_engine import AsyncEngine
 
     logger.info("loading %s", config.model_dir)
@@ -326,9 +327,9 @@ def _engine(args: argparse.Namespace, config: "EngineConfig",
         from goat_runtime.vllm_plugin.async_engine import build_engine
 
         return build_engine(config, metrics, args.tensor_parallel_size)
-    try:  # a pinned adapter that cannot be loaded: its message, not a traceback
+    try:  # a pinned adapter that cannot be loaded, a slot budget too small: one line
         return AsyncEngine(config, listener=metrics)
-    except AdapterError as exc:
+    except (AdapterError, SlotBudgetError) as exc:
         raise SystemExit(f"goat-serve: error: {exc}") from exc
 
 

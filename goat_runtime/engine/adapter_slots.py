@@ -33,6 +33,11 @@ from goat_runtime.ops import RoutedLoRAWeights
 logger = logging.getLogger(__name__)
 
 
+class SlotBudgetError(ValueError):
+    """The accelerator's adapter slot budget cannot hold the slots asked of it (a flag to
+    change, not a bug): start-up reports it in one line."""
+
+
 @dataclass
 class HostAdapter:
     adapter: Adapter | None  # None: the base model's own slot (merged static terms undone)
@@ -76,7 +81,7 @@ class DeviceSlots:
         self.base: HostAdapter | None = None
         count = max_loras if self.slots_on_host else self._count_at(Needs(1, 0))
         if count < 1:
-            raise ValueError(self._too_small(Needs(1, 0), "an adapter slot"))
+            raise SlotBudgetError(self._too_small(Needs(1, 0), "an adapter slot"))
         # Slot i holds _slots[i] (a name) or None.
         self._slots: list[str | None] = [None] * count
         self._slot_used: list[float] = [0.0] * count
@@ -341,11 +346,11 @@ class DeviceSlots:
     def _resize(self, needs: "Needs", keep: set[str]) -> None:
         """Reallocate the pool with slots of `needs` and as many as the budget then holds,
         keeping the adapters in `keep`, then the most recently used ones that still fit; all
-        or nothing. Raises ValueError if the budget holds fewer slots than `keep` needs."""
+        or nothing. Raises SlotBudgetError if the budget holds fewer slots than `keep` needs."""
         count = self._count_at(needs)
         if count < max(1, len(keep)):
-            raise ValueError(self._too_small(needs, f"{max(1, len(keep))} adapter slots"
-                                             if len(keep) > 1 else "an adapter slot"))
+            raise SlotBudgetError(self._too_small(needs, f"{max(1, len(keep))} adapter slots"
+                                                  if len(keep) > 1 else "an adapter slot"))
         held = [i for i, name in enumerate(self._slots) if name is not None
                 and self._slot_of(name, self._peek(name)) == i]
         fitting = [i for i in held if self._needs_of(self._slots[i]).rows <= needs.rows

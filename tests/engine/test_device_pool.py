@@ -196,3 +196,15 @@ def test_the_scheduler_never_puts_more_adapters_in_a_step_than_slots(
     assert results["base"]["tokens"][0] == REFERENCE["base_greedy_0"].tolist()[:8]
     assert engine.adapters.slots.num_slots() == 2
     assert max(len(step) for step in recorder.steps) == 2  # the bound, reached, not passed
+
+
+@pytest.mark.usefixtures("accelerator")
+def test_goat_serve_reports_a_budget_too_small_in_one_line() -> None:
+    """goat-serve stops with the budget's message, not a traceback."""
+    from server import cli
+    from server.metrics import ServerMetrics
+
+    args = cli.build_parser().parse_args([str(FIXTURE / "base"), "--max-gpu-adapter-memory",
+                                          "64", "--no-merge-static"])
+    with pytest.raises(SystemExit, match=r"^goat-serve: error: .*--max-gpu-adapter-memory"):
+        cli._engine(args, cli._engine_config(args), ServerMetrics())
