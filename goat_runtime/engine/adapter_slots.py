@@ -351,10 +351,10 @@ class DeviceSlots:
         if count < max(1, len(keep)):
             raise SlotBudgetError(self._too_small(needs, f"{max(1, len(keep))} adapter slots"
                                                   if len(keep) > 1 else "an adapter slot"))
-        held = [i for i, name in enumerate(self._slots) if name is not None
-                and self._slot_of(name, self._peek(name)) == i]
-        fitting = [i for i in held if self._needs_of(self._slots[i]).rows <= needs.rows
-                   and self._needs_of(self._slots[i]).experts <= needs.experts]
+        held = {i: name for i, name in enumerate(self._slots) if name is not None
+                and self._slot_of(name, self._peek(name)) == i}
+        fitting = [i for i, name in held.items() if self._needs_of(name).rows <= needs.rows
+                   and self._needs_of(name).experts <= needs.experts]
         fitting.sort(key=lambda i: (self._slots[i] not in keep, -self._slot_used[i]))
         kept = fitting[:count]
         before = (self._slots, self._slot_used, self._slot_ids, self._value_rows,
@@ -370,10 +370,10 @@ class DeviceSlots:
             (self._slots, self._slot_used, self._slot_ids, self._value_rows,
              self._max_experts) = before
             raise
-        for i in held:
+        for i, name in held.items():
             if i not in kept and self.listener:
-                self.listener.on_adapter_evicted(before[0][i], "device")
-                self.listener.on_adapter_location(before[0][i], "host")
+                self.listener.on_adapter_evicted(name, "device")
+                self.listener.on_adapter_location(name, "host")
         logger.info("adapter slots: %d of %d bytes (%d value rows, %d router rows per slice)",
                     count, self.slot_bytes(), *needs)
         self._on_change()
