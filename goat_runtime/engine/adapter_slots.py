@@ -4,7 +4,7 @@ the host entries the adapter manager (engine/adapter_manager.py) keeps.
 On an accelerator the slots are a pool, reused LRU, and a step serves at most as many distinct
 adapters as it has slots: `max_loras`, or with a byte budget (`--max-gpu-adapter-memory`) as
 many as the budget holds at one slot's bytes, at most `max_loras`. A slot is sized to the
-largest rank and expert count in the pool (the kernel reads every value row of a slice), so its
+largest rank and expert count in the pool (one stacked tensor per linear), so its
 bytes change as adapters come and go: before a step's adapters are written the pool is resized
 for them and the count recomputed within the budget (`_fit`).
 
