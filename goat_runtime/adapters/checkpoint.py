@@ -42,8 +42,9 @@ class Checkpoint:
     GIL, is taken from the batch. So the header is parsed once, in pieces, and checked as
     safetensors checks it (known dtypes, sizes, offsets that tile the data exactly) with array
     operations; the file is memory-mapped (read in place from the page cache: the float32 copies
-    the adapter keeps are the only copy made); a module's experts become one view (`rows`) and
-    twin copies are compared as whole byte ranges; the finite check is one pass over the data.
+    the adapter keeps are the only copy made); one kind of module's experts in every layer
+    become one strided view (`grid`) and twin copies are compared as whole byte ranges; the
+    finite check is one pass over the data. Torch ops run in single-threaded parts (`parts`).
     """
 
     def __init__(self, path: Path):
@@ -77,9 +78,6 @@ class Checkpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self.entries[key][0]
 
     def tensor(self, key: str) -> torch.Tensor:
         """A view of the file's bytes (copy it to keep it past the checkpoint)."""
