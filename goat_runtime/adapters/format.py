@@ -396,10 +396,12 @@ def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors
     def keys(module: str, name: str) -> list[str]:
         return [f"{KEY_PREFIX}{module}.{name.format(e)}.weight" for e in experts]
 
+    a_of = {m: keys(m, "lora_A.{}") for m in targets}
+    b_of = {m: keys(m, "lora_B.{}") for m in targets}
     for module in targets:
         d_out, d_in = base_linears[module]
-        _check_all(tensors, weights_file, keys(module, "lora_A.{}"), (expert_rank, d_in))
-        _check_all(tensors, weights_file, keys(module, "lora_B.{}"), (d_out, expert_rank))
+        _check_all(tensors, weights_file, a_of[module], (expert_rank, d_in))
+        _check_all(tensors, weights_file, b_of[module], (d_out, expert_rank))
         _check(tensors, weights_file, f"{KEY_PREFIX}{module}.lora_gating.weight",
                (num_experts, d_in))
     layers = {}
@@ -407,8 +409,8 @@ def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors
     # is one operation over all of them: per-tensor work costs more than the bytes.
     for group in _kinds(targets, tensors, KEY_PREFIX + "{}.lora_A.0.weight"):
         d_out, d_in = base_linears[group[0]]
-        a_keys = [keys(m, "lora_A.{}") for m in group]
-        b_keys = [keys(m, "lora_B.{}") for m in group]
+        a_keys = [a_of[m] for m in group]
+        b_keys = [b_of[m] for m in group]
         # The reference's twin copies (moe_layer.experts.<e>), where saved, must be the same
         # values as the experts (compared as whole byte ranges: Checkpoint.same).
         for kind, main in (("A", a_keys), ("B", b_keys)):
