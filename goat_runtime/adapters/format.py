@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from goat_runtime.adapters.checkpoint import Checkpoint, CheckpointError
+from goat_runtime.adapters.checkpoint import Checkpoint, CheckpointError, parts
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -348,6 +348,39 @@ def _check(tensors: Checkpoint, weights_file: Path, key: str, shape: tuple[int, 
                            f"expected {list(shape)}")
 
 
+def _check_all(tensors: Checkpoint, weights_file: Path, keys: list[str],
+               shape: tuple[int, ...]) -> None:
+    """_check for each key: one pass over the header's entries, the messages only on failure."""
+    entries = tensors.entries
+    if not all(k in entries and entries[k][1] == shape for k in keys):
+        for key in keys:
+            _check(tensors, weights_file, key, shape)
+
+
+def _float32(source: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A new contiguous float32 tensor holding `source` (any float dtype, any strides), viewed
+    as `shape`; one conversion and copy, nothing shared with the file."""
+    out = torch.empty(source.shape, dtype=torch.float32)
+    for part in parts(source.shape):  # on this thread only (see checkpoint.SERIAL_NUMEL)
+        out[part].copy_(source[part])
+    return out if shape is None else out.view(shape)
+
+
+def _kinds(modules: list[str], tensors: Checkpoint, first_key: str
+           ) -> list[list[str]]:
+    """`modules` grouped by kind (the name without its layer numbers: every layer's q_proj),
+    each group in the order its `first_key` tensors lie in the file, so that one kind's
+    tensors of every layer are one strided view where the writer laid them out evenly."""
+    groups: dict[str, list[str]] = {}
+    for module in modules:
+        groups.setdefault(_LAYER_NUMBER.sub(".#.", module), []).append(module)
+    return [sorted(group, key=lambda m: tensors.entries[first_key.format(m)][2])
+            for group in groups.values()]
+
+
+_LAYER_NUMBER = re.compile(r"\.\d+\.")
+
+
 def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors: Checkpoint,
                  targets: list[str], base_linears: dict[str, tuple[int, int]],
                  scale_override: float | None
@@ -358,33 +391,52 @@ def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors
     # _check_options admits only goat / goat_mini (no rsLoRA scale) and no patterns
     scale = scale_override if scale_override is not None else lora_scale(
         config["lora_alpha"], expert_rank)
-    layers = {}
+    experts = range(num_experts)
+
+    def keys(module: str, name: str) -> list[str]:
+        return [f"{KEY_PREFIX}{module}.{name.format(e)}.weight" for e in experts]
+
+    a_of = {m: keys(m, "lora_A.{}") for m in targets}
+    b_of = {m: keys(m, "lora_B.{}") for m in targets}
     for module in targets:
         d_out, d_in = base_linears[module]
-        prefix = KEY_PREFIX + module
-        a_keys = [f"{prefix}.lora_A.{e}.weight" for e in range(num_experts)]
-        b_keys = [f"{prefix}.lora_B.{e}.weight" for e in range(num_experts)]
-        for e, (a_key, b_key) in enumerate(zip(a_keys, b_keys, strict=True)):
-            _check(tensors, weights_file, a_key, (expert_rank, d_in))
-            _check(tensors, weights_file, b_key, (d_out, expert_rank))
-            for twin_key, key in ((f"{prefix}.moe_layer.experts.{e}.lora_A.weight", a_key),
-                                  (f"{prefix}.moe_layer.experts.{e}.lora_B.weight", b_key)):
-                if twin_key in tensors and not tensors.same(twin_key, key):
-                    raise AdapterError(
-                        f"{weights_file}: {twin_key} differs from its twin "
-                        f"{twin_key.replace('moe_layer.experts.', '').replace('lora_', '')}; the "
-                        f"reference saves identical copies")
-        router_key = f"{prefix}.lora_gating.weight"
-        _check(tensors, weights_file, router_key, (num_experts, d_in))
+        _check_all(tensors, weights_file, a_of[module], (expert_rank, d_in))
+        _check_all(tensors, weights_file, b_of[module], (d_out, expert_rank))
+        _check(tensors, weights_file, f"{KEY_PREFIX}{module}.lora_gating.weight",
+               (num_experts, d_in))
+    layers = {}
+    # One kind of module at a time (every layer's q_proj: one shape), so that each step below
+    # is one operation over all of them: per-tensor work costs more than the bytes.
+    for group in _kinds(targets, tensors, KEY_PREFIX + "{}.lora_A.0.weight"):
+        d_out, d_in = base_linears[group[0]]
+        a_keys = [a_of[m] for m in group]
+        b_keys = [b_of[m] for m in group]
+        # The reference's twin copies (moe_layer.experts.<e>), where saved, must be the same
+        # values as the experts (compared as whole byte ranges: Checkpoint.same).
+        for kind, main in (("A", a_keys), ("B", b_keys)):
+            twins = [keys(m, f"moe_layer.experts.{{}}.lora_{kind}") for m in group]
+            pairs = [(t, k) for t_row, k_row in zip(twins, main, strict=True)
+                     for t, k in zip(t_row, k_row, strict=True) if t in tensors]
+            if len(pairs) == len(group) * num_experts:
+                differs = tensors.same(twins, main)
+            else:
+                differs = pairs and tensors.same([[t for t, _ in pairs]], [[k for _, k in pairs]])
+            if differs:
+                raise AdapterError(
+                    f"{weights_file}: {differs} differs from its twin "
+                    f"{differs.replace('moe_layer.experts.', '').replace('lora_', '')}; the "
+                    f"reference saves identical copies")
         # Expert e owns A's rows and B's columns [e*expert_rank, (e+1)*expert_rank). Copies:
         # nothing keeps the file's bytes alive.
-        a = tensors.stack(a_keys).reshape(rank, d_in)
-        b = tensors.stack(b_keys).permute(1, 0, 2).reshape(d_out, rank)
-        layers[module] = AdaptedLinear(
-            a.to(torch.float32, copy=True), b.to(torch.float32, copy=True),
-            tensors.tensor(router_key).to(torch.float32, copy=True), top_k, scale)
+        count = len(group)
+        a = _float32(tensors.stack(a_keys), (count, rank, d_in))
+        b = _float32(tensors.stack(b_keys).permute(0, 2, 1, 3), (count, d_out, rank))
+        routers = _float32(tensors.stack([[f"{KEY_PREFIX}{m}.lora_gating.weight"]
+                                          for m in group]), (count, num_experts, d_in))
+        for i, module in enumerate(group):
+            layers[module] = AdaptedLinear(a[i], b[i], routers[i], top_k, scale)
     signature = InitSignature(rank, num_experts, init_type, float(config["init_cof"]))
-    return layers, signature
+    return {module: layers[module] for module in targets}, signature
 
 
 def lora_scale(alpha: float, rank: float, use_rslora: bool = False) -> float:
@@ -421,9 +473,8 @@ def _lora_layers(config: _Config, config_file: Path, weights_file: Path, tensors
         a_key, b_key = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
         _check(tensors, weights_file, a_key, (rank, d_in))
         _check(tensors, weights_file, b_key, (d_out, rank))
-        layers[module] = AdaptedLinear(tensors.tensor(a_key).to(torch.float32, copy=True),
-                                       tensors.tensor(b_key).to(torch.float32, copy=True), None,
-                                       0, scale)
+        layers[module] = AdaptedLinear(_float32(tensors.tensor(a_key)),
+                                       _float32(tensors.tensor(b_key)), None, 0, scale)
     return layers
 
 

@@ -282,8 +282,8 @@ class AdapterManager:
         evicted = []
         with self._lock:
             excess = len(self._host) - self.max_cpu_adapters
-            over = (sum(h.nbytes for h in self._host.values()) - self.max_cpu_memory
-                    if self.max_cpu_memory is not None else 0)
+            over = (sum(map(self.slots.host_nbytes, self._host.values()))
+                    - self.max_cpu_memory if self.max_cpu_memory is not None else 0)
             for name, host in list(self._host.items()):
                 if excess <= 0 and over <= 0:
                     break
@@ -293,7 +293,7 @@ class AdapterManager:
                 del self._host[name]
                 evicted.append(name)
                 excess -= 1
-                over -= host.nbytes
+                over -= self.slots.host_nbytes(host)
         for name in evicted:
             if self.listener:
                 self.listener.on_adapter_evicted(name, "host")
@@ -302,9 +302,11 @@ class AdapterManager:
 
     def memory(self) -> dict[str, tuple[int, int]]:
         """Per tier, (adapters resident, bytes): "host", the loaded adapters' tensors and
-        static terms; "device", the adapters in slots and the slot tensors' bytes."""
+        static terms (on the CPU, once written, their slots: the only copy); "device", the
+        adapters in slots and the slot tensors' bytes (on the CPU the same memory, with the
+        free slots)."""
         with self._lock:
-            host = (len(self._host), sum(h.nbytes for h in self._host.values()))
+            host = (len(self._host), sum(map(self.slots.host_nbytes, self._host.values())))
         slots = self.slots.nbytes()
         owners = self.slots.owners()
         with self._lock:

@@ -11,8 +11,10 @@ for them and the count recomputed within the budget (`_fit`).
 On the CPU the slots are host memory too, so they are not a bound: every adapter on the host
 keeps its slot, written once after its load (not per use), the pool grows (doubling) when all
 are taken, a slot is reused once its adapter has left the host, and any number of distinct
-adapters can share a step. The base, when it needs a slot (merged static terms), owns the extra
-last slot.
+adapters can share a step. Once written, the slot is the adapter's only copy: its host tensors
+are released (`release_host_copies`; the pool's regrowth copies slots, not host tensors), so
+host memory holds each adapter once. The base, when it needs a slot (merged static terms), owns
+the extra last slot.
 """
 
 import logging
@@ -46,6 +48,7 @@ class HostAdapter:
     pinned: bool = False
     nbytes: int = 0  # host memory of its tensors and static terms (the byte budget counts it)
     last_used: float = field(default_factory=time.monotonic)
+    in_slot: bool = False  # CPU: its slot is its only copy (its tensors are meta tensors)
 
     @property
     def cache_key(self) -> str:
@@ -112,6 +115,11 @@ class DeviceSlots:
         """Bytes of the slot tensors of every linear."""
         return sum(t.nbytes for linear in self.linears
                    for t in _slot_tensors(_attached(linear)))
+
+    def host_nbytes(self, host: HostAdapter) -> int:
+        """Host memory of a host entry: its tensors, or on the CPU once written its slot (all
+        slots have one size: the largest resident adapter's)."""
+        return self._per_slot if host.in_slot else host.nbytes
 
     def can_bind(self, names: Collection[str], extra: str) -> bool:
         """Whether `extra` can join a step whose adapters are `names`: on the CPU always; on an
@@ -191,6 +199,8 @@ class DeviceSlots:
         self._write_host(slot, host)  # a failure leaves the slot free (taken only below)
         self.drop(name)  # an earlier load's copy (CPU: kept until its slot is reused)
         self._slots[slot], self._slot_ids[slot] = name, host.load_id
+        if self.slots_on_host:  # the slot is host memory and never rewritten from the host
+            release_host_copies(host)
         if self.listener:
             self.listener.on_adapter_location(name, "device")
         self._on_change()
@@ -231,12 +241,16 @@ class DeviceSlots:
         hosts = [h if h is not None and h.load_id == load_id else None  # not stale copies
                  for h, load_id in zip(hosts, self._slot_ids, strict=True)]
         for slot, host in enumerate(hosts):
-            if host is not None:
+            if host is not None and host.in_slot:  # CPU: the old slot is the only copy
+                for linear, new in zip(self.linears, routed, strict=True):
+                    copy_slot(_attached(linear), new, slot)
+            elif host is not None:
                 self._write_host(slot, host, routed)
         if self.base is not None:
             self._write_host(len(self._slots), self.base, routed)
         for linear, slots in zip(self.linears, routed, strict=True):
             linear.routed = slots
+        self._per_slot = self.nbytes() // num_slots  # one slot of every linear
         self._slots = [name if host is not None else None
                        for name, host in zip(self._slots, hosts, strict=True)]
         if self.listener:
@@ -405,6 +419,29 @@ def slot_cost(linears: list[FusedLinear]) -> SlotCost:
 
     fixed = measure(0, 0)
     return SlotCost(fixed, measure(1, 0) - fixed, measure(0, 1) - fixed)
+
+
+def release_host_copies(host: HostAdapter) -> None:
+    """Replace a host entry's factors, routers and static terms by meta tensors of their shapes
+    (what slot sizing reads), freeing their memory: on the CPU, once written, its slot is the
+    adapter's only copy."""
+    meta = torch.device("meta")
+    if host.adapter is not None:
+        for layer in host.adapter.layers.values():
+            layer.lora_a, layer.lora_b = layer.lora_a.to(meta), layer.lora_b.to(meta)
+            layer.router = None if layer.router is None else layer.router.to(meta)
+    host.terms = {m: (c.to(meta), d.to(meta)) for m, (c, d) in host.terms.items()}
+    host.in_slot = True
+
+
+def copy_slot(old: RoutedLoRAWeights, new: RoutedLoRAWeights, slot: int) -> None:
+    """Copy `slot` of `old` into the same slot of `new`, whose slots are at least as large (more
+    value rows or router rows: the extra ones stay zero, which the op reads as no term)."""
+    rows, experts = old.num_value_rows, old.max_experts
+    new.shrink[slot, :, :rows] = old.shrink[slot]
+    new.router[slot, :, :experts] = old.router[slot]
+    new.expand[slot, :rows] = old.expand[slot]
+    new.slice_meta[slot] = old.slice_meta[slot]
 
 
 def _attached(linear: FusedLinear) -> RoutedLoRAWeights:

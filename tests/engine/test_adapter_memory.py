@@ -69,6 +69,9 @@ def adapters(tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 def test_host_cache_evicts_by_bytes(tmp_path: Path, adapters: Path) -> None:
+    """On the CPU an adapter's bytes are its tensors' until its first step writes its slot, then
+    its slot's (the only copy: engine/adapter_slots.py), the size of the largest resident
+    adapter's."""
     size = {name: expected_bytes(adapters / name) for name in ("goat0", "goat1", "lora0",
                                                                 "small")}
     assert len(set(size.values()) - {size["goat0"]}) == 2  # three sizes, goat0 = goat1
@@ -76,21 +79,28 @@ def test_host_cache_evicts_by_bytes(tmp_path: Path, adapters: Path) -> None:
     engine = LLMEngine(EngineConfig(
         model_dir=FIXTURE / "base", adapter_dir=adapters, static_cache_dir=tmp_path / "static",
         block_size=4, max_loras=1, max_cpu_adapters=8, merge_static=False, device="cpu",
-        dtype="float32", max_cpu_adapter_memory=size["goat0"] + size["lora0"] + size["small"]),
-        recorder)
-    order = ("goat0", "small", "lora0")
+        dtype="float32", max_cpu_adapter_memory=1 << 40), recorder)
+    order = ("goat0", "small", "lora0")  # goat0 first: the largest, it sets the slots' size
+    per_slot = 0
     for i, name in enumerate(order):  # all three fit
-        run(engine, [(name, REFERENCE["input_0"].tolist(), GREEDY, name)])
+        engine.adapters.request_load(name).result()
         assert engine.adapters.get(name).nbytes == size[name]
-        assert recorder.memory["host"] == (i + 1, sum(size[n] for n in order[:i + 1]))
+        assert recorder.memory["host"] == (i + 1, i * per_slot + size[name])  # before its step
+        run(engine, [(name, REFERENCE["input_0"].tolist(), GREEDY, name)])
+        pool = engine.adapters.slots
+        per_slot = pool.nbytes() // len(pool._slots)
+        assert recorder.memory["host"] == (i + 1, (i + 1) * per_slot)  # after: its slot
+    assert per_slot > size["goat0"]  # goat's slot: its rows, its static rows and its router
     assert [e for e in recorder.evicted if e[1] == "host"] == []
+    # Room for the three slots and not for goat1's tensors beside them: loading goat1 evicts
+    # the least recently used adapter, goat0.
+    engine.adapters.max_cpu_memory = 3 * per_slot + size["goat1"] - 1
     tokens = run(engine, [("g", REFERENCE["input_1"].tolist(), GREEDY, "goat1")])["g"]["tokens"]
     assert tokens[0] == REFERENCE["goat1_greedy_1"].tolist()
-    # goat1 went over the budget: the least recently used adapter, goat0, made room
     assert [n for n in ("goat0", "goat1", "lora0", "small") if engine.adapters.is_loaded(n)] == [
         "goat1", "lora0", "small"]
     assert [e for e in recorder.evicted if e[1] == "host"] == [("goat0", "host")]
-    assert recorder.memory["host"] == (3, size["goat1"] + size["lora0"] + size["small"])
+    assert recorder.memory["host"] == (3, 3 * per_slot)
     slots, slot_bytes = recorder.memory["device"]  # CPU: every host adapter has its slot
     assert slots == 3 and slot_bytes == sum(
         t.nbytes for linear in engine.model.fused_linears()

@@ -89,3 +89,30 @@ def test_a_slot_is_reused_once_its_adapter_left_the_host(tmp_path: Path,
     assert tokens == REFERENCE["goat1_greedy_0"].tolist()
     assert sorted(writes[:2]) == ["goat0", "goat1"] and writes[2:] == ["goat0"]
     assert recorder.memory["device"][1] == pool
+
+
+def test_the_slot_is_a_cpu_adapters_only_copy(tmp_path: Path, writes: list[str]) -> None:
+    """Once written, an adapter's host tensors are released (meta tensors: shapes, no memory),
+    the host tier counts its slot, and the pool's regrowth (more value rows for a bigger
+    adapter, more slots) copies the released slots: the smaller adapter still serves its
+    reference tokens afterwards."""
+    recorder = StepRecorder()
+    engine = _engine(tmp_path, FIXTURE / "adapters", recorder, max_cpu_adapters=8,
+                     merge_static=False)
+    prompt = REFERENCE["input_0"].tolist()
+    order = ("lora0", "goat0", "goat1", "lora0")  # lora0's slot is grown, then read again
+    for i, name in enumerate(order):
+        tokens = run(engine, [(f"{name}-{i}", prompt, GREEDY, name)])[f"{name}-{i}"]
+        assert tokens["tokens"][0] == REFERENCE[f"{name}_greedy_0"].tolist()
+    assert writes == ["lora0", "goat0", "goat1"]
+    slots = engine.adapters.slots
+    for name in ("lora0", "goat0", "goat1"):
+        host = engine.adapters.get(name)
+        assert host.in_slot and bool(host.terms) == name.startswith("goat")  # nothing merged
+        tensors = [t for layer in host.adapter.layers.values()
+                   for t in (layer.lora_a, layer.lora_b, layer.router) if t is not None]
+        tensors += [t for factors in host.terms.values() for t in factors]
+        assert all(t.is_meta for t in tensors)  # no host copy left beside the slot
+    per_slot = slots.nbytes() // len(slots._slots)
+    assert recorder.memory["host"] == (3, 3 * per_slot)
+    assert engine.adapters.memory()["host"] == (3, 3 * per_slot)
