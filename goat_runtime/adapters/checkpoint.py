@@ -7,6 +7,7 @@ import mmap
 import operator
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -262,13 +263,13 @@ def _parse_header(raw: bytes) -> object:
         return orjson.loads(raw)
 
 
-def _int_pairs(offsets: list[object]) -> tuple[np.ndarray, np.ndarray]:
+def _int_pairs(offsets: list[Any]) -> tuple[np.ndarray, np.ndarray]:
     """[start, end] per entry as int64 arrays; TypeError / ValueError / OverflowError unless
     each is a list of two non-negative integers (not bools, not floats). Type checks by map
     and set, not a Python loop."""
     if set(map(type, offsets)) != {list} or set(map(len, offsets)) != {2}:
         raise TypeError("data_offsets is not a pair")
-    flat = list(itertools.chain.from_iterable(offsets))
+    flat: list[Any] = list(itertools.chain.from_iterable(offsets))
     if set(map(type, flat)) != {int}:
         raise TypeError("data_offsets are not integers")
     pairs = np.array(flat, dtype=np.int64).reshape(-1, 2)
@@ -277,13 +278,13 @@ def _int_pairs(offsets: list[object]) -> tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0], pairs[:, 1]
 
 
-def _numels(shapes: list[object]) -> np.ndarray:
+def _numels(shapes: list[Any]) -> np.ndarray:
     """Elements per shape as an int64 array (Python integers, so a product never wraps);
     TypeError / ValueError / OverflowError unless each shape is a list of non-negative
     integers."""
     if set(map(type, shapes)) != {list}:
         raise TypeError("a shape is not a list")
-    flat = list(itertools.chain.from_iterable(shapes))
+    flat: list[Any] = list(itertools.chain.from_iterable(shapes))
     if not set(map(type, flat)) <= {int} or (flat and min(flat) < 0):
         raise ValueError("a shape holds something else than non-negative integers")
     if set(map(len, shapes)) == {2}:  # the usual case: all 2-D

@@ -420,7 +420,8 @@ def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors
             if len(pairs) == len(group) * num_experts:
                 differs = tensors.same(twins, main)
             else:
-                differs = pairs and tensors.same([[t for t, _ in pairs]], [[k for _, k in pairs]])
+                differs = (tensors.same([[t for t, _ in pairs]], [[k for _, k in pairs]])
+                           if pairs else None)
             if differs:
                 raise AdapterError(
                     f"{weights_file}: {differs} differs from its twin "
