@@ -68,7 +68,7 @@ class Phase:
     # The server's own mean queue time (arrival to first scheduled) of the key's requests that
     # finished in the phase, from /metrics: the scheduler's share of the TTFT.
     queue_ms: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(SECRETS))
-    client_cpu_s: float = 0.0  # this load generator's CPU time during the phase
+    client_cpu_s: float | None = None  # this load generator's CPU time during the phase
     server_cpu_s: float = 0.0  # the server's
 
     def p50_ms(self, key: str) -> float | None:
@@ -195,15 +195,20 @@ def warm_up(server: ServerProcess, args: Namespace) -> None:
                               seed=-1))
 
 
-def run_round(server: ServerProcess, args: Namespace, seed: int) -> list[Phase]:
-    """The three phases on one server: light alone, heavy alone (one key), both."""
-    model = served_model(server)
+def phase_plan(args: Namespace) -> list[tuple[str, dict[str, float]]]:
+    """A round's three phases and each key's requests/s: light alone, heavy alone (one key),
+    both."""
     heavy = args.light_rate * args.ratio
-    plan = [("light alone", {"light": args.light_rate}),
+    return [("light alone", {"light": args.light_rate}),
             ("heavy alone (one key)", {"heavy": heavy}),
             ("light + heavy", {"light": args.light_rate, "heavy": heavy})]
+
+
+def run_round(server: ServerProcess, args: Namespace, seed: int) -> list[Phase]:
+    """The three phases on one server."""
+    model = served_model(server)
     return [asyncio.run(run_phase(server, model, name, rates, args, seed + i))
-            for i, (name, rates) in enumerate(plan)]
+            for i, (name, rates) in enumerate(phase_plan(args))]
 
 
 @dataclass
@@ -254,7 +259,8 @@ def report(results: dict[str, list[Round]], args: Namespace) -> str:
                          f"{both.waiting['light']}/{len(both.ttft_s['light'])}",
                          heavy.tokens_per_s, both.tokens_per_s,
                          both.server_cpu_s / both.duration_s,
-                         both.client_cpu_s / both.duration_s, both.errors + heavy.errors])
+                         None if both.client_cpu_s is None
+                         else both.client_cpu_s / both.duration_s, both.errors + heavy.errors])
     table = format_table(["policy", "round", "others busy", "light TTFT p50 alone (ms)",
                           "light TTFT p50 with heavy (ms)", "ratio",
                           "light queue mean with heavy (ms)", "heavy TTFT p50 (ms)",
@@ -285,8 +291,9 @@ def report(results: dict[str, list[Round]], args: Namespace) -> str:
 Namespace = argparse.Namespace
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtests.fairness", description=__doc__,
+def build_parser(prog: str = "python -m loadtests.fairness",
+                 description: str | None = __doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=FIXTURE)
     p.add_argument("--scheduling-policy", choices=(*POLICIES, "both"), default="both",
@@ -303,7 +310,22 @@ def parse_args(argv: Sequence[str] | None = None) -> Namespace:
                    help="seconds of both keys on each server first, not measured")
     p.add_argument("--json", type=Path, help="also write the figures here")
     add_max_busy_arg(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Namespace:
+    return build_parser().parse_args(argv)
+
+
+def write_json(results: dict[str, list[Round]], path: Path) -> None:
+    path.write_text(json.dumps({
+        policy: [{"others_busy": rnd.others_busy, "phases": [
+            {"phase": p.name, "light_ttft_p50_ms": p.p50_ms("light"),
+             "heavy_ttft_p50_ms": p.p50_ms("heavy"), "tokens_per_s": p.tokens_per_s,
+             "light_queue_ms": p.queue_ms["light"], "waiting_at_end": p.waiting,
+             "server_cpu_s": p.server_cpu_s, "client_cpu_s": p.client_cpu_s,
+             "errors": p.errors} for p in rnd.phases]} for rnd in rounds]
+        for policy, rounds in results.items()}, indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -313,14 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run(policies, args, Path(tmp))
     print(report(results, args))
     if args.json:
-        args.json.write_text(json.dumps({
-            policy: [{"others_busy": rnd.others_busy, "phases": [
-                {"phase": p.name, "light_ttft_p50_ms": p.p50_ms("light"),
-                 "heavy_ttft_p50_ms": p.p50_ms("heavy"), "tokens_per_s": p.tokens_per_s,
-                 "light_queue_ms": p.queue_ms["light"], "waiting_at_end": p.waiting,
-                 "server_cpu_s": p.server_cpu_s, "client_cpu_s": p.client_cpu_s,
-                 "errors": p.errors} for p in rnd.phases]} for rnd in rounds]
-            for policy, rounds in results.items()}, indent=1))
+        write_json(results, args.json)
     return 0
 
 
