@@ -3,21 +3,22 @@
 
 For each scheduling policy (`--scheduling-policy fcfs` and `fair`, one server each, both
 started at once, the same flags otherwise, each warmed up with both keys for `--warmup`
-seconds; rounds alternate between them), three open-loop
-phases of `--duration` seconds: the light key alone, the heavy key alone (one key: the
-policies must not differ), both at once. Printed: the light key's TTFT p50 alone and beside
-the heavy key (and their ratio), the light key's mean queue time beside it as the server
-measures it (`/metrics`, read with a third, admin key: the scheduler's share of the TTFT), the
-tokens streamed per second in each phase, the CPU the server and this load generator used
-beside the heavy key (cores: CPU seconds per second; the load generator shares the machine's
-cores with the server, and its own delays count in every TTFT), and how busy other jobs kept
-the CPUs just before each round. Summary lines: per policy the median of the per-round light
-ratios, and the fair / fcfs throughput ratio of each round and its median. A request still
-waiting for its first token when a phase ends counts with the time it has waited (a lower
-bound), so a queue that never drains shows as such.
+seconds; rounds alternate between them), three open-loop phases of `--duration` seconds: the
+light key alone, the heavy key alone (one key: the policies must not differ), both at once.
+Printed: the light key's TTFT p50 alone and beside the heavy key (and their ratio), the light
+key's mean queue time beside it as the server measures it (`/metrics`, read with a third,
+admin key: the scheduler's share of the TTFT), the tokens streamed per second in each phase,
+the CPU the server and this load generator used beside the heavy key (cores: CPU seconds per
+second; the load generator shares the machine's cores with the server) with how late its
+event loop woke from 10 ms sleeps (p50/max: when it cannot keep up with the streams, its lag
+is in every TTFT it measures), and how busy other jobs kept the CPUs just before each round.
+Summary lines: per policy the median of the per-round light ratios, and the fair / fcfs
+throughput ratio of each round and its median. A request still waiting for its first token
+when a phase ends counts with the time it has waited (a lower bound), so a queue that never
+drains shows as such.
 Requests are token ids (random, so the prefix cache never helps) with `ignore_eos`.
 
-    python -m loadtests.fairness                    # the tiny fixture model, ~6 minutes
+    python -m loadtests.fairness                    # the tiny fixture model, ~7 minutes
     python -m loadtests.fairness --model-dir DIR    # another base model
 """
 
@@ -69,6 +70,8 @@ class Phase:
     # finished in the phase, from /metrics: the scheduler's share of the TTFT.
     queue_ms: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(SECRETS))
     client_cpu_s: float | None = None  # this load generator's CPU time during the phase
+    # How late its event loop woke from 10 ms sleeps (s): a delay every TTFT it measures has.
+    client_lag_s: list[float] = field(default_factory=list)
     server_cpu_s: float = 0.0  # the server's
 
     def p50_ms(self, key: str) -> float | None:
@@ -122,6 +125,15 @@ def queue_time(url: str) -> dict[str, tuple[float, float]]:
     return totals
 
 
+async def loop_lag(end: float, lags: list[float]) -> None:
+    """How late this event loop wakes from a 10 ms sleep, until `end`: when the load generator
+    cannot keep up with the streams, its own delay shows here (and in every TTFT)."""
+    while time.monotonic() < end:
+        before = time.monotonic()
+        await asyncio.sleep(0.01)
+        lags.append(time.monotonic() - before - 0.01)
+
+
 async def run_phase(server: ServerProcess, model: str, name: str, rates: dict[str, float],
                     args: Namespace, seed: int) -> Phase:
     phase = Phase(name, args.duration)
@@ -146,7 +158,8 @@ async def run_phase(server: ServerProcess, model: str, name: str, rates: dict[st
                 tasks.append(asyncio.create_task(_one(http, key, body, phase, end)))
                 next_at += rng.expovariate(rate)
 
-        await asyncio.gather(*(sender(k, r) for k, r in rates.items() if r > 0))
+        await asyncio.gather(loop_lag(end, phase.client_lag_s),
+                             *(sender(k, r) for k, r in rates.items() if r > 0))
         await asyncio.sleep(max(0.0, end - time.monotonic()))
         for task in tasks:
             task.cancel()  # closes the stream: the server aborts the request
@@ -248,6 +261,14 @@ def light_ratio(rnd: Round) -> float | None:
     return both / alone if alone and both else None
 
 
+def lag(phase: Phase) -> str | None:
+    """The load generator's loop lag, p50/max in ms (None in process: there is none)."""
+    if not phase.client_lag_s:
+        return None
+    return (f"{statistics.median(phase.client_lag_s) * 1000:.1f}/"
+            f"{max(phase.client_lag_s) * 1000:.0f}")
+
+
 def report(results: dict[str, list[Round]], args: Namespace) -> str:
     rows = []
     for policy, rounds in results.items():
@@ -260,12 +281,14 @@ def report(results: dict[str, list[Round]], args: Namespace) -> str:
                          heavy.tokens_per_s, both.tokens_per_s,
                          both.server_cpu_s / both.duration_s,
                          None if both.client_cpu_s is None
-                         else both.client_cpu_s / both.duration_s, both.errors + heavy.errors])
+                         else both.client_cpu_s / both.duration_s, lag(both),
+                         both.errors + heavy.errors])
     table = format_table(["policy", "round", "others busy", "light TTFT p50 alone (ms)",
                           "light TTFT p50 with heavy (ms)", "ratio",
                           "light queue mean with heavy (ms)", "heavy TTFT p50 (ms)",
                           "light waiting at end", "tok/s heavy alone", "tok/s both",
-                          "server cores both", "client cores both", "errors"], rows)
+                          "server cores both", "client cores both",
+                          "client loop lag p50/max both (ms)", "errors"], rows)
     lines = [table, ""]
     for policy, rounds in results.items():
         ratios = [x for x in map(light_ratio, rounds) if x is not None]
@@ -324,6 +347,7 @@ def write_json(results: dict[str, list[Round]], path: Path) -> None:
              "heavy_ttft_p50_ms": p.p50_ms("heavy"), "tokens_per_s": p.tokens_per_s,
              "light_queue_ms": p.queue_ms["light"], "waiting_at_end": p.waiting,
              "server_cpu_s": p.server_cpu_s, "client_cpu_s": p.client_cpu_s,
+             "client_lag_p50_max_ms": lag(p),
              "errors": p.errors} for p in rnd.phases]} for rnd in rounds]
         for policy, rounds in results.items()}, indent=1))
 
