@@ -2,18 +2,23 @@
 `--ratio` times the light one's requests, beyond the server's capacity.
 
 For each scheduling policy (`--scheduling-policy fcfs` and `fair`, one server each, both
-started at once, the same flags otherwise; rounds alternate between them), three open-loop
-phases of `--duration` seconds: the light key alone, the heavy key alone (one key: the
-policies must not differ), both at once. Printed: the light key's TTFT p50 alone and beside
-the heavy key (and their ratio), the light key's mean queue time beside it as the server
-measures it (`/metrics`, read with a third, admin key: the scheduler's share of the TTFT), and
-the tokens streamed per second in each phase, with the
-fair / fcfs throughput ratio of each round. A request still waiting for its first token
+started at once, the same flags otherwise, each warmed up with both keys for `--warmup`
+seconds; rounds alternate between them), three open-loop phases of `--duration` seconds: the
+light key alone, the heavy key alone (one key: the policies must not differ), both at once.
+Printed: the light key's TTFT p50 alone and beside the heavy key (and their ratio), the light
+key's mean queue time beside it as the server measures it (`/metrics`, read with a third,
+admin key: the scheduler's share of the TTFT), the tokens streamed per second in each phase,
+the CPU the server and this load generator used beside the heavy key (cores: CPU seconds per
+second; the load generator shares the machine's cores with the server) with how late its
+event loop woke from 10 ms sleeps (p50/max: when it cannot keep up with the streams, its lag
+is in every TTFT it measures), and how busy other jobs kept the CPUs just before each round.
+Summary lines: per policy the median of the per-round light ratios, and the fair / fcfs
+throughput ratio of each round and its median. A request still waiting for its first token
 when a phase ends counts with the time it has waited (a lower bound), so a queue that never
 drains shows as such.
 Requests are token ids (random, so the prefix cache never helps) with `ignore_eos`.
 
-    python -m loadtests.fairness                    # the tiny fixture model, ~4 minutes
+    python -m loadtests.fairness                    # the tiny fixture model, ~7 minutes
     python -m loadtests.fairness --model-dir DIR    # another base model
 """
 
@@ -34,7 +39,16 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.common import REPO, ServerProcess, format_table, free_port, load_avg
+from loadtests.common import (
+    REPO,
+    ServerProcess,
+    add_max_busy_arg,
+    cpu_busy,
+    format_table,
+    free_port,
+    load_avg,
+    wait_for_quiet,
+)
 
 FIXTURE = REPO / "tests" / "fixtures" / "goat-peft-tiny" / "base"
 SECRETS = {"light": "light-secret", "heavy": "heavy-secret"}
@@ -55,6 +69,10 @@ class Phase:
     # The server's own mean queue time (arrival to first scheduled) of the key's requests that
     # finished in the phase, from /metrics: the scheduler's share of the TTFT.
     queue_ms: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(SECRETS))
+    client_cpu_s: float | None = None  # this load generator's CPU time during the phase
+    # How late its event loop woke from 10 ms sleeps (s): a delay every TTFT it measures has.
+    client_lag_s: list[float] = field(default_factory=list)
+    server_cpu_s: float = 0.0  # the server's
 
     def p50_ms(self, key: str) -> float | None:
         values = self.ttft_s[key]
@@ -107,9 +125,19 @@ def queue_time(url: str) -> dict[str, tuple[float, float]]:
     return totals
 
 
-async def run_phase(url: str, model: str, name: str, rates: dict[str, float], args: Namespace,
-                    seed: int) -> Phase:
+async def loop_lag(end: float, lags: list[float]) -> None:
+    """How late this event loop wakes from a 10 ms sleep, until `end`: when the load generator
+    cannot keep up with the streams, its own delay shows here (and in every TTFT)."""
+    while time.monotonic() < end:
+        before = time.monotonic()
+        await asyncio.sleep(0.01)
+        lags.append(time.monotonic() - before - 0.01)
+
+
+async def run_phase(server: ServerProcess, model: str, name: str, rates: dict[str, float],
+                    args: Namespace, seed: int) -> Phase:
     phase = Phase(name, args.duration)
+    url = server.url
     queued_before = queue_time(url)
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
@@ -117,6 +145,7 @@ async def run_phase(url: str, model: str, name: str, rates: dict[str, float], ar
         start = time.monotonic()
         end = start + args.duration
         tasks: list[asyncio.Task] = []
+        client_cpu0, server_cpu0 = time.process_time(), server.cpu_seconds()
 
         async def sender(key: str, rate: float) -> None:
             next_at = start + rng.expovariate(rate)
@@ -129,11 +158,14 @@ async def run_phase(url: str, model: str, name: str, rates: dict[str, float], ar
                 tasks.append(asyncio.create_task(_one(http, key, body, phase, end)))
                 next_at += rng.expovariate(rate)
 
-        await asyncio.gather(*(sender(k, r) for k, r in rates.items() if r > 0))
+        await asyncio.gather(loop_lag(end, phase.client_lag_s),
+                             *(sender(k, r) for k, r in rates.items() if r > 0))
         await asyncio.sleep(max(0.0, end - time.monotonic()))
         for task in tasks:
             task.cancel()  # closes the stream: the server aborts the request
         await asyncio.gather(*tasks, return_exceptions=True)
+        phase.client_cpu_s = time.process_time() - client_cpu0
+        phase.server_cpu_s = server.cpu_seconds() - server_cpu0
     await asyncio.sleep(2.0)  # let the server finish aborting before the next phase
     for key, (total, count) in queue_time(url).items():
         before_total, before_count = queued_before[key]
@@ -161,57 +193,113 @@ def start_server(policy: str, args: Namespace, folder: Path) -> ServerProcess:
     return ServerProcess(f"goat-serve-{policy}", cmd, port, folder / f"{policy}.log").start()
 
 
-def run_round(server: ServerProcess, args: Namespace, seed: int) -> list[Phase]:
-    """The three phases on one server: light alone, heavy alone (one key), both."""
+def served_model(server: ServerProcess) -> str:
     headers = {"Authorization": f"Bearer {SECRETS['light']}"}
-    model = httpx.get(f"{server.url}/v1/models", headers=headers).json()["data"][0]["id"]
+    return httpx.get(f"{server.url}/v1/models", headers=headers).json()["data"][0]["id"]
+
+
+def warm_up(server: ServerProcess, args: Namespace) -> None:
+    """Both keys for `--warmup` seconds, not measured: the first batches of each size build
+    their kernels' primitives, which would slow the first round's light-alone phase."""
+    if args.warmup > 0:
+        rates = {"light": args.light_rate, "heavy": args.light_rate * args.ratio}
+        asyncio.run(run_phase(server, served_model(server), "warm-up", rates,
+                              argparse.Namespace(**{**vars(args), "duration": args.warmup}),
+                              seed=-1))
+
+
+def phase_plan(args: Namespace) -> list[tuple[str, dict[str, float]]]:
+    """A round's three phases and each key's requests/s: light alone, heavy alone (one key),
+    both."""
     heavy = args.light_rate * args.ratio
-    plan = [("light alone", {"light": args.light_rate}),
+    return [("light alone", {"light": args.light_rate}),
             ("heavy alone (one key)", {"heavy": heavy}),
             ("light + heavy", {"light": args.light_rate, "heavy": heavy})]
-    return [asyncio.run(run_phase(server.url, model, name, rates, args, seed + i))
-            for i, (name, rates) in enumerate(plan)]
 
 
-def run(policies: Sequence[str], args: Namespace, folder: Path) -> dict[str, list[list[Phase]]]:
+def run_round(server: ServerProcess, args: Namespace, seed: int) -> list[Phase]:
+    """The three phases on one server."""
+    model = served_model(server)
+    return [asyncio.run(run_phase(server, model, name, rates, args, seed + i))
+            for i, (name, rates) in enumerate(phase_plan(args))]
+
+
+@dataclass
+class Round:
+    phases: list[Phase]  # light alone, heavy alone, both
+    others_busy: float  # the CPUs' busy fraction just before, with our servers idle
+
+
+def run(policies: Sequence[str], args: Namespace, folder: Path) -> dict[str, list[Round]]:
     """Both servers up at once (the idle one costs nothing); rounds alternate between them, in
     turn first, so that the machine's drift falls on both alike."""
     servers = {policy: start_server(policy, args, folder) for policy in policies}
     try:
         for server in servers.values():
             server.wait_healthy()
-        results: dict[str, list[list[Phase]]] = {policy: [] for policy in policies}
+        for server in servers.values():
+            warm_up(server, args)
+        results: dict[str, list[Round]] = {policy: [] for policy in policies}
         for r in range(args.rounds):
             turn = policies if r % 2 == 0 else list(reversed(policies))
             for policy in turn:
-                results[policy].append(run_round(servers[policy], args, seed=10 * r))
+                busy = wait_for_quiet(args.max_busy)
+                busy = cpu_busy(5.0) if busy is None else busy
+                print(f"round {r}, {policy}: other jobs keep {busy:.0%} of the CPUs busy "
+                      f"(load average {load_avg()})", file=sys.stderr, flush=True)
+                phases = run_round(servers[policy], args, seed=10 * r)
+                results[policy].append(Round(phases, busy))
         return results
     finally:
         for server in servers.values():
             server.stop()
 
 
-def report(results: dict[str, list[list[Phase]]], args: Namespace) -> str:
+def light_ratio(rnd: Round) -> float | None:
+    """The light key's TTFT p50 beside the heavy key over its TTFT p50 alone."""
+    alone, both = rnd.phases[0].p50_ms("light"), rnd.phases[2].p50_ms("light")
+    return both / alone if alone and both else None
+
+
+def lag(phase: Phase) -> str | None:
+    """The load generator's loop lag, p50/max in ms (None in process: there is none)."""
+    if not phase.client_lag_s:
+        return None
+    return (f"{statistics.median(phase.client_lag_s) * 1000:.1f}/"
+            f"{max(phase.client_lag_s) * 1000:.0f}")
+
+
+def report(results: dict[str, list[Round]], args: Namespace) -> str:
     rows = []
     for policy, rounds in results.items():
-        for r, (alone, heavy, both) in enumerate(rounds):
-            light_alone, light_both = alone.p50_ms("light"), both.p50_ms("light")
-            ratio = light_both / light_alone if light_alone and light_both else None
-            rows.append([policy, r, light_alone, light_both, ratio, both.queue_ms["light"],
+        for r, rnd in enumerate(rounds):
+            alone, heavy, both = rnd.phases
+            rows.append([policy, r, f"{rnd.others_busy:.0%}", alone.p50_ms("light"),
+                         both.p50_ms("light"), light_ratio(rnd), both.queue_ms["light"],
                          both.p50_ms("heavy"),
                          f"{both.waiting['light']}/{len(both.ttft_s['light'])}",
-                         heavy.tokens_per_s, both.tokens_per_s, both.errors + heavy.errors])
-    table = format_table(["policy", "round", "light TTFT p50 alone (ms)",
+                         heavy.tokens_per_s, both.tokens_per_s,
+                         both.server_cpu_s / both.duration_s,
+                         None if both.client_cpu_s is None
+                         else both.client_cpu_s / both.duration_s, lag(both),
+                         both.errors + heavy.errors])
+    table = format_table(["policy", "round", "others busy", "light TTFT p50 alone (ms)",
                           "light TTFT p50 with heavy (ms)", "ratio",
                           "light queue mean with heavy (ms)", "heavy TTFT p50 (ms)",
-                          "light waiting at end", "tok/s heavy alone", "tok/s both", "errors"],
-                         rows)
+                          "light waiting at end", "tok/s heavy alone", "tok/s both",
+                          "server cores both", "client cores both",
+                          "client loop lag p50/max both (ms)", "errors"], rows)
     lines = [table, ""]
+    for policy, rounds in results.items():
+        ratios = [x for x in map(light_ratio, rounds) if x is not None]
+        if ratios:
+            lines.append(f"light TTFT ratio, {policy}: median of {len(ratios)} rounds "
+                         f"{statistics.median(ratios):.2f}")
     fcfs, fair = results.get("fcfs"), results.get("fair")
     if fcfs and fair:
         for i, label in ((1, "one key"), (2, "two keys")):
-            ratios = [b[i].tokens_per_s / a[i].tokens_per_s for a, b in zip(fcfs, fair,
-                                                                            strict=True)]
+            ratios = [b.phases[i].tokens_per_s / a.phases[i].tokens_per_s
+                      for a, b in zip(fcfs, fair, strict=True)]
             lines.append(f"throughput fair / fcfs, {label}: per round "
                          f"{', '.join(f'{x:.3f}' for x in ratios)}; median "
                          f"{statistics.median(ratios):.3f}")
@@ -226,8 +314,9 @@ def report(results: dict[str, list[list[Phase]]], args: Namespace) -> str:
 Namespace = argparse.Namespace
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtests.fairness", description=__doc__,
+def build_parser(prog: str = "python -m loadtests.fairness",
+                 description: str | None = __doc__) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=FIXTURE)
     p.add_argument("--scheduling-policy", choices=(*POLICIES, "both"), default="both",
@@ -239,9 +328,28 @@ def parse_args(argv: Sequence[str] | None = None) -> Namespace:
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--kv-cache-memory", default="64MiB")
     p.add_argument("--duration", type=float, default=15.0, help="seconds per phase")
-    p.add_argument("--rounds", type=int, default=2, help="rounds per policy, interleaved")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per policy, interleaved")
+    p.add_argument("--warmup", type=float, default=5.0,
+                   help="seconds of both keys on each server first, not measured")
     p.add_argument("--json", type=Path, help="also write the figures here")
-    return p.parse_args(argv)
+    add_max_busy_arg(p)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Namespace:
+    return build_parser().parse_args(argv)
+
+
+def write_json(results: dict[str, list[Round]], path: Path) -> None:
+    path.write_text(json.dumps({
+        policy: [{"others_busy": rnd.others_busy, "phases": [
+            {"phase": p.name, "light_ttft_p50_ms": p.p50_ms("light"),
+             "heavy_ttft_p50_ms": p.p50_ms("heavy"), "tokens_per_s": p.tokens_per_s,
+             "light_queue_ms": p.queue_ms["light"], "waiting_at_end": p.waiting,
+             "server_cpu_s": p.server_cpu_s, "client_cpu_s": p.client_cpu_s,
+             "client_lag_p50_max_ms": lag(p),
+             "errors": p.errors} for p in rnd.phases]} for rnd in rounds]
+        for policy, rounds in results.items()}, indent=1))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -251,12 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run(policies, args, Path(tmp))
     print(report(results, args))
     if args.json:
-        args.json.write_text(json.dumps({
-            policy: [[{"phase": p.name, "light_ttft_p50_ms": p.p50_ms("light"),
-                       "heavy_ttft_p50_ms": p.p50_ms("heavy"), "tokens_per_s": p.tokens_per_s,
-                       "waiting_at_end": p.waiting, "errors": p.errors} for p in phases]
-                     for phases in rounds]
-            for policy, rounds in results.items()}, indent=1))
+        write_json(results, args.json)
     return 0
 
 

@@ -20,14 +20,17 @@ queue (as the scheduler's own admission loop makes) and a heap over tenants for 
 sequences as one admission can take.
 
 Ordering alone leaves a light tenant waiting until one of a heavy tenant's running sequences
-finishes (the paper's VTC never preempts). So `victim` names a running sequence to preempt
-when a less-served tenant waits and the batch is full (the scheduler asks once per step, so at
-most one such preemption a step): the newest sequence of the most-served running tenant whose
-counter is above the waiting tenant's and that runs at least two sequences more than it. The
-last condition bounds the recompute: a preemption only evens out the running sequences
-between two tenants, never swaps them back and forth (after it the waiting tenant still runs
-no more than the other), and one tenant alone never preempts anything. A sequence preempted
-for fairness queues at the head of its own tenant's queue, not ahead of everyone.
+finishes (the paper's VTC never preempts). So `victim` names, once per step, a waiting
+sequence of a less-served tenant to favour and a running sequence to preempt for it if the
+batch is full: the newest sequence of the most-served running tenant whose counter is above
+the waiting tenant's and that runs at least two sequences more than it. The scheduler admits
+the favoured sequence in a step of its own (its first token then waits for its own prompt,
+not for the heavy tenant's whole decode batch: that batch waits one step instead), so at most
+one such preemption and one such step per step. The last condition bounds both: they only
+even out the running sequences between two tenants, never swap them back and forth (after it
+the waiting tenant still runs no more than the other), and one tenant alone never gets either.
+A sequence preempted for fairness queues at the head of its own tenant's queue, not ahead of
+everyone.
 """
 
 import heapq
@@ -148,9 +151,9 @@ class VirtualTokenCounter:
 
     def victim(self, waiting: deque[Sequence],
                running: list[Sequence]) -> tuple[Sequence, Sequence] | None:
-        """(a running sequence to preempt, the waiting one it makes room for), or None: for
-        the earliest waiting sequence of the least-served waiting tenant, the newest sequence
-        of the most-served running tenant above it that runs 2+ sequences more than it."""
+        """(a running sequence to preempt if need be, the waiting one to favour), or None:
+        the earliest waiting sequence of the least-served waiting tenant, and the newest
+        sequence of the most-served running tenant above it that runs 2+ sequences more."""
         if len(self._unfinished) <= 1 or not waiting:
             return None
         self._charge_running(running)

@@ -7,10 +7,11 @@ freed, its tokens recomputed later, ahead of everything waiting). Then waiting s
 admitted first come, first served while the budget, the sequence cap, the KV cache and the
 device adapter slots allow (`AdapterManager.can_bind`: on the CPU slots are host memory and
 never block, so admission there is by KV blocks and the token budget alone), in the order the
-scheduling policy gives (fairness.py: with `fair`, a fair share of tokens between tenants;
-before the running sequences are scheduled, it may name one running sequence a step to preempt
-when a less-served tenant's sequence waits and the sequence cap or the KV cache leaves it no
-room, so that the newcomer is admitted in the same step). A
+scheduling policy gives (fairness.py: with `fair`, a fair share of tokens between tenants).
+Before all that, the policy may name a waiting sequence of a less-served tenant to favour: it
+is admitted in a step of its own (its first chunk alone, so that its first token does not wait
+for the other tenants' whole decode batch), after the preemption of the running sequence the
+policy names when the sequence cap or the KV cache leaves it no room. A
 sequence whose adapter needs a slot while all are held may be passed over by sequences of
 resident adapters, but only `max_passed_over` times: then one held adapter, the one with the
 fewest running sequences, is drained (no new sequence of it is admitted) until its last one
@@ -77,7 +78,9 @@ class Scheduler:
         scheduled: list[ScheduledSeq] = []
         scheduled_ids: set[int] = set()
         preempted = False
-        self._preempt_for_fairness(budget)
+        favoured = self._favour_for_fairness(budget)
+        if favoured is not None:
+            return favoured
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -103,34 +106,49 @@ class Scheduler:
             scheduled += self._admit(budget)
         return scheduled
 
-    def _preempt_for_fairness(self, budget: int) -> None:
-        """At most one preemption a step, of the sequence the policy names, only when the
-        sequence it makes room for could not be admitted otherwise but could be after."""
-        bs = self.config.block_size
-        if not self.running or (len(self.running) < self.config.max_num_seqs
-                                and -(-budget // bs) <= self.allocator.num_free):
-            return  # room for any first chunk: admission takes whoever waits
+    def _favour_for_fairness(self, budget: int) -> list[ScheduledSeq] | None:
+        """The sequence the policy favours (a less-served tenant's, fairness.py `favoured`),
+        admitted in a step of its own when it can be: its first chunk is then not computed
+        in the same forward as the other tenants' whole decode batch, which would delay its
+        first token by that batch's step time. The others wait one step (one per favoured
+        sequence). When the sequence cap or the KV cache leave it no room, the running
+        sequence the policy names is preempted for it first; at most one such preemption a
+        step. Returns the step's schedule, or None (nothing changed but that preemption):
+        schedule as usual."""
+        if not self.running:
+            return None  # nothing to put it ahead of: admission takes it
         choice = self.policy.victim(self.waiting, self.running)
         if choice is None:
-            return
+            return None
         victim, seq = choice
+        name = seq.adapter
+        if name is not None:
+            if name == self.draining or self.adapters.status(name) != "ready":
+                return None
+            held = {s.adapter for s in self.running if s is not victim and s.adapter is not None}
+            if not self.adapters.can_bind(held, name):
+                return None
+        bs = self.config.block_size
         # Its first chunk's blocks, counting no prefix-cache hits (at worst one preemption
         # too many when hits would have made it fit).
         needed = -(-min(seq.num_tokens, budget) // bs)
-        if len(self.running) < self.config.max_num_seqs and needed <= self.allocator.num_free:
-            return  # room: admission takes it anyway
-        if needed > self.allocator.num_free + len(victim.blocks):
-            return  # the victim's blocks would not be enough either
-        name = seq.adapter
-        if name is not None:
-            if name == self.draining:
-                return
-            held = {s.adapter for s in self.running if s is not victim and s.adapter is not None}
-            if self.adapters.status(name) != "ready" or not self.adapters.can_bind(held, name):
-                return
-        self._preempt(victim)
-        self.policy.yielded(victim)
-        self.num_fairness_preemptions += 1
+        if len(self.running) >= self.config.max_num_seqs or needed > self.allocator.num_free:
+            if needed > self.allocator.num_free + len(victim.blocks):
+                return None  # the victim's blocks would not be enough either
+            self._preempt(victim)
+            self.policy.yielded(victim)
+            self.num_fairness_preemptions += 1
+        try:
+            n = self._start(seq, budget)
+        except Exception as exc:  # charged to this sequence's request
+            self.faults.append((seq, exc))
+            return []  # holding what it got until the engine finishes it: not again
+        if n == 0:
+            return None  # its blocks do not fit after all: admission decides as usual
+        self.waiting.remove(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return [ScheduledSeq(seq, n)]
 
     def _admit(self, budget: int) -> list[ScheduledSeq]:
         admitted: list[ScheduledSeq] = []

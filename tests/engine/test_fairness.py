@@ -28,8 +28,11 @@ def make(policy: str, max_num_seqs: int = 2, blocks: int = 512) -> Scheduler:
     return Scheduler(config, BlockAllocator(blocks), ResidentAdapters(4))
 
 
-def add(scheduler: Scheduler, tenant: str, prompt_len: int = 5, output_len: int = 4) -> Sequence:
-    request = Request(f"{tenant}-{next(_ids)}", list(range(5, 5 + prompt_len)),
+def add(scheduler: Scheduler, tenant: str, prompt_len: int = 5, output_len: int = 4,
+        first: int = 5) -> Sequence:
+    """A request of `tenant`, prompt `first`, `first` + 1, ...: the same prompts share prefix
+    cache blocks."""
+    request = Request(f"{tenant}-{next(_ids)}", list(range(first, first + prompt_len)),
                       SamplingParams(max_tokens=output_len), None, tenant=tenant)
     seq = Sequence(request, 0, torch.Generator())
     request.sequences.append(seq)
@@ -191,6 +194,37 @@ def test_a_light_tenant_takes_the_newest_heavy_slot_at_once() -> None:
     assert list(scheduler.waiting)[:2] == [heavy[3], heavy[4]]
     admission_order(scheduler, steps=400)
     assert not scheduler.has_work()
+
+
+def scheduled(scheduler: Scheduler) -> list[tuple[str, int]]:
+    """One step as traced_step, as (tenant, tokens) in the order scheduled."""
+    index = {s.request.request_id: s.request.tenant
+             for s in [*scheduler.waiting, *scheduler.running]}
+    return [(index[rid], n) for rid, n in traced_step(scheduler, {r: r for r in index})]
+
+
+def test_a_favoured_first_chunk_gets_a_step_of_its_own() -> None:
+    scheduler, _ = full_of_heavy()
+    light = add(scheduler, "light", prompt_len=6, first=100)
+    # Its prompt alone, not beside the heavy tenant's decodes (after preempting one of them).
+    assert scheduled(scheduler) == [("light", 6)]
+    assert scheduler.num_fairness_preemptions == 1
+    assert light.status is SequenceStatus.RUNNING and light.num_computed_tokens == 6
+    # The next step is an ordinary one: everyone running decodes, the light one too.
+    assert scheduled(scheduler) == [("heavy", 1)] * 3 + [("light", 1)]
+
+
+def test_a_favoured_sequence_with_room_gets_a_step_of_its_own_unpreempted() -> None:
+    scheduler, heavy = full_of_heavy(max_num_seqs=5)
+    for seq in heavy[3:5]:
+        scheduler.finish(seq)  # two slots free, the heavy backlog waiting for them
+    add(scheduler, "light", prompt_len=7, first=100)
+    assert scheduled(scheduler) == [("light", 7)]
+    assert scheduler.num_fairness_preemptions == 0
+    # Then the heavy backlog takes the other free slot beside the decodes, as usual.
+    step = scheduled(scheduler)
+    assert step[:4] == [("heavy", 1)] * 3 + [("light", 1)]
+    assert [tenant for tenant, _ in step[4:]] == ["heavy"]
 
 
 def test_fairness_preemption_evens_slots_one_a_step() -> None:

@@ -1,0 +1,137 @@
+"""loadtests.fairness at the engine: the same keys, rates, phases and table, with no HTTP server
+and no load generator process. One `LLMEngine` per scheduling policy in this process, stepped
+in real time; requests are added when their Poisson arrival time has passed (between steps, as
+the server's engine thread takes them), and a request's TTFT is its arrival to the end of the
+step that sampled its first token. What the server and the client add (the event loop, the
+streams, the load generator's own delays on the same cores) is left out, so the light key's
+ratio here is the scheduler's and the steps' share of it: the queue, and the step its first
+chunk is computed in. "server cores both" is this process's CPU (engine and arrivals).
+
+    python -m loadtests.fairness_engine             # the tiny fixture model, ~3 minutes
+
+By default the engines run torch on one thread (`--threads`): on a machine busier than its
+cores, two intra-op threads waiting for each other make every step many times slower.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from goat_runtime.engine.config import EngineConfig
+from goat_runtime.engine.engine import LLMEngine
+from goat_runtime.engine.sampling import SamplingParams
+from loadtests.common import cpu_busy, load_avg, wait_for_quiet
+from loadtests.fairness import (
+    POLICIES,
+    Namespace,
+    Phase,
+    Round,
+    build_parser,
+    phase_plan,
+    report,
+    write_json,
+)
+from server.cli import parse_size
+
+
+def poisson_arrivals(rates: dict[str, float], duration: float,
+                     rng: random.Random) -> list[tuple[float, str]]:
+    """(seconds from the start, key) of every request, in time order."""
+    arrivals: list[tuple[float, str]] = []
+    for key, rate in rates.items():
+        at = rng.expovariate(rate)
+        while at < duration:
+            arrivals.append((at, key))
+            at += rng.expovariate(rate)
+    return sorted(arrivals)
+
+
+def run_phase(engine: LLMEngine, name: str, rates: dict[str, float], args: Namespace,
+              seed: int) -> Phase:
+    phase = Phase(name, args.duration)
+    rng = random.Random(seed)
+    arrivals = poisson_arrivals(rates, args.duration, rng)
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
+    born: dict[str, tuple[str, float]] = {}  # request id -> key, arrival time
+    first: set[str] = set()
+    queued: list[float] = []  # the light key's arrival to first scheduled
+    cpu0 = time.process_time()
+    start = time.monotonic()
+    end = start + args.duration
+    i = 0
+    while (now := time.monotonic()) < end:
+        while i < len(arrivals) and start + arrivals[i][0] <= now:
+            at, key = arrivals[i]
+            request_id = f"{name}-{seed}-{i}"
+            engine.add_request(request_id, [rng.randrange(10, 90) for _ in range(args.prompt_len)],
+                               params, tenant=key)
+            born[request_id] = key, start + at
+            i += 1
+        if not engine.has_work():
+            time.sleep(min(0.001, max(0.0, end - now)))
+            continue
+        outputs = engine.step()
+        stepped = time.monotonic()
+        for out in outputs:
+            phase.tokens += sum(len(delta.token_ids) for delta in out.outputs)
+            if out.request_id not in first:
+                first.add(out.request_id)
+                key, arrived = born[out.request_id]
+                phase.ttft_s[key].append(stepped - arrived)
+                request = engine.requests.get(out.request_id)
+                if key == "light" and request and request.first_scheduled_time is not None:
+                    queued.append(request.first_scheduled_time - arrived)
+    phase.server_cpu_s = time.process_time() - cpu0
+    for request_id, (key, arrived) in born.items():
+        if request_id not in first:  # still waiting: censored
+            phase.ttft_s[key].append(end - arrived)
+            phase.waiting[key] += 1
+    for request_id in list(engine.requests):  # the next phase starts empty
+        engine.abort(request_id)
+    phase.queue_ms["light"] = 1000 * sum(queued) / len(queued) if queued else None
+    return phase
+
+
+def run(policies: Sequence[str], args: Namespace) -> dict[str, list[Round]]:
+    """Both engines built first; rounds alternate between them, as loadtests.fairness does."""
+    torch.set_num_threads(args.threads)
+    engines = {policy: LLMEngine(EngineConfig(
+        model_dir=args.model_dir, device="cpu", dtype="float32",
+        max_num_seqs=args.max_num_seqs, kv_cache_memory=parse_size(args.kv_cache_memory),
+        scheduling_policy=policy)) for policy in policies}
+    for engine in engines.values():  # warm-up, not measured
+        if args.warmup > 0:
+            run_phase(engine, "warm-up", phase_plan(args)[2][1],
+                      Namespace(**{**vars(args), "duration": args.warmup}), seed=-1)
+    results: dict[str, list[Round]] = {policy: [] for policy in policies}
+    for r in range(args.rounds):
+        for policy in (policies if r % 2 == 0 else list(reversed(policies))):
+            busy = wait_for_quiet(args.max_busy)
+            busy = cpu_busy(5.0) if busy is None else busy
+            print(f"round {r}, {policy}: other jobs keep {busy:.0%} of the CPUs busy "
+                  f"(load average {load_avg()})", file=sys.stderr, flush=True)
+            phases = [run_phase(engines[policy], name, rates, args, 10 * r + j)
+                      for j, (name, rates) in enumerate(phase_plan(args))]
+            results[policy].append(Round(phases, busy))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser("python -m loadtests.fairness_engine", __doc__)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    policies = POLICIES if args.scheduling_policy == "both" else (args.scheduling_policy,)
+    results = run(policies, args)
+    print(report(results, args))
+    if args.json:
+        write_json(results, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
