@@ -146,10 +146,24 @@ def test_bfloat16_serving_routes_with_float32_routers(bf16_router_run):
                            results[f"bf16/router_exact/{i}/greedy"]), f"input {i}"
 
 
-@pytest.mark.parametrize("check", ["other_version_refused", "pinned_version_accepted",
-                                   "fully_sharded_refused", "merge_without_lora_refused",
-                                   "resolver_finds_adapters",
-                                   "adapters_validated", "server_refuses_bad_adapters"])
-def test_plugin_checks(vllm_python, check):
-    result = run_in_vllm(vllm_python, "checks", check, timeout=300)
-    assert f"ok {check}" in result.stdout, result.stdout
+CHECKS = ("other_version_refused", "pinned_version_accepted", "fully_sharded_refused",
+          "merge_without_lora_refused", "resolver_finds_adapters", "adapters_validated",
+          "server_refuses_bad_adapters")
+
+
+@pytest.fixture(scope="module")
+def plugin_checks(vllm_python) -> dict[str, str]:
+    """Every check of tests/vllm/checks.py in one process (one vLLM import, not seven), in this
+    order: other_version_refused first, before anything has loaded the plugins. Each check
+    restores what it changes (the version lookup, the environment, the resolver registry);
+    check name -> its line."""
+    result = run_in_vllm(vllm_python, "checks", *CHECKS, timeout=300)
+    lines = {line.split()[1].rstrip(":"): line for line in result.stdout.splitlines()
+             if line.startswith(("ok ", "FAIL "))}
+    assert list(lines) == list(CHECKS), result.stdout
+    return lines
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_plugin_checks(plugin_checks, check):
+    assert plugin_checks[check] == f"ok {check}", plugin_checks[check]
