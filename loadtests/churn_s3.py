@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +52,11 @@ def start_s3(folder: Path, names: Sequence[str], log_path: Path) -> S3Store:
                                endpoint_url=server.url)
         fs.mkdir(BUCKET)
         local = [p for name in names for p in sorted((folder / name).iterdir())]
-        remote = [f"{BUCKET}/{store.prefix}/{p.parent.name}/{p.name}" for p in local]
         start = time.monotonic()
-        fs.put(list(map(str, local)), remote)
+        # A few files at a time: one batched put reads every file into memory first.
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda p: fs.put_file(
+                str(p), f"{BUCKET}/{store.prefix}/{p.parent.name}/{p.name}"), local))
         size = sum(p.stat().st_size for p in local)
         print(f"uploaded {len(names)} adapters ({size / 1e9:.2f} GB) to {store.url} in "
               f"{time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
