@@ -263,20 +263,34 @@ def measure_memory(config: ChurnConfig, model_dir: Path, folder: Path,
         server.stop()
 
 
-def prepare(config: ChurnConfig) -> tuple[Path, Path, list[str]]:
+def prepare(config: ChurnConfig) -> tuple[Path, list[str]]:
     model_dir = write_random_smollm(config.work_dir / BASE_NAME)
     count = max(config.num_adapters, config.memory_adapters)
     names = [f"churn-{i}" for i in range(count)]
     folder = config.work_dir / f"churn-{config.kind}"
     print(f"writing {count} adapters to {folder} (once)", file=sys.stderr, flush=True)
     write_adapters(folder, base_linear_shapes(model_dir), names, config.kind, seed=5000)
-    return model_dir, folder, names
+    return model_dir, names
+
+
+def store_folder(config: ChurnConfig, count: int) -> Path:
+    """A folder holding exactly the first `count` adapters (links into the written ones): a
+    server's store is what it lists and scans at start-up."""
+    pool = config.work_dir / f"churn-{config.kind}"
+    folder = config.work_dir / f"churn-{config.kind}-{count}"
+    folder.mkdir(exist_ok=True)
+    for i in range(count):
+        link = folder / f"churn-{i}"
+        if not link.exists():
+            link.symlink_to(pool / link.name, target_is_directory=True)
+    return folder
 
 
 def run(config: ChurnConfig) -> tuple[list[CaseRun], MemoryRun | None]:
     """Every round runs each case once, the order rotated by one per round; then the memory
     run. Writes each load's JSON (and plots of the first round) under out_dir."""
-    model_dir, folder, names = prepare(config)
+    model_dir, names = prepare(config)
+    folder = store_folder(config, config.num_adapters)
     cases = [c for c in CASES if c != "s3" or config.s3]
     store = start_s3(folder, names[: config.num_adapters], config.out_dir / "logs" / "moto.log") \
         if config.s3 else None
@@ -289,7 +303,10 @@ def run(config: ChurnConfig) -> tuple[list[CaseRun], MemoryRun | None]:
     finally:
         if store is not None:
             store.stop()
-    memory = measure_memory(config, model_dir, folder, names) if config.memory_adapters else None
+    memory = None
+    if config.memory_adapters:
+        memory = measure_memory(config, model_dir, store_folder(config, config.memory_adapters),
+                                names)
     config.out_dir.mkdir(parents=True, exist_ok=True)
     for r in runs:
         tag = f"{r.case}-{r.round + 1}"
