@@ -1,21 +1,25 @@
-"""Adapter churn: many adapters on disk, few resident, Zipf popularity.
+"""Adapter churn: many adapters on disk, Zipf popularity, against a few resident ones.
 
-goat-serve serves 200 GOAT adapters from disk with `--max-loras 8 --max-cpu-adapters 32`, under a
-closed loop whose requests pick adapters by Zipf(1.0). It reports:
-- hot-load latency: the TTFT of requests that had to wait for their adapter to be read from
-  disk (a disk load of that adapter finished between the request's start and its first token,
-  seen by polling /metrics' `goat_adapter_loads_total`), p50 and p99; also the first request of
-  each adapter, and the server's own `goat_adapter_load_seconds`;
-- throughput relative to the same load over 16 adapters that all stay resident
-  (`--max-loras 16`), measured first. Goal: at least 0.8x;
-- the ceiling of that ratio: the base model alone at as many clients as 8 slots let run at once
-  (the simulated slot bound) against the full number, on one server (fewer sequences per step
-  cost more per sequence, whatever the adapters cost).
+One goat-serve configuration, the server's defaults but `--max-cpu-adapters 128`, over a store
+of 500 GOAT adapters (r = 8, E = 8, k = 2, all seven projections, SmolLM2-135M shapes), under a
+closed loop of 32 clients whose requests pick adapters by Zipf(1.0). Cases, interleaved round by
+round (each on a fresh server, so every round starts with no adapter loaded):
+- resident: the same load over the 16 most popular adapters, all loaded before it starts;
+- churn: over all 500, none loaded: every first use loads from local disk;
+- s3: the churn load with `--adapter-dir s3://...`, a moto S3 server on loopback holding the
+  adapters and an empty download cache.
+It reports throughput churn / resident (median of the per-round ratios; goal >= 0.9x) and s3 /
+resident, adapter loads per second and their latency (`goat_adapter_load_seconds`), the longest
+engine step against the median (`goat_step_seconds`: the stall loads cause), the first request
+of an adapter not yet loaded (local) or not yet downloaded (S3) on an idle server, and, in a
+separate run, host memory with 1,000 adapters resident (RSS and `goat_adapter_memory_bytes`).
 
-    .venv/bin/python -m loadtests.churn [--num-adapters 200] [--num-requests 128]
+    .venv/bin/python -m loadtests.churn                        # the issue's figures
+    .venv/bin/python -m loadtests.churn --num-adapters 100 --num-requests 64 --memory-adapters 200
     .venv/bin/python -m loadtests.churn --loads-only 50   # adapter load time alone, p50/p99
 
-A benchmark script, not a test: it takes minutes and all of the machine's cores.
+A benchmark script, not a test: it takes many minutes and all of the machine's cores, and
+25 MB of disk per adapter (twice that with the S3 case's copy).
 """
 
 from __future__ import annotations
@@ -23,22 +27,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchmarks.random_model import write_adapters
 from goat_runtime.adapters.binding import base_linear_shapes
-from loadtests.churn_metrics import (
-    Poll,
-    cold_requests,
-    first_uses,
-    run_polled,
-    seqs_per_step,
-    slot_bound,
-)
+from loadtests.churn_metrics import Buckets, Poll, histogram_delta, run_polled, seqs_per_step
+from loadtests.churn_report import report
+from loadtests.churn_s3 import S3Store, start_s3
 from loadtests.common import (
     BASE_NAME,
     CACHE,
@@ -47,12 +47,11 @@ from loadtests.common import (
     ServerProcess,
     add_max_busy_arg,
     cpu_busy,
-    format_table,
     goat_serve,
     load_avg,
     machine_summary,
     metric_sum,
-    pct,
+    proc_sample,
     scrape,
     wait_for_quiet,
     write_random_smollm,
@@ -61,7 +60,8 @@ from loadtests.loadgen import LoadConfig, LoadResult, run_load
 from loadtests.report import LatencyStats, format_summary
 from loadtests.workload import LengthDist
 
-GOAL = 0.8
+GOAL = 0.9
+CASES = ("resident", "churn", "s3")
 
 
 @dataclass
@@ -70,248 +70,255 @@ class ChurnConfig:
     out_dir: Path = CACHE / "results" / "churn"
     plot_dir: Path | None = REPO / "docs" / "img"
     kind: str = "goat"  # adapter kind on disk: goat or lora
-    num_adapters: int = 200
+    num_adapters: int = 500
     resident_adapters: int = 16  # the baseline
-    max_loras: int = 8
-    max_cpu_adapters: int = 32
+    max_cpu_adapters: int = 128
     zipf_alpha: float = 1.0
     concurrency: int = 32
     num_requests: int = 128
     prompt_len: int = 128
     output_len: int = 64
+    rounds: int = 3
+    s3: bool = True
+    memory_adapters: int = 1000  # adapters resident in the memory run; 0: no memory run
     poll_s: float = 0.5  # /metrics polling interval
+    busy_sample_s: float = 5.0  # how long to watch other jobs' CPU use before each case
     max_busy: float | None = None
     loads_only: int = 0  # > 0: only time that many adapter loads (measure_loads), no server
+    goal: float = GOAL  # churn / resident throughput
 
 
 @dataclass
-class ChurnRun:
-    label: str
+class CaseRun:
+    """One case of one round: the load's result and what the server's metrics said of it."""
+
+    case: str
+    round: int
     result: LoadResult
     polls: list[Poll] = field(default_factory=list)
-    load_count: float = 0.0  # server-side adapter loads during the run
+    loads: float = 0.0  # adapter loads during the load
     load_seconds_sum: float = 0.0
-    cores: float = 0.0  # CPU cores the server used during the run
-    seqs_per_step: float = 0.0  # mean sequences per engine step (goat_batch_size)
-    slot_bound: float = 0.0  # the same for an engine limited only by its slots (slot_bound)
+    load_buckets: Buckets = field(default_factory=list)  # goat_adapter_load_seconds
+    step_buckets: Buckets = field(default_factory=list)  # goat_step_seconds
+    seqs_per_step: float = 0.0
+    downloads: float = 0.0
+    download_bytes: float = 0.0
+    rss_bytes: int = 0  # the server's RSS after the load
+    host_bytes: float = 0.0  # goat_adapter_memory_bytes{tier="host"} after the load
+    host_adapters: float = 0.0
+    first_request_s: float | None = None  # TTFT of an unused adapter's request, idle server
+    cores: float = 0.0  # CPU cores the server used during the load
     others_busy: float = 0.0  # share of the CPUs other jobs used just before it started
+
+    @property
+    def tok_s(self) -> float:
+        return self.result.summary.output_token_throughput
 
 
 @dataclass
-class Ceiling:
-    """The base model alone (no adapter at all) under the same closed loop, at the number of
-    clients the churn run's slots let run at once and at the full number: what an engine whose
-    adapters cost nothing would reach, since fewer sequences per step cost more per sequence."""
+class MemoryRun:
+    """`adapters` adapters loaded into one server, one tiny request each."""
 
-    clients: tuple[int, int]  # (slot bound rounded, config.concurrency)
-    tok_s: tuple[float, float]
-    seqs_per_step: tuple[float, float]
+    adapters: int
+    rss_base: int  # RSS with the base model only (after one request)
+    rss: int  # RSS with every adapter resident
+    host_bytes: float  # goat_adapter_memory_bytes{tier="host"}
+    host_adapters: float
+    loads: float
+    load_seconds_sum: float
+    load_buckets: Buckets
+    elapsed_s: float  # from the first request to the last answer
+    others_busy: float
 
-    @property
-    def ratio(self) -> float:
-        return self.tok_s[0] / self.tok_s[1]
 
-
-def load_config(config: ChurnConfig, url: str, models: list[str], seed: int) -> LoadConfig:
+def load_config(config: ChurnConfig, url: str, models: list[str]) -> LoadConfig:
     return LoadConfig(
         models=models, url=url, concurrency=config.concurrency, num_requests=config.num_requests,
         adapter_dist="zipf", zipf_alpha=config.zipf_alpha,
         prompt_len=LengthDist("fixed", config.prompt_len),
         output_len=LengthDist("fixed", config.output_len), ignore_eos=True,
-        drain_timeout_s=1800.0, request_timeout_s=1800.0, seed=seed,
+        drain_timeout_s=1800.0, request_timeout_s=1800.0, seed=7,
     )
 
 
-def measure(
-    config: ChurnConfig, label: str, server: ServerProcess, models: list[str], warm: list[str],
-    max_loras: int,
-) -> ChurnRun:
-    """Start the server, load the `warm` adapters, run the Zipf load with polling, stop."""
+def tiny_requests(url: str, models: list[str], concurrency: int) -> LoadResult:
+    """One short request per model (round robin): loads adapters, warms the base. Raises if
+    any fails."""
+    result = asyncio.run(run_load(LoadConfig(
+        models=models, url=url, concurrency=min(concurrency, len(models)),
+        num_requests=len(models), adapter_dist="round-robin", prompt_len=LengthDist("fixed", 16),
+        output_len=LengthDist("fixed", 2), ignore_eos=True, drain_timeout_s=1800.0,
+        request_timeout_s=1800.0)))
+    if result.summary.num_errors:
+        raise RuntimeError(f"requests failed:\n{format_summary(result.summary)}")
+    return result
+
+
+def others_busy(config: ChurnConfig, label: str) -> float:
     busy = wait_for_quiet(config.max_busy)
-    busy = cpu_busy(5.0) if busy is None else busy
+    busy = cpu_busy(config.busy_sample_s) if busy is None else busy
     print(f"\n=== {label}: starting (others {busy:.0%} busy, load avg {load_avg()})",
           file=sys.stderr, flush=True)
+    return busy
+
+
+def measure_case(config: ChurnConfig, case: str, rnd: int, server: ServerProcess,
+                 models: list[str], warm: list[str], unused: Sequence[str]) -> CaseRun:
+    """Start the server, warm it (`warm`: adapters to load, or the base), run the Zipf load
+    with polling, read its metrics, then time one request of the first of `unused` the load
+    did not touch (none if `unused` is empty); stop the server."""
+    busy = others_busy(config, f"round {rnd + 1}, {case}")
     server.start()
     try:
         server.wait_healthy(600)
-        warmup = LoadConfig(
-            models=warm, url=server.url, concurrency=len(warm), num_requests=len(warm),
-            adapter_dist="round-robin", prompt_len=LengthDist("fixed", 16),
-            output_len=LengthDist("fixed", 2), ignore_eos=True, drain_timeout_s=900.0,
-            request_timeout_s=900.0,
-        )
-        warm_result = asyncio.run(run_load(warmup))
-        if warm_result.summary.num_errors:
-            raise RuntimeError(f"warm-up failed:\n{format_summary(warm_result.summary)}")
+        tiny_requests(server.url, warm, len(warm))
         before = scrape(server.url)
-        load = load_config(config, server.url, models, seed=7)
         cpu0 = server.cpu_seconds()
-        result, polls = asyncio.run(run_polled(load, server.url, config.poll_s))
+        result, polls = asyncio.run(run_polled(load_config(config, server.url, models),
+                                               server.url, config.poll_s))
         cores = (server.cpu_seconds() - cpu0) / result.elapsed_s
         after = scrape(server.url)
         print(format_summary(result.summary), file=sys.stderr, flush=True)
-        run = ChurnRun(label, result, polls, cores=cores, others_busy=busy)
-        run.load_count = metric_sum(after, "goat_adapter_load_seconds_count") - metric_sum(
-            before, "goat_adapter_load_seconds_count")
-        run.load_seconds_sum = metric_sum(after, "goat_adapter_load_seconds_sum") - metric_sum(
-            before, "goat_adapter_load_seconds_sum")
+        run = CaseRun(case, rnd, result, polls, cores=cores, others_busy=busy)
+
+        def delta(name: str, **labels: str) -> float:
+            return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+        run.loads = delta("goat_adapter_load_seconds_count")
+        run.load_seconds_sum = delta("goat_adapter_load_seconds_sum")
+        run.load_buckets = histogram_delta(before, after, "goat_adapter_load_seconds")
+        run.step_buckets = histogram_delta(before, after, "goat_step_seconds")
         run.seqs_per_step = seqs_per_step(before, after)
-        run.slot_bound = slot_bound(len(models), max_loras, config.concurrency, config.zipf_alpha,
-                                    config.output_len)
+        run.downloads = delta("goat_adapter_downloads_total")
+        run.download_bytes = delta("goat_adapter_download_bytes_total")
+        run.host_bytes = metric_sum(after, "goat_adapter_memory_bytes", tier="host")
+        run.host_adapters = metric_sum(after, "goat_adapter_memory_adapters", tier="host")
+        assert server.proc is not None
+        run.rss_bytes = proc_sample(server.proc.pid).rss_bytes
+        fresh = [m for m in unused if m not in result.summary.requests_by_adapter]
+        if fresh:
+            first = tiny_requests(server.url, fresh[:1], 1).records[0]
+            run.first_request_s = first.ttft_s
         return run
     finally:
         server.stop()
 
 
-def measure_ceiling(config: ChurnConfig, server: ServerProcess, clients: tuple[int, int]
-                    ) -> Ceiling:
-    """Run the base-model load at each number of clients on one server start."""
-    busy = wait_for_quiet(config.max_busy)
-    busy = cpu_busy(5.0) if busy is None else busy
-    print(f"\n=== ceiling: base model at {clients[0]} and {clients[1]} clients (others "
-          f"{busy:.0%} busy, load avg {load_avg()})", file=sys.stderr, flush=True)
+def run_case(config: ChurnConfig, case: str, rnd: int, model_dir: Path, folder: Path,
+             names: list[str], store: S3Store | None) -> CaseRun:
+    pool = names[: config.num_adapters]
+    hot = pool[: config.resident_adapters]
+    cache = config.work_dir / "s3-cache"  # emptied for each S3 case: nothing downloaded yet
+    source: Path | str = folder
+    extra: list[str] = []
+    if case == "s3":
+        assert store is not None
+        source, extra = store.url, ["--adapter-cache-dir", str(cache)]
+    server = goat_serve(GoatServeConfig(
+        model_dir, source, served_model_name=BASE_NAME, max_loras=8,  # the server's default
+        max_cpu_adapters=config.max_cpu_adapters, extra_args=extra),
+        config.out_dir / "logs" / f"{case}-{rnd + 1}.log")
+    if case == "s3":
+        server.env.update(store.env)  # type: ignore[union-attr]
+    resident = case == "resident"
+    shutil.rmtree(cache, ignore_errors=True)
+    try:
+        return measure_case(config, case, rnd, server, hot if resident else pool,
+                            hot if resident else [BASE_NAME],
+                            [] if resident else pool[::-1])
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def measure_memory(config: ChurnConfig, model_dir: Path, folder: Path,
+                   names: list[str]) -> MemoryRun:
+    """Load `memory_adapters` adapters into one server (one tiny request each, as many clients
+    as the load) with room for all of them; RSS and host bytes before and after."""
+    n = config.memory_adapters
+    busy = others_busy(config, f"memory: {n} adapters resident")
+    server = goat_serve(GoatServeConfig(
+        model_dir, folder, served_model_name=BASE_NAME, max_loras=8,
+        max_cpu_adapters=max(n, config.max_cpu_adapters)), config.out_dir / "logs" / "memory.log")
     server.start()
     try:
         server.wait_healthy(600)
-        tok_s, seqs = [], []
-        for n in clients:
-            load = replace(load_config(config, server.url, [BASE_NAME], seed=7), concurrency=n)
-            before = scrape(server.url)
-            result = asyncio.run(run_load(load))
-            after = scrape(server.url)
-            if result.summary.num_errors:
-                raise RuntimeError(f"ceiling run failed:\n{format_summary(result.summary)}")
-            print(format_summary(result.summary), file=sys.stderr, flush=True)
-            seqs.append(seqs_per_step(before, after))
-            tok_s.append(result.summary.output_token_throughput)
-        return Ceiling(clients, (tok_s[0], tok_s[1]), (seqs[0], seqs[1]))
+        assert server.proc is not None
+        tiny_requests(server.url, [BASE_NAME], 1)
+        rss_base = proc_sample(server.proc.pid).rss_bytes
+        before = scrape(server.url)
+        start = time.perf_counter()
+        tiny_requests(server.url, names[:n], config.concurrency)
+        elapsed = time.perf_counter() - start
+        after = scrape(server.url)
+        return MemoryRun(
+            n, rss_base, proc_sample(server.proc.pid).rss_bytes,
+            metric_sum(after, "goat_adapter_memory_bytes", tier="host"),
+            metric_sum(after, "goat_adapter_memory_adapters", tier="host"),
+            metric_sum(after, "goat_adapter_load_seconds_count")
+            - metric_sum(before, "goat_adapter_load_seconds_count"),
+            metric_sum(after, "goat_adapter_load_seconds_sum")
+            - metric_sum(before, "goat_adapter_load_seconds_sum"),
+            histogram_delta(before, after, "goat_adapter_load_seconds"), elapsed, busy)
     finally:
         server.stop()
 
 
-def ms(stats: LatencyStats, q: int) -> float | None:
-    return pct(stats, q)
-
-
-def report(config: ChurnConfig, baseline: ChurnRun, churn: ChurnRun, ceiling: Ceiling) -> str:
-    rows = []
-    for run in (baseline, churn):
-        s = run.result.summary
-        rows.append([
-            run.label, f"{s.num_ok}/{s.num_requests}", len(s.requests_by_adapter),
-            int(run.load_count), s.request_throughput, s.output_token_throughput,
-            pct(s.ttft_ms, 50), pct(s.ttft_ms, 99), pct(s.tpot_ms, 50), pct(s.tpot_ms, 99),
-            run.seqs_per_step, run.slot_bound, run.cores, f"{run.others_busy:.0%}",
-        ])
-    main_table = format_table(
-        ["run", "ok", "adapters used", "disk loads", "req/s", "out tok/s", "TTFT p50 ms",
-         "TTFT p99", "TPOT p50 ms", "TPOT p99", "seqs/step", "slot bound", "cores used",
-         "others busy before"],
-        rows,
-    )
-    records = churn.result.records
-    cold = cold_requests(records, churn.polls)
-    cold_ids = {r.index for r in cold}
-    warm = [r for r in records if r.ok and r.index not in cold_ids and r.ttft_s is not None]
-    firsts = first_uses(records)
-    groups = [
-        ("cold: adapter loaded from disk while waiting", cold),
-        ("first request of each adapter", firsts),
-        ("warm: adapter already loaded", warm),
-    ]
-    lat_rows = []
-    for name, group in groups:
-        stats = LatencyStats.of(r.ttft_s for r in group if r.ttft_s is not None)
-        lat_rows.append([name, stats.count, ms(stats, 50), ms(stats, 99), stats.max])
-    lat_table = format_table(["requests (churn run)", "n", "TTFT p50 ms", "TTFT p99", "max"],
-                             lat_rows)
-    mean_load = churn.load_seconds_sum / churn.load_count if churn.load_count else None
-    ratio = (churn.result.summary.output_token_throughput
-             / baseline.result.summary.output_token_throughput)
-    verdict = "met" if ratio >= GOAL else "NOT met"
-    return "\n".join([
-        f"{config.num_adapters} {config.kind.upper()} adapters on disk (r=8"
-        + (", E=8, k=2" if config.kind == "goat" else "") + f"), goat-serve --max-loras "
-        f"{config.max_loras} --max-cpu-adapters {config.max_cpu_adapters}; closed loop of "
-        f"{config.concurrency} clients, {config.num_requests} requests of {config.prompt_len} "
-        f"prompt + {config.output_len} generated tokens, adapters by Zipf({config.zipf_alpha:g}). "
-        f"Baseline: the same load over {config.resident_adapters} adapters, all resident "
-        f"(--max-loras {config.resident_adapters}, loaded before the run).",
-        "",
-        main_table,
-        "",
-        lat_table,
-        "",
-        f"Server-side adapter load time (goat_adapter_load_seconds, churn run): "
-        f"{int(churn.load_count)} loads, mean "
-        + (f"{mean_load * 1000:.0f} ms" if mean_load is not None else "-") + ".",
-        "",
-        f"Throughput, churn / resident: {ratio:.2f}x (goal >= {GOAL:g}x: {verdict}).",
-        "",
-        f"Ceiling: the base model alone (no adapter, same server) at {ceiling.clients[0]} "
-        f"clients (the slot bound, rounded) makes {ceiling.tok_s[0]:.1f} tok/s "
-        f"({ceiling.seqs_per_step[0]:.2f} seqs/step), at {ceiling.clients[1]} clients "
-        f"{ceiling.tok_s[1]:.1f} tok/s ({ceiling.seqs_per_step[1]:.2f} seqs/step): "
-        f"{ceiling.ratio:.2f}x. An engine whose adapters cost nothing, at the slot bound, would "
-        f"reach about that ratio; churn reaches {ratio / ceiling.ratio:.2f} of it.",
-        "",
-        f"'seqs/step': sequences per engine step, from the server's goat_batch_size. 'slot "
-        f"bound': the same for an ideal engine limited only by its adapter slots, under this "
-        f"closed loop (`slot_bound`, simulated): with {config.max_loras} slots over "
-        f"{config.num_adapters} adapters it runs {churn.slot_bound:.1f} of "
-        f"{config.concurrency} sequences per step, "
-        f"{churn.slot_bound / baseline.slot_bound:.2f}x the resident run's "
-        f"{baseline.slot_bound:.1f}.",
-    ])
-
-
-def prepare(config: ChurnConfig) -> tuple[Path, Path, list[str]]:
+def prepare(config: ChurnConfig) -> tuple[Path, list[str]]:
     model_dir = write_random_smollm(config.work_dir / BASE_NAME)
-    names = [f"churn-{i}" for i in range(config.num_adapters)]
+    count = max(config.num_adapters, config.memory_adapters)
+    names = [f"churn-{i}" for i in range(count)]
     folder = config.work_dir / f"churn-{config.kind}"
-    print(f"writing {config.num_adapters} adapters to {folder} (once)", file=sys.stderr,
-          flush=True)
+    print(f"writing {count} adapters to {folder} (once)", file=sys.stderr, flush=True)
     write_adapters(folder, base_linear_shapes(model_dir), names, config.kind, seed=5000)
-    return model_dir, folder, names
+    return model_dir, names
 
 
-def run(config: ChurnConfig) -> tuple[ChurnRun, ChurnRun, Ceiling]:
-    model_dir, folder, names = prepare(config)
-    logs = config.out_dir / "logs"
-    hot = names[: config.resident_adapters]
-    common = {"served_model_name": BASE_NAME, "max_num_seqs": max(64, config.concurrency)}
-    baseline_server = goat_serve(
-        GoatServeConfig(model_dir, folder, max_loras=config.resident_adapters,
-                        max_cpu_adapters=max(config.max_cpu_adapters, config.resident_adapters),
-                        **common),
-        logs / "resident.log",
-    )
-    baseline = measure(config, f"{config.resident_adapters} resident", baseline_server, hot, hot,
-                       config.resident_adapters)
-    churn_server = goat_serve(
-        GoatServeConfig(model_dir, folder, max_loras=config.max_loras,
-                        max_cpu_adapters=config.max_cpu_adapters, **common),
-        logs / "churn.log",
-    )
-    churn = measure(config, f"{config.num_adapters} on disk, churn", churn_server, names,
-                    [BASE_NAME], config.max_loras)
-    ceiling_server = goat_serve(
-        GoatServeConfig(model_dir, max_loras=config.max_loras,
-                        max_cpu_adapters=config.max_cpu_adapters, **common),
-        logs / "ceiling.log",
-    )
-    clients = (max(1, round(churn.slot_bound)), config.concurrency)
-    ceiling = measure_ceiling(config, ceiling_server, clients)
+def store_folder(config: ChurnConfig, count: int) -> Path:
+    """A folder holding exactly the first `count` adapters (links into the written ones): a
+    server's store is what it lists and scans at start-up."""
+    pool = config.work_dir / f"churn-{config.kind}"
+    folder = config.work_dir / f"churn-{config.kind}-{count}"
+    folder.mkdir(exist_ok=True)
+    for i in range(count):
+        link = folder / f"churn-{i}"
+        if not link.exists():
+            link.symlink_to(pool / link.name, target_is_directory=True)
+    return folder
+
+
+def run(config: ChurnConfig) -> tuple[list[CaseRun], MemoryRun | None]:
+    """Every round runs each case once, the order rotated by one per round; then the memory
+    run. Writes each load's JSON (and plots of the first round) under out_dir."""
+    model_dir, names = prepare(config)
+    folder = store_folder(config, config.num_adapters)
+    cases = [c for c in CASES if c != "s3" or config.s3]
+    store = start_s3(folder, names[: config.num_adapters], config.out_dir / "logs" / "moto.log") \
+        if config.s3 else None
+    runs = []
+    try:
+        for rnd in range(config.rounds):
+            k = rnd % len(cases)
+            for case in cases[k:] + cases[:k]:
+                runs.append(run_case(config, case, rnd, model_dir, folder, names, store))
+    finally:
+        if store is not None:
+            store.stop()
+    memory = None
+    if config.memory_adapters:
+        memory = measure_memory(config, model_dir, store_folder(config, config.memory_adapters),
+                                names)
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    (config.out_dir / "ceiling.json").write_text(json.dumps(asdict(ceiling)) + "\n")
-    for tag, r in (("resident", baseline), ("churn", churn)):
+    for r in runs:
+        tag = f"{r.case}-{r.round + 1}"
         r.result.write_json(config.out_dir / f"{tag}.json")
         (config.out_dir / f"{tag}-polls.json").write_text(
             json.dumps([asdict(p) for p in r.polls]) + "\n")
-        if config.plot_dir is not None:
+        if config.plot_dir is not None and r.round == 0:
             config.plot_dir.mkdir(parents=True, exist_ok=True)
-            r.result.write_plot(config.plot_dir / f"churn-{tag}.png")
-    return baseline, churn, ceiling
+            r.result.write_plot(config.plot_dir / f"churn-{r.case}.png")
+    if memory is not None:
+        (config.out_dir / "memory.json").write_text(json.dumps(asdict(memory)) + "\n")
+    return runs, memory
 
 
 def measure_loads(folder: Path, names: Sequence[str], shapes: dict[str, tuple[int, int]],
@@ -342,26 +349,34 @@ def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
     p.add_argument("--kind", choices=("goat", "lora"), default=d.kind)
     p.add_argument("--num-adapters", type=int, default=d.num_adapters)
     p.add_argument("--resident-adapters", type=int, default=d.resident_adapters)
-    p.add_argument("--max-loras", type=int, default=d.max_loras)
     p.add_argument("--max-cpu-adapters", type=int, default=d.max_cpu_adapters)
     p.add_argument("--zipf-alpha", type=float, default=d.zipf_alpha)
     p.add_argument("--concurrency", type=int, default=d.concurrency)
     p.add_argument("--num-requests", type=int, default=d.num_requests)
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)
     p.add_argument("--output-len", type=int, default=d.output_len)
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--s3", action=argparse.BooleanOptionalAction, default=d.s3,
+                   help="the S3 case (moto on loopback)")
+    p.add_argument("--memory-adapters", type=int, default=d.memory_adapters, metavar="N",
+                   help="load N adapters into one server and read its memory; 0: skip")
     p.add_argument("--poll", type=float, default=d.poll_s, help="/metrics poll interval (s)")
     p.add_argument("--loads-only", type=int, default=0, metavar="N",
                    help="only time loading N adapters from a warm page cache (3 rounds)")
     add_max_busy_arg(p)
     a = p.parse_args(argv)
-    if a.resident_adapters > a.num_adapters:
-        p.error("--resident-adapters must not exceed --num-adapters")
+    if not 0 < a.resident_adapters <= a.num_adapters:
+        p.error("--resident-adapters must be in 1..--num-adapters")
+    if a.rounds < 1 or a.num_requests < 1 or a.concurrency < 1 or a.memory_adapters < 0:
+        p.error("--rounds, --num-requests and --concurrency must be >= 1, --memory-adapters "
+                ">= 0")
     return ChurnConfig(
         work_dir=a.work_dir, out_dir=a.out_dir, plot_dir=Path(a.plot_dir) if a.plot_dir else None,
         kind=a.kind, num_adapters=a.num_adapters, resident_adapters=a.resident_adapters,
-        max_loras=a.max_loras, max_cpu_adapters=a.max_cpu_adapters, zipf_alpha=a.zipf_alpha,
+        max_cpu_adapters=a.max_cpu_adapters, zipf_alpha=a.zipf_alpha,
         concurrency=a.concurrency, num_requests=a.num_requests, prompt_len=a.prompt_len,
-        output_len=a.output_len, poll_s=a.poll, max_busy=a.max_busy, loads_only=a.loads_only,
+        output_len=a.output_len, rounds=a.rounds, s3=a.s3, memory_adapters=a.memory_adapters,
+        poll_s=a.poll, max_busy=a.max_busy, loads_only=a.loads_only,
     )
 
 
@@ -381,12 +396,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"p50 {stats.percentiles['p50']:.1f} ms, p99 {stats.percentiles['p99']:.1f} ms "
               f"over {stats.count} loads")
         return 0
-    baseline, churn, ceiling = run(config)
-    text = report(config, baseline, churn, ceiling)
+    runs, memory = run(config)
+    text = report(config, runs, memory)
     print("\n" + text)
     (config.out_dir / "report.md").write_text(f"{text}\n\nMachine:\n\n```\n{machine}\n```\n")
-    ok = baseline.result.summary.num_errors == 0 and churn.result.summary.num_errors == 0
-    return 0 if ok else 1
+    return 0 if all(r.result.summary.num_errors == 0 for r in runs) else 1
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """What the churn benchmark reads from a run: disk loads per adapter polled from /metrics
 during the load, the requests that waited for one (cold), the first request of each adapter,
-sequences per engine step, and the slot bound an ideal engine would reach."""
+sequences per engine step, the server's histograms between two scrapes (quantiles and the top
+bucket, for load times and step stalls) and the median of per-round ratios."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +16,6 @@ from dataclasses import dataclass
 from loadtests.common import metric_sum, scrape
 from loadtests.loadgen import LoadConfig, LoadResult, run_load
 from loadtests.report import RequestRecord
-from loadtests.workload import AdapterChooser
 
 
 @dataclass
@@ -94,41 +95,71 @@ def first_uses(records: Sequence[RequestRecord]) -> list[RequestRecord]:
     return out
 
 
-def slot_bound(num_adapters: int, max_loras: int, concurrency: int, zipf_alpha: float,
-               steps_per_request: int, num_requests: int = 20000, seed: int = 0) -> float:
-    """Mean sequences per step of an ideal engine whose only limit is its adapter slots, under
-    the benchmark's closed loop: every request takes `steps_per_request` steps; each step runs
-    every waiting request whose adapter holds a slot, and free slots go to the waiting
-    adapters first come, first served (an adapter keeps its slot while it has requests)."""
-    chooser = AdapterChooser([str(i) for i in range(num_adapters)], "zipf",
-                             random.Random(seed), zipf_alpha)
-    waiting = [chooser.choose() for _ in range(concurrency)]
-    running: list[list] = []  # [adapter, steps left]
-    done = steps = seq_steps = 0
-    while done < num_requests:
-        held = {a for a, _ in running}
-        still = []
-        for adapter in waiting:
-            if adapter in held or len(held) < max_loras:
-                held.add(adapter)
-                running.append([adapter, steps_per_request])
-            else:
-                still.append(adapter)
-        waiting = still
-        steps += 1
-        seq_steps += len(running)
-        for seq in running:
-            seq[1] -= 1
-        finished = sum(1 for seq in running if seq[1] == 0)
-        running = [seq for seq in running if seq[1] > 0]
-        done += finished
-        waiting += [chooser.choose() for _ in range(finished)]
-    return seq_steps / steps
-
-
 def seqs_per_step(before: dict[str, float], after: dict[str, float]) -> float:
     """Mean sequences per engine step between two /metrics scrapes (goat_batch_size)."""
     steps = metric_sum(after, "goat_batch_size_count") - metric_sum(
         before, "goat_batch_size_count")
     seqs = metric_sum(after, "goat_batch_size_sum") - metric_sum(before, "goat_batch_size_sum")
     return seqs / steps if steps else 0.0
+
+
+Buckets = list[tuple[float, float]]  # (upper bound `le`, observations in this bucket alone)
+
+
+def histogram_delta(before: dict[str, float], after: dict[str, float], name: str) -> Buckets:
+    """The observations of histogram `name` (no other labels) between two scrapes, per bucket
+    (not cumulative), sorted by bound; the last bound is +Inf."""
+    prefix = f'{name}_bucket{{le="'
+
+    def cumulative(samples: dict[str, float]) -> dict[float, float]:
+        return {float(k[len(prefix):-2]): v for k, v in samples.items() if k.startswith(prefix)}
+
+    b, a = cumulative(before), cumulative(after)
+    out, below = [], 0.0
+    for le in sorted(a):
+        total = a[le] - b.get(le, 0.0)
+        out.append((le, total - below))
+        below = total
+    return out
+
+
+def quantile(buckets: Buckets, q: float) -> float | None:
+    """The q-quantile (0..1) of bucketed observations, interpolated linearly within its bucket
+    as Prometheus' histogram_quantile does; the top finite bound if it falls in +Inf."""
+    total = sum(n for _, n in buckets)
+    if not total:
+        return None
+    rank, seen, lower = q * total, 0.0, 0.0
+    for le, n in buckets:
+        if n and seen + n >= rank:
+            if math.isinf(le):
+                return lower
+            return lower + (le - lower) * (rank - seen) / n
+        seen += n
+        lower = le if not math.isinf(le) else lower
+    return lower
+
+
+def top_bucket(buckets: Buckets) -> tuple[float, float] | None:
+    """(lower, upper) bounds of the highest bucket with an observation: the maximum lies there."""
+    lower, top = 0.0, None
+    for le, n in buckets:
+        if n:
+            top = (lower, le)
+        lower = le
+    return top
+
+
+def median_ratio(pairs: Sequence[tuple[float, float]]) -> tuple[float, list[float]]:
+    """The median of per-round ratios numerator / denominator, and the ratios."""
+    ratios = [a / b for a, b in pairs]
+    return statistics.median(ratios), ratios
+
+
+def pooled(buckets: Sequence[Buckets]) -> Buckets:
+    """Observations of several histogram deltas together, per bucket."""
+    total: dict[float, float] = {}
+    for one in buckets:
+        for le, n in one:
+            total[le] = total.get(le, 0.0) + n
+    return sorted(total.items())

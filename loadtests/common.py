@@ -198,7 +198,7 @@ class GoatServeConfig:
     """The goat-serve command line (`python -m server ...`)."""
 
     model_dir: Path
-    adapter_dir: Path | None = None
+    adapter_dir: Path | str | None = None  # a folder or an s3:// or hf:// URL
     port: int = 0  # 0: pick a free port
     served_model_name: str | None = None
     max_loras: int = 16

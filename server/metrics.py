@@ -36,6 +36,9 @@ _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
               0.75, 1.0, 2.5)
 _COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+# Step times from 5 ms to 20 s, each bucket 1.25x the last: fine enough to read a step's
+# median and its longest stall from bucket bounds within 25 %.
+_STEP = tuple(round(0.005 * 1.25**i, 4) for i in range(38))
 _ADAPTERS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 OUTCOMES = ("success", "error", "abort", "rejected")
 RATE_LIMITS = ("requests", "tokens", "concurrent")
@@ -148,6 +151,8 @@ class ServerMetrics:
         self.batch_adapters = Histogram("goat_batch_adapters",
                                         "Distinct adapters per engine step.",
                                         buckets=_ADAPTERS, registry=r)
+        self.step_seconds = Histogram("goat_step_seconds", "Wall time of an engine step that "
+                                      "ran sequences.", buckets=_STEP, registry=r)
         self.adapter_loads = Counter("goat_adapter_loads", "Adapters loaded from disk.",
                                      ["adapter"], registry=r)
         self.adapter_load_seconds = Histogram("goat_adapter_load_seconds",
@@ -297,6 +302,9 @@ class ServerMetrics:
         self.batch_size.observe(num_seqs)
         self.batch_tokens.observe(num_tokens)
         self.batch_adapters.observe(len(set(adapters)))
+
+    def on_step_time(self, seconds: float) -> None:
+        self.step_seconds.observe(seconds)
 
     def on_adapter_loaded(self, name: str, seconds: float) -> None:
         self._request_series(name)

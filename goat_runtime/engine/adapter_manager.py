@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,14 +72,14 @@ class AdapterManager:
     def merge_static(self, names_and_paths: Iterable[tuple[str, Path]]) -> None:
         """Fold the most common GOAT init signature among these adapters into the base weights;
         the base then keeps a slot of its own to undo it."""
-        adapters = []
-        for name, path in names_and_paths:
-            try:
-                adapters.append(load_adapter(path, self.shapes, name=name,
-                                             max_rank=self.max_lora_rank))
-            except AdapterError as exc:
-                logger.warning("merge-static: skipping %s: %s", name, exc)
-        chosen = most_common_signature(adapters)
+        def adapters() -> Iterator[Adapter]:  # one at a time: a store's worth can outgrow RAM
+            for name, path in names_and_paths:
+                try:
+                    yield load_adapter(path, self.shapes, name=name, max_rank=self.max_lora_rank)
+                except AdapterError as exc:
+                    logger.warning("merge-static: skipping %s: %s", name, exc)
+
+        chosen = most_common_signature(adapters())
         if chosen is None:
             logger.info("merge-static: no GOAT adapter found, nothing merged")
             return

@@ -168,6 +168,7 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         outputs = self._fail_unloadable()
         scheduled = self.scheduler.schedule()
         failures: dict[str, Exception] = {}  # request id -> the fault charged to it
@@ -192,6 +193,8 @@ class LLMEngine:
         if self.listener:
             self.listener.on_step(len(scheduled), sum(i.num_new_tokens for i in scheduled),
                                   sorted({i.seq.adapter for i in scheduled if i.seq.adapter}))
+            if scheduled:  # an empty step only waits for adapter loads
+                self.listener.on_step_time(time.perf_counter() - start)
         return outputs
 
     def _run(self, scheduled: list[ScheduledSeq],

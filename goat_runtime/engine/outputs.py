@@ -83,6 +83,10 @@ class EngineListener(Protocol):
 
     def on_step(self, num_seqs: int, num_tokens: int, adapters: list[str]) -> None: ...
 
+    def on_step_time(self, seconds: float) -> None:
+        """Wall time of a step that ran sequences (scheduling, forward, sampling): its longest
+        against its median shows a stall, e.g. an adapter load holding the GIL."""
+
     def on_adapter_loaded(self, name: str, seconds: float) -> None: ...
 
     def on_adapter_evicted(self, name: str, tier: str) -> None: ...

@@ -1,22 +1,55 @@
-"""The churn benchmark's slot bound: an ideal engine's sequences per step under its closed loop."""
+"""The churn benchmark's readings of /metrics: histogram deltas, quantiles, the top bucket, the
+median of per-round ratios, and sequences per step."""
 
-from loadtests.churn_metrics import seqs_per_step, slot_bound
+import math
+
+import pytest
+
+from loadtests.churn_metrics import (
+    histogram_delta,
+    median_ratio,
+    pooled,
+    quantile,
+    seqs_per_step,
+    top_bucket,
+)
+
+INF = math.inf
 
 
-def test_enough_slots_run_every_client():
-    assert slot_bound(16, 16, 32, 1.0, 10, num_requests=500) == 32.0
-    assert slot_bound(1, 1, 8, 1.0, 10, num_requests=500) == 8.0
+def scrape(counts: dict[str, float]) -> dict[str, float]:
+    """Cumulative bucket samples as loadtests.common.scrape keys them."""
+    return {f'h_bucket{{le="{le}"}}': n for le, n in counts.items()}
 
 
-def test_one_slot_over_many_uniform_adapters_runs_about_one():
-    bound = slot_bound(1000, 1, 4, 0.0, 10, num_requests=500)
-    assert 1.0 <= bound < 1.1
+def test_histogram_delta_is_per_bucket_between_scrapes():
+    before = scrape({"0.1": 1, "0.5": 3, "+Inf": 3}) | {"other": 9.0}
+    after = scrape({"0.1": 2, "0.5": 7, "+Inf": 8})
+    assert histogram_delta(before, after, "h") == [(0.1, 1), (0.5, 3), (INF, 1)]
+    assert histogram_delta({}, after, "h") == [(0.1, 2), (0.5, 5), (INF, 1)]
 
 
-def test_more_slots_run_more():
-    bounds = [slot_bound(200, n, 32, 1.0, 20, num_requests=3000) for n in (4, 8, 16, 32)]
-    assert bounds == sorted(bounds)
-    assert bounds[0] < bounds[-1] <= 32.0
+def test_quantile_interpolates_within_the_bucket():
+    buckets = [(0.1, 2.0), (0.5, 2.0), (INF, 0.0)]
+    assert quantile(buckets, 0.5) == pytest.approx(0.1)
+    assert quantile(buckets, 0.75) == pytest.approx(0.3)
+    assert quantile([(1.0, 0.0), (INF, 3.0)], 0.5) == 1.0  # in +Inf: the top finite bound
+    assert quantile([(1.0, 0.0)], 0.5) is None
+
+
+def test_top_bucket_bounds_the_maximum():
+    assert top_bucket([(0.1, 5.0), (0.2, 0.0), (0.4, 1.0), (0.8, 0.0), (INF, 0.0)]) == (0.2, 0.4)
+    assert top_bucket([(0.1, 0.0)]) is None
+
+
+def test_pooled_adds_bucket_by_bucket():
+    assert pooled([[(0.1, 1.0), (INF, 2.0)], [(0.1, 3.0), (INF, 0.0)]]) == [(0.1, 4.0),
+                                                                           (INF, 2.0)]
+
+
+def test_median_of_per_round_ratios():
+    median, ratios = median_ratio([(90.0, 100.0), (50.0, 50.0), (30.0, 60.0)])
+    assert ratios == [0.9, 1.0, 0.5] and median == 0.9
 
 
 def test_seqs_per_step_between_two_scrapes():

@@ -162,6 +162,8 @@ def test_listener_events_from_the_engine_thread() -> None:
 
     def engine_thread() -> None:
         metrics.on_step(4, 40, ["a", "b", "a"])
+        metrics.on_step_time(0.02)
+        metrics.on_step_time(0.5)
         metrics.on_adapter_loaded("a", 0.25)
         metrics.on_adapter_location("a", "device")
         metrics.on_adapter_location("a", "host")
@@ -180,6 +182,10 @@ def test_listener_events_from_the_engine_thread() -> None:
     assert value(samples, "goat_adapter_slot_bytes") == 512
     assert metrics.max_loras == 5  # vllm:lora_requests_info's max_lora: the bounding pool's
     assert value(samples, "goat_batch_size_sum") == 4
+    assert value(samples, "goat_step_seconds_count") == 2
+    assert value(samples, "goat_step_seconds_bucket", le="0.0238") == 1  # 25 % apart
+    assert value(samples, "goat_step_seconds_bucket", le="0.4337") == 1
+    assert value(samples, "goat_step_seconds_bucket", le="0.5421") == 2
     assert value(samples, "goat_adapter_resident", adapter="a", location="host") == 1
     assert value(samples, "goat_adapter_resident", adapter="a", location="device") == 0
     assert value(samples, "goat_adapter_evictions_total", adapter="a", tier="device") == 1

@@ -1,0 +1,45 @@
+"""A run of the churn benchmark end to end on the tiny fixture model: four random adapters on
+disk, one round of every case (resident, local churn, S3 on moto's server), the memory run,
+and the report. Seconds of load; it checks that each case served its adapters from where it
+should and that the report carries the figures."""
+
+from pathlib import Path
+
+import pytest
+
+from loadtests.churn import ChurnConfig, report, run
+from tests.loadtests.test_smoke import FIXTURE
+
+
+@pytest.mark.slow
+def test_one_round_of_every_case(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "smollm2-135m-random").symlink_to(FIXTURE / "base")  # prepare() reuses it
+    config = ChurnConfig(
+        work_dir=work, out_dir=tmp_path / "out", plot_dir=None, num_adapters=4,
+        resident_adapters=2, max_cpu_adapters=8, concurrency=4, num_requests=8, prompt_len=8,
+        output_len=4, rounds=1, memory_adapters=5, poll_s=0.2, busy_sample_s=0.5)
+    runs, memory = run(config)
+    by_case = {r.case: r for r in runs}
+    assert list(by_case) == ["resident", "churn", "s3"]
+    for r in runs:
+        assert r.result.summary.num_errors == 0 and r.result.summary.num_ok == 8
+        assert r.step_buckets and r.seqs_per_step > 0 and r.rss_bytes > 0
+    resident, churn, s3 = by_case["resident"], by_case["churn"], by_case["s3"]
+    assert set(resident.result.summary.requests_by_adapter) <= {"churn-0", "churn-1"}
+    assert resident.loads == 0 and resident.first_request_s is None  # all loaded before
+    for r in (churn, s3):  # every adapter used was loaded during the run
+        used = len(r.result.summary.requests_by_adapter)
+        assert r.loads == r.host_adapters == used
+        assert r.first_request_s is not None and r.first_request_s > 0
+    assert churn.downloads == 0 and s3.downloads == s3.host_adapters
+    assert s3.download_bytes > s3.downloads * 1000
+    assert memory is not None and memory.host_adapters == 5 and memory.loads == 5
+    assert memory.host_bytes > 0 and memory.rss > 0
+    text = report(config, runs, memory)
+    for needle in ("Throughput, churn / resident: **", "Throughput, s3 / resident: **",
+                   "goal >= 0.9x", "Longest step stall", "S3, not yet downloaded",
+                   "5 adapters resident", "For 1,000 adapters, extrapolated from 5"):
+        assert needle in text, text
+    assert (config.out_dir / "s3-1.json").is_file()
