@@ -77,3 +77,15 @@ def test_a_failed_step_says_which(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
         venv.ensure_vllm_venv(tmp_path / "env", tmp_path, log=lines.append)
     assert lines == [f"goat-serve: vLLM environment {tmp_path / 'env'} [1/5] creating "
                      f"(python -m venv)"]
+
+
+def test_extras_pin_what_pyproject_pins() -> None:
+    """The vLLM environment gets goat_runtime's own runtime dependencies that vLLM lacks, at
+    the versions pyproject.toml pins (a missing one fails every vLLM test with an import
+    error in the server)."""
+    import tomllib
+
+    pyproject = tomllib.loads((venv.REPO / "pyproject.toml").read_text())
+    pins = {d.split("==")[0]: d for d in pyproject["project"]["dependencies"] if "==" in d}
+    ours = [e for e in venv.EXTRAS if "==" in e]
+    assert ours and all(pins.get(e.split("==")[0]) == e for e in ours)

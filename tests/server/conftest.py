@@ -150,7 +150,7 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 @dataclass
 class _FakeConfig:
     adapter_dir: Path | None = None
-    max_loras: int = 2
+    max_device_slots: int = 2
     max_num_seqs: int = 4
 
 
