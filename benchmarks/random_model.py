@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from goat_runtime.model.config import ModelConfig
 
 SMOLLM2_135M: dict[str, Any] = {
@@ -75,9 +77,13 @@ def write_random_model(model_dir: Path, config_dict: Mapping[str, Any] | None = 
 
 def write_adapters(folder: Path, shapes: Mapping[str, tuple[int, int]], names: Sequence[str],
                    kind: str, *, rank: int = 8, num_experts: int = 8, top_k: int = 2,
-                   seed: int = 0) -> list[Path]:
+                   seed: int = 0, dtype: torch.dtype | None = None,
+                   twin_copies: bool = True) -> list[Path]:
     """Random adapters `folder/<name>` of `kind` ("goat" or "lora"), the i-th with seed
-    `seed + i`, on all seven projections; existing ones are kept."""
+    `seed + i`, on all seven projections, saved as `save_adapter`'s dtype (None: float32) and
+    twin_copies say; existing ones are kept."""
+    import torch
+
     from goat_runtime.adapters.writer import random_adapter
 
     paths = []
@@ -85,7 +91,8 @@ def write_adapters(folder: Path, shapes: Mapping[str, tuple[int, int]], names: S
         path = folder / name
         if not (path / "adapter_model.safetensors").is_file():
             random_adapter(path, shapes, kind=kind, rank=rank, num_experts=num_experts,
-                           top_k=top_k, seed=seed + i)
+                           top_k=top_k, seed=seed + i, dtype=dtype or torch.float32,
+                           twin_copies=twin_copies)
         paths.append(path)
     return paths
 

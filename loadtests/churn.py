@@ -34,8 +34,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from benchmarks.random_model import write_adapters
 from goat_runtime.adapters.binding import base_linear_shapes
+from goat_runtime.adapters.format import load_adapter
+from goat_runtime.adapters.reader import AdapterReader
 from loadtests.churn_metrics import Buckets, Poll, histogram_delta, run_polled, seqs_per_step
 from loadtests.churn_report import report
 from loadtests.churn_s3 import S3Store, start_s3
@@ -322,21 +326,50 @@ def run(config: ChurnConfig) -> tuple[list[CaseRun], MemoryRun | None]:
 
 
 def measure_loads(folder: Path, names: Sequence[str], shapes: dict[str, tuple[int, int]],
-                  rounds: int = 3) -> LatencyStats:
-    """Read-and-check time of each adapter (`format.load_adapter`, what the loader thread runs
-    before the static terms) from a warm page cache: every file is read once first."""
-    from goat_runtime.adapters.format import load_adapter
-
+                  rounds: int = 3, reader: AdapterReader | None = None) -> LatencyStats:
+    """Read-and-check time of each adapter from a warm page cache (every file is read once
+    first): `format.load_adapter` in this process, or with `reader` what the adapter manager's
+    loader thread waits for (the read in the reader process and the values' way back)."""
     for name in names:
         for path in (folder / name).iterdir():
             path.read_bytes()
+    if reader is not None:
+        reader.read(folder / names[0], shapes, name=names[0], max_rank=64)  # started
     seconds = []
     for _ in range(rounds):
         for name in names:
             start = time.perf_counter()
-            load_adapter(folder / name, shapes)
+            if reader is None:
+                load_adapter(folder / name, shapes)
+            else:
+                reader.read(folder / name, shapes, name=name, max_rank=64)
             seconds.append(time.perf_counter() - start)
     return LatencyStats.of(seconds)
+
+
+def print_loads(config: ChurnConfig) -> None:
+    """--loads-only: load times of the benchmark's adapters as the reference saves them (fp32,
+    experts twice) and of the same adapters in bf16 with their experts once (the size a trained
+    GOAT checkpoint trimmed of the twins has), in this process and through the reader."""
+    shapes = base_linear_shapes(write_random_smollm(config.work_dir / BASE_NAME))
+    names = [f"churn-{i}" for i in range(config.loads_only)]
+    formats = {"fp32, experts twice (reference)": (f"churn-{config.kind}", {}),
+               "bf16, experts once": (f"churn-{config.kind}-bf16",
+                                      {"dtype": torch.bfloat16, "twin_copies": False})}
+    reader = AdapterReader()
+    try:
+        for what, (sub, options) in formats.items():
+            folder = config.work_dir / sub
+            write_adapters(folder, shapes, names, config.kind, seed=5000, **options)
+            size = sum(p.stat().st_size for p in (folder / names[0]).iterdir())
+            for where, via in (("in process", None), ("reader process", reader)):
+                stats = measure_loads(folder, names, shapes, reader=via)
+                print(f"{config.kind} adapter, r=8 E=8 k=2, all projections, {what}, "
+                      f"{size / 1e6:.1f} MB, {where}: load p50 "
+                      f"{stats.percentiles['p50']:.1f} ms, p99 "
+                      f"{stats.percentiles['p99']:.1f} ms over {stats.count} loads")
+    finally:
+        reader.shutdown()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
@@ -385,16 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_summary()
     print(machine, file=sys.stderr)
     if config.loads_only:
-        model_dir = write_random_smollm(config.work_dir / BASE_NAME)
-        shapes = base_linear_shapes(model_dir)
-        folder = config.work_dir / f"churn-{config.kind}"
-        names = [f"churn-{i}" for i in range(config.loads_only)]
-        write_adapters(folder, shapes, names, config.kind, seed=5000)
-        size = sum(p.stat().st_size for p in (folder / names[0]).iterdir())
-        stats = measure_loads(folder, names, shapes)
-        print(f"{config.kind} adapter, r=8 E=8 k=2, all projections, {size / 1e6:.1f} MB: load "
-              f"p50 {stats.percentiles['p50']:.1f} ms, p99 {stats.percentiles['p99']:.1f} ms "
-              f"over {stats.count} loads")
+        print_loads(config)
         return 0
     runs, memory = run(config)
     text = report(config, runs, memory)

@@ -20,11 +20,14 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 def save_adapter(path: str | Path, layers: Mapping[str, AdaptedLinear], *, kind: str, rank: int,
                  lora_alpha: float, base_model_name_or_path: str = "",
-                 init_type: str = "goat", init_cof: float = 1.0) -> Path:
+                 init_type: str = "goat", init_cof: float = 1.0,
+                 dtype: torch.dtype = torch.float32, twin_copies: bool = True) -> Path:
     """Write `layers` (module name -> delta) as a GOAT (kind "goat") or LoRA adapter folder.
 
     The scale of each layer is implied by lora_alpha and the rank (as the loaders compute it),
-    so pass the values the layers were built with."""
+    so pass the values the layers were built with. dtype: of the saved tensors; twin_copies:
+    GOAT's experts saved twice, as the reference does (False: once, the smaller file a
+    checkpoint trimmed of them is)."""
     if kind not in ("goat", "lora"):
         raise ValueError(f"kind must be 'goat' or 'lora', got {kind!r}")
     path = Path(path)
@@ -33,7 +36,7 @@ def save_adapter(path: str | Path, layers: Mapping[str, AdaptedLinear], *, kind:
     first = next(iter(layers.values()))
     for module, layer in layers.items():
         prefix = KEY_PREFIX + module
-        a, b = layer.lora_a.float().contiguous(), layer.lora_b.float().contiguous()
+        a, b = layer.lora_a.to(dtype).contiguous(), layer.lora_b.to(dtype).contiguous()
         if kind == "lora":
             tensors[f"{prefix}.lora_A.weight"] = a
             tensors[f"{prefix}.lora_B.weight"] = b
@@ -47,9 +50,10 @@ def save_adapter(path: str | Path, layers: Mapping[str, AdaptedLinear], *, kind:
             b_e = b[:, e * er : (e + 1) * er].clone()
             tensors[f"{prefix}.lora_A.{e}.weight"] = a_e
             tensors[f"{prefix}.lora_B.{e}.weight"] = b_e
-            tensors[f"{prefix}.moe_layer.experts.{e}.lora_A.weight"] = a_e.clone()
-            tensors[f"{prefix}.moe_layer.experts.{e}.lora_B.weight"] = b_e.clone()
-        tensors[f"{prefix}.lora_gating.weight"] = layer.router.float().contiguous()
+            if twin_copies:
+                tensors[f"{prefix}.moe_layer.experts.{e}.lora_A.weight"] = a_e.clone()
+                tensors[f"{prefix}.moe_layer.experts.{e}.lora_B.weight"] = b_e.clone()
+        tensors[f"{prefix}.lora_gating.weight"] = layer.router.to(dtype).contiguous()
     targets = sorted({module.rsplit(".", 1)[-1] for module in layers})
     config = {
         "peft_type": kind.upper(), "task_type": "CAUSAL_LM", "r": rank,
@@ -69,7 +73,8 @@ def save_adapter(path: str | Path, layers: Mapping[str, AdaptedLinear], *, kind:
 def random_adapter(path: str | Path, base_linears: Mapping[str, tuple[int, int]], *,
                    kind: str = "goat", rank: int = 8, num_experts: int = 8, top_k: int = 2,
                    lora_alpha: float = 16.0, seed: int = 0,
-                   projections: tuple[str, ...] = ALL_PROJECTIONS) -> Path:
+                   projections: tuple[str, ...] = ALL_PROJECTIONS,
+                   dtype: torch.dtype = torch.float32, twin_copies: bool = True) -> Path:
     """An adapter with random weights on every base Linear whose name ends in `projections`:
     for benchmarks and tests that need adapters of realistic shapes, not trained ones."""
     gen = torch.Generator().manual_seed(seed)
@@ -81,4 +86,5 @@ def random_adapter(path: str | Path, base_linears: Mapping[str, tuple[int, int]]
         b = torch.randn(d_out, rank, generator=gen) * 0.01
         router = torch.randn(num_experts, d_in, generator=gen) if kind == "goat" else None
         layers[module] = AdaptedLinear(a, b, router, top_k if kind == "goat" else 0, 1.0)
-    return save_adapter(path, layers, kind=kind, rank=rank, lora_alpha=lora_alpha)
+    return save_adapter(path, layers, kind=kind, rank=rank, lora_alpha=lora_alpha, dtype=dtype,
+                        twin_copies=twin_copies)

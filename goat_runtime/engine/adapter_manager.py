@@ -3,8 +3,10 @@ prefix or a Hub repository, goat_runtime/adapters/store.py), host memory (an LRU
 loaded, checked adapters with their static terms, bounded by count and bytes) and device slots
 (the stacked tensors the routed op reads, one slot per adapter: engine/adapter_slots.py).
 
-Loading from disk runs on one background thread, so the running batch never waits for it
-(remote adapters are first fetched into a local cache on a small pool of download threads); the
+Loading from disk runs on one background thread, so the running batch never waits for it, and
+the reading and checking itself in a child process (adapters/reader.py), so that it takes none
+of the engine thread's GIL (remote adapters are first fetched into a local cache on a small pool
+of download threads); the
 scheduler admits a request once its adapter is on the host, and `bind` puts a step's adapters
 in slots before the forward. The same name requested twice while loading loads once. Every
 static-component computation runs on that same thread (StaticComponents is not thread-safe).
@@ -24,6 +26,7 @@ import torch
 
 from goat_runtime.adapters.binding import linear_shapes, slice_weights
 from goat_runtime.adapters.format import CONFIG_FILE, Adapter, AdapterError, load_adapter
+from goat_runtime.adapters.reader import AdapterReader, shared_reader
 from goat_runtime.adapters.static import Factors, StaticComponents, most_common_signature
 from goat_runtime.adapters.store import FetchError, Location, StoreConfig, open_location
 from goat_runtime.engine.adapter_slots import DeviceSlots, HostAdapter
@@ -38,8 +41,10 @@ class AdapterManager:
                  max_loras: int, max_cpu_adapters: int, max_lora_rank: int,
                  static_cache_dir: Path | None, listener: EngineListener | None = None,
                  store_config: StoreConfig | None = None, max_cpu_memory: int | None = None,
-                 max_device_memory: int | None = None):
+                 max_device_memory: int | None = None, reader: AdapterReader | None = None):
         self.linears = linears
+        self.reader = reader or shared_reader()
+        self.reader.start()  # beside the model's loading, not at the first adapter's
         self.store_config = store_config or StoreConfig()
         if listener is not None and self.store_config.events is None:
             self.store_config.events = listener
@@ -200,7 +205,8 @@ class AdapterManager:
     def _load(self, name: str, path: Path, pinned: bool) -> None:
         start = time.monotonic()
         try:
-            adapter = load_adapter(path, self.shapes, name=name, max_rank=self.max_lora_rank)
+            adapter = self.reader.read(path, self.shapes, name=name,
+                                       max_rank=self.max_lora_rank)
             terms = self.static.static_terms(adapter)
             self.slots.check_fits(name, adapter, terms)  # an accelerator's byte budget
         except Exception as exc:

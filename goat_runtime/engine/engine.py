@@ -107,6 +107,8 @@ class LLMEngine:
         self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids,
                                  config.grammar_compile_timeout)
         self.requests: dict[str, Request] = {}
+        # the CPU's intra-op threads (set by the server at start-up), see _share_cores
+        self._cpu_threads = torch.get_num_threads() if self.device.type == "cpu" else None
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
+        self._share_cores()
         outputs = self._fail_unloadable()
         scheduled = self.scheduler.schedule()
         failures: dict[str, Exception] = {}  # request id -> the fault charged to it
@@ -196,6 +199,19 @@ class LLMEngine:
             if scheduled:  # an empty step only waits for adapter loads
                 self.listener.on_step_time(time.perf_counter() - start)
         return outputs
+
+    def _share_cores(self) -> None:
+        """On the CPU, while the adapter reader process reads (it takes a core), the step's ops
+        run on one thread fewer: two threads on one free core wait for each other at every op
+        (steps 3x as long during loads, against 1.1x on one thread fewer: docs/benchmarks.md
+        section 7)."""
+        if self._cpu_threads is None:
+            return
+        wanted = self._cpu_threads
+        if self.adapters.reader.reading:
+            wanted = max(1, wanted - 1)
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     def _run(self, scheduled: list[ScheduledSeq],
              failures: dict[str, Exception]) -> dict[str, list[CompletionDelta]]:

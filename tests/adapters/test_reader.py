@@ -1,0 +1,69 @@
+"""The adapter reader process: what it returns is what load_adapter returns in process, its
+errors are the same errors, and a reader that dies fails one read, not the next."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from goat_runtime.adapters.format import Adapter, AdapterError, load_adapter
+from goat_runtime.adapters.reader import AdapterReader, pack, unpack
+from tests.adapters.adapted_model import FIXTURE
+from tests.adapters.test_format import BASE_LINEARS
+
+
+@pytest.fixture(scope="module")
+def reader():
+    reader = AdapterReader()
+    yield reader
+    reader.shutdown()
+
+
+def assert_same(got: Adapter, want: Adapter) -> None:
+    assert (got.name, got.path, got.kind, got.signature, got.base_model_name_or_path) == (
+        want.name, want.path, want.kind, want.signature, want.base_model_name_or_path)
+    assert list(got.layers) == list(want.layers)
+    for module, layer in want.layers.items():
+        other = got.layers[module]
+        assert (other.top_k, other.scale) == (layer.top_k, layer.scale)
+        assert torch.equal(other.lora_a, layer.lora_a)
+        assert torch.equal(other.lora_b, layer.lora_b)
+        assert (other.router is None) == (layer.router is None)
+        if layer.router is not None:
+            assert torch.equal(other.router, layer.router)
+
+
+@pytest.mark.parametrize("name", ["goat0", "goat1", "lora0"])
+def test_packing_keeps_every_value(name: str) -> None:
+    adapter = load_adapter(FIXTURE / "adapters" / name, BASE_LINEARS)
+    packed = pack(adapter)
+    assert packed.values.dtype.name == "float32"
+    assert packed.values.size == adapter.num_parameters
+    assert_same(unpack(packed), adapter)
+
+
+@pytest.mark.parametrize("name", ["goat0", "lora0"])
+def test_the_reader_returns_what_load_adapter_returns(reader: AdapterReader, name: str) -> None:
+    path = FIXTURE / "adapters" / name
+    want = load_adapter(path, BASE_LINEARS, name="x", max_rank=64)
+    assert_same(reader.read(path, BASE_LINEARS, name="x", max_rank=64), want)
+
+
+def test_the_readers_errors_are_load_adapters(reader: AdapterReader, tmp_path: Path) -> None:
+    path = tmp_path / "goat0"
+    shutil.copytree(FIXTURE / "adapters" / "goat0", path)
+    with pytest.raises(AdapterError, match="over the configured maximum 4"):
+        reader.read(path, BASE_LINEARS, name="goat0", max_rank=4)
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match=r"missing adapter_model\.safetensors"):
+        reader.read(path, BASE_LINEARS, name="goat0", max_rank=64)
+
+
+def test_a_reader_that_dies_fails_one_read_and_is_replaced(reader: AdapterReader) -> None:
+    with pytest.raises(AdapterError, match="reader process died"):
+        reader._run("crash", os._exit, 3)
+    path = FIXTURE / "adapters" / "lora0"
+    assert_same(reader.read(path, BASE_LINEARS, name="lora0", max_rank=64),
+                load_adapter(path, BASE_LINEARS, name="lora0"))
