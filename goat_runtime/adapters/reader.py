@@ -6,16 +6,23 @@ has ~7,000 entries). On a thread of the serving process they hold the GIL in tur
 engine thread, which takes it back after every torch op of a step and so waits at each one: a
 convoy that made 130 ms steps take 1.4 s while adapters loaded (docs/benchmarks.md section 7),
 however the reading itself was cut up. In a process of its own the reading takes none of the
-serving process's GIL; what comes back is one buffer of float32 values and a short manifest,
-turned into tensors (views of that buffer) in about a millisecond.
+serving process's GIL; what comes back is a short description and the float32 values in one
+scratch file (in memory, /dev/shm, where there is one), read in one call and split into views.
 
-One reader process per serving process, shared by its engines and started at the first read; a
-reader that dies (a file that crashes a parser) fails that read with AdapterError and is started
-again for the next one: the server keeps serving.
+The child is spawned, not forked (the serving process has threads that a fork would copy in
+whatever state they are in), so a program that starts an engine must guard its main module
+(`if __name__ == "__main__":`), as multiprocessing asks. One reader process per serving
+process, shared by its engines and started with the first; a reader that dies (a file that
+crashes a parser) fails that read with AdapterError and is started again for the next one: the
+server keeps serving.
 """
 
+import math
 import multiprocessing
+import os
+import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -32,66 +39,93 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class _Layer:
-    """Where one module's tensors lie in the packed buffer (element offsets and shapes)."""
-
-    module: str
-    a: tuple[int, tuple[int, ...]]
-    b: tuple[int, tuple[int, ...]]
-    router: tuple[int, tuple[int, ...]] | None
-    top_k: int
-    scale: float
-
-
-@dataclass(frozen=True)
 class PackedAdapter:
-    """An Adapter as it crosses the process boundary: every tensor's float32 values back to back
-    in one array (one pickled buffer, not hundreds of tensors) and where each lies."""
+    """An Adapter without its tensors, as it crosses the process boundary: per module its
+    top_k, scale and whether it has a router, and the shapes of its tensors (A, B, then the
+    router, module by module), whose float32 values travel back to back in one buffer."""
 
-    adapter: Adapter  # its layers emptied: they travel in `layers` and `values`
-    layers: tuple[_Layer, ...]
-    values: np.ndarray  # float32, 1-D
+    adapter: Adapter  # its layers emptied
+    modules: tuple[tuple[str, int, float, bool], ...]  # module, top_k, scale, has a router
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(map(math.prod, self.shapes))
 
 
-def pack(adapter: Adapter) -> PackedAdapter:
-    tensors: list[torch.Tensor] = []
-    offset = 0
-
-    def place(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
-        nonlocal offset
-        tensors.append(t.reshape(-1))
-        start, offset = offset, offset + t.numel()
-        return start, tuple(t.shape)
-
-    layers = tuple(
-        _Layer(module, place(layer.lora_a), place(layer.lora_b),
-               None if layer.router is None else place(layer.router), layer.top_k, layer.scale)
-        for module, layer in adapter.layers.items())
-    values = (torch.cat(tensors) if tensors else torch.empty(0)).to(torch.float32).numpy()
+def pack(adapter: Adapter) -> tuple[PackedAdapter, list[torch.Tensor]]:
+    """The adapter's description and its tensors in that order (float32, contiguous), whose
+    values concatenated are what `unpack` takes."""
+    tensors = [t.to(torch.float32).contiguous() for layer in adapter.layers.values()
+               for t in (layer.lora_a, layer.lora_b, layer.router) if t is not None]
     shell = Adapter(adapter.name, adapter.path, adapter.kind, {}, adapter.signature,
                     adapter.base_model_name_or_path)
-    return PackedAdapter(shell, layers, values)
+    modules = tuple((module, layer.top_k, layer.scale, layer.router is not None)
+                    for module, layer in adapter.layers.items())
+    return PackedAdapter(shell, modules, tuple(tuple(t.shape) for t in tensors)), tensors
 
 
-def unpack(packed: PackedAdapter) -> Adapter:
-    """The Adapter again, its tensors views of the one buffer (which lives as long as they)."""
-    values = torch.from_numpy(packed.values)
+def unpack(packed: PackedAdapter, values: torch.Tensor) -> Adapter:
+    """The Adapter again, its tensors views of `values` (which lives as long as they)."""
+    pieces = iter(torch.split(values, [math.prod(s) for s in packed.shapes]))
+    shapes = iter(packed.shapes)
 
-    def view(where: tuple[int, tuple[int, ...]]) -> torch.Tensor:
-        start, shape = where
-        return values[start:start + int(np.prod(shape))].view(shape)
+    def take() -> torch.Tensor:
+        return next(pieces).view(next(shapes))
 
-    a = packed.adapter
-    layers = {layer.module: AdaptedLinear(
-        view(layer.a), view(layer.b), None if layer.router is None else view(layer.router),
-        layer.top_k, layer.scale) for layer in packed.layers}
-    return Adapter(a.name, a.path, a.kind, layers, a.signature, a.base_model_name_or_path)
+    layers = {}
+    for module, top_k, scale, routed in packed.modules:
+        a, b = take(), take()
+        layers[module] = AdaptedLinear(a, b, take() if routed else None, top_k, scale)
+    shell = packed.adapter
+    return Adapter(shell.name, shell.path, shell.kind, layers, shell.signature,
+                   shell.base_model_name_or_path)
 
 
-def _read_packed(path: Path, base_linears: dict[str, tuple[int, int]], name: str,
-                 max_rank: int) -> PackedAdapter:
-    """In the reader process: load_adapter, packed."""
-    return pack(load_adapter(path, base_linears, name=name, max_rank=max_rank))
+def _read_to_file(path: Path, base_linears: dict[str, tuple[int, int]], name: str,
+                  max_rank: int, scratch: list[Path]) -> tuple[PackedAdapter, Path]:
+    """In the reader process: load_adapter, packed, its values written to a new file in the
+    first of the `scratch` folders that takes it (a pipe would pickle megabytes twice)."""
+    packed, tensors = pack(load_adapter(path, base_linears, name=name, max_rank=max_rank))
+    buffers = [t.numpy() for t in tensors]
+    for folder in scratch:
+        file = folder / f"goat-serve-reader-{os.getpid()}-{uuid.uuid4().hex}.f32"
+        try:
+            _write_all(file, buffers)
+            return packed, file
+        except OSError:  # full (a container's small /dev/shm): the next folder
+            file.unlink(missing_ok=True)
+            if folder == scratch[-1]:
+                raise
+    raise AssertionError("unreachable: scratch is never empty")
+
+
+def _write_all(file: Path, buffers: list[np.ndarray]) -> None:
+    """The buffers back to back into a new file, a few system calls (writev) for all."""
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for i in range(0, len(buffers), _IOV_MAX):
+            views = [b.data.cast("B") for b in buffers[i:i + _IOV_MAX]]
+            while views:
+                written = os.writev(fd, views)
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if views and written:
+                    views[0] = views[0][written:]
+    finally:
+        os.close(fd)
+
+
+_IOV_MAX = 1024  # Linux's most buffers per writev
+
+
+def _scratch_folders() -> list[Path]:
+    """Where values pass between the processes: memory (/dev/shm) where there is one, else the
+    temporary folder."""
+    shm = Path("/dev/shm")
+    memory = [shm] if shm.is_dir() and os.access(shm, os.W_OK) else []
+    return [*memory, Path(tempfile.gettempdir())]
 
 
 def _start_reader() -> None:
@@ -106,6 +140,7 @@ class AdapterReader:
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._in_flight = 0
+        self._scratch = _scratch_folders()
 
     @property
     def reading(self) -> bool:
@@ -121,9 +156,16 @@ class AdapterReader:
              max_rank: int) -> Adapter:
         """load_adapter(path, base_linears, name=name, max_rank=max_rank), read in the reader
         process; its AdapterError is raised here."""
-        packed: PackedAdapter = self._run(f"{path}", _read_packed, path, base_linears, name,
-                                          max_rank)
-        return unpack(packed)
+        packed, file = self._run(f"{path}", _read_to_file, path, base_linears, name, max_rank,
+                                 self._scratch)
+        try:
+            values = torch.from_numpy(np.fromfile(file, dtype=np.float32))
+        finally:
+            file.unlink(missing_ok=True)
+        if values.numel() != packed.numel:
+            raise AdapterError(f"{path}: the reader process passed {values.numel()} values "
+                               f"for {packed.numel}")
+        return unpack(packed, values)
 
     def _run(self, what: str, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) in the reader process (a fresh one if the last has died since)."""
@@ -164,13 +206,13 @@ class AdapterReader:
         with self._lock:
             if self._pool is pool:
                 self._pool = None
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)
 
     def shutdown(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 _shared = AdapterReader()

@@ -5,11 +5,12 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from goat_runtime.adapters.format import Adapter, AdapterError, load_adapter
-from goat_runtime.adapters.reader import AdapterReader, pack, unpack
+from goat_runtime.adapters.reader import AdapterReader, _write_all, pack, unpack
 from tests.adapters.adapted_model import FIXTURE
 from tests.adapters.test_format import BASE_LINEARS
 
@@ -38,10 +39,11 @@ def assert_same(got: Adapter, want: Adapter) -> None:
 @pytest.mark.parametrize("name", ["goat0", "goat1", "lora0"])
 def test_packing_keeps_every_value(name: str) -> None:
     adapter = load_adapter(FIXTURE / "adapters" / name, BASE_LINEARS)
-    packed = pack(adapter)
-    assert packed.values.dtype.name == "float32"
-    assert packed.values.size == adapter.num_parameters
-    assert_same(unpack(packed), adapter)
+    packed, tensors = pack(adapter)
+    values = torch.cat([t.reshape(-1) for t in tensors])
+    assert values.dtype == torch.float32
+    assert values.numel() == packed.numel == adapter.num_parameters
+    assert_same(unpack(packed, values), adapter)
 
 
 @pytest.mark.parametrize("name", ["goat0", "lora0"])
@@ -61,9 +63,27 @@ def test_the_readers_errors_are_load_adapters(reader: AdapterReader, tmp_path: P
         reader.read(path, BASE_LINEARS, name="goat0", max_rank=64)
 
 
+def test_no_scratch_file_is_left(reader: AdapterReader) -> None:
+    def ours() -> set[Path]:
+        return {f for folder in reader._scratch for f in folder.glob("goat-serve-reader-*")}
+
+    before = ours()
+    reader.read(FIXTURE / "adapters" / "goat0", BASE_LINEARS, name="goat0", max_rank=64)
+    assert ours() == before
+
+
 def test_a_reader_that_dies_fails_one_read_and_is_replaced(reader: AdapterReader) -> None:
     with pytest.raises(AdapterError, match="reader process died"):
         reader._run("crash", os._exit, 3)
     path = FIXTURE / "adapters" / "lora0"
     assert_same(reader.read(path, BASE_LINEARS, name="lora0", max_rank=64),
                 load_adapter(path, BASE_LINEARS, name="lora0"))
+
+
+def test_values_are_written_back_to_back(tmp_path: Path) -> None:
+    """More buffers than one writev takes (1,024), of different sizes."""
+    gen = np.random.default_rng(0)
+    buffers = [gen.standard_normal(i % 7 + 1).astype(np.float32) for i in range(2500)]
+    _write_all(tmp_path / "values.f32", buffers)
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "values.f32", dtype=np.float32),
+                                  np.concatenate(buffers))
