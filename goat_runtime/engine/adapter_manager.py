@@ -6,10 +6,10 @@ loaded, checked adapters with their static terms, bounded by count and bytes) an
 Loading from disk runs on one background thread, so the running batch never waits for it, and
 the reading and checking itself in a child process (adapters/reader.py), so that it takes none
 of the engine thread's GIL (remote adapters are first fetched into a local cache on a small pool
-of download threads); the
-scheduler admits a request once its adapter is on the host, and `bind` puts a step's adapters
-in slots before the forward. The same name requested twice while loading loads once. Every
-static-component computation runs on that same thread (StaticComponents is not thread-safe).
+of download threads); the scheduler admits a request once its adapter is on the host, and
+`bind` puts a step's adapters in slots before the forward. The same name requested twice while
+loading loads once. Every static-component computation runs on that same thread
+(StaticComponents is not thread-safe).
 """
 
 import itertools

@@ -203,7 +203,7 @@ class LLMEngine:
     def _share_cores(self) -> None:
         """On the CPU, while the adapter reader process reads (it takes a core), the step's ops
         run on one thread fewer: two threads on one free core wait for each other at every op
-        (steps 3x as long during loads, against 1.1x on one thread fewer: docs/benchmarks.md
+        (steps 3.1x as long during loads, against 1.4x on one thread fewer: docs/benchmarks.md
         section 7)."""
         if self._cpu_threads is None:
             return
