@@ -17,6 +17,7 @@ A benchmark script, not a test: it takes about a minute and all of the machine's
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -86,6 +87,8 @@ def run(config: StallConfig) -> StallResult:
         model_dir=model_dir, adapter_dir=folder, device="cpu", dtype="float32",
         max_cpu_adapters=len(names), static_cache_dir=config.static_cache_dir,
         max_num_seqs=config.batch))
+    gc.collect()
+    gc.freeze()  # as the server does after start-up (server/cli.py serve)
     try:
         servable = measure_servable(engine, idle)
         params = SamplingParams(max_tokens=engine.max_model_len - 4, temperature=0.0,
@@ -110,6 +113,7 @@ def run(config: StallConfig) -> StallResult:
             future.result()
     finally:
         engine.adapters.shutdown()
+        gc.unfreeze()
     return StallResult(quiet, loading, len(loaded) / seconds,
                        measure_loads(folder, idle, shapes, rounds=1), servable)
 

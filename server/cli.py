@@ -3,6 +3,7 @@ the adapter tools)."""
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import re
@@ -352,6 +353,12 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"goat-serve: error: {exc}") from exc
     if settings.api_keys_file is not None:
         signal.signal(signal.SIGHUP, lambda signum, frame: reload_keys(app.state.server))
+    # The model, tokenizer and app are ~400,000 objects that live as long as the process: out of
+    # the cyclic GC, whose every full collection walked them all (250 ms on SmolLM2, with the
+    # GIL held: a stalled step, at random; docs/benchmarks.md section 7). Start-up's garbage
+    # is collected first, not kept.
+    gc.collect()
+    gc.freeze()
 
     def engine_failure() -> str | None:
         return engine.failure

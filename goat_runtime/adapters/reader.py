@@ -139,13 +139,7 @@ class AdapterReader:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
-        self._in_flight = 0
         self._scratch = _scratch_folders()
-
-    @property
-    def reading(self) -> bool:
-        """Whether a read is in flight (the reader process is using a core)."""
-        return self._in_flight > 0
 
     def start(self) -> None:
         """Start the reader process now (it imports torch: about a second), not at the first
@@ -169,15 +163,6 @@ class AdapterReader:
 
     def _run(self, what: str, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) in the reader process (a fresh one if the last has died since)."""
-        with self._lock:
-            self._in_flight += 1
-        try:
-            return self._call(what, fn, *args)
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-
-    def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
         pool = self._executor()
         try:
             future = pool.submit(fn, *args)

@@ -131,6 +131,10 @@ class AdapterManager:
                 return True
         return self.source_of(name) is not None
 
+    def loading(self) -> bool:
+        """Whether any adapter is loading (queued for the reader, or being read or fetched)."""
+        return bool(self._loading)
+
     def is_loaded(self, name: str) -> bool:
         with self._lock:
             return name in self._host

@@ -201,14 +201,15 @@ class LLMEngine:
         return outputs
 
     def _share_cores(self) -> None:
-        """On the CPU, while the adapter reader process reads (it takes a core), the step's ops
+        """On the CPU, while adapters load (the reader process takes a core), the step's ops
         run on one thread fewer: two threads on one free core wait for each other at every op
-        (steps 3.1x as long during loads, against 1.4x on one thread fewer: docs/benchmarks.md
-        section 7)."""
+        (steps 3.1x as long during loads, against 1.7x on one thread fewer). Decided by
+        whether any load is pending, not whether a read is in flight this instant: switching
+        at every read made steps of 0.5-0.8 s (docs/benchmarks.md section 7)."""
         if self._cpu_threads is None:
             return
         wanted = self._cpu_threads
-        if self.adapters.reader.reading:
+        if self.adapters.loading():
             wanted = max(1, wanted - 1)
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
