@@ -44,7 +44,7 @@ class AdapterManager:
                  max_device_memory: int | None = None, reader: AdapterReader | None = None):
         self.linears = linears
         self.reader = reader or shared_reader()
-        self.reader.start()  # beside the model's loading, not at the first adapter's
+        self.reader.start()  # beside the rest of start-up (merging, packing), not at a load
         self.store_config = store_config or StoreConfig()
         if listener is not None and self.store_config.events is None:
             self.store_config.events = listener
