@@ -150,14 +150,14 @@ def load_adapter(path: str | Path, base_linears: dict[str, tuple[int, int]], *,
         tensors = Checkpoint(weights_file)
     except CheckpointError as exc:
         raise AdapterError(str(exc)) from None
+    signature = None
     if peft_type == "GOAT":
-        layers, signature = _goat_layers(config, config_file, weights_file, tensors, targets,
-                                         base_linears, scale_override)
+        layers, signature, used = _goat_layers(config, config_file, weights_file, tensors,
+                                               targets, base_linears, scale_override)
     else:
-        layers = _lora_layers(config, config_file, weights_file, tensors, targets, base_linears,
-                              scale_override)
-        signature = None
-    leftover = sorted(tensors.keys() - _used_keys(tensors, layers, peft_type))
+        layers, used = _lora_layers(config, config_file, weights_file, tensors, targets,
+                                    base_linears, scale_override)
+    leftover = sorted(tensors.keys() - used)
     excluded = sorted(m for m in _excluded_modules(config, config_file, base_linears)
                       if any(k.startswith(f"{KEY_PREFIX}{m}.") for k in leftover))
     if excluded:
@@ -384,17 +384,23 @@ _LAYER_NUMBER = re.compile(r"\.\d+\.")
 def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors: Checkpoint,
                  targets: list[str], base_linears: dict[str, tuple[int, int]],
                  scale_override: float | None
-                 ) -> tuple[dict[str, AdaptedLinear], InitSignature]:
+                 ) -> tuple[dict[str, AdaptedLinear], InitSignature, set[str]]:
+    """The GOAT adapter's layers, its signature and the checkpoint keys they were read from."""
     rank, num_experts, top_k = config["r"], config["num_experts"], config["top_k"]
     expert_rank = rank // num_experts
     init_type = config["init_type"]
     # _check_options admits only goat / goat_mini (no rsLoRA scale) and no patterns
     scale = scale_override if scale_override is not None else lora_scale(
         config["lora_alpha"], expert_rank)
-    experts = range(num_experts)
+    # Key names are made once per expert and joined to each module's prefix: 7,000 keys of
+    # str.format cost more than the rest of the checks.
+    suffixes = {name: [f".{name.format(e)}.weight" for e in range(num_experts)]
+                for name in ("lora_A.{}", "lora_B.{}", "moe_layer.experts.{}.lora_A",
+                             "moe_layer.experts.{}.lora_B")}
 
     def keys(module: str, name: str) -> list[str]:
-        return [f"{KEY_PREFIX}{module}.{name.format(e)}.weight" for e in experts]
+        prefix = KEY_PREFIX + module
+        return [prefix + suffix for suffix in suffixes[name]]
 
     a_of = {m: keys(m, "lora_A.{}") for m in targets}
     b_of = {m: keys(m, "lora_B.{}") for m in targets}
@@ -404,6 +410,9 @@ def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors
         _check_all(tensors, weights_file, b_of[module], (d_out, expert_rank))
         _check(tensors, weights_file, f"{KEY_PREFIX}{module}.lora_gating.weight",
                (num_experts, d_in))
+    used = {f"{KEY_PREFIX}{m}.lora_gating.weight" for m in targets}
+    for module in targets:
+        used.update(a_of[module], b_of[module])
     layers = {}
     # One kind of module at a time (every layer's q_proj: one shape), so that each step below
     # is one operation over all of them: per-tensor work costs more than the bytes.
@@ -417,6 +426,7 @@ def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors
             twins = [keys(m, f"moe_layer.experts.{{}}.lora_{kind}") for m in group]
             pairs = [(t, k) for t_row, k_row in zip(twins, main, strict=True)
                      for t, k in zip(t_row, k_row, strict=True) if t in tensors]
+            used.update(t for t, _ in pairs)
             if len(pairs) == len(group) * num_experts:
                 differs = tensors.same(twins, main)
             else:
@@ -437,7 +447,7 @@ def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors
         for i, module in enumerate(group):
             layers[module] = AdaptedLinear(a[i], b[i], routers[i], top_k, scale)
     signature = InitSignature(rank, num_experts, init_type, float(config["init_cof"]))
-    return {module: layers[module] for module in targets}, signature
+    return {module: layers[module] for module in targets}, signature, used
 
 
 def lora_scale(alpha: float, rank: float, use_rslora: bool = False) -> float:
@@ -456,8 +466,9 @@ def _pattern_value(patterns: dict[str, object], module: str, default: object) ->
 
 def _lora_layers(config: _Config, config_file: Path, weights_file: Path, tensors: Checkpoint,
                  targets: list[str], base_linears: dict[str, tuple[int, int]],
-                 scale_override: float | None) -> dict[str, AdaptedLinear]:
-    layers = {}
+                 scale_override: float | None) -> tuple[dict[str, AdaptedLinear], set[str]]:
+    """The LoRA adapter's layers and the checkpoint keys they were read from."""
+    layers, used = {}, set()
     for module in targets:
         d_out, d_in = base_linears[module]
         rank = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
@@ -474,21 +485,8 @@ def _lora_layers(config: _Config, config_file: Path, weights_file: Path, tensors
         a_key, b_key = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
         _check(tensors, weights_file, a_key, (rank, d_in))
         _check(tensors, weights_file, b_key, (d_out, rank))
+        used |= {a_key, b_key}
         layers[module] = AdaptedLinear(_float32(tensors.tensor(a_key)),
                                        _float32(tensors.tensor(b_key)), None, 0, scale)
-    return layers
+    return layers, used
 
-
-def _used_keys(tensors: Checkpoint, layers: dict[str, AdaptedLinear], peft_type: str) -> set[str]:
-    used = set()
-    for module, layer in layers.items():
-        prefix = KEY_PREFIX + module
-        if peft_type == "LORA":
-            used |= {f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"}
-            continue
-        used.add(f"{prefix}.lora_gating.weight")
-        for e in range(layer.num_experts):
-            used |= {f"{prefix}.lora_A.{e}.weight", f"{prefix}.lora_B.{e}.weight",
-                     f"{prefix}.moe_layer.experts.{e}.lora_A.weight",
-                     f"{prefix}.moe_layer.experts.{e}.lora_B.weight"}
-    return used & tensors.keys()

@@ -17,6 +17,7 @@ crashes a parser) fails that read with AdapterError and is started again for the
 server keeps serving.
 """
 
+import gc
 import math
 import multiprocessing
 import os
@@ -131,6 +132,10 @@ def _scratch_folders() -> list[Path]:
 def _start_reader() -> None:
     # The reader's ops run on one core: the engine's threads use the others.
     torch.set_num_threads(1)
+    # Torch's import leaves ~100k objects that every full collection in a read walks again:
+    # frozen out of the cyclic GC once, the reads skip them.
+    gc.collect()
+    gc.freeze()
 
 
 class AdapterReader:
