@@ -11,7 +11,8 @@ the checkout; the C++ CPU kernels, goat_runtime._C, are neither built nor needed
   5. paged decode attention, the Triton kernel against gather + SDPA;
   6. the engine's throughput, SmolLM2-135M shapes with random weights: base, 16 GOAT (static
      merged and unmerged) and 16 LoRA adapters, batches 32 and 256, and the share of a decode
-     step the GPU is busy (profiler): the idle share bounds what CUDA graphs could save.
+     step the GPU is busy, its launches and python calls (benchmarks/decode_profile.py): the
+     idle share bounds what CUDA graphs could save.
 Prints one table and writes it (markdown) to $OUT/gpu_check.md, or --out; steps past the time
 budget are reported as skipped, and the file is rewritten after every row.
 
@@ -40,9 +41,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-# What the check imports on the machine; KINDS.md lists all of them on the H200 image, so no
-# wheels travel. A missing one is named with the command that fetches its wheel (docs/gpu.md).
-REQUIRED_MODULES = ("torch", "triton", "transformers", "safetensors", "tokenizers", "pytest")
+# What the check imports on the machine. The H200 image lacks orjson (the adapter reader's) and
+# xgrammar (the engine's structured outputs): their wheels travel (docs/gpu.md). A missing one is
+# named with the command that fetches its wheel.
+REQUIRED_MODULES = ("torch", "triton", "transformers", "safetensors", "tokenizers", "pytest",
+                    "orjson", "xgrammar")
 # The GPU tests: every test parametrized over CUDA (ids with "cuda"), the Triton kernels' tests,
 # and the device helpers' own. Tests of the C++ CPU kernels are left out: _C is not built there.
 PYTEST_FILES = ("tests/test_devices.py", "tests/ops/test_routed_lora_triton.py",
@@ -381,42 +384,10 @@ def step_attention(table: Table, device: str, dtype: torch.dtype, quick: bool) -
 # ---- 6. the engine --------------------------------------------------------------------------
 
 
-def gpu_busy_share(engine, adapters: list[str | None], num_seqs: int, steps: int,
-                   device: str) -> str:
-    """Wall time of a decode step and the share of it the GPU spends in kernels and copies
-    (torch's profiler): 1 minus that share bounds what CUDA graphs could save. On the CPU
-    (a rehearsal) only the wall time means anything."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    from goat_runtime.engine.sampling import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True)
-    for i in range(num_seqs):
-        engine.add_request(f"p{i}", [5 + i % 50] * 16, params, adapters[i % len(adapters)])
-    while engine.scheduler.waiting or any(s.is_prefill for s in engine.scheduler.running):
-        engine.step()  # the prompts
-    engine.step()
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
-    with profile(activities=[activity]) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        sync()
-        wall = (time.perf_counter() - start) / steps
-    busy = sum(e.time_range.elapsed_us() for e in prof.events()
-               if e.device_type == DeviceType.CUDA) / 1e6 / steps
-    while engine.has_work():
-        engine.step()
-    share = f"{busy / wall:.0%}" if device == "cuda" else "n/a"
-    return f"decode step {wall * 1e3:.2f} ms, GPU busy {share}"
-
-
 def step_engine(table: Table, device: str, dtype: str, quick: bool, tmp: Path,
                 deadline: float) -> None:
     from benchmarks.bench_engine import EngineRun, workload
+    from benchmarks.decode_profile import profile_decode
     from benchmarks.floors import measure_bandwidth
     from benchmarks.random_model import (
         NUM_ADAPTERS,
@@ -467,8 +438,9 @@ def step_engine(table: Table, device: str, dtype: str, quick: bool, tmp: Path,
                       f"tokens per request, {dtype}")
         if label in ("base", "16 GOAT, unmerged"):
             for batch in batches:
+                profiled = profile_decode(engine, adapters, batch, 2 if quick else 10, device)
                 table.add("engine", f"{label}, batch {batch}: decode step",
-                          gpu_busy_share(engine, adapters, batch, 2 if quick else 20, device),
+                          profiled.summary(device),
                           "CUDA graphs could save at most the idle share")
         engine.adapters.shutdown()
         del engine

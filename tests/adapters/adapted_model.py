@@ -32,12 +32,12 @@ class RoutedLinear(torch.nn.Module):
 
 class AdaptedModel:
     """Adapters in slots 0..n-1 of every target Linear; `logits(ids, slot)` runs one sequence
-    on `device` (built on the CPU, then moved) and returns its logits on the CPU."""
+    on `device` in `dtype` (built on the CPU, then moved) and returns its logits on the CPU."""
 
     def __init__(self, adapters_dirs: list[Path], op: Callable, *, merge: bool = False,
                  cache_dir: Path | None = None, scale_override: float | None = None,
-                 device: str = "cpu"):
-        self.model = AutoModelForCausalLM.from_pretrained(FIXTURE / "base", dtype=torch.float32)
+                 device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.model = AutoModelForCausalLM.from_pretrained(FIXTURE / "base", dtype=dtype)
         self.model.eval()
         self.op = op
         linears = {name: m for name, m in self.model.named_modules()
@@ -64,7 +64,7 @@ class AdaptedModel:
                 write_slot(weights, slot, [a.layers.get(name) if a else None], [t.get(name)])
             parent, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent), child,
-                    RoutedLinear(linears[name], weights.to(device), self))
+                    RoutedLinear(linears[name], weights.to(device, dtype), self))
         self.device = device
         self.model.to(device)
         self.token_slots = torch.zeros(0, dtype=torch.int32, device=device)

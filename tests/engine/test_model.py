@@ -22,7 +22,8 @@ from goat_runtime.model.layers import (
     onednn_row_bucket,
     pack_for_onednn,
 )
-from tests.adapters.adapted_model import FIXTURE
+from goat_runtime.ops import add_routed_lora
+from tests.adapters.adapted_model import FIXTURE, AdaptedModel
 from tests.devices import DEVICES, TRITON_DEVICE
 
 REFERENCE = load_file(str(FIXTURE / "reference_outputs.safetensors"))
@@ -236,8 +237,19 @@ def test_bfloat16_close_to_reference(tmp_path, device):
     goat0 = load_adapter(FIXTURE / "adapters" / "goat0", linear_shapes(linears))
     bind_adapters(linears, [goat0], static)
     logits = Driver(model).step([(Seq(0), PROMPTS[1]), (Seq(-1), PROMPTS[1])], all_logits=True)
-    for name, rows in zip(["goat0", "base"], split_rows(logits, [17, 17]), strict=True):
-        assert (rows - REFERENCE[f"{name}_logits_1"]).abs().max() < 0.03  # measured: 0.007
+    # The yardstick: transformers' Llama in bfloat16 with the same adapter, on the same device.
+    # bfloat16's error differs by device (measured on an H200: 0.040 where the CPU gives 0.007),
+    # so the bound is that implementation's own error, not a constant.
+    transformers_bf16 = AdaptedModel([FIXTURE / "adapters" / "goat0"], add_routed_lora,
+                                     cache_dir=tmp_path / "hf", device=device,
+                                     dtype=torch.bfloat16)
+    ids = torch.tensor(PROMPTS[1])
+    for name, rows, slot in zip(["goat0", "base"], split_rows(logits, [17, 17]),
+                                [0, transformers_bf16.base_slot], strict=True):
+        reference = REFERENCE[f"{name}_logits_1"]
+        theirs = (transformers_bf16.logits(ids, slot).float() - reference).abs().max().item()
+        ours = (rows - reference).abs().max().item()
+        assert ours <= max(0.01, 1.5 * theirs), (name, ours, theirs)
 
 
 # (5) configs refused
