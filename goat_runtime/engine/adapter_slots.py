@@ -17,11 +17,14 @@ host memory holds each adapter once. The base, when it needs a slot (merged stat
 the extra last slot.
 """
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 
@@ -432,6 +435,24 @@ def release_host_copies(host: HostAdapter) -> None:
             layer.router = None if layer.router is None else layer.router.to(meta)
     host.terms = {m: (c.to(meta), d.to(meta)) for m, (c, d) in host.terms.items()}
     host.in_slot = True
+    _return_freed_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None  # glibc only
+    return cast(Callable[[int], int] | None, trim)
+
+
+def _return_freed_memory() -> None:
+    """Hand the pages malloc keeps free back to the system. glibc keeps a freed adapter's
+    temporaries (static terms, slot writes) in its heap once big frees have raised its
+    thresholds: with 100 adapters RSS grew 26.5 MB an adapter against 18.8 MB of slot pool,
+    18.9 MB with this. About 1 ms a load, the GIL released (ctypes)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def copy_slot(old: RoutedLoRAWeights, new: RoutedLoRAWeights, slot: int) -> None:

@@ -96,3 +96,26 @@ def test_a_scratch_folder_that_refuses_the_values_passes_to_the_next(
     assert_same(reader.read(path, BASE_LINEARS, name="goat1", max_rank=64),
                 load_adapter(path, BASE_LINEARS, name="goat1"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_values_are_mapped_not_copied(reader: AdapterReader) -> None:
+    """The values stay in the scratch file's pages (a mapping, its name already unlinked), so
+    releasing them unmaps them instead of leaving a freed buffer in malloc's heap."""
+    adapter = reader.read(FIXTURE / "adapters" / "goat0", BASE_LINEARS, name="goat0",
+                          max_rank=64)
+    storages = {layer.lora_a.untyped_storage().filename for layer in adapter.layers.values()}
+    assert len(storages) == 1  # one mapping for all the tensors
+    (filename,) = storages
+    assert filename is not None and not Path(filename).exists()
+
+
+def test_a_values_file_of_the_wrong_size_is_refused(
+        reader: AdapterReader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = FIXTURE / "adapters" / "lora0"
+    packed, tensors = pack(load_adapter(path, BASE_LINEARS))
+    short = tmp_path / "short.f32"
+    _write_all(short, [t.numpy() for t in tensors][:-1])
+    monkeypatch.setattr(reader, "_run", lambda *args: (packed, short))
+    with pytest.raises(AdapterError, match=r"passed \d+ bytes for \d+ float32 values"):
+        reader.read(path, BASE_LINEARS, name="lora0", max_rank=64)
+    assert not short.exists()

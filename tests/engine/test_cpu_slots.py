@@ -116,3 +116,17 @@ def test_the_slot_is_a_cpu_adapters_only_copy(tmp_path: Path, writes: list[str])
     per_slot = slots.nbytes() // len(slots._slots)
     assert recorder.memory["host"] == (3, 3 * per_slot)
     assert engine.adapters.memory()["host"] == (3, 3 * per_slot)
+
+
+def test_each_release_hands_the_freed_pages_back(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc keeps freed temporaries in its heap (RSS 26.5 MB an adapter for 18.8 MB of slots):
+    each release of an adapter's host copies calls malloc_trim(0), where libc has it."""
+    import goat_runtime.engine.adapter_slots as adapter_slots
+
+    calls: list[int] = []
+    monkeypatch.setattr(adapter_slots, "_malloc_trim", lambda: calls.append)
+    engine = _engine(tmp_path, FIXTURE / "adapters", StepRecorder(), max_cpu_adapters=8,
+                     merge_static=False)
+    run(engine, _requests(0))
+    assert calls == [0, 0, 0]  # goat0, goat1, lora0: one release each
