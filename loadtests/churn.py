@@ -290,39 +290,47 @@ def store_folder(config: ChurnConfig, count: int) -> Path:
     return folder
 
 
-def run(config: ChurnConfig) -> tuple[list[CaseRun], MemoryRun | None]:
+def run(config: ChurnConfig) -> tuple[list[CaseRun], MemoryRun | None, str | None]:
     """Every round runs each case once, the order rotated by one per round; then the memory
-    run. Writes each load's JSON (and plots of the first round) under out_dir."""
+    run. Writes each case's JSON as it ends (and plots of the first round) under out_dir; a
+    memory run that fails (a machine too small for it) is reported, not lost with the rest."""
     model_dir, names = prepare(config)
     folder = store_folder(config, config.num_adapters)
     cases = [c for c in CASES if c != "s3" or config.s3]
     store = start_s3(folder, names[: config.num_adapters], config.out_dir / "logs" / "moto.log") \
-        if config.s3 else None
+        if config.s3 and config.rounds else None
+    config.out_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     try:
         for rnd in range(config.rounds):
             k = rnd % len(cases)
             for case in cases[k:] + cases[:k]:
                 runs.append(run_case(config, case, rnd, model_dir, folder, names, store))
+                save_case(config, runs[-1])
     finally:
         if store is not None:
             store.stop()
-    memory = None
+    memory, failure = None, None
     if config.memory_adapters:
-        memory = measure_memory(config, model_dir, store_folder(config, config.memory_adapters),
-                                names)
-    config.out_dir.mkdir(parents=True, exist_ok=True)
-    for r in runs:
-        tag = f"{r.case}-{r.round + 1}"
-        r.result.write_json(config.out_dir / f"{tag}.json")
-        (config.out_dir / f"{tag}-polls.json").write_text(
-            json.dumps([asdict(p) for p in r.polls]) + "\n")
-        if config.plot_dir is not None and r.round == 0:
-            config.plot_dir.mkdir(parents=True, exist_ok=True)
-            r.result.write_plot(config.plot_dir / f"churn-{r.case}.png")
+        try:
+            memory = measure_memory(config, model_dir,
+                                    store_folder(config, config.memory_adapters), names)
+        except RuntimeError as exc:
+            failure = str(exc).splitlines()[0]
+            print(f"memory run failed: {exc}", file=sys.stderr)
     if memory is not None:
         (config.out_dir / "memory.json").write_text(json.dumps(asdict(memory)) + "\n")
-    return runs, memory
+    return runs, memory, failure
+
+
+def save_case(config: ChurnConfig, r: CaseRun) -> None:
+    tag = f"{r.case}-{r.round + 1}"
+    r.result.write_json(config.out_dir / f"{tag}.json")
+    (config.out_dir / f"{tag}-polls.json").write_text(
+        json.dumps([asdict(p) for p in r.polls]) + "\n")
+    if config.plot_dir is not None and r.round == 0:
+        config.plot_dir.mkdir(parents=True, exist_ok=True)
+        r.result.write_plot(config.plot_dir / f"churn-{r.case}.png")
 
 
 def measure_loads(folder: Path, names: Sequence[str], shapes: dict[str, tuple[int, int]],
@@ -388,7 +396,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
     p.add_argument("--num-requests", type=int, default=d.num_requests)
     p.add_argument("--prompt-len", type=int, default=d.prompt_len)
     p.add_argument("--output-len", type=int, default=d.output_len)
-    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--rounds", type=int, default=d.rounds,
+                   help="0: the memory run alone")
     p.add_argument("--s3", action=argparse.BooleanOptionalAction, default=d.s3,
                    help="the S3 case (moto on loopback)")
     p.add_argument("--memory-adapters", type=int, default=d.memory_adapters, metavar="N",
@@ -400,9 +409,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ChurnConfig:
     a = p.parse_args(argv)
     if not 0 < a.resident_adapters <= a.num_adapters:
         p.error("--resident-adapters must be in 1..--num-adapters")
-    if a.rounds < 1 or a.num_requests < 1 or a.concurrency < 1 or a.memory_adapters < 0:
-        p.error("--rounds, --num-requests and --concurrency must be >= 1, --memory-adapters "
-                ">= 0")
+    if a.rounds < 0 or a.num_requests < 1 or a.concurrency < 1 or a.memory_adapters < 0:
+        p.error("--num-requests and --concurrency must be >= 1, --rounds and "
+                "--memory-adapters >= 0")
+    if a.rounds == 0 and a.memory_adapters == 0:
+        p.error("--rounds 0 runs the memory run alone: give --memory-adapters N")
     return ChurnConfig(
         work_dir=a.work_dir, out_dir=a.out_dir, plot_dir=Path(a.plot_dir) if a.plot_dir else None,
         kind=a.kind, num_adapters=a.num_adapters, resident_adapters=a.resident_adapters,
@@ -420,11 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.loads_only:
         print_loads(config)
         return 0
-    runs, memory = run(config)
-    text = report(config, runs, memory)
+    runs, memory, memory_failure = run(config)
+    text = report(config, runs, memory, memory_failure)
     print("\n" + text)
     (config.out_dir / "report.md").write_text(f"{text}\n\nMachine:\n\n```\n{machine}\n```\n")
-    return 0 if all(r.result.summary.num_errors == 0 for r in runs) else 1
+    ok = all(r.result.summary.num_errors == 0 for r in runs) and memory_failure is None
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -132,7 +132,14 @@ def memory_lines(memory: MemoryRun) -> list[str]:
     return lines
 
 
-def report(config: ChurnConfig, runs: Sequence[CaseRun], memory: MemoryRun | None) -> str:
+def report(config: ChurnConfig, runs: Sequence[CaseRun], memory: MemoryRun | None,
+           memory_failure: str | None = None) -> str:
+    tail = memory_lines(memory) if memory is not None else []
+    if memory_failure is not None:
+        tail = [f"Host memory, {config.memory_adapters} adapters resident in one server: the "
+                f"run failed ({memory_failure})."]
+    if not runs:
+        return "\n".join(tail) + "\n"
     cases = sorted({r.case for r in runs}, key=["resident", "churn", "s3"].index)
     out = [
         f"{config.num_adapters} {config.kind.upper()} adapters (r=8"
@@ -160,6 +167,5 @@ def report(config: ChurnConfig, runs: Sequence[CaseRun], memory: MemoryRun | Non
     for line in lines:
         if line:
             out += [line, ""]
-    if memory is not None:
-        out += memory_lines(memory)
+    out += tail
     return "\n".join(out).rstrip() + "\n"

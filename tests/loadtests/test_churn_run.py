@@ -20,7 +20,8 @@ def test_one_round_of_every_case(tmp_path: Path) -> None:
         work_dir=work, out_dir=tmp_path / "out", plot_dir=None, num_adapters=4,
         resident_adapters=2, max_cpu_adapters=8, concurrency=4, num_requests=8, prompt_len=8,
         output_len=4, rounds=1, memory_adapters=5, poll_s=0.2, busy_sample_s=0.5)
-    runs, memory = run(config)
+    runs, memory, failure = run(config)
+    assert failure is None
     by_case = {r.case: r for r in runs}
     assert list(by_case) == ["resident", "churn", "s3"]
     for r in runs:
@@ -43,3 +44,27 @@ def test_one_round_of_every_case(tmp_path: Path) -> None:
                    "5 adapters resident", "For 1,000 adapters, extrapolated from 5"):
         assert needle in text, text
     assert (config.out_dir / "s3-1.json").is_file()
+
+
+def test_a_failed_memory_run_is_reported_and_the_rounds_kept(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """(The issue's 1,000 adapters ran this 23.5 GB machine out of memory; every round's figures
+    went with it.) --rounds 0 runs the memory run alone."""
+    import loadtests.churn as churn
+
+    def out_of_memory(*args: object) -> None:
+        raise RuntimeError("requests failed:\n508 / 492 / 1000")
+
+    monkeypatch.setattr(churn, "measure_memory", out_of_memory)
+    monkeypatch.setattr(churn, "prepare", lambda config: (tmp_path, ["churn-0"]))
+    monkeypatch.setattr(churn, "store_folder", lambda config, count: tmp_path)
+    config = churn.parse_args(["--rounds", "0", "--memory-adapters", "1000", "--out-dir",
+                               str(tmp_path / "out"), "--plot-dir", ""])
+    runs, memory, failure = run(config)
+    assert (runs, memory, failure) == ([], None, "requests failed:")
+    assert report(config, runs, memory, failure) == (
+        "Host memory, 1000 adapters resident in one server: the run failed (requests "
+        "failed:).\n")
+    with pytest.raises(SystemExit):
+        churn.parse_args(["--rounds", "0", "--memory-adapters", "0"])
