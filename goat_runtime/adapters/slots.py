@@ -18,19 +18,23 @@ from goat_runtime.ops.routed_lora import SLICE_META_FIELDS
 
 def allocate_slots(num_slots: int, out_sizes: Sequence[int], d_in: int, *, value_rows: int,
                    max_experts: int, dtype: torch.dtype = torch.float32,
-                   device: torch.device | str = "cpu") -> RoutedLoRAWeights:
+                   device: torch.device | str = "cpu", zeroed: bool = True) -> RoutedLoRAWeights:
     """Zeroed slots for a fused linear with output slices `out_sizes`; every slot can hold, per
     slice, `value_rows` expert plus static rows (in `dtype`) and a router of up to `max_experts`
-    experts (float32)."""
+    experts (float32). zeroed=False leaves the value rows and routers unset, so that on the CPU
+    slots not yet written take no memory: each slot is written (write_slot clears it first) or
+    copied (copy_slot) before a token reads it, and its metadata, zeroed either way, makes an
+    unwritten slot read as no term."""
     offsets = [0]
     for size in out_sizes:
         offsets.append(offsets[-1] + size)
     num_slices = len(out_sizes)
+    new = torch.zeros if zeroed else torch.empty
     return RoutedLoRAWeights(
-        shrink=torch.zeros(num_slots, num_slices, value_rows, d_in, dtype=dtype, device=device),
-        router=torch.zeros(num_slots, num_slices, max_experts, d_in, dtype=torch.float32,
-                           device=device),
-        expand=torch.zeros(num_slots, value_rows, offsets[-1], dtype=dtype, device=device),
+        shrink=new(num_slots, num_slices, value_rows, d_in, dtype=dtype, device=device),
+        router=new(num_slots, num_slices, max_experts, d_in, dtype=torch.float32,
+                   device=device),
+        expand=new(num_slots, value_rows, offsets[-1], dtype=dtype, device=device),
         slice_meta=torch.zeros(num_slots, num_slices, SLICE_META_FIELDS, dtype=torch.int32,
                                device=device),
         out_offsets=tuple(offsets),

@@ -236,9 +236,12 @@ class DeviceSlots:
             self._value_rows = max(self._value_rows, rows)
             self._max_experts = max(self._max_experts, experts)
         num_slots = len(self._slots) + (1 if self.base else 0)
+        # CPU: unwritten slots left unset take no memory until written (a pool doubled from
+        # 512 to 1,024 SmolLM2-sized slots zeroed 15 GB at once, beside the old 7.5).
         routed = [allocate_slots(num_slots, linear.out_sizes, linear.d_in,
                                  value_rows=self._value_rows, max_experts=self._max_experts,
-                                 dtype=linear.weight.dtype, device=linear.weight.device)
+                                 dtype=linear.weight.dtype, device=linear.weight.device,
+                                 zeroed=not self.slots_on_host)
                   for linear in self.linears]
         hosts = [self._peek(name) if name else None for name in self._slots]
         hosts = [h if h is not None and h.load_id == load_id else None  # not stale copies
@@ -460,8 +463,11 @@ def copy_slot(old: RoutedLoRAWeights, new: RoutedLoRAWeights, slot: int) -> None
     value rows or router rows: the extra ones stay zero, which the op reads as no term)."""
     rows, experts = old.num_value_rows, old.max_experts
     new.shrink[slot, :, :rows] = old.shrink[slot]
+    new.shrink[slot, :, rows:].zero_()  # `new` may be unset (allocate_slots(zeroed=False))
     new.router[slot, :, :experts] = old.router[slot]
+    new.router[slot, :, experts:].zero_()
     new.expand[slot, :rows] = old.expand[slot]
+    new.expand[slot, rows:].zero_()
     new.slice_meta[slot] = old.slice_meta[slot]
 
 

@@ -130,3 +130,28 @@ def test_each_release_hands_the_freed_pages_back(tmp_path: Path,
                      merge_static=False)
     run(engine, _requests(0))
     assert calls == [0, 0, 0]  # goat0, goat1, lora0: one release each
+
+
+def test_a_grown_unset_pool_holds_the_copied_slot_and_zero_padding() -> None:
+    """The CPU pool is allocated unset (its pages untouched until written): a slot copied into
+    a larger one is the old slot, padded with zeros, whatever the new memory held."""
+    import torch
+
+    from goat_runtime.adapters.slots import allocate_slots
+    from goat_runtime.engine.adapter_slots import copy_slot
+
+    old = allocate_slots(2, [6, 4], 8, value_rows=3, max_experts=2)
+    for t in (old.shrink, old.router, old.expand):
+        t.copy_(torch.randn(t.shape))
+    old.slice_meta[1] = torch.tensor([[2, 1, 1, 3], [0, 0, 0, 2]], dtype=torch.int32)
+    new = allocate_slots(4, [6, 4], 8, value_rows=5, max_experts=4, zeroed=False)
+    assert int(new.slice_meta.abs().sum()) == 0  # metadata is zeroed either way
+    for t in (new.shrink, new.router, new.expand):
+        t.fill_(float("nan"))
+    copy_slot(old, new, 1)
+    assert torch.equal(new.shrink[1, :, :3], old.shrink[1])
+    assert torch.equal(new.router[1, :, :2], old.router[1])
+    assert torch.equal(new.expand[1, :3], old.expand[1])
+    assert not new.shrink[1, :, 3:].any() and not new.router[1, :, 2:].any()
+    assert not new.expand[1, 3:].any()
+    assert torch.equal(new.slice_meta[1], old.slice_meta[1])
