@@ -137,14 +137,8 @@ def load_adapter(path: str | Path, base_linears: dict[str, tuple[int, int]], *,
     Pickle checkpoints are refused and never opened.
     """
     path = Path(path)
-    config = read_config(path)
+    config, config_file, peft_type = _checked_config(path)
     weights_file = find_weights(path)
-    config_file = path / CONFIG_FILE
-    peft_type = config.get("peft_type")
-    if peft_type not in ("GOAT", "LORA"):
-        raise AdapterError(
-            f"{config_file}: unknown peft_type {peft_type!r}; expected 'GOAT' or 'LORA'")
-    _check_options(config, config_file, peft_type)
     targets = _match_targets(config, config_file, base_linears)
     try:
         tensors = Checkpoint(weights_file)
@@ -186,6 +180,33 @@ def load_adapter(path: str | Path, base_linears: dict[str, tuple[int, int]], *,
 
 # An adapter_config.json as json.loads reads it.
 _Config = dict[str, Any]
+
+
+def read_signature(path: str | Path, base_linears: dict[str, tuple[int, int]]
+                   ) -> tuple[InitSignature | None, frozenset[str]]:
+    """An adapter's init signature (None: plain LoRA) and the modules it adapts, from its
+    config alone (checked as load_adapter checks it; its weights are only looked for): what a
+    server merging static components picks by, without reading a store's worth of weights."""
+    path = Path(path)
+    config, config_file, peft_type = _checked_config(path)
+    find_weights(path)
+    modules = frozenset(_match_targets(config, config_file, base_linears))
+    if peft_type != "GOAT":
+        return None, modules
+    return InitSignature(config["r"], config["num_experts"], config["init_type"],
+                         float(config["init_cof"])), modules
+
+
+def _checked_config(path: Path) -> tuple[_Config, Path, str]:
+    """The adapter's config, its file and its peft_type, its options checked."""
+    config = read_config(path)
+    config_file = path / CONFIG_FILE
+    peft_type = config.get("peft_type")
+    if peft_type not in ("GOAT", "LORA"):
+        raise AdapterError(
+            f"{config_file}: unknown peft_type {peft_type!r}; expected 'GOAT' or 'LORA'")
+    _check_options(config, config_file, peft_type)
+    return config, config_file, peft_type
 
 
 def find_weights(path: Path) -> Path:

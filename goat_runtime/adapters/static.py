@@ -60,16 +60,17 @@ def residual_factors(weight: torch.Tensor, signature: InitSignature) -> Factors:
     return c.float().contiguous(), d.float().contiguous()
 
 
-def most_common_signature(adapters: Iterable[Adapter]
+def most_common_signature(adapters: Iterable[tuple[InitSignature | None, frozenset[str]]]
                           ) -> tuple[InitSignature, frozenset[str], int] | None:
-    """The init signature shared by the most GOAT adapters among `adapters` (the first seen on
-    a tie), the modules those adapters target, and their count; None without GOAT adapters:
-    what `merge` folds in when a server merges static components."""
+    """The init signature shared by the most GOAT adapters among `adapters` (each as
+    `format.read_signature` gives it: signature, modules; the first seen wins a tie), the
+    modules those adapters target, and their count; None without GOAT adapters: what `merge`
+    folds in when a server merges static components."""
     counts: dict[InitSignature, tuple[int, frozenset[str]]] = {}
-    for adapter in adapters:
-        if adapter.signature is not None:
-            count, modules = counts.get(adapter.signature, (0, frozenset()))
-            counts[adapter.signature] = (count + 1, modules | frozenset(adapter.layers))
+    for signature, adapted in adapters:
+        if signature is not None:
+            count, modules = counts.get(signature, (0, frozenset()))
+            counts[signature] = (count + 1, modules | adapted)
     if not counts:
         return None
     signature, (count, modules) = max(counts.items(), key=lambda kv: kv[1][0])

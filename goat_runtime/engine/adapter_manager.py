@@ -25,7 +25,13 @@ from pathlib import Path
 import torch
 
 from goat_runtime.adapters.binding import linear_shapes, slice_weights
-from goat_runtime.adapters.format import CONFIG_FILE, Adapter, AdapterError, load_adapter
+from goat_runtime.adapters.format import (
+    CONFIG_FILE,
+    Adapter,
+    AdapterError,
+    InitSignature,
+    read_signature,
+)
 from goat_runtime.adapters.reader import AdapterReader, shared_reader
 from goat_runtime.adapters.static import Factors, StaticComponents, most_common_signature
 from goat_runtime.adapters.store import FetchError, Location, StoreConfig, open_location
@@ -77,10 +83,10 @@ class AdapterManager:
     def merge_static(self, names_and_paths: Iterable[tuple[str, Path]]) -> None:
         """Fold the most common GOAT init signature among these adapters into the base weights;
         the base then keeps a slot of its own to undo it."""
-        def adapters() -> Iterator[Adapter]:  # one at a time: a store's worth can outgrow RAM
-            for name, path in names_and_paths:
+        def adapters() -> Iterator[tuple[InitSignature | None, frozenset[str]]]:
+            for name, path in names_and_paths:  # configs only: a store's weights take minutes
                 try:
-                    yield load_adapter(path, self.shapes, name=name, max_rank=self.max_lora_rank)
+                    yield read_signature(path, self.shapes)
                 except AdapterError as exc:
                     logger.warning("merge-static: skipping %s: %s", name, exc)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from goat_runtime.adapters.format import AdapterError, load_adapter
+from goat_runtime.adapters.format import AdapterError, read_signature
 from goat_runtime.adapters.static import Factors, most_common_signature
 from goat_runtime.vllm_plugin.state import (
     STATE,
@@ -54,7 +54,7 @@ def merge_target(shapes: dict[str, tuple[int, int]]) -> MergeTarget | None:
         adapters = []
         for path in dirs:
             try:
-                adapters.append(load_adapter(path, shapes, max_rank=1 << 30))
+                adapters.append(read_signature(path, shapes))
             except AdapterError as exc:
                 logger.warning("goat vLLM plugin: %s: skipping %s: %s", ENV, path, exc)
         chosen = most_common_signature(adapters)

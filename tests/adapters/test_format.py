@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from goat_runtime.adapters.format import AdapterError, load_adapter
+from goat_runtime.adapters.format import AdapterError, load_adapter, read_signature
 from goat_runtime.adapters.writer import random_adapter
 from tests.adapters.adapted_model import FIXTURE
 
@@ -423,3 +423,19 @@ def test_unknown_init_is_refused(tmp_path):
     path = copy_adapter("lora0", tmp_path)
     edit_config(path, init_lora_weights="magic")
     expect_error(path, "init_lora_weights='magic' is not supported (supported: True, False")
+
+
+@pytest.mark.parametrize("name", ["goat0", "goat1", "lora0"])
+def test_read_signature_is_load_adapters_from_the_config_alone(name: str, tmp_path: Path) -> None:
+    """What merging picks by (a store of 1,000 adapters took minutes to load whole at start-up):
+    the signature and modules load_adapter gives, with the weights never read."""
+    adapter = load_adapter(FIXTURE / "adapters" / name, BASE_LINEARS)
+    assert read_signature(FIXTURE / "adapters" / name, BASE_LINEARS) == (
+        adapter.signature, frozenset(adapter.layers))
+    path = tmp_path / name
+    shutil.copytree(FIXTURE / "adapters" / name, path)
+    (path / "adapter_model.safetensors").write_bytes(b"not read")  # the weights are not read
+    assert read_signature(path, BASE_LINEARS) == (adapter.signature, frozenset(adapter.layers))
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match=r"missing adapter_model\.safetensors"):
+        read_signature(path, BASE_LINEARS)
