@@ -27,8 +27,6 @@ from goat_runtime.engine.sampling import SamplingParams
 
 # The kernel-launching calls torch's profiler records on the host, per launch.
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
-TINY_MODEL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
 
 
 @dataclass
@@ -87,7 +85,7 @@ def profile_decode(engine: LLMEngine, adapters: list[str | None], num_seqs: int,
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.random_model import (
         NUM_ADAPTERS,
-        SMOLLM2_135M,
+        TINY_SMOLLM2,
         write_goat_and_lora,
         write_random_model,
     )
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        write_random_model(tmp / "model", {**SMOLLM2_135M, **TINY_MODEL} if args.quick else None)
+        write_random_model(tmp / "model", TINY_SMOLLM2 if args.quick else None)
         goat, _ = write_goat_and_lora(tmp / "goat", tmp / "lora",
                                       base_linear_shapes(tmp / "model"))
         cases = {"base": ({}, [None]),

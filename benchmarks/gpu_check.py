@@ -53,8 +53,6 @@ PYTEST_FILES = ("tests/test_devices.py", "tests/ops/test_routed_lora_triton.py",
                 "tests/engine/test_engine.py", "tests/adapters/test_fixture_reference.py",
                 "tests/engine/test_device_pool.py")
 PYTEST_SELECTION = "cuda or triton or devices"
-TINY_MODEL = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
 
 
 @dataclass
@@ -391,7 +389,7 @@ def step_engine(table: Table, device: str, dtype: str, quick: bool, tmp: Path,
     from benchmarks.floors import measure_bandwidth
     from benchmarks.random_model import (
         NUM_ADAPTERS,
-        SMOLLM2_135M,
+        TINY_SMOLLM2,
         write_goat_and_lora,
         write_random_model,
     )
@@ -400,7 +398,7 @@ def step_engine(table: Table, device: str, dtype: str, quick: bool, tmp: Path,
     from goat_runtime.engine.engine import LLMEngine
 
     model_dir = tmp / "model"
-    write_random_model(model_dir, {**SMOLLM2_135M, **TINY_MODEL} if quick else None)
+    write_random_model(model_dir, TINY_SMOLLM2 if quick else None)
     goat, lora = write_goat_and_lora(tmp / "goat", tmp / "lora", base_linear_shapes(model_dir))
     batches = (2,) if quick else (32, 256)
     length = 4 if quick else 128

@@ -27,6 +27,10 @@ SMOLLM2_135M: dict[str, Any] = {
     "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
     "torch_dtype": "float32",  # for vLLM's dtype auto-detection
 }
+# SmolLM2-135M's config at a two-layer toy's sizes: the device checks' CPU rehearsals.
+TINY_SMOLLM2: dict[str, Any] = {
+    **SMOLLM2_135M, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
 NUM_ADAPTERS = 16  # adapters of each kind in the benchmarks' stores
 
 

@@ -191,10 +191,13 @@ def read_signature(path: str | Path, base_linears: dict[str, tuple[int, int]]
     config, config_file, peft_type = _checked_config(path)
     find_weights(path)
     modules = frozenset(_match_targets(config, config_file, base_linears))
-    if peft_type != "GOAT":
-        return None, modules
+    return (_init_signature(config) if peft_type == "GOAT" else None), modules
+
+
+def _init_signature(config: _Config) -> InitSignature:
+    """A checked GOAT config's init signature (what selects its static correction)."""
     return InitSignature(config["r"], config["num_experts"], config["init_type"],
-                         float(config["init_cof"])), modules
+                         float(config["init_cof"]))
 
 
 def _checked_config(path: Path) -> tuple[_Config, Path, str]:
@@ -409,7 +412,6 @@ def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors
     """The GOAT adapter's layers, its signature and the checkpoint keys they were read from."""
     rank, num_experts, top_k = config["r"], config["num_experts"], config["top_k"]
     expert_rank = rank // num_experts
-    init_type = config["init_type"]
     # _check_options admits only goat / goat_mini (no rsLoRA scale) and no patterns
     scale = scale_override if scale_override is not None else lora_scale(
         config["lora_alpha"], expert_rank)
@@ -467,8 +469,7 @@ def _goat_layers(config: _Config, config_file: Path, weights_file: Path, tensors
                                           for m in group]), (count, num_experts, d_in))
         for i, module in enumerate(group):
             layers[module] = AdaptedLinear(a[i], b[i], routers[i], top_k, scale)
-    signature = InitSignature(rank, num_experts, init_type, float(config["init_cof"]))
-    return {module: layers[module] for module in targets}, signature, used
+    return {module: layers[module] for module in targets}, _init_signature(config), used
 
 
 def lora_scale(alpha: float, rank: float, use_rslora: bool = False) -> float:

@@ -460,7 +460,7 @@ def _return_freed_memory() -> None:
 
 def copy_slot(old: RoutedLoRAWeights, new: RoutedLoRAWeights, slot: int) -> None:
     """Copy `slot` of `old` into the same slot of `new`, whose slots are at least as large (more
-    value rows or router rows: the extra ones stay zero, which the op reads as no term)."""
+    value rows or router rows: the extra ones are zeroed, which the op reads as no term)."""
     rows, experts = old.num_value_rows, old.max_experts
     new.shrink[slot, :, :rows] = old.shrink[slot]
     new.shrink[slot, :, rows:].zero_()  # `new` may be unset (allocate_slots(zeroed=False))
