@@ -76,7 +76,8 @@ class AdapterManager:
         self._load_ids = itertools.count(1)
         # max_loras bounds accelerator slots (with max_device_memory, their bytes) only
         self.slots = DeviceSlots(linears, max_loras, listener, get=self.get, peek=self._peek,
-                                 on_change=self._report_memory, max_bytes=max_device_memory)
+                                 on_change=self._report_memory, max_bytes=max_device_memory,
+                                 host_slots=max_cpu_adapters)
 
     # ---- start-up --------------------------------------------------------------------------
 

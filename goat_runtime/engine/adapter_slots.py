@@ -9,8 +9,9 @@ bytes change as adapters come and go: before a step's adapters are written the p
 for them and the count recomputed within the budget (`_fit`).
 
 On the CPU the slots are host memory too, so they are not a bound: every adapter on the host
-keeps its slot, written once after its load (not per use), the pool grows (doubling) when all
-are taken, a slot is reused once its adapter has left the host, and any number of distinct
+keeps its slot, written once after its load (not per use), the pool starts with a slot for
+each adapter the host LRU keeps (--max-cpu-adapters) and grows (doubling) only when requests
+hold more, a slot is reused once its adapter has left the host, and any number of distinct
 adapters can share a step. Once written, the slot is the adapter's only copy: its host tensors
 are released (`release_host_copies`; the pool's regrowth copies slots, not host tensors), so
 host memory holds each adapter once. The base, when it needs a slot (merged static terms), owns
@@ -67,11 +68,13 @@ class DeviceSlots:
                  listener: EngineListener | None, *,
                  get: Callable[[str], HostAdapter | None],
                  peek: Callable[[str], HostAdapter | None], on_change: Callable[[], None],
-                 max_bytes: int | None = None, slots_on_host: bool | None = None):
-        """max_loras: the accelerator's most slots (the CPU pool's first size); max_bytes: the
-        accelerator pool's bytes (None: max_loras slots whatever their size); slots_on_host:
-        whether slots are host memory, by default where the linears' weights are (False on
-        CPU tensors: the accelerator's pool logic, for tests)."""
+                 max_bytes: int | None = None, slots_on_host: bool | None = None,
+                 host_slots: int = 0):
+        """max_loras: the accelerator's most slots; max_bytes: the accelerator pool's bytes
+        (None: max_loras slots whatever their size); slots_on_host: whether slots are host
+        memory, by default where the linears' weights are (False on CPU tensors: the
+        accelerator's pool logic, for tests); host_slots: the host pool's first size (the host
+        LRU's bound), at least max_loras."""
         self.linears, self.max_loras, self.listener = linears, max_loras, listener
         self._get, self._peek, self._on_change = get, peek, on_change
         self.slots_on_host = (linears[0].weight.device.type == "cpu" if slots_on_host is None
@@ -85,7 +88,11 @@ class DeviceSlots:
         self._base_needs: tuple[HostAdapter, Needs] | None = None
         self._value_rows, self._max_experts = 1, 0
         self.base: HostAdapter | None = None
-        count = max_loras if self.slots_on_host else self._count_at(Needs(1, 0))
+        # On the host, slots for every adapter the LRU keeps, so that the pool rarely grows:
+        # growing copies every slot on the engine thread (64 SmolLM2-sized GOAT slots: 1-2 s
+        # of one step). Unwritten slots are unset memory, untouched until written.
+        count = (max(max_loras, host_slots) if self.slots_on_host
+                 else self._count_at(Needs(1, 0)))
         if count < 1:
             raise SlotBudgetError(self._too_small(Needs(1, 0), "an adapter slot"))
         # Slot i holds _slots[i] (a name) or None.

@@ -70,6 +70,22 @@ def test_one_step_serves_more_adapters_than_max_loras(tmp_path: Path, writes: li
     assert recorder.memory["device"][0] == 3
 
 
+def test_the_host_pool_starts_at_the_lru_bound_and_grows_only_past_it(tmp_path: Path) -> None:
+    """Growing the pool copies every slot in a step (1-2 s for 64 SmolLM2-sized slots), so the
+    CPU pool starts with a slot for each adapter the host LRU keeps, whatever --max-loras says;
+    adapters held beyond that bound by their requests grow it, and keep their tokens."""
+    roomy = _engine(tmp_path, FIXTURE / "adapters", StepRecorder(), max_cpu_adapters=8)
+    assert roomy.adapters.slots.num_slots() == 8
+    run(roomy, _requests(0))
+    assert roomy.adapters.slots.num_slots() == 8
+    tight = _engine(tmp_path, FIXTURE / "adapters", StepRecorder(), max_cpu_adapters=1)
+    assert tight.adapters.slots.num_slots() == 1
+    results = run(tight, _requests(0))  # three adapters in one step, each held by a request
+    for name in (*NAMES, "base"):
+        assert results[f"{name}-0"]["tokens"][0] == REFERENCE[f"{name}_greedy_0"].tolist()
+    assert tight.adapters.slots.num_slots() == 4  # 1 -> 2 -> 4
+
+
 def test_a_slot_is_reused_once_its_adapter_left_the_host(tmp_path: Path,
                                                          writes: list[str]) -> None:
     adapters = shutil.copytree(FIXTURE / "adapters", tmp_path / "adapters")
@@ -94,7 +110,7 @@ def test_a_slot_is_reused_once_its_adapter_left_the_host(tmp_path: Path,
 def test_the_slot_is_a_cpu_adapters_only_copy(tmp_path: Path, writes: list[str]) -> None:
     """Once written, an adapter's host tensors are released (meta tensors: shapes, no memory),
     the host tier counts its slot, and the pool's regrowth (more value rows for a bigger
-    adapter, more slots) copies the released slots: the smaller adapter still serves its
+    adapter) copies the released slots: the smaller adapter still serves its
     reference tokens afterwards."""
     recorder = StepRecorder()
     engine = _engine(tmp_path, FIXTURE / "adapters", recorder, max_cpu_adapters=8,
