@@ -62,6 +62,12 @@ _SEQUENCE_KEYS: tuple[Callable[[Sequence], Hashable], ...] = (
 PROMPT_LOGITS_ROWS = 64
 
 
+# Prompt tokens a step takes while it runs a thread short for adapter loads (_share_cores): a
+# full 512-token prefill step then took 1.7-2.0 s on one thread, most of it after the reads had
+# ended (churn, 500 adapters: 0.77-0.81x -> 0.87-0.97x of resident; docs/benchmarks.md).
+LOADING_PREFILL_TOKENS = 128
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, listener: EngineListener | None = None):
         self.config = config
@@ -171,9 +177,10 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
-        self._share_cores()
+        short = self._share_cores()
         outputs = self._fail_unloadable()
-        scheduled = self.scheduler.schedule()
+        scheduled = self.scheduler.schedule(
+            len(self.scheduler.running) + LOADING_PREFILL_TOKENS if short else None)
         failures: dict[str, Exception] = {}  # request id -> the fault charged to it
         for seq, exc in self.scheduler.take_faults():
             failures.setdefault(seq.request.request_id, exc)
@@ -200,19 +207,22 @@ class LLMEngine:
                 self.listener.on_step_time(time.perf_counter() - start)
         return outputs
 
-    def _share_cores(self) -> None:
+    def _share_cores(self) -> bool:
         """On the CPU, while adapters load (the reader process takes a core), the step's ops
         run on one thread fewer: two threads on one free core wait for each other at every op
         (steps 3.1x as long during loads, against 1.7x on one thread fewer). Decided by
         whether any load is pending, not whether a read is in flight this instant: switching
-        at every read made steps of 0.5-0.8 s (docs/benchmarks.md section 7)."""
+        at every read made steps of 0.5-0.8 s (docs/benchmarks.md section 7). Returns whether
+        this step runs a thread short: it then takes at most LOADING_PREFILL_TOKENS prompt
+        tokens, so that the engine has its thread back soon after the reads end."""
         if self._cpu_threads is None:
-            return
+            return False
         wanted = self._cpu_threads
         if self.adapters.loading():
             wanted = max(1, wanted - 1)
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
+        return wanted < self._cpu_threads
 
     def _run(self, scheduled: list[ScheduledSeq],
              failures: dict[str, Exception]) -> dict[str, list[CompletionDelta]]:

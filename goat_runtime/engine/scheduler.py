@@ -73,8 +73,12 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def schedule(self) -> list[ScheduledSeq]:
+    def schedule(self, max_tokens: int | None = None) -> list[ScheduledSeq]:
+        """The next step's sequences, within the token budget (lowered to `max_tokens` for
+        this step where given)."""
         budget = self.config.max_num_batched_tokens
+        if max_tokens is not None:
+            budget = min(budget, max_tokens)
         scheduled: list[ScheduledSeq] = []
         scheduled_ids: set[int] = set()
         preempted = False

@@ -167,8 +167,8 @@ def test_an_adapter_that_vanishes_between_scheduling_and_binding(tmp_path, monke
     engine = make_engine(tmp_path, adapter_dir=adapters, max_num_batched_tokens=4096)
     schedule = engine.scheduler.schedule
 
-    def schedule_then_vanish():
-        scheduled = schedule()
+    def schedule_then_vanish(max_tokens: int | None = None):
+        scheduled = schedule(max_tokens)
         if any(i.seq.adapter == "goat1" for i in scheduled) and (adapters / "goat1").exists():
             INJECTED["adapter vanishes before binding"] += 1
             shutil.rmtree(adapters / "goat1")
