@@ -6,8 +6,9 @@ has ~7,000 entries). On a thread of the serving process they hold the GIL in tur
 engine thread, which takes it back after every torch op of a step and so waits at each one: a
 convoy that made 130 ms steps take 1.4 s while adapters loaded (docs/benchmarks.md section 7),
 however the reading itself was cut up. In a process of its own the reading takes none of the
-serving process's GIL; what comes back is a short description and the float32 values in one
-scratch file (in memory, /dev/shm, where there is one), mapped and split into views.
+serving process's GIL, and at idle priority no core a step is using; what comes back is a short
+description and the float32 values in one scratch file (in memory, /dev/shm, where there is
+one), mapped and split into views.
 
 The child is spawned, not forked (the serving process has threads that a fork would copy in
 whatever state they are in), so a program that starts an engine must guard its main module
@@ -18,6 +19,7 @@ server keeps serving.
 """
 
 import gc
+import logging
 import math
 import multiprocessing
 import os
@@ -130,12 +132,32 @@ def _scratch_folders() -> list[Path]:
 
 
 def _start_reader() -> None:
-    # The reader's ops run on one core: the engine's threads use the others.
+    # One core, at the lowest priority: the reader reads on what the engine leaves idle, and
+    # never slows a step (the engine gives it a thread when it starves: LLMEngine._share_cores).
     torch.set_num_threads(1)
+    _lowest_priority()
     # Torch's import leaves ~100k objects that every full collection in a read walks again:
     # frozen out of the cyclic GC once, the reads skip them.
     gc.collect()
     gc.freeze()
+
+
+def _lowest_priority() -> None:
+    """Where there are cores to spare, this process runs only when one is otherwise idle
+    (Linux's SCHED_IDLE; elsewhere nice 19). Not on one core: an engine there has no thread to
+    give a starved reader, which would read only while the engine idles (it then takes its
+    share of the core, as any process). One-way: an unprivileged process cannot raise it again."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if (cores or 1) < 2:
+        return
+    idle = getattr(os, "SCHED_IDLE", None)
+    try:
+        if idle is not None:
+            os.sched_setscheduler(0, idle, os.sched_param(0))
+        else:
+            os.nice(19)
+    except OSError as exc:  # a sandbox that forbids it: the reader keeps normal priority
+        logging.getLogger(__name__).warning("the adapter reader keeps normal priority: %s", exc)
 
 
 class AdapterReader:

@@ -68,6 +68,7 @@ class AdapterManager:
         self._lock = threading.Lock()  # host/loading maps: read by the server thread too
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU order
         self._loading: dict[str, Future[None]] = {}
+        self._read_queued: dict[str, float] = {}  # name -> when its read was queued (monotonic)
         self._failed: dict[str, Exception] = {}
         self._registered: dict[str, Location] = {}  # loaded by path (not from the adapter dir)
         self._refs: Counter[str] = Counter()  # unfinished requests per adapter
@@ -138,9 +139,11 @@ class AdapterManager:
                 return True
         return self.source_of(name) is not None
 
-    def loading(self) -> bool:
-        """Whether any adapter is loading (queued for the reader, or being read or fetched)."""
-        return bool(self._loading)
+    def reads_waiting_since(self) -> float | None:
+        """When the oldest read queued for the reader process or in it was queued (monotonic
+        seconds; a remote adapter's download before it not counted), None while none is."""
+        with self._lock:
+            return min(self._read_queued.values(), default=None)
 
     def is_loaded(self, name: str) -> bool:
         with self._lock:
@@ -195,7 +198,7 @@ class AdapterManager:
             if source.remote:
                 future = self._downloads.submit(self._fetch_and_load, name, source, pinned)
             else:
-                future = self._executor.submit(self._load, name, source.fetch(), pinned)
+                future = self._queue_read(name, source.fetch(), pinned)
             self._loading[name] = future
             return future
 
@@ -205,11 +208,19 @@ class AdapterManager:
         except Exception as exc:
             self._load_failed(name, exc)
             raise
-        self._executor.submit(self._load, name, path, pinned).result()
+        with self._lock:
+            future = self._queue_read(name, path, pinned)
+        future.result()
+
+    def _queue_read(self, name: str, path: Path, pinned: bool) -> Future[None]:
+        """Queue `name`'s read on the loader thread (the caller holds the lock)."""
+        self._read_queued[name] = time.monotonic()
+        return self._executor.submit(self._load, name, path, pinned)
 
     def _load_failed(self, name: str, exc: Exception) -> None:
         with self._lock:
             self._loading.pop(name, None)
+            self._read_queued.pop(name, None)
             self._failed[name] = exc
             self._registered.pop(name, None)
 
@@ -228,6 +239,7 @@ class AdapterManager:
         with self._lock:
             self._host[name] = host
             self._loading.pop(name, None)
+            self._read_queued.pop(name, None)
         seconds = time.monotonic() - start
         logger.info("loaded adapter %s (%s, %d bytes) in %.2fs", name, adapter.kind,
                     host.nbytes, seconds)

@@ -67,6 +67,10 @@ PROMPT_LOGITS_ROWS = 64
 # ended (churn, 500 adapters: 0.77-0.81x -> 0.87-0.97x of resident; docs/benchmarks.md).
 LOADING_PREFILL_TOKENS = 128
 
+# How long a read may wait for the idle cores before a step gives the reader one of its threads
+# (_share_cores): an unstarved read takes 60-160 ms under load.
+LOAD_PATIENCE_S = 0.25
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, listener: EngineListener | None = None):
@@ -208,17 +212,19 @@ class LLMEngine:
         return outputs
 
     def _share_cores(self) -> bool:
-        """On the CPU, while adapters load (the reader process takes a core), the step's ops
-        run on one thread fewer: two threads on one free core wait for each other at every op
-        (steps 3.1x as long during loads, against 1.7x on one thread fewer). Decided by
-        whether any load is pending, not whether a read is in flight this instant: switching
-        at every read made steps of 0.5-0.8 s (docs/benchmarks.md section 7). Returns whether
-        this step runs a thread short: it then takes at most LOADING_PREFILL_TOKENS prompt
-        tokens, so that the engine has its thread back soon after the reads end."""
+        """On the CPU the reader process runs at idle priority, on what the engine leaves idle
+        (between ops and steps); but OpenMP's workers spin between ops, so a saturated engine
+        leaves it nothing (10 loads never ended beside 8 decoding sequences). Once a read has
+        waited LOAD_PATIENCE_S, the step's ops run on one thread fewer until the queued reads
+        are done: not a thread each read, switching at every read made steps of 0.5-0.8 s
+        (docs/benchmarks.md section 7). Returns whether this step runs a thread short: it then
+        takes at most LOADING_PREFILL_TOKENS prompt tokens, so that the engine has its thread
+        back soon after the reads end."""
         if self._cpu_threads is None:
             return False
         wanted = self._cpu_threads
-        if self.adapters.loading():
+        since = self.adapters.reads_waiting_since()
+        if since is not None and time.monotonic() - since >= LOAD_PATIENCE_S:
             wanted = max(1, wanted - 1)
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)

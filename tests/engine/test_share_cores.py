@@ -1,22 +1,27 @@
-"""While adapters load (the reader process takes a core), a CPU step runs on one intra-op
-thread fewer and takes few prompt tokens (so that it ends soon after the reads do); once none
-is loading it has all of them again, and the whole token budget."""
+"""The reader process reads at idle priority; once a read has waited LOAD_PATIENCE_S (a busy
+engine leaves it no idle core), a CPU step runs on one intra-op thread fewer and takes few
+prompt tokens (so that it ends soon after the reads do); once no read waits it has all of them
+again, and the whole token budget."""
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from goat_runtime.engine.engine import LOADING_PREFILL_TOKENS
+from goat_runtime.adapters.reader import AdapterReader
+from goat_runtime.engine.engine import LOAD_PATIENCE_S, LOADING_PREFILL_TOKENS
 from goat_runtime.engine.sampling import SamplingParams
 from tests.engine.test_engine import make_engine
 
 
-def test_a_step_leaves_the_reader_a_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_step_leaves_a_starved_reader_a_core(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(2)
     engine = make_engine(tmp_path)
-    loading = [False]
-    monkeypatch.setattr(engine.adapters, "loading", lambda: loading[0])
+    queued: list[float | None] = [None]
+    monkeypatch.setattr(engine.adapters, "reads_waiting_since", lambda: queued[0])
     threads: list[int] = []
     forward = engine._forward
 
@@ -25,24 +30,26 @@ def test_a_step_leaves_the_reader_a_core(tmp_path: Path, monkeypatch: pytest.Mon
         return forward(scheduled)
 
     monkeypatch.setattr(engine, "_forward", recording_forward)
-    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.add_request("r", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
     try:
-        engine.step()
-        loading[0] = True
-        engine.step()
-        loading[0] = False
+        engine.step()  # no read waits
+        queued[0] = time.monotonic()
+        engine.step()  # a read waits, not yet for long: the reader has the idle cores
+        queued[0] = time.monotonic() - 2 * LOAD_PATIENCE_S
+        engine.step()  # it has waited too long: a thread for the reader
+        queued[0] = None
         engine.step()
     finally:
         torch.set_num_threads(2)
-    assert threads == [2, 1, 2]
+    assert threads == [2, 2, 1, 2]
 
 
 def test_a_step_a_thread_short_takes_few_prompt_tokens(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(2)
     engine = make_engine(tmp_path, max_num_batched_tokens=400)
-    loading = [False]
-    monkeypatch.setattr(engine.adapters, "loading", lambda: loading[0])
+    queued: list[float | None] = [None]
+    monkeypatch.setattr(engine.adapters, "reads_waiting_since", lambda: queued[0])
     steps: list[int] = []  # tokens each step schedules
     schedule = engine.scheduler.schedule
 
@@ -59,11 +66,11 @@ def test_a_step_a_thread_short_takes_few_prompt_tokens(tmp_path: Path,
         engine.add_request(f"decode-{prompt[0]}", [5, 6, 7, prompt[0]], params)
         engine.step()  # its prompt: it decodes from now on
         engine.add_request(f"long-{prompt[0]}", prompt, params)
-        loading[0] = loads
+        queued[0] = time.monotonic() - 2 * LOAD_PATIENCE_S if loads else None
         try:
             engine.step()
         finally:
-            loading[0] = False
+            queued[0] = None
             torch.set_num_threads(2)
         tokens = steps[-1]
         while engine.has_work():
@@ -75,10 +82,24 @@ def test_a_step_a_thread_short_takes_few_prompt_tokens(tmp_path: Path,
     assert first_chunk_beside_a_decode([10] * 300, loads=False) == 1 + 300
 
 
-def test_loading_is_true_from_the_request_to_the_load(tmp_path: Path) -> None:
+def test_a_read_waits_from_its_queueing_to_its_load(tmp_path: Path) -> None:
     engine = make_engine(tmp_path)
-    assert not engine.adapters.loading()
+    assert engine.adapters.reads_waiting_since() is None
+    before = time.monotonic()
     future = engine.adapters.request_load("goat0")
-    assert engine.adapters.loading()
+    since = engine.adapters.reads_waiting_since()
+    assert since is not None and before <= since <= time.monotonic()
     future.result()
-    assert not engine.adapters.loading()
+    assert engine.adapters.reads_waiting_since() is None
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's idle scheduling class")
+def test_the_reader_process_runs_at_idle_priority() -> None:
+    reader = AdapterReader()
+    try:
+        pid = reader._run("pid", os.getpid)
+        assert pid != os.getpid()
+        assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the serving process keeps its own
+    finally:
+        reader.shutdown()
