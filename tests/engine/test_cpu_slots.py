@@ -80,7 +80,12 @@ def test_the_host_pool_starts_at_the_lru_bound_and_grows_only_past_it(tmp_path: 
     assert roomy.adapters.slots.num_slots() == 8
     tight = _engine(tmp_path, FIXTURE / "adapters", StepRecorder(), max_cpu_adapters=1)
     assert tight.adapters.slots.num_slots() == 1
-    results = run(tight, _requests(0))  # three adapters in one step, each held by a request
+    for name in NAMES:  # all three on the host at once, held as their requests hold them
+        tight.adapters.acquire(name)
+        tight.adapters.request_load(name).result()
+    results = run(tight, _requests(0))  # three adapters in one step
+    for name in NAMES:
+        tight.adapters.release(name)
     for name in (*NAMES, "base"):
         assert results[f"{name}-0"]["tokens"][0] == REFERENCE[f"{name}_greedy_0"].tolist()
     assert tight.adapters.slots.num_slots() == 4  # 1 -> 2 -> 4
@@ -171,3 +176,4 @@ def test_a_grown_unset_pool_holds_the_copied_slot_and_zero_padding() -> None:
     assert not new.shrink[1, :, 3:].any() and not new.router[1, :, 2:].any()
     assert not new.expand[1, 3:].any()
     assert torch.equal(new.slice_meta[1], old.slice_meta[1])
+
