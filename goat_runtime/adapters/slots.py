@@ -102,9 +102,10 @@ def _fill_slice(weights: RoutedLoRAWeights, slot: int, s: int,
         shrink[row : row + a.shape[0]] = a
         expand[row : row + a.shape[0], cols] = b.T
         row += a.shape[0]
-    # The padding is zeroed here, not the whole slot first: zeroing only what no value
-    # covers halves a write's memory traffic and skips hundreds of ops where adapters share
-    # one size (the op reads the rows and experts up to the slots' sizes).
+    # No op reads the padding (slice_meta's rows and experts bound every read), but a slot
+    # should hold what a fresh zeroed one would, whatever it held before. Zeroing only what
+    # no value covers, not the whole slot first, halves a write's memory traffic and skips
+    # hundreds of ops where adapters share one size.
     if rows < value_rows:
         shrink[rows:].zero_()
         expand[rows:, cols].zero_()

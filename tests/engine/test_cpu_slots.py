@@ -176,4 +176,3 @@ def test_a_grown_unset_pool_holds_the_copied_slot_and_zero_padding() -> None:
     assert not new.shrink[1, :, 3:].any() and not new.router[1, :, 2:].any()
     assert not new.expand[1, 3:].any()
     assert torch.equal(new.slice_meta[1], old.slice_meta[1])
-
