@@ -13,20 +13,16 @@ import time
 
 import torch
 
+from benchmarks.bench_routed_lora import NUM_EXPERTS as EXPERTS
+from benchmarks.bench_routed_lora import PROJECTIONS, RANK, TOP_K
 from benchmarks.random_model import SMOLLM2_135M
 from goat_runtime.adapters.format import AdaptedLinear
 from goat_runtime.adapters.slots import allocate_slots, write_slot
 
-RANK, EXPERTS, TOP_K = 8, 8, 2
 
-
-def fused_linears() -> list[tuple[list[int], int]]:
-    """(output slices, d_in) of each fused linear: q/k/v, o, gate/up, down per layer."""
-    c = SMOLLM2_135M
-    d, inter = c["hidden_size"], c["intermediate_size"]
-    kv = d // c["num_attention_heads"] * c["num_key_value_heads"]
-    layer = [([d, kv, kv], d), ([d], d), ([inter, inter], d), ([d], inter)]
-    return layer * c["num_hidden_layers"]
+def fused_linears() -> list[tuple[tuple[int, ...], int]]:
+    """(output slices, d_in) of each fused linear of the model: one layer's, every layer."""
+    return [(outs, d_in) for _, d_in, outs in PROJECTIONS] * SMOLLM2_135M["num_hidden_layers"]
 
 
 def main() -> None:
