@@ -37,9 +37,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.random_model import write_adapters
-from goat_runtime.adapters.binding import base_linear_shapes
+from goat_runtime.adapters.binding import base_linears, linear_shapes, slice_groups
 from goat_runtime.adapters.format import load_adapter
 from goat_runtime.adapters.reader import AdapterReader
+from goat_runtime.model.layers import FusedLinear
 from loadtests.churn_metrics import Buckets, Poll, histogram_delta, run_polled, seqs_per_step
 from loadtests.churn_report import report
 from loadtests.churn_s3 import S3Store, start_s3
@@ -273,7 +274,7 @@ def prepare(config: ChurnConfig) -> tuple[Path, list[str]]:
     names = [f"churn-{i}" for i in range(count)]
     folder = config.work_dir / f"churn-{config.kind}"
     print(f"writing {count} adapters to {folder} (once)", file=sys.stderr, flush=True)
-    write_adapters(folder, base_linear_shapes(model_dir), names, config.kind, seed=5000)
+    write_adapters(folder, linear_shapes(base_linears(model_dir)), names, config.kind, seed=5000)
     return model_dir, names
 
 
@@ -333,16 +334,19 @@ def save_case(config: ChurnConfig, r: CaseRun) -> None:
         r.result.write_plot(config.plot_dir / f"churn-{r.case}.png")
 
 
-def measure_loads(folder: Path, names: Sequence[str], shapes: dict[str, tuple[int, int]],
+def measure_loads(folder: Path, names: Sequence[str], linears: Sequence[FusedLinear],
                   rounds: int = 3, reader: AdapterReader | None = None) -> LatencyStats:
     """Read-and-check time of each adapter from a warm page cache (every file is read once
     first): `format.load_adapter` in this process, or with `reader` what the adapter manager's
-    loader thread waits for (the read in the reader process and the values' way back)."""
+    loader thread waits for (the read in the reader process, laid out in slot images, and the
+    values' way back)."""
+    shapes, groups = linear_shapes(linears), slice_groups(linears)
     for name in names:
         for path in (folder / name).iterdir():
             path.read_bytes()
     if reader is not None:
-        reader.read(folder / names[0], shapes, name=names[0], max_rank=64)  # started
+        reader.read(folder / names[0], shapes, name=names[0], max_rank=64,
+                    groups=groups)  # started
     seconds = []
     for _ in range(rounds):
         for name in names:
@@ -350,7 +354,7 @@ def measure_loads(folder: Path, names: Sequence[str], shapes: dict[str, tuple[in
             if reader is None:
                 load_adapter(folder / name, shapes)
             else:
-                reader.read(folder / name, shapes, name=name, max_rank=64)
+                reader.read(folder / name, shapes, name=name, max_rank=64, groups=groups)
             seconds.append(time.perf_counter() - start)
     return LatencyStats.of(seconds)
 
@@ -359,7 +363,8 @@ def print_loads(config: ChurnConfig) -> None:
     """--loads-only: load times of the benchmark's adapters as the reference saves them (fp32,
     experts twice) and of the same adapters in bf16 with their experts once (the size a trained
     GOAT checkpoint trimmed of the twins has), in this process and through the reader."""
-    shapes = base_linear_shapes(write_random_smollm(config.work_dir / BASE_NAME))
+    linears = base_linears(write_random_smollm(config.work_dir / BASE_NAME))
+    shapes = linear_shapes(linears)
     names = [f"churn-{i}" for i in range(config.loads_only)]
     formats = {"fp32, experts twice (reference)": (f"churn-{config.kind}", {}),
                "bf16, experts once": (f"churn-{config.kind}-bf16",
@@ -371,7 +376,7 @@ def print_loads(config: ChurnConfig) -> None:
             write_adapters(folder, shapes, names, config.kind, seed=5000, **options)
             size = sum(p.stat().st_size for p in (folder / names[0]).iterdir())
             for where, via in (("in process", None), ("reader process", reader)):
-                stats = measure_loads(folder, names, shapes, reader=via)
+                stats = measure_loads(folder, names, linears, reader=via)
                 print(f"{config.kind} adapter, r=8 E=8 k=2, all projections, {what}, "
                       f"{size / 1e6:.1f} MB, {where}: load p50 "
                       f"{stats.percentiles['p50']:.1f} ms, p99 "

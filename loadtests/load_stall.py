@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.random_model import write_adapters, write_random_model
-from goat_runtime.adapters.binding import base_linear_shapes
+from goat_runtime.adapters.binding import base_linears, linear_shapes
 from loadtests.churn import measure_loads
 from loadtests.common import CACHE, machine_summary, write_random_smollm
 from loadtests.report import LatencyStats
@@ -71,7 +71,8 @@ def run(config: StallConfig) -> StallResult:
         model_dir = config.work_dir / "model"
         if not (model_dir / "tokenizer.json").is_file():
             write_random_model(model_dir, config.model_config)
-    shapes = base_linear_shapes(model_dir)
+    linears = base_linears(model_dir)
+    shapes = linear_shapes(linears)
     # loadtests.churn's adapters (the same names, seeds and shapes: one copy on disk)
     folder = config.work_dir / "churn-goat"
     names = [f"churn-{i}" for i in range(config.resident + config.loads + 5)]
@@ -115,7 +116,7 @@ def run(config: StallConfig) -> StallResult:
         engine.adapters.shutdown()
         gc.unfreeze()
     return StallResult(quiet, loading, len(loaded) / seconds,
-                       measure_loads(folder, idle, shapes, rounds=1), servable)
+                       measure_loads(folder, idle, linears, rounds=1), servable)
 
 
 def measure_servable(engine: Any, names: Sequence[str]) -> LatencyStats:

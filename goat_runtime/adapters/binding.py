@@ -25,13 +25,25 @@ def linear_shapes(linears: Sequence[FusedLinear]) -> dict[str, tuple[int, int]]:
             for name, size in zip(linear.slice_names, linear.out_sizes, strict=True)}
 
 
-def base_linear_shapes(model_dir: str | Path) -> dict[str, tuple[int, int]]:
-    """`linear_shapes` of the base model at `model_dir`, from its config.json alone (the model
-    built on the meta device). Raises ValueError for a config goat-serve cannot serve."""
+def slice_groups(linears: Sequence[FusedLinear]) -> tuple[tuple[str, ...], ...]:
+    """Each fused linear's slice names, in order: the slot images a read lays an adapter out in
+    (adapters/reader.py)."""
+    return tuple(tuple(linear.slice_names) for linear in linears)
+
+
+def base_linears(model_dir: str | Path) -> list[FusedLinear]:
+    """The fused linears of the base model at `model_dir`, from its config.json alone (the
+    model built on the meta device: shapes, no weights). Raises ValueError for a config
+    goat-serve cannot serve."""
     from goat_runtime.model import LlamaForCausalLM, ModelConfig
 
     config = ModelConfig.from_pretrained(model_dir)
-    return linear_shapes(LlamaForCausalLM(config, torch.float32, device="meta").fused_linears())
+    return LlamaForCausalLM(config, torch.float32, device="meta").fused_linears()
+
+
+def base_linear_shapes(model_dir: str | Path) -> dict[str, tuple[int, int]]:
+    """`linear_shapes` of the base model at `model_dir` (see base_linears)."""
+    return linear_shapes(base_linears(model_dir))
 
 
 def slice_weights(linears: Sequence[FusedLinear]) -> dict[str, torch.Tensor]:

@@ -1,5 +1,5 @@
 """Adapters read and checked in a child process, so that the serving process only receives the
-finished float32 values.
+finished values, laid out as its slots hold them (one slots.SlotImage per fused linear).
 
 Reading a GOAT checkpoint is thousands of small Python operations (its safetensors header alone
 has ~7,000 entries). On a thread of the serving process they hold the GIL in turns with the
@@ -7,7 +7,7 @@ engine thread, which takes it back after every torch op of a step and so waits a
 convoy that made 130 ms steps take 1.4 s while adapters loaded (docs/benchmarks.md section 7),
 however the reading itself was cut up. In a process of its own the reading takes none of the
 serving process's GIL, and at idle priority no core a step is using; what comes back is a short
-description and the float32 values in one scratch file (in memory, /dev/shm, where there is
+description and the slot images' values in one scratch file (in memory, /dev/shm, where there is
 one), mapped and split into views.
 
 The child is spawned, not forked (the serving process has threads that a fork would copy in
@@ -26,7 +26,7 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -37,59 +37,91 @@ import numpy as np
 import torch
 
 from goat_runtime.adapters.format import AdaptedLinear, Adapter, AdapterError, load_adapter
+from goat_runtime.adapters.slots import SlotImage, slot_image
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class PackedAdapter:
-    """An Adapter without its tensors, as it crosses the process boundary: per module its
-    top_k, scale and whether it has a router, and the shapes of its tensors (A, B, then the
-    router, module by module), whose float32 values travel back to back in one buffer."""
+    """An Adapter without its values, as it crosses the process boundary: per module its
+    top_k, scale and whether it has a router, the shapes of its tensors (A, B, then the router,
+    module by module), and the shapes of its slot images' tensors (shrink, router, expand,
+    slice_meta, linear by linear), whose values travel back to back in one buffer of 4-byte
+    elements (float32; slice_meta's int32)."""
 
     adapter: Adapter  # its layers emptied
     modules: tuple[tuple[str, int, float, bool], ...]  # module, top_k, scale, has a router
     shapes: tuple[tuple[int, ...], ...]
+    image_shapes: tuple[tuple[int, ...], ...]
 
     @property
     def numel(self) -> int:
-        return sum(map(math.prod, self.shapes))
+        return sum(map(math.prod, self.image_shapes))
 
 
-def pack(adapter: Adapter) -> tuple[PackedAdapter, list[torch.Tensor]]:
-    """The adapter's description and its tensors in that order (float32, contiguous), whose
-    values concatenated are what `unpack` takes."""
-    tensors = [t.to(torch.float32).contiguous() for layer in adapter.layers.values()
-               for t in (layer.lora_a, layer.lora_b, layer.router) if t is not None]
+@dataclass
+class ReadAdapter:
+    """What a read returns: the adapter, its tensors on the meta device (their shapes: what
+    sizing and accounting read), and its values as one SlotImage per fused linear of `groups`."""
+
+    adapter: Adapter
+    images: list[SlotImage]
+
+
+def pack(adapter: Adapter, groups: Sequence[Sequence[str]],
+         base_linears: dict[str, tuple[int, int]]) -> tuple[PackedAdapter, list[torch.Tensor]]:
+    """The adapter's description and its slot images' tensors (one image per group of slice
+    names: a fused linear's), whose values concatenated are what `unpack` takes."""
+    covered = {n for group in groups for n in group}
+    if not covered.issuperset(adapter.layers):
+        raise AdapterError(f"{adapter.path}: modules outside the served linears: "
+                           f"{sorted(set(adapter.layers) - covered)}")
+    images = [slot_image([adapter.layers.get(n) for n in group],
+                         [base_linears[n][0] for n in group], base_linears[group[0]][1])
+              for group in groups]
     shell = Adapter(adapter.name, adapter.path, adapter.kind, {}, adapter.signature,
                     adapter.base_model_name_or_path)
     modules = tuple((module, layer.top_k, layer.scale, layer.router is not None)
                     for module, layer in adapter.layers.items())
-    return PackedAdapter(shell, modules, tuple(tuple(t.shape) for t in tensors)), tensors
+    shapes = tuple(tuple(t.shape) for layer in adapter.layers.values()
+                   for t in (layer.lora_a, layer.lora_b, layer.router) if t is not None)
+    tensors = [t for image in images for t in image.tensors()]
+    return (PackedAdapter(shell, modules, shapes, tuple(tuple(t.shape) for t in tensors)),
+            tensors)
 
 
-def unpack(packed: PackedAdapter, values: torch.Tensor) -> Adapter:
-    """The Adapter again, its tensors views of `values` (which lives as long as they)."""
-    pieces = iter(torch.split(values, [math.prod(s) for s in packed.shapes]))
+def unpack(packed: PackedAdapter, values: torch.Tensor) -> ReadAdapter:
+    """The adapter again (its tensors meta tensors) and its slot images, views of `values`
+    (which lives as long as they)."""
     shapes = iter(packed.shapes)
 
     def take() -> torch.Tensor:
-        return next(pieces).view(next(shapes))
+        return torch.empty(next(shapes), device="meta")
 
     layers = {}
     for module, top_k, scale, routed in packed.modules:
         a, b = take(), take()
         layers[module] = AdaptedLinear(a, b, take() if routed else None, top_k, scale)
     shell = packed.adapter
-    return Adapter(shell.name, shell.path, shell.kind, layers, shell.signature,
-                   shell.base_model_name_or_path)
+    adapter = Adapter(shell.name, shell.path, shell.kind, layers, shell.signature,
+                      shell.base_model_name_or_path)
+    pieces = [piece.view(shape) for piece, shape in zip(
+        torch.split(values, [math.prod(s) for s in packed.image_shapes]), packed.image_shapes,
+        strict=True)]
+    images = [SlotImage(pieces[i], pieces[i + 1], pieces[i + 2], pieces[i + 3].view(torch.int32))
+              for i in range(0, len(pieces), 4)]
+    return ReadAdapter(adapter, images)
 
 
 def _read_to_file(path: Path, base_linears: dict[str, tuple[int, int]], name: str,
-                  max_rank: int, scratch: list[Path]) -> tuple[PackedAdapter, Path]:
-    """In the reader process: load_adapter, packed, its values written to a new file in the
-    first of the `scratch` folders that takes it (a pipe would pickle megabytes twice)."""
-    packed, tensors = pack(load_adapter(path, base_linears, name=name, max_rank=max_rank))
+                  max_rank: int, groups: Sequence[Sequence[str]],
+                  scratch: list[Path]) -> tuple[PackedAdapter, Path]:
+    """In the reader process: load_adapter, packed into slot images, their values written to a
+    new file in the first of the `scratch` folders that takes it (a pipe would pickle megabytes
+    twice)."""
+    adapter = load_adapter(path, base_linears, name=name, max_rank=max_rank)
+    packed, tensors = pack(adapter, groups, base_linears)
     buffers = [t.numpy() for t in tensors]
     for folder in scratch:
         file = folder / f"goat-serve-reader-{os.getpid()}-{uuid.uuid4().hex}.f32"
@@ -105,6 +137,7 @@ def _read_to_file(path: Path, base_linears: dict[str, tuple[int, int]], name: st
 
 def _write_all(file: Path, buffers: list[np.ndarray]) -> None:
     """The buffers back to back into a new file, a few system calls (writev) for all."""
+    buffers = [b for b in buffers if b.size]  # (an empty one has no bytes, nor a cast view)
     fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         for i in range(0, len(buffers), _IOV_MAX):
@@ -174,16 +207,17 @@ class AdapterReader:
         self._executor().submit(int)
 
     def read(self, path: Path, base_linears: dict[str, tuple[int, int]], *, name: str,
-             max_rank: int) -> Adapter:
+             max_rank: int, groups: Sequence[Sequence[str]]) -> ReadAdapter:
         """load_adapter(path, base_linears, name=name, max_rank=max_rank), read in the reader
-        process; its AdapterError is raised here."""
+        process, its values laid out as slot images of the fused linears whose slice names
+        `groups` lists; its AdapterError is raised here."""
         packed, file = self._run(f"{path}", _read_to_file, path, base_linears, name, max_rank,
-                                 self._scratch)
+                                 groups, self._scratch)
         try:
             size = file.stat().st_size
             if size != 4 * packed.numel:
                 raise AdapterError(f"{path}: the reader process passed {size} bytes for "
-                                   f"{packed.numel} float32 values")
+                                   f"{packed.numel} 4-byte values")
             # Mapped, not read into a buffer: no copy, and once the slot is written and the
             # views are released the pages go back with the mapping. A read buffer went to
             # malloc's heap, which kept it: RSS grew 22 MB an adapter for 14 MB of slot.

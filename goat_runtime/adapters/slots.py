@@ -2,11 +2,15 @@
 
 `write_slot` lays an adapter's per-slice deltas (plus their static terms) out in the op's layout
 (goat_runtime.ops.routed_lora): value rows (experts, then static rows) in the served dtype, the
-router in float32 whatever the served dtype;
-`write_slice` writes one slice from blocks of rows (the vLLM plugin's slots use it too).
+router in float32 whatever the served dtype. It goes through a `SlotImage` (the adapter in the
+slot's layout at its own size), which the CPU engine receives ready-made from the reader
+process, so that its slot write is a few copies a linear (`write_image`);
+`write_slice` writes one slice from blocks of rows (the vLLM plugin's slots use it).
 """
 
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -47,27 +51,101 @@ def slice_rows(delta: AdaptedLinear | None, static: Factors | None) -> tuple[int
     return rows, (delta.num_experts if delta else 0)
 
 
+@dataclass
+class SlotImage:
+    """One adapter's part of one fused linear's slots, laid out as a slot holds it but at the
+    adapter's own size (rows: its largest rank over the slices; experts: its most experts), in
+    float32 whatever the served dtype. write_image copies it in a few whole-tensor ops; built
+    ahead of the write (the reader process builds them, adapters/reader.py), it spares the
+    engine thread the hundreds of per-slice ops of laying an adapter out."""
+
+    shrink: torch.Tensor  # [S, rows, d_in]: per slice its A (expert blocks), zero past its rank
+    router: torch.Tensor  # [S, experts, d_in]: per slice its router G, zero past its experts
+    expand: torch.Tensor  # [rows, d_out]: slice s's columns hold scale * B^T, zero past its rank
+    slice_meta: torch.Tensor  # [S, SLICE_META_FIELDS] int32 (rows: the adapter's own)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.shrink, self.router, self.expand, self.slice_meta
+
+
+def slot_image(deltas: Sequence[AdaptedLinear | None], out_sizes: Sequence[int],
+               d_in: int) -> SlotImage:
+    """deltas[s] (None where the adapter leaves output slice s alone) of a fused linear with
+    output slices `out_sizes` and input size d_in, as a SlotImage."""
+    present = [d for d in deltas if d is not None]
+    meta = torch.tensor([[0, 0, 0, 0] if d is None else
+                         [d.num_experts, d.top_k, d.expert_rank, d.rank] if d.router is not None
+                         else [0, 0, 0, d.rank] for d in deltas], dtype=torch.int32)
+    meta = meta.reshape(len(deltas), SLICE_META_FIELDS)
+    if len(present) == len(deltas) and len({(d.rank, d.num_experts) for d in present}) == 1:
+        # Every slice adapted alike (the common case): a few whole-tensor ops.
+        routers = [d.router for d in present if d.router is not None]
+        return SlotImage(
+            shrink=torch.stack([d.lora_a for d in present]).float(),
+            router=(torch.stack(routers).float() if routers
+                    else torch.zeros(len(deltas), 0, d_in)),
+            expand=torch.cat([d.scale * d.lora_b for d in present]).T.float().contiguous(),
+            slice_meta=meta)
+    rows = max((d.rank for d in present), default=0)
+    experts = max((d.num_experts for d in present), default=0)
+    image = SlotImage(shrink=torch.zeros(len(deltas), rows, d_in),
+                      router=torch.zeros(len(deltas), experts, d_in),
+                      expand=torch.zeros(rows, sum(out_sizes)), slice_meta=meta)
+    offset = 0
+    for s, (delta, size) in enumerate(zip(deltas, out_sizes, strict=True)):
+        if delta is not None:
+            image.shrink[s, : delta.rank] = delta.lora_a
+            image.expand[: delta.rank, offset : offset + size] = (delta.scale * delta.lora_b).T
+            if delta.router is not None:
+                image.router[s, : delta.num_experts] = delta.router
+        offset += size
+    return image
+
+
 def write_slot(weights: RoutedLoRAWeights, slot: int,
                deltas: Sequence[AdaptedLinear | None],
                statics: Sequence[Factors | None]) -> None:
     """Put one adapter in `slot`: deltas[s] and statics[s] for each output slice s (None where
-    the adapter leaves the slice alone). Every slice is written whole (its padding zeroed), so
-    the slot's earlier contents never show through. Raises ValueError if it does not fit the
-    slot."""
-    meta = []
-    for s, (delta, static) in enumerate(zip(deltas, statics, strict=True)):
-        blocks = []
-        router, top_k, expert_rank = None, 0, 0
-        if delta is not None:
-            blocks.append((delta.lora_a, delta.scale * delta.lora_b))
-            if delta.router is not None:
-                router, top_k, expert_rank = delta.router, delta.top_k, delta.expert_rank
-        if static is not None:
-            blocks.append(static)
-        meta.append(_fill_slice(weights, slot, s, blocks, router, top_k, expert_rank))
-    # One write for every slice's metadata: a slot write is hundreds of small ops, each
-    # taking the engine thread's time (the CPU writes a new adapter's slot before its step).
-    weights.slice_meta[slot] = torch.tensor(meta, dtype=torch.int32)
+    the adapter leaves the slice alone). See write_image."""
+    d_in = weights.shrink.shape[-1]
+    sizes = [b - a for a, b in itertools.pairwise(weights.out_offsets)]
+    write_image(weights, slot, slot_image(deltas, sizes, d_in), statics)
+
+
+def write_image(weights: RoutedLoRAWeights, slot: int, image: SlotImage,
+                statics: Sequence[Factors | None] | None = None) -> None:
+    """Put one adapter's image in `slot`, with statics[s] (a static term, C [t, d_in] and
+    D [d_out_s, t]) as value rows of slice s after the adapter's own. The slot is written whole
+    (its padding zeroed), so that its earlier contents never show through. Raises ValueError
+    if the adapter does not fit the slot."""
+    rows, experts = image.shrink.shape[1], image.router.shape[1]
+    meta = image.slice_meta
+    terms = [(s, static) for s, static in enumerate(statics or ()) if static is not None]
+    if terms:  # the uncommon case (static terms not merged): per slice, after its own rows
+        meta = meta.clone()
+        for s, (c, _) in terms:
+            meta[s, 3] += c.shape[0]
+    needed = max(rows, int(meta[:, 3].max())) if terms else rows
+    if needed > weights.num_value_rows or experts > weights.max_experts:
+        raise ValueError(f"the adapter needs {needed} value rows and {experts} router rows; "
+                         f"the slots hold {weights.num_value_rows} and {weights.max_experts}")
+    weights.shrink[slot, :, :rows] = image.shrink
+    weights.expand[slot, :rows] = image.expand
+    weights.router[slot, :, :experts] = image.router  # float32: never rounded
+    # No op reads the padding (slice_meta's rows and experts bound every read), but a slot
+    # should hold what a fresh zeroed one would, whatever it held before. Zeroing only what
+    # the image does not cover, not the whole slot first, halves a write's memory traffic.
+    if rows < weights.num_value_rows:
+        weights.shrink[slot, :, rows:].zero_()
+        weights.expand[slot, rows:].zero_()
+    if experts < weights.max_experts:
+        weights.router[slot, :, experts:].zero_()
+    for s, (c, d) in terms:
+        start = int(image.slice_meta[s, 3])
+        cols = slice(weights.out_offsets[s], weights.out_offsets[s + 1])
+        weights.shrink[slot, s, start : start + c.shape[0]] = c
+        weights.expand[slot, start : start + c.shape[0], cols] = d.T
+    weights.slice_meta[slot] = meta
 
 
 def write_slice(weights: RoutedLoRAWeights, slot: int, s: int,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from goat_runtime.adapters.binding import linear_shapes, slice_weights
+from goat_runtime.adapters.binding import linear_shapes, slice_groups, slice_weights
 from goat_runtime.adapters.format import (
     CONFIG_FILE,
     Adapter,
@@ -64,6 +64,7 @@ class AdapterManager:
         self.max_lora_rank = max_lora_rank
         self.listener = listener
         self.shapes = linear_shapes(linears)
+        self.groups = slice_groups(linears)  # the slot images a read returns, one per linear
         self.static = StaticComponents(slice_weights(linears), static_cache_dir)
         self._lock = threading.Lock()  # host/loading maps: read by the server thread too
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU order
@@ -227,15 +228,16 @@ class AdapterManager:
     def _load(self, name: str, path: Path, pinned: bool) -> None:
         start = time.monotonic()
         try:
-            adapter = self.reader.read(path, self.shapes, name=name,
-                                       max_rank=self.max_lora_rank)
+            read = self.reader.read(path, self.shapes, name=name, max_rank=self.max_lora_rank,
+                                    groups=self.groups)
+            adapter = read.adapter
             terms = self.static.static_terms(adapter)
             self.slots.check_fits(name, adapter, terms)  # an accelerator's byte budget
         except Exception as exc:
             self._load_failed(name, exc)
             raise
         host = HostAdapter(adapter, terms, next(self._load_ids), pinned=pinned,
-                           nbytes=host_bytes(adapter, terms))
+                           nbytes=host_bytes(adapter, terms), images=read.images)
         with self._lock:
             self._host[name] = host
             self._loading.pop(name, None)

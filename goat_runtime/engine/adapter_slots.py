@@ -30,7 +30,13 @@ from typing import NamedTuple, cast
 import torch
 
 from goat_runtime.adapters.format import Adapter, AdapterError
-from goat_runtime.adapters.slots import allocate_slots, slice_rows, write_slot
+from goat_runtime.adapters.slots import (
+    SlotImage,
+    allocate_slots,
+    slice_rows,
+    slot_image,
+    write_image,
+)
 from goat_runtime.adapters.static import Factors
 from goat_runtime.engine.outputs import EngineListener
 from goat_runtime.model.layers import FusedLinear
@@ -53,6 +59,9 @@ class HostAdapter:
     nbytes: int = 0  # host memory of its tensors and static terms (the byte budget counts it)
     last_used: float = field(default_factory=time.monotonic)
     in_slot: bool = False  # CPU: its slot is its only copy (its tensors are meta tensors)
+    # Its values laid out for the slots, one image per linear (the reader process makes
+    # them); None: laid out from `adapter` at each write (the base's slot, tests).
+    images: list[SlotImage] | None = None
 
     @property
     def cache_key(self) -> str:
@@ -229,10 +238,14 @@ class DeviceSlots:
         """Write `host` into `slot` of the linears' slots (or of `routed`, one per linear)."""
         with torch.no_grad():
             for i, linear in enumerate(self.linears):
-                deltas = [host.adapter.layers.get(n) if host.adapter else None
-                          for n in linear.slice_names]
-                write_slot(routed[i] if routed is not None else _attached(linear), slot, deltas,
-                           [host.terms.get(n) for n in linear.slice_names])
+                if host.images is not None:
+                    image = host.images[i]
+                else:
+                    image = slot_image([host.adapter.layers.get(n) if host.adapter else None
+                                        for n in linear.slice_names],
+                                       linear.out_sizes, linear.d_in)
+                write_image(routed[i] if routed is not None else _attached(linear), slot, image,
+                            [host.terms.get(n) for n in linear.slice_names])
 
     def _allocate(self) -> None:
         """(Re)allocate every linear's slots at the current size and rewrite their contents.
@@ -436,14 +449,17 @@ def slot_cost(linears: list[FusedLinear]) -> SlotCost:
 
 def release_host_copies(host: HostAdapter) -> None:
     """Replace a host entry's factors, routers and static terms by meta tensors of their shapes
-    (what slot sizing reads), freeing their memory: on the CPU, once written, its slot is the
-    adapter's only copy."""
+    (what slot sizing reads) and drop its images, freeing their memory: on the CPU, once
+    written, its slot is the adapter's only copy."""
     meta = torch.device("meta")
     if host.adapter is not None:
         for layer in host.adapter.layers.values():
+            if layer.lora_a.is_meta:  # a read's adapter: its values came as images
+                continue
             layer.lora_a, layer.lora_b = layer.lora_a.to(meta), layer.lora_b.to(meta)
             layer.router = None if layer.router is None else layer.router.to(meta)
     host.terms = {m: (c.to(meta), d.to(meta)) for m, (c, d) in host.terms.items()}
+    host.images = None
     host.in_slot = True
     _return_freed_memory()
 

@@ -1,5 +1,6 @@
-"""The adapter reader process: what it returns is what load_adapter returns in process, its
-errors are the same errors, and a reader that dies fails one read, not the next."""
+"""The adapter reader process: what it returns is what load_adapter returns in process (its
+values laid out as slot images), its errors are the same errors, and a reader that dies fails
+one read, not the next."""
 
 import os
 import shutil
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 from goat_runtime.adapters.format import Adapter, AdapterError, load_adapter
-from goat_runtime.adapters.reader import AdapterReader, _write_all, pack, unpack
+from goat_runtime.adapters.reader import AdapterReader, ReadAdapter, _write_all, pack, unpack
+from goat_runtime.adapters.slots import slot_image
 from tests.adapters.adapted_model import FIXTURE
 from tests.adapters.test_format import BASE_LINEARS
 
@@ -22,49 +24,78 @@ def reader():
     reader.shutdown()
 
 
-def assert_same(got: Adapter, want: Adapter) -> None:
-    assert (got.name, got.path, got.kind, got.signature, got.base_model_name_or_path) == (
+# The fixture's linears fused as the engine fuses them (q/k/v, gate/up), lm_head alone.
+GROUPS = (
+    *(group for i in range(2) for group in (
+        tuple(f"model.layers.{i}.self_attn.{n}_proj" for n in "qkv"),
+        (f"model.layers.{i}.self_attn.o_proj",),
+        (f"model.layers.{i}.mlp.gate_proj", f"model.layers.{i}.mlp.up_proj"),
+        (f"model.layers.{i}.mlp.down_proj",))),
+    ("lm_head",),
+)
+
+
+def assert_same(got: ReadAdapter, want: Adapter) -> None:
+    """`got` describes `want` (its tensors' shapes on the meta device) and holds its values as
+    slot images, exactly as slots.slot_image lays them out."""
+    adapter = got.adapter
+    assert (adapter.name, adapter.path, adapter.kind, adapter.signature,
+            adapter.base_model_name_or_path) == (
         want.name, want.path, want.kind, want.signature, want.base_model_name_or_path)
-    assert list(got.layers) == list(want.layers)
+    assert list(adapter.layers) == list(want.layers)
     for module, layer in want.layers.items():
-        other = got.layers[module]
+        other = adapter.layers[module]
         assert (other.top_k, other.scale) == (layer.top_k, layer.scale)
-        assert torch.equal(other.lora_a, layer.lora_a)
-        assert torch.equal(other.lora_b, layer.lora_b)
+        assert other.lora_a.is_meta and other.lora_a.shape == layer.lora_a.shape
+        assert other.lora_b.is_meta and other.lora_b.shape == layer.lora_b.shape
         assert (other.router is None) == (layer.router is None)
         if layer.router is not None:
-            assert torch.equal(other.router, layer.router)
+            assert other.router is not None and other.router.shape == layer.router.shape
+    assert len(got.images) == len(GROUPS)
+    for group, image in zip(GROUPS, got.images, strict=True):
+        expected = slot_image([want.layers.get(n) for n in group],
+                              [BASE_LINEARS[n][0] for n in group], BASE_LINEARS[group[0]][1])
+        for name, tensor, wanted in zip(("shrink", "router", "expand", "slice_meta"),
+                                        image.tensors(), expected.tensors(), strict=True):
+            assert tensor.dtype == wanted.dtype, name
+            assert torch.equal(tensor, wanted), name
 
 
 @pytest.mark.parametrize("name", ["goat0", "goat1", "lora0"])
 def test_packing_keeps_every_value(name: str) -> None:
     adapter = load_adapter(FIXTURE / "adapters" / name, BASE_LINEARS)
-    packed, tensors = pack(adapter)
-    values = torch.cat([t.reshape(-1) for t in tensors])
-    assert values.dtype == torch.float32
-    assert values.numel() == packed.numel == adapter.num_parameters
+    packed, tensors = pack(adapter, GROUPS, BASE_LINEARS)
+    values = torch.cat([t.reshape(-1).view(torch.float32) for t in tensors])
+    assert values.numel() == packed.numel
     assert_same(unpack(packed, values), adapter)
+
+
+def test_an_adapter_outside_the_groups_is_refused() -> None:
+    adapter = load_adapter(FIXTURE / "adapters" / "goat0", BASE_LINEARS)
+    with pytest.raises(AdapterError, match="outside the served linears"):
+        pack(adapter, GROUPS[:4], BASE_LINEARS)
 
 
 @pytest.mark.parametrize("name", ["goat0", "lora0"])
 def test_the_reader_returns_what_load_adapter_returns(reader: AdapterReader, name: str) -> None:
     path = FIXTURE / "adapters" / name
     want = load_adapter(path, BASE_LINEARS, name="x", max_rank=64)
-    assert_same(reader.read(path, BASE_LINEARS, name="x", max_rank=64), want)
+    assert_same(reader.read(path, BASE_LINEARS, name="x", max_rank=64, groups=GROUPS), want)
 
 
 def test_the_readers_errors_are_load_adapters(reader: AdapterReader, tmp_path: Path) -> None:
     path = tmp_path / "goat0"
     shutil.copytree(FIXTURE / "adapters" / "goat0", path)
     with pytest.raises(AdapterError, match="over the configured maximum 4"):
-        reader.read(path, BASE_LINEARS, name="goat0", max_rank=4)
+        reader.read(path, BASE_LINEARS, name="goat0", max_rank=4, groups=GROUPS)
     (path / "adapter_model.safetensors").unlink()
     with pytest.raises(AdapterError, match=r"missing adapter_model\.safetensors"):
-        reader.read(path, BASE_LINEARS, name="goat0", max_rank=64)
+        reader.read(path, BASE_LINEARS, name="goat0", max_rank=64, groups=GROUPS)
 
 
 def test_no_scratch_file_is_left(reader: AdapterReader) -> None:
-    reader.read(FIXTURE / "adapters" / "goat0", BASE_LINEARS, name="goat0", max_rank=64)
+    reader.read(FIXTURE / "adapters" / "goat0", BASE_LINEARS, name="goat0", max_rank=64,
+                groups=GROUPS)
     child = reader._run("pid", os.getpid)  # its files are named by its pid (other readers run)
     assert not [f for folder in reader._scratch
                 for f in folder.glob(f"goat-serve-reader-{child}-*")]
@@ -74,7 +105,7 @@ def test_a_reader_that_dies_fails_one_read_and_is_replaced(reader: AdapterReader
     with pytest.raises(AdapterError, match="reader process died"):
         reader._run("crash", os._exit, 3)
     path = FIXTURE / "adapters" / "lora0"
-    assert_same(reader.read(path, BASE_LINEARS, name="lora0", max_rank=64),
+    assert_same(reader.read(path, BASE_LINEARS, name="lora0", max_rank=64, groups=GROUPS),
                 load_adapter(path, BASE_LINEARS, name="lora0"))
 
 
@@ -93,7 +124,7 @@ def test_a_scratch_folder_that_refuses_the_values_passes_to_the_next(
     does not.)"""
     monkeypatch.setattr(reader, "_scratch", [tmp_path / "not-there", tmp_path])
     path = FIXTURE / "adapters" / "goat1"
-    assert_same(reader.read(path, BASE_LINEARS, name="goat1", max_rank=64),
+    assert_same(reader.read(path, BASE_LINEARS, name="goat1", max_rank=64, groups=GROUPS),
                 load_adapter(path, BASE_LINEARS, name="goat1"))
     assert list(tmp_path.iterdir()) == []
 
@@ -101,9 +132,9 @@ def test_a_scratch_folder_that_refuses_the_values_passes_to_the_next(
 def test_values_are_mapped_not_copied(reader: AdapterReader) -> None:
     """The values stay in the scratch file's pages (a mapping, its name already unlinked), so
     releasing them unmaps them instead of leaving a freed buffer in malloc's heap."""
-    adapter = reader.read(FIXTURE / "adapters" / "goat0", BASE_LINEARS, name="goat0",
-                          max_rank=64)
-    storages = {layer.lora_a.untyped_storage().filename for layer in adapter.layers.values()}
+    read = reader.read(FIXTURE / "adapters" / "goat0", BASE_LINEARS, name="goat0",
+                       max_rank=64, groups=GROUPS)
+    storages = {t.untyped_storage().filename for image in read.images for t in image.tensors()}
     assert len(storages) == 1  # one mapping for all the tensors
     (filename,) = storages
     assert filename is not None and not Path(filename).exists()
@@ -112,10 +143,10 @@ def test_values_are_mapped_not_copied(reader: AdapterReader) -> None:
 def test_a_values_file_of_the_wrong_size_is_refused(
         reader: AdapterReader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = FIXTURE / "adapters" / "lora0"
-    packed, tensors = pack(load_adapter(path, BASE_LINEARS))
+    packed, tensors = pack(load_adapter(path, BASE_LINEARS), GROUPS, BASE_LINEARS)
     short = tmp_path / "short.f32"
     _write_all(short, [t.numpy() for t in tensors][:-1])
     monkeypatch.setattr(reader, "_run", lambda *args: (packed, short))
-    with pytest.raises(AdapterError, match=r"passed \d+ bytes for \d+ float32 values"):
-        reader.read(path, BASE_LINEARS, name="lora0", max_rank=64)
+    with pytest.raises(AdapterError, match=r"passed \d+ bytes for \d+ 4-byte values"):
+        reader.read(path, BASE_LINEARS, name="lora0", max_rank=64, groups=GROUPS)
     assert not short.exists()

@@ -63,12 +63,20 @@ def test_seqs_per_step_between_two_scrapes():
 def test_measure_loads_times_every_load_of_every_round():
     import pytest
 
+    from goat_runtime.adapters.binding import base_linears
     from goat_runtime.adapters.format import AdapterError
+    from goat_runtime.adapters.reader import AdapterReader
     from loadtests.churn import measure_loads
-    from tests.engine.test_adapter_memory import FIXTURE, base_shapes
+    from tests.engine.test_adapter_memory import FIXTURE
 
-    folder = FIXTURE / "adapters"
-    stats = measure_loads(folder, ["goat0", "lora0"], base_shapes(), rounds=2)
+    folder, linears = FIXTURE / "adapters", base_linears(FIXTURE / "base")
+    stats = measure_loads(folder, ["goat0", "lora0"], linears, rounds=2)
     assert stats.count == 4 and 0 < stats.percentiles["p50"] <= stats.max
+    reader = AdapterReader()
+    try:
+        stats = measure_loads(folder, ["goat0", "lora0"], linears, rounds=1, reader=reader)
+    finally:
+        reader.shutdown()
+    assert stats.count == 2 and 0 < stats.percentiles["p50"] <= stats.max
     with pytest.raises(AdapterError):  # the loads are the real, checking ones
-        measure_loads(folder, ["goat0"], {}, rounds=1)
+        measure_loads(folder, ["goat0"], [], rounds=1)
