@@ -18,6 +18,8 @@ crashes a parser) fails that read with AdapterError and is started again for the
 server keeps serving.
 """
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 import math
@@ -37,7 +39,7 @@ import numpy as np
 import torch
 
 from goat_runtime.adapters.format import AdaptedLinear, Adapter, AdapterError, load_adapter
-from goat_runtime.adapters.slots import SlotImage, slot_image
+from goat_runtime.adapters.slots import SlotImage, slot_images
 
 T = TypeVar("T")
 
@@ -77,9 +79,9 @@ def pack(adapter: Adapter, groups: Sequence[Sequence[str]],
     if not covered.issuperset(adapter.layers):
         raise AdapterError(f"{adapter.path}: modules outside the served linears: "
                            f"{sorted(set(adapter.layers) - covered)}")
-    images = [slot_image([adapter.layers.get(n) for n in group],
-                         [base_linears[n][0] for n in group], base_linears[group[0]][1])
-              for group in groups]
+    images = slot_images([([adapter.layers.get(n) for n in group],
+                           [base_linears[n][0] for n in group], base_linears[group[0]][1])
+                          for group in groups])
     shell = Adapter(adapter.name, adapter.path, adapter.kind, {}, adapter.signature,
                     adapter.base_model_name_or_path)
     modules = tuple((module, layer.top_k, layer.scale, layer.router is not None)
@@ -169,10 +171,31 @@ def _start_reader() -> None:
     # never slows a step (the engine gives it a thread when it starves: LLMEngine._share_cores).
     torch.set_num_threads(1)
     _lowest_priority()
+    _keep_freed_memory()
     # Torch's import leaves ~100k objects that every full collection in a read walks again:
     # frozen out of the cyclic GC once, the reads skip them.
     gc.collect()
     gc.freeze()
+
+
+def _keep_freed_memory() -> None:
+    """Have glibc keep what a read frees for the next read, instead of handing it back to the
+    system and faulting fresh pages in again: a read allocates tens of MB (the file, its
+    values, the slot images), which by default go to mmap or are trimmed off the heap when
+    freed. With this a bf16 SmolLM2-sized read took 34-35 ms instead of 44 (its load 18 ms
+    instead of 20, its slot images 4 instead of 12-17 ms: laid out in big tensors, they paid
+    for each of their pages; docs/benchmarks.md section 2). The reader keeps up to _KEPT_FREE
+    bytes of freed memory. Elsewhere than glibc: nothing to do."""
+    libc = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(libc), "mallopt", None) if libc else None
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)  # from the heap, which is kept
+        mallopt(_M_TRIM_THRESHOLD, _KEPT_FREE)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's upper limit on 64-bit systems
+_KEPT_FREE = 256 << 20
 
 
 def _lowest_priority() -> None:

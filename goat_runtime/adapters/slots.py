@@ -68,34 +68,70 @@ class SlotImage:
         return self.shrink, self.router, self.expand, self.slice_meta
 
 
+LinearDeltas = tuple[Sequence[AdaptedLinear | None], Sequence[int], int]  # deltas, outs, d_in
+
+
 def slot_image(deltas: Sequence[AdaptedLinear | None], out_sizes: Sequence[int],
                d_in: int) -> SlotImage:
     """deltas[s] (None where the adapter leaves output slice s alone) of a fused linear with
     output slices `out_sizes` and input size d_in, as a SlotImage."""
-    present = [d for d in deltas if d is not None]
-    meta = torch.tensor([[0, 0, 0, 0] if d is None else
+    return slot_images([(deltas, out_sizes, d_in)])[0]
+
+
+def slot_images(linears: Sequence[LinearDeltas]) -> list[SlotImage]:
+    """slot_image of each of `linears`. Linears of one shape whose slices are all adapted alike
+    (one rank, expert count and scale: the common case) are laid out together, a few ops for
+    every layer's q/k/v at once instead of a few per layer and slice (an adapter's 120 linears:
+    7.7 -> about 1 ms)."""
+    images: list[SlotImage | None] = [None] * len(linears)
+    alike: dict[tuple[object, ...], list[int]] = {}
+    for i, (deltas, out_sizes, d_in) in enumerate(linears):
+        present = [d for d in deltas if d is not None]
+        kinds = {(d.rank, d.num_experts, d.scale) for d in present}
+        if len(present) == len(deltas) and len(kinds) == 1:
+            (kind,) = kinds
+            alike.setdefault((tuple(out_sizes), d_in, *kind), []).append(i)
+        else:
+            images[i] = _image_slice_by_slice(deltas, out_sizes, d_in)
+    for (out_sizes, d_in, rank, experts, scale), members in alike.items():
+        deltas = [d for i in members for d in linears[i][0] if d is not None]
+        count, num_slices = len(members), len(out_sizes)
+        shrink = torch.stack([d.lora_a for d in deltas]).float()
+        router = (torch.stack([d.router for d in deltas if d.router is not None]).float()
+                  if experts else torch.zeros(len(deltas), 0, d_in))
+        expand = torch.cat([d.lora_b for d in deltas]).float().mul_(scale)
+        expand = expand.view(count, sum(out_sizes), rank).transpose(1, 2).contiguous()
+        meta = _meta(deltas).view(count, num_slices, SLICE_META_FIELDS)
+        shrink = shrink.view(count, num_slices, rank, d_in)
+        router = router.view(count, num_slices, experts, d_in)
+        for j, i in enumerate(members):
+            images[i] = SlotImage(shrink[j], router[j], expand[j], meta[j])
+    return [image for image in images if image is not None]
+
+
+def _meta(deltas: Sequence[AdaptedLinear | None]) -> torch.Tensor:
+    """The slice_meta rows of `deltas` (their own rows, no static term)."""
+    return torch.tensor([[0, 0, 0, 0] if d is None else
                          [d.num_experts, d.top_k, d.expert_rank, d.rank] if d.router is not None
-                         else [0, 0, 0, d.rank] for d in deltas], dtype=torch.int32)
-    meta = meta.reshape(len(deltas), SLICE_META_FIELDS)
-    if len(present) == len(deltas) and len({(d.rank, d.num_experts) for d in present}) == 1:
-        # Every slice adapted alike (the common case): a few whole-tensor ops.
-        routers = [d.router for d in present if d.router is not None]
-        return SlotImage(
-            shrink=torch.stack([d.lora_a for d in present]).float(),
-            router=(torch.stack(routers).float() if routers
-                    else torch.zeros(len(deltas), 0, d_in)),
-            expand=torch.cat([d.scale * d.lora_b for d in present]).T.float().contiguous(),
-            slice_meta=meta)
+                         else [0, 0, 0, d.rank] for d in deltas],
+                        dtype=torch.int32).view(len(deltas), SLICE_META_FIELDS)
+
+
+def _image_slice_by_slice(deltas: Sequence[AdaptedLinear | None], out_sizes: Sequence[int],
+                          d_in: int) -> SlotImage:
+    """slot_image of a linear whose slices differ (ranks, experts, scales, slices left alone)."""
+    present = [d for d in deltas if d is not None]
     rows = max((d.rank for d in present), default=0)
     experts = max((d.num_experts for d in present), default=0)
     image = SlotImage(shrink=torch.zeros(len(deltas), rows, d_in),
                       router=torch.zeros(len(deltas), experts, d_in),
-                      expand=torch.zeros(rows, sum(out_sizes)), slice_meta=meta)
+                      expand=torch.zeros(rows, sum(out_sizes)), slice_meta=_meta(deltas))
     offset = 0
     for s, (delta, size) in enumerate(zip(deltas, out_sizes, strict=True)):
         if delta is not None:
             image.shrink[s, : delta.rank] = delta.lora_a
-            image.expand[: delta.rank, offset : offset + size] = (delta.scale * delta.lora_b).T
+            image.expand[: delta.rank, offset : offset + size] = (
+                delta.scale * delta.lora_b.float()).T
             if delta.router is not None:
                 image.router[s, : delta.num_experts] = delta.router
         offset += size

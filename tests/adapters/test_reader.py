@@ -2,6 +2,8 @@
 values laid out as slot images), its errors are the same errors, and a reader that dies fails
 one read, not the next."""
 
+import ctypes
+import ctypes.util
 import os
 import shutil
 from pathlib import Path
@@ -150,3 +152,26 @@ def test_a_values_file_of_the_wrong_size_is_refused(
     with pytest.raises(AdapterError, match=r"passed \d+ bytes for \d+ 4-byte values"):
         reader.read(path, BASE_LINEARS, name="lora0", max_rank=64, groups=GROUPS)
     assert not short.exists()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _freed_bytes_kept(nbytes: int) -> int:
+    """In the reader process: allocate and free `nbytes`; the free bytes glibc's heap keeps."""
+    block = torch.ones(nbytes, dtype=torch.uint8)  # its pages touched, as a read's are
+    del block
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallinfo2.restype = _MallInfo2
+    return int(libc.mallinfo2().fordblks)
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"),
+                    reason="glibc's malloc only")
+def test_the_reader_keeps_what_a_read_frees_for_the_next(reader: AdapterReader) -> None:
+    """(By default glibc maps an allocation this large on its own and unmaps it when freed, so
+    that the next read faults fresh pages in again.)"""
+    assert reader._run("kept", _freed_bytes_kept, 20 << 20) >= 20 << 20

@@ -9,6 +9,7 @@ from goat_runtime.adapters.format import AdaptedLinear
 from goat_runtime.adapters.slots import (
     allocate_slots,
     slot_image,
+    slot_images,
     write_image,
     write_slice,
     write_slot,
@@ -98,3 +99,29 @@ def test_an_adapter_larger_than_the_slots_is_refused() -> None:
     small = [_delta(gen, d, 4, 2) for d in OUT_SIZES]  # 8 rows: the static term makes it 10
     with pytest.raises(ValueError, match="needs 10 value rows"):
         write_image(slots, 0, slot_image(small, OUT_SIZES, D_IN), [static, None, None])
+
+
+def test_linears_laid_out_together_hold_what_each_alone_holds() -> None:
+    """slot_images lays out linears of one shape adapted alike in one batch (here two q/k/v
+    linears, beside a linear of another shape and one whose slices differ)."""
+    gen = torch.Generator().manual_seed(3)
+    other_sizes, other_d_in = [10, 10], 8
+
+    def delta(d_out: int, d_in: int) -> AdaptedLinear:
+        return AdaptedLinear(torch.randn(8, d_in, generator=gen),
+                             torch.randn(d_out, 8, generator=gen),
+                             torch.randn(4, d_in, generator=gen), 2, 0.75)
+
+    linears = [([delta(d, D_IN) for d in OUT_SIZES], OUT_SIZES, D_IN),
+               ([delta(d, other_d_in) for d in other_sizes], other_sizes, other_d_in),
+               ([delta(d, D_IN) for d in OUT_SIZES], OUT_SIZES, D_IN),
+               ([delta(OUT_SIZES[0], D_IN), None, _delta(gen, OUT_SIZES[2], 0, 4)], OUT_SIZES,
+                D_IN)]
+    for (deltas, sizes, d_in), image in zip(linears, slot_images(linears), strict=True):
+        got = allocate_slots(1, sizes, d_in, value_rows=8, max_experts=4)
+        want = allocate_slots(1, sizes, d_in, value_rows=8, max_experts=4)
+        write_image(got, 0, image)
+        _slice_by_slice(want, 0, deltas, [None] * len(deltas))
+        for name in ("shrink", "router", "expand", "slice_meta"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0,
+                                       msg=name)
