@@ -81,10 +81,11 @@ def slot_image(deltas: Sequence[AdaptedLinear | None], out_sizes: Sequence[int],
 def slot_images(linears: Sequence[LinearDeltas]) -> list[SlotImage]:
     """slot_image of each of `linears`. Linears of one shape whose slices are all adapted alike
     (one rank, expert count and scale: the common case) are laid out together, a few ops for
-    every layer's q/k/v at once instead of a few per layer and slice (an adapter's 120 linears:
-    7.7 -> about 1 ms)."""
+    every layer's q/k/v at once instead of a few per layer and slice (a SmolLM2-sized GOAT
+    adapter's 120 linears in the reader process: 7.6-8.1 -> 3.8-4.0 ms)."""
     images: list[SlotImage | None] = [None] * len(linears)
-    alike: dict[tuple[object, ...], list[int]] = {}
+    # (out_sizes, d_in, rank, experts, scale) -> the indices of the linears of that kind
+    alike: dict[tuple[tuple[int, ...], int, int, int, float], list[int]] = {}
     for i, (deltas, out_sizes, d_in) in enumerate(linears):
         present = [d for d in deltas if d is not None]
         kinds = {(d.rank, d.num_experts, d.scale) for d in present}
@@ -93,17 +94,17 @@ def slot_images(linears: Sequence[LinearDeltas]) -> list[SlotImage]:
             alike.setdefault((tuple(out_sizes), d_in, *kind), []).append(i)
         else:
             images[i] = _image_slice_by_slice(deltas, out_sizes, d_in)
-    for (out_sizes, d_in, rank, experts, scale), members in alike.items():
-        deltas = [d for i in members for d in linears[i][0] if d is not None]
-        count, num_slices = len(members), len(out_sizes)
-        shrink = torch.stack([d.lora_a for d in deltas]).float()
-        router = (torch.stack([d.router for d in deltas if d.router is not None]).float()
-                  if experts else torch.zeros(len(deltas), 0, d_in))
-        expand = torch.cat([d.lora_b for d in deltas]).float().mul_(scale)
-        expand = expand.view(count, sum(out_sizes), rank).transpose(1, 2).contiguous()
-        meta = _meta(deltas).view(count, num_slices, SLICE_META_FIELDS)
-        shrink = shrink.view(count, num_slices, rank, d_in)
-        router = router.view(count, num_slices, experts, d_in)
+    for (sizes, width, rank, experts, scale), members in alike.items():
+        group = [d for i in members for d in linears[i][0] if d is not None]
+        count, num_slices = len(members), len(sizes)
+        shrink = torch.stack([d.lora_a for d in group]).float()
+        router = (torch.stack([d.router for d in group if d.router is not None]).float()
+                  if experts else torch.zeros(len(group), 0, width))
+        expand = torch.cat([d.lora_b for d in group]).float().mul_(scale)
+        expand = expand.view(count, sum(sizes), rank).transpose(1, 2).contiguous()
+        meta = _meta(group).view(count, num_slices, SLICE_META_FIELDS)
+        shrink = shrink.view(count, num_slices, rank, width)
+        router = router.view(count, num_slices, experts, width)
         for j, i in enumerate(members):
             images[i] = SlotImage(shrink[j], router[j], expand[j], meta[j])
     return [image for image in images if image is not None]
