@@ -7,8 +7,9 @@ engine thread, which takes it back after every torch op of a step and so waits a
 convoy that made 130 ms steps take 1.4 s while adapters loaded (docs/benchmarks.md section 7),
 however the reading itself was cut up. In a process of its own the reading takes none of the
 serving process's GIL, and at idle priority no core a step is using; what comes back is a short
-description and the slot images' values in one scratch file (in memory, /dev/shm, where there is
-one), mapped and split into views.
+description and the slot images' values in one file, mapped and split into views: a memory file
+of the serving process's ScratchPool, written again once its images are released, or where
+there is no memfd a new scratch file per read (in memory, /dev/shm, where there is one).
 
 The child is spawned, not forked (the serving process has threads that a fork would copy in
 whatever state they are in), so a program that starts an engine must guard its main module
@@ -28,16 +29,18 @@ import os
 import tempfile
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
 
+from goat_runtime.adapters.checkpoint import work_uncut
 from goat_runtime.adapters.format import AdaptedLinear, Adapter, AdapterError, load_adapter
 from goat_runtime.adapters.slots import SlotImage, slot_images
 
@@ -97,9 +100,16 @@ def unpack(packed: PackedAdapter, values: torch.Tensor) -> ReadAdapter:
     """The adapter again (its tensors meta tensors) and its slot images, views of `values`
     (which lives as long as they)."""
     shapes = iter(packed.shapes)
+    # One meta tensor per shape, shared (they hold no values and are never written): making
+    # one per tensor was 2 ms of GIL-holding work for a GOAT adapter's 630 on the serving side.
+    made: dict[tuple[int, ...], torch.Tensor] = {}
 
     def take() -> torch.Tensor:
-        return torch.empty(next(shapes), device="meta")
+        shape = next(shapes)
+        meta = made.get(shape)
+        if meta is None:
+            meta = made[shape] = torch.empty(shape, device="meta")
+        return meta
 
     layers = {}
     for module, top_k, scale, routed in packed.modules:
@@ -117,14 +127,21 @@ def unpack(packed: PackedAdapter, values: torch.Tensor) -> ReadAdapter:
 
 
 def _read_to_file(path: Path, base_linears: dict[str, tuple[int, int]], name: str,
-                  max_rank: int, groups: Sequence[Sequence[str]],
-                  scratch: list[Path]) -> tuple[PackedAdapter, Path]:
-    """In the reader process: load_adapter, packed into slot images, their values written to a
-    new file in the first of the `scratch` folders that takes it (a pipe would pickle megabytes
-    twice)."""
+                  max_rank: int, groups: Sequence[Sequence[str]], scratch: list[Path],
+                  reuse: str | None) -> tuple[PackedAdapter, Path | None]:
+    """In the reader process: load_adapter, packed into slot images, their values written into
+    `reuse` (a file of the serving process's ScratchPool) or, without one or where it cannot
+    be opened, into a new file in the first of the `scratch` folders that takes it (a pipe
+    would pickle megabytes twice). Returns the new file, None where `reuse` took the values."""
     adapter = load_adapter(path, base_linears, name=name, max_rank=max_rank)
     packed, tensors = pack(adapter, groups, base_linears)
     buffers = [t.numpy() for t in tensors]
+    if reuse is not None:
+        try:
+            _write_all(Path(reuse), buffers, new=False)
+            return packed, None
+        except OSError:  # no /proc to open it by: a new file, as without a pool
+            pass
     for folder in scratch:
         file = folder / f"goat-serve-reader-{os.getpid()}-{uuid.uuid4().hex}.f32"
         try:
@@ -137,10 +154,12 @@ def _read_to_file(path: Path, base_linears: dict[str, tuple[int, int]], name: st
     raise AssertionError("unreachable: scratch is never empty")
 
 
-def _write_all(file: Path, buffers: list[np.ndarray]) -> None:
-    """The buffers back to back into a new file, a few system calls (writev) for all."""
+def _write_all(file: Path, buffers: list[np.ndarray], *, new: bool = True) -> None:
+    """The buffers back to back into a new file (`new`), or over the start of an existing one,
+    a few system calls (writev) for all."""
     buffers = [b for b in buffers if b.size]  # (an empty one has no bytes, nor a cast view)
-    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL if new else os.O_WRONLY
+    fd = os.open(file, flags, 0o600)
     try:
         for i in range(0, len(buffers), _IOV_MAX):
             views = [b.data.cast("B") for b in buffers[i:i + _IOV_MAX]]
@@ -166,10 +185,65 @@ def _scratch_folders() -> list[Path]:
     return [*memory, Path(tempfile.gettempdir())]
 
 
+def _map(path: Path, file: str, packed: PackedAdapter, *, exact: bool) -> torch.Tensor:
+    """The values the reader process wrote at the start of `file` (all of it where `exact`),
+    mapped, not read into a buffer: no copy, and once the slot is written and the views are
+    released the pages go back with the mapping (a read buffer went to malloc's heap, which
+    kept it: RSS grew 22 MB an adapter for 14 MB of slot)."""
+    size = os.stat(file).st_size
+    if size < 4 * packed.numel or (exact and size != 4 * packed.numel):
+        raise AdapterError(f"{path}: the reader process passed {size} bytes for "
+                           f"{packed.numel} 4-byte values")
+    return torch.from_file(file, shared=True, size=packed.numel, dtype=torch.float32)
+
+
+class ScratchPool:
+    """Memory files (memfd) the reader process writes values into, each used again once the
+    images mapped from it are released (after their slot write). A new file's pages are
+    allocated and zeroed by the kernel as the values are written into them (6.0 ms for a
+    SmolLM2-sized GOAT adapter's 14.6 MB); a used file's pages are there already (2.7 ms).
+    Released files are kept up to `keep_bytes` in all; the rest are closed. Files have no name
+    (nothing is left behind by a server that is killed); the reader opens them through /proc.
+    Where there is no memfd (not Linux), `take` gives None: a new scratch file per read."""
+
+    def __init__(self, keep_bytes: int = 64 << 20):
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._keep_bytes = keep_bytes
+        self._closed = False
+
+    def take(self) -> int | None:
+        """A file descriptor for the next read's values (a released file, else a new one)."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        memfd_create = getattr(os, "memfd_create", None)
+        if memfd_create is None or not Path(f"/proc/{os.getpid()}/fd").is_dir():
+            return None
+        return cast(int, memfd_create("goat-serve-scratch", os.MFD_CLOEXEC))
+
+    def give_back(self, fd: int) -> None:
+        """`fd`'s values are no longer read: the next read may write over them."""
+        with self._lock:
+            kept = sum(os.fstat(f).st_size for f in self._free)
+            if not self._closed and kept + os.fstat(fd).st_size <= self._keep_bytes:
+                self._free.append(fd)
+                return
+        os.close(fd)
+
+    def close(self) -> None:
+        """Close the released files; files still in use close when they are given back."""
+        with self._lock:
+            free, self._free, self._closed = self._free, [], True
+        for fd in free:
+            os.close(fd)
+
+
 def _start_reader() -> None:
     # One core, at the lowest priority: the reader reads on what the engine leaves idle, and
     # never slows a step (the engine gives it a thread when it starves: LLMEngine._share_cores).
     torch.set_num_threads(1)
+    work_uncut()
     _lowest_priority()
     _keep_freed_memory()
     # Torch's import leaves ~100k objects that every full collection in a read walks again:
@@ -223,6 +297,7 @@ class AdapterReader:
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self._scratch = _scratch_folders()
+        self._files = ScratchPool()
 
     def start(self) -> None:
         """Start the reader process now (it imports torch: about a second), not at the first
@@ -234,20 +309,27 @@ class AdapterReader:
         """load_adapter(path, base_linears, name=name, max_rank=max_rank), read in the reader
         process, its values laid out as slot images of the fused linears whose slice names
         `groups` lists; its AdapterError is raised here."""
-        packed, file = self._run(f"{path}", _read_to_file, path, base_linears, name, max_rank,
-                                 groups, self._scratch)
+        fd = self._files.take()
         try:
-            size = file.stat().st_size
-            if size != 4 * packed.numel:
-                raise AdapterError(f"{path}: the reader process passed {size} bytes for "
-                                   f"{packed.numel} 4-byte values")
-            # Mapped, not read into a buffer: no copy, and once the slot is written and the
-            # views are released the pages go back with the mapping. A read buffer went to
-            # malloc's heap, which kept it: RSS grew 22 MB an adapter for 14 MB of slot.
-            values = torch.from_file(str(file), shared=True, size=packed.numel,
-                                     dtype=torch.float32)
+            packed, file = self._run(f"{path}", _read_to_file, path, base_linears, name,
+                                     max_rank, groups, self._scratch,
+                                     None if fd is None else f"/proc/{os.getpid()}/fd/{fd}")
+            if file is None:  # in the pool's file, which may hold more (an earlier read's)
+                if fd is None:
+                    raise AdapterError(f"{path}: the reader process passed no values")
+                values = _map(path, f"/proc/self/fd/{fd}", packed, exact=False)
+                # The images (views of `values`) keep it alive; once they are all released,
+                # so is the file.
+                weakref.finalize(values, self._files.give_back, fd)
+                fd = None
+            else:
+                try:
+                    values = _map(path, str(file), packed, exact=True)
+                finally:
+                    file.unlink(missing_ok=True)  # the mapping keeps its pages
         finally:
-            file.unlink(missing_ok=True)  # the mapping keeps its pages until it is released
+            if fd is not None:
+                self._files.give_back(fd)
         return unpack(packed, values)
 
     def _run(self, what: str, fn: Callable[..., T], *args: object) -> T:
@@ -287,6 +369,7 @@ class AdapterReader:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        self._files.close()
 
 
 _shared = AdapterReader()

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from goat_runtime.adapters.format import Adapter, AdapterError, load_adapter
-from goat_runtime.adapters.reader import AdapterReader, ReadAdapter, _write_all, pack, unpack
+from goat_runtime.adapters.reader import (
+    AdapterReader,
+    ReadAdapter,
+    ScratchPool,
+    _write_all,
+    pack,
+    unpack,
+)
 from goat_runtime.adapters.slots import slot_image
 from tests.adapters.adapted_model import FIXTURE
 from tests.adapters.test_format import BASE_LINEARS
@@ -95,7 +102,13 @@ def test_the_readers_errors_are_load_adapters(reader: AdapterReader, tmp_path: P
         reader.read(path, BASE_LINEARS, name="goat0", max_rank=64, groups=GROUPS)
 
 
-def test_no_scratch_file_is_left(reader: AdapterReader) -> None:
+def without_pool(reader: AdapterReader, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Values through a new scratch file per read, as where there is no memfd."""
+    monkeypatch.setattr(reader._files, "take", lambda: None)
+
+
+def test_no_scratch_file_is_left(reader: AdapterReader, monkeypatch: pytest.MonkeyPatch) -> None:
+    without_pool(reader, monkeypatch)
     reader.read(FIXTURE / "adapters" / "goat0", BASE_LINEARS, name="goat0", max_rank=64,
                 groups=GROUPS)
     child = reader._run("pid", os.getpid)  # its files are named by its pid (other readers run)
@@ -124,6 +137,7 @@ def test_a_scratch_folder_that_refuses_the_values_passes_to_the_next(
         reader: AdapterReader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """(/dev/shm full, as a container's 64 MB one can be: its write fails, the next folder's
     does not.)"""
+    without_pool(reader, monkeypatch)
     monkeypatch.setattr(reader, "_scratch", [tmp_path / "not-there", tmp_path])
     path = FIXTURE / "adapters" / "goat1"
     assert_same(reader.read(path, BASE_LINEARS, name="goat1", max_rank=64, groups=GROUPS),
@@ -131,15 +145,61 @@ def test_a_scratch_folder_that_refuses_the_values_passes_to_the_next(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_values_are_mapped_not_copied(reader: AdapterReader) -> None:
+def _mapping(read: ReadAdapter) -> str:
+    """The one file all of a read's tensors are mapped from."""
+    (filename,) = {t.untyped_storage().filename for image in read.images
+                   for t in image.tensors()}
+    assert filename is not None
+    return filename
+
+
+def test_values_are_mapped_not_copied(reader: AdapterReader,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The values stay in the scratch file's pages (a mapping, its name already unlinked), so
     releasing them unmaps them instead of leaving a freed buffer in malloc's heap."""
+    without_pool(reader, monkeypatch)
     read = reader.read(FIXTURE / "adapters" / "goat0", BASE_LINEARS, name="goat0",
                        max_rank=64, groups=GROUPS)
-    storages = {t.untyped_storage().filename for image in read.images for t in image.tensors()}
-    assert len(storages) == 1  # one mapping for all the tensors
-    (filename,) = storages
-    assert filename is not None and not Path(filename).exists()
+    assert not Path(_mapping(read)).exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd: Linux only")
+def test_a_file_is_written_again_only_once_its_values_are_released(reader: AdapterReader) -> None:
+    """Reads write into the pool's memory files; one whose images are still held (its slot not
+    yet written) is not written over, one whose images are released is used again."""
+    def read(name: str) -> ReadAdapter:
+        return reader.read(FIXTURE / "adapters" / name, BASE_LINEARS, name=name, max_rank=64,
+                           groups=GROUPS)
+
+    first, second = read("goat0"), read("lora0")
+    assert _mapping(first) != _mapping(second)
+    assert_same(first, load_adapter(FIXTURE / "adapters" / "goat0", BASE_LINEARS, name="goat0"))
+    reused = _mapping(second)
+    del second
+    third = read("goat1")  # smaller than the file's earlier values: the rest is not read
+    assert _mapping(third) == reused
+    assert_same(third, load_adapter(FIXTURE / "adapters" / "goat1", BASE_LINEARS, name="goat1"))
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd: Linux only")
+def test_the_pool_keeps_released_files_up_to_its_bytes() -> None:
+    pool = ScratchPool(keep_bytes=3 << 10)
+    files = [pool.take() for _ in range(3)]
+    for fd in files:
+        assert fd is not None
+        os.ftruncate(fd, 1 << 10)
+        pool.give_back(fd)
+    again = pool.take()
+    assert again == files[2]  # the last released comes back first
+    assert again is not None
+    os.ftruncate(again, 4 << 10)  # a larger read's values
+    pool.give_back(again)  # over the bytes kept: closed
+    with pytest.raises(OSError):
+        os.fstat(again)
+    pool.close()
+    for fd in files[:2]:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # type: ignore[arg-type]
 
 
 def test_a_values_file_of_the_wrong_size_is_refused(
