@@ -5,14 +5,18 @@ of 500 GOAT adapters (r = 8, E = 8, k = 2, all seven projections, SmolLM2-135M s
 closed loop of 32 clients whose requests pick adapters by Zipf(1.0). Cases, interleaved round by
 round (each on a fresh server, so every round starts with no adapter loaded):
 - resident: the same load over the 16 most popular adapters, all loaded before it starts;
+- preloaded: the churn load with the adapters it will use (the same requests: one seed) loaded
+  before it starts: against resident, what more distinct adapters a step cost (their values
+  read each step); against it, churn's cost of loading;
 - churn: over all 500, none loaded: every first use loads from local disk;
 - s3: the churn load with `--adapter-dir s3://...`, a moto S3 server on loopback holding the
   adapters and an empty download cache.
-It reports throughput churn / resident (median of the per-round ratios; goal >= 0.9x) and s3 /
-resident, adapter loads per second and their latency (`goat_adapter_load_seconds`), the longest
-engine step against the median (`goat_step_seconds`: the stall loads cause), the first request
-of an adapter not yet loaded (local) or not yet downloaded (S3) on an idle server, and, in a
-separate run, host memory with 1,000 adapters resident (RSS and `goat_adapter_memory_bytes`).
+It reports throughput churn / resident (median of the per-round ratios; goal >= 0.9x), churn /
+preloaded, preloaded / resident and s3 / resident, distinct adapters per step, adapter loads
+per second and their latency (`goat_adapter_load_seconds`), the longest engine step against
+the median (`goat_step_seconds`: the stall loads cause), the first request of an adapter not
+yet loaded (local) or not yet downloaded (S3) on an idle server, and, in a separate run, host
+memory with 1,000 adapters resident (RSS and `goat_adapter_memory_bytes`).
 
     .venv/bin/python -m loadtests.churn                        # the issue's figures
     .venv/bin/python -m loadtests.churn --num-adapters 100 --num-requests 64 --memory-adapters 200
@@ -41,7 +45,14 @@ from goat_runtime.adapters.binding import base_linears, linear_shapes, slice_gro
 from goat_runtime.adapters.format import load_adapter
 from goat_runtime.adapters.reader import AdapterReader
 from goat_runtime.model.layers import FusedLinear
-from loadtests.churn_metrics import Buckets, Poll, histogram_delta, run_polled, seqs_per_step
+from loadtests.churn_metrics import (
+    Buckets,
+    Poll,
+    histogram_delta,
+    histogram_mean,
+    run_polled,
+    seqs_per_step,
+)
 from loadtests.churn_report import report
 from loadtests.churn_s3 import S3Store, start_s3
 from loadtests.common import (
@@ -66,7 +77,7 @@ from loadtests.report import LatencyStats, format_summary
 from loadtests.workload import LengthDist
 
 GOAL = 0.9
-CASES = ("resident", "churn", "s3")
+CASES = ("resident", "preloaded", "churn", "s3")
 
 
 @dataclass
@@ -106,6 +117,7 @@ class CaseRun:
     load_buckets: Buckets = field(default_factory=list)  # goat_adapter_load_seconds
     step_buckets: Buckets = field(default_factory=list)  # goat_step_seconds
     seqs_per_step: float = 0.0
+    adapters_per_step: float = 0.0  # distinct adapters per step (goat_batch_adapters' mean)
     downloads: float = 0.0
     download_bytes: float = 0.0
     rss_bytes: int = 0  # the server's RSS after the load
@@ -176,7 +188,7 @@ def measure_case(config: ChurnConfig, case: str, rnd: int, server: ServerProcess
     server.start()
     try:
         server.wait_healthy(600)
-        tiny_requests(server.url, warm, len(warm))
+        tiny_requests(server.url, warm, min(len(warm), config.concurrency))
         before = scrape(server.url)
         cpu0 = server.cpu_seconds()
         result, polls = asyncio.run(run_polled(load_config(config, server.url, models),
@@ -194,6 +206,7 @@ def measure_case(config: ChurnConfig, case: str, rnd: int, server: ServerProcess
         run.load_buckets = histogram_delta(before, after, "goat_adapter_load_seconds")
         run.step_buckets = histogram_delta(before, after, "goat_step_seconds")
         run.seqs_per_step = seqs_per_step(before, after)
+        run.adapters_per_step = histogram_mean(before, after, "goat_batch_adapters")
         run.downloads = delta("goat_adapter_downloads_total")
         run.download_bytes = delta("goat_adapter_download_bytes_total")
         run.host_bytes = metric_sum(after, "goat_adapter_memory_bytes", tier="host")
@@ -225,14 +238,23 @@ def run_case(config: ChurnConfig, case: str, rnd: int, model_dir: Path, folder: 
         config.out_dir / "logs" / f"{case}-{rnd + 1}.log")
     if case == "s3":
         server.env.update(store.env)  # type: ignore[union-attr]
-    resident = case == "resident"
+    if case == "resident":
+        models, warm, unused = hot, hot, []
+    elif case == "preloaded":
+        models, warm, unused = pool, used_adapters(load_config(config, server.url, pool)), []
+    else:
+        models, warm, unused = pool, [BASE_NAME], pool[::-1]
     shutil.rmtree(cache, ignore_errors=True)
     try:
-        return measure_case(config, case, rnd, server, hot if resident else pool,
-                            hot if resident else [BASE_NAME],
-                            [] if resident else pool[::-1])
+        return measure_case(config, case, rnd, server, models, warm, unused)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def used_adapters(load: LoadConfig) -> list[str]:
+    """The adapters `load` will use: its requests are drawn from one seed."""
+    workload = load.workload()
+    return sorted({workload.next_spec().adapter for _ in range(load.num_requests or 0)})
 
 
 def measure_memory(config: ChurnConfig, model_dir: Path, folder: Path,

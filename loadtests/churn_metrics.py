@@ -95,12 +95,16 @@ def first_uses(records: Sequence[RequestRecord]) -> list[RequestRecord]:
     return out
 
 
+def histogram_mean(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    """Mean observation of histogram `name` between two /metrics scrapes (0 without any)."""
+    count = metric_sum(after, f"{name}_count") - metric_sum(before, f"{name}_count")
+    total = metric_sum(after, f"{name}_sum") - metric_sum(before, f"{name}_sum")
+    return total / count if count else 0.0
+
+
 def seqs_per_step(before: dict[str, float], after: dict[str, float]) -> float:
     """Mean sequences per engine step between two /metrics scrapes (goat_batch_size)."""
-    steps = metric_sum(after, "goat_batch_size_count") - metric_sum(
-        before, "goat_batch_size_count")
-    seqs = metric_sum(after, "goat_batch_size_sum") - metric_sum(before, "goat_batch_size_sum")
-    return seqs / steps if steps else 0.0
+    return histogram_mean(before, after, "goat_batch_size")
 
 
 Buckets = list[tuple[float, float]]  # (upper bound `le`, observations in this bucket alone)

@@ -33,25 +33,27 @@ def round_table(runs: Sequence[CaseRun]) -> str:
         rows.append([
             r.round + 1, r.case, f"{s.num_ok}/{s.num_requests}", len(s.requests_by_adapter),
             int(r.loads), s.output_token_throughput, pct(s.ttft_ms, 50), pct(s.ttft_ms, 99),
-            pct(s.tpot_ms, 50), r.seqs_per_step, _ms(quantile(r.step_buckets, 0.5)),
+            pct(s.tpot_ms, 50), r.seqs_per_step, r.adapters_per_step,
+            _ms(quantile(r.step_buckets, 0.5)),
             _ms(_longest(r)), r.rss_bytes / MB, r.cores, f"{r.others_busy:.0%}",
         ])
     return format_table(
         ["round", "case", "ok", "adapters used", "loads", "out tok/s", "TTFT p50 ms", "TTFT p99",
-         "TPOT p50 ms", "seqs/step", "step p50 ms", "longest step <= ms", "RSS MB",
+         "TPOT p50 ms", "seqs/step", "adapters/step", "step p50 ms", "longest step <= ms", "RSS MB",
          "cores used", "others busy before"], rows)
 
 
-def ratio_line(runs: Sequence[CaseRun], case: str, goal: float | None) -> str | None:
+def ratio_line(runs: Sequence[CaseRun], case: str, goal: float | None,
+               against: str = "resident", why: str = "") -> str | None:
     by_round: dict[int, dict[str, float]] = {}
     for r in runs:
         by_round.setdefault(r.round, {})[r.case] = r.tok_s
-    pairs = [(c[case], c["resident"]) for c in by_round.values() if case in c and "resident" in c]
+    pairs = [(c[case], c[against]) for c in by_round.values() if case in c and against in c]
     if not pairs:
         return None
     median, ratios = median_ratio(pairs)
     rounds = ", ".join(f"{x:.2f}" for x in ratios)
-    text = f"Throughput, {case} / resident: **{median:.2f}x** (median; rounds {rounds})"
+    text = f"Throughput, {case} / {against}{why}: **{median:.2f}x** (median; rounds {rounds})"
     if goal is not None:
         text += f"; goal >= {goal:g}x: {'met' if median >= goal else 'NOT met'}"
     return text + "."
@@ -140,7 +142,7 @@ def report(config: ChurnConfig, runs: Sequence[CaseRun], memory: MemoryRun | Non
                 f"run failed ({memory_failure})."]
     if not runs:
         return "\n".join(tail) + "\n"
-    cases = sorted({r.case for r in runs}, key=["resident", "churn", "s3"].index)
+    cases = sorted({r.case for r in runs}, key=["resident", "preloaded", "churn", "s3"].index)
     out = [
         f"{config.num_adapters} {config.kind.upper()} adapters (r=8"
         + (", E=8, k=2" if config.kind == "goat" else "") + ", all projections); goat-serve "
@@ -149,11 +151,15 @@ def report(config: ChurnConfig, runs: Sequence[CaseRun], memory: MemoryRun | Non
         f"prompt + {config.output_len} generated tokens, adapters by Zipf({config.zipf_alpha:g}). "
         f"Cases {', '.join(cases)}, interleaved over {config.rounds} rounds (order rotated), "
         f"each on a fresh server. resident: over the {config.resident_adapters} most popular, "
-        f"loaded first; churn: over all {config.num_adapters} from local disk, none loaded; "
+        f"loaded first; preloaded: the churn load with the adapters it uses loaded first; "
+        f"churn: over all {config.num_adapters} from local disk, none loaded; "
         f"s3: the same from moto's S3 server on loopback, nothing downloaded.",
         "", round_table(runs), "",
     ]
     lines = [ratio_line(runs, "churn", config.goal),
+             ratio_line(runs, "churn", None, "preloaded", " (the loads' own cost)"),
+             ratio_line(runs, "preloaded", None, "resident",
+                        " (more distinct adapters a step, nothing loaded)"),
              ratio_line(runs, "s3", None),
              *(loads_line(runs, c) for c in cases if c != "resident"),
              "Longest step stall (goat_step_seconds; the longest is a bucket's upper bound, "

@@ -163,6 +163,11 @@ class LoadConfig:
     def mode(self) -> str:
         return "open-loop" if self.rate is not None else "closed-loop"
 
+    def workload(self) -> Workload:
+        """The requests this load sends, in order (one seed: the same for every run)."""
+        return Workload(self.models, self.adapter_dist, self.prompt_len, self.output_len,
+                        self.seed, self.zipf_alpha)
+
     def to_dict(self) -> dict[str, Any]:
         """The config as JSON-ready data, with the API key redacted."""
         data = asdict(self)
@@ -225,14 +230,7 @@ class _Run:
         self.config = config
         self.client = client
         self.url = endpoint_url(config.url, config.endpoint)
-        self.workload = Workload(
-            config.models,
-            config.adapter_dist,
-            config.prompt_len,
-            config.output_len,
-            config.seed,
-            config.zipf_alpha,
-        )
+        self.workload = config.workload()
         self.records: list[RequestRecord] = []
         self.t0 = time.perf_counter()
         self.slots = asyncio.Semaphore(config.concurrency) if config.concurrency else None

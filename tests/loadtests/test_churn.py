@@ -7,6 +7,7 @@ import pytest
 
 from loadtests.churn_metrics import (
     histogram_delta,
+    histogram_mean,
     median_ratio,
     pooled,
     quantile,
@@ -57,7 +58,22 @@ def test_seqs_per_step_between_two_scrapes():
     after = {"goat_batch_size_count": 30.0, "goat_batch_size_sum": 290.0}
     assert seqs_per_step(before, after) == 12.0
     assert seqs_per_step(after, after) == 0.0  # no step in between
+    assert histogram_mean(before, after, "goat_batch_adapters") == 0.0  # not in the scrapes
+    after["goat_batch_adapters_count"], after["goat_batch_adapters_sum"] = 4.0, 10.0
+    assert histogram_mean({}, after, "goat_batch_adapters") == 2.5
 
+
+def test_the_preloaded_case_loads_what_the_churn_load_uses():
+    """(loadgen draws the same requests from one seed for both cases.)"""
+    from loadtests.churn import ChurnConfig, load_config, used_adapters
+    from loadtests.loadgen import _Run
+
+    config = ChurnConfig(num_requests=40)
+    load = load_config(config, "http://127.0.0.1:1", [f"churn-{i}" for i in range(500)])
+    drawn = _Run(load, None).workload  # type: ignore[arg-type]
+    want = sorted({drawn.next_spec().adapter for _ in range(config.num_requests)})
+    assert used_adapters(load) == want
+    assert 10 < len(want) < 40  # Zipf: popular ones repeat
 
 
 def test_measure_loads_times_every_load_of_every_round():

@@ -1,5 +1,6 @@
 """A run of the churn benchmark end to end on the tiny fixture model: four random adapters on
-disk, one round of every case (resident, local churn, S3 on moto's server), the memory run,
+disk, one round of every case (resident, preloaded, local churn, S3 on moto's server), the
+memory run,
 and the report. Seconds of load; it checks that each case served its adapters from where it
 should and that the report carries the figures."""
 
@@ -23,13 +24,17 @@ def test_one_round_of_every_case(tmp_path: Path) -> None:
     runs, memory, failure = run(config)
     assert failure is None
     by_case = {r.case: r for r in runs}
-    assert list(by_case) == ["resident", "churn", "s3"]
+    assert list(by_case) == ["resident", "preloaded", "churn", "s3"]
     for r in runs:
         assert r.result.summary.num_errors == 0 and r.result.summary.num_ok == 8
         assert r.step_buckets and r.seqs_per_step > 0 and r.rss_bytes > 0
+        assert r.adapters_per_step >= 1
     resident, churn, s3 = by_case["resident"], by_case["churn"], by_case["s3"]
+    preloaded = by_case["preloaded"]
     assert set(resident.result.summary.requests_by_adapter) <= {"churn-0", "churn-1"}
-    assert resident.loads == 0 and resident.first_request_s is None  # all loaded before
+    for r in (resident, preloaded):  # all loaded before
+        assert r.loads == 0 and r.first_request_s is None
+    assert preloaded.result.summary.requests_by_adapter == churn.result.summary.requests_by_adapter
     for r in (churn, s3):  # every adapter used was loaded during the run
         used = len(r.result.summary.requests_by_adapter)
         assert r.loads == r.host_adapters == used
@@ -40,6 +45,8 @@ def test_one_round_of_every_case(tmp_path: Path) -> None:
     assert memory.host_bytes > 0 and memory.rss > 0
     text = report(config, runs, memory)
     for needle in ("Throughput, churn / resident: **", "Throughput, s3 / resident: **",
+                   "Throughput, churn / preloaded (the loads' own cost): **",
+                   "Throughput, preloaded / resident (more distinct adapters a step",
                    "goal >= 0.9x", "Longest step stall", "S3, not yet downloaded",
                    "5 adapters resident", "For 1,000 adapters, extrapolated from 5"):
         assert needle in text, text
