@@ -202,29 +202,36 @@ class ScratchPool:
     images mapped from it are released (after their slot write). A new file's pages are
     allocated and zeroed by the kernel as the values are written into them (6.0 ms for a
     SmolLM2-sized GOAT adapter's 14.6 MB); a used file's pages are there already (2.7 ms).
-    Released files are kept up to `keep_bytes` in all; the rest are closed. Files have no name
-    (nothing is left behind by a server that is killed); the reader opens them through /proc.
-    Where there is no memfd (not Linux), `take` gives None: a new scratch file per read."""
+    Released files are kept up to `keep_bytes` in all; the rest are closed. At most `max_files`
+    are in use at once (each holds a file descriptor open: on an accelerator the host keeps an
+    adapter's images as long as the adapter); past them, and where there is no memfd (not
+    Linux), `take` gives None: a new scratch file for that read. Files have no name (nothing
+    is left behind by a server that is killed); the reader opens them through /proc."""
 
-    def __init__(self, keep_bytes: int = 64 << 20):
+    def __init__(self, keep_bytes: int = 64 << 20, max_files: int = 16):
         self._lock = threading.Lock()
         self._free: list[int] = []
-        self._keep_bytes = keep_bytes
+        self._in_use = 0
+        self._keep_bytes, self._max_files = keep_bytes, max_files
         self._closed = False
 
     def take(self) -> int | None:
         """A file descriptor for the next read's values (a released file, else a new one)."""
+        memfd_create = getattr(os, "memfd_create", None)
         with self._lock:
             if self._free:
+                self._in_use += 1
                 return self._free.pop()
-        memfd_create = getattr(os, "memfd_create", None)
-        if memfd_create is None or not Path(f"/proc/{os.getpid()}/fd").is_dir():
-            return None
+            if (self._closed or self._in_use >= self._max_files or memfd_create is None
+                    or not Path(f"/proc/{os.getpid()}/fd").is_dir()):
+                return None
+            self._in_use += 1
         return cast(int, memfd_create("goat-serve-scratch", os.MFD_CLOEXEC))
 
     def give_back(self, fd: int) -> None:
         """`fd`'s values are no longer read: the next read may write over them."""
         with self._lock:
+            self._in_use -= 1
             kept = sum(os.fstat(f).st_size for f in self._free)
             if not self._closed and kept + os.fstat(fd).st_size <= self._keep_bytes:
                 self._free.append(fd)

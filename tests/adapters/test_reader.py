@@ -202,6 +202,22 @@ def test_the_pool_keeps_released_files_up_to_its_bytes() -> None:
             os.fstat(fd)  # type: ignore[arg-type]
 
 
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd: Linux only")
+def test_the_pool_holds_at_most_max_files_open() -> None:
+    """(On an accelerator the host keeps each adapter's images, and with them its file.)"""
+    pool = ScratchPool(max_files=2)
+    first, second = pool.take(), pool.take()
+    assert first is not None and second is not None
+    assert pool.take() is None  # a new scratch file for that read
+    pool.give_back(first)
+    assert pool.take() == first
+    pool.close()
+    for fd in (first, second):
+        pool.give_back(fd)
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
 def test_a_values_file_of_the_wrong_size_is_refused(
         reader: AdapterReader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = FIXTURE / "adapters" / "lora0"
