@@ -28,7 +28,7 @@ def test_one_round_of_every_case(tmp_path: Path) -> None:
     for r in runs:
         assert r.result.summary.num_errors == 0 and r.result.summary.num_ok == 8
         assert r.step_buckets and r.seqs_per_step > 0 and r.rss_bytes > 0
-        assert r.adapters_per_step >= 1
+        assert r.adapters_per_step > 0  # (a step can hold only sequences of the base)
     resident, churn, s3 = by_case["resident"], by_case["churn"], by_case["s3"]
     preloaded = by_case["preloaded"]
     assert set(resident.result.summary.requests_by_adapter) <= {"churn-0", "churn-1"}
