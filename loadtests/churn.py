@@ -97,7 +97,12 @@ class ChurnConfig:
     rounds: int = 3
     s3: bool = True
     memory_adapters: int = 1000  # adapters resident in the memory run; 0: no memory run
-    poll_s: float = 0.5  # /metrics polling interval
+    # /metrics polling interval (loads over time, for the plots). Not shorter: a scrape of a
+    # server with 72 adapters' series is 641 KB, 64 ms of the server's GIL (14 adapters: 11 ms)
+    # and the load generator's parsing, on the same cores. Polled every 0.5 s, the 72-adapter
+    # servers used 1.38-1.45 cores against the resident's 1.54-1.56; every 5 s, 1.58-1.63
+    # against 1.60-1.62 (docs/benchmarks.md section 2).
+    poll_s: float = 5.0
     busy_sample_s: float = 5.0  # how long to watch other jobs' CPU use before each case
     max_busy: float | None = None
     loads_only: int = 0  # > 0: only time that many adapter loads (measure_loads), no server
