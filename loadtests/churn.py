@@ -53,7 +53,7 @@ from loadtests.churn_metrics import (
     run_polled,
     seqs_per_step,
 )
-from loadtests.churn_report import report
+from loadtests.churn_report import CASES, report
 from loadtests.churn_s3 import S3Store, start_s3
 from loadtests.common import (
     BASE_NAME,
@@ -77,7 +77,6 @@ from loadtests.report import LatencyStats, format_summary
 from loadtests.workload import LengthDist
 
 GOAL = 0.9
-CASES = ("resident", "preloaded", "churn", "s3")
 
 
 @dataclass

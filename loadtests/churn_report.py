@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from loadtests.churn import CaseRun, ChurnConfig, MemoryRun
 
 MB = 1e6
+CASES = ("resident", "preloaded", "churn", "s3")  # loadtests/churn.py's cases, in report order
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -142,7 +143,7 @@ def report(config: ChurnConfig, runs: Sequence[CaseRun], memory: MemoryRun | Non
                 f"run failed ({memory_failure})."]
     if not runs:
         return "\n".join(tail) + "\n"
-    cases = sorted({r.case for r in runs}, key=["resident", "preloaded", "churn", "s3"].index)
+    cases = sorted({r.case for r in runs}, key=CASES.index)
     out = [
         f"{config.num_adapters} {config.kind.upper()} adapters (r=8"
         + (", E=8, k=2" if config.kind == "goat" else "") + ", all projections); goat-serve "
