@@ -214,19 +214,20 @@ class ScratchPool:
         self._in_use = 0
         self._keep_bytes, self._max_files = keep_bytes, max_files
         self._closed = False
+        memfd_create = getattr(os, "memfd_create", None)
+        usable = memfd_create is not None and Path(f"/proc/{os.getpid()}/fd").is_dir()
+        self._memfd_create = memfd_create if usable else None
 
     def take(self) -> int | None:
         """A file descriptor for the next read's values (a released file, else a new one)."""
-        memfd_create = getattr(os, "memfd_create", None)
         with self._lock:
             if self._free:
                 self._in_use += 1
                 return self._free.pop()
-            if (self._closed or self._in_use >= self._max_files or memfd_create is None
-                    or not Path(f"/proc/{os.getpid()}/fd").is_dir()):
+            if self._closed or self._in_use >= self._max_files or self._memfd_create is None:
                 return None
             self._in_use += 1
-        return cast(int, memfd_create("goat-serve-scratch", os.MFD_CLOEXEC))
+        return cast(int, self._memfd_create("goat-serve-scratch", os.MFD_CLOEXEC))
 
     def give_back(self, fd: int) -> None:
         """`fd`'s values are no longer read: the next read may write over them."""
