@@ -49,7 +49,8 @@ def test_metrics_after_traffic(live: LiveServer) -> None:
             assert response.status_code == 200
         chat = http.post("/v1/chat/completions", json={
             "model": "goat1", "messages": [{"role": "user", "content": "w5"}], "max_tokens": 2,
-            "stream": True})
+            # greedy and past EOS: a sampled EOS (1 of 320 tokens) would end it at one token
+            "temperature": 0, "ignore_eos": True, "stream": True})
         assert chat.status_code == 200
         # lora0 is loaded (goat0 has been evicted from the host by now): its own label
         assert http.post("/v1/completions", json={"model": "lora0", "prompt": "w5",
