@@ -15,8 +15,10 @@ Series exist from the moment their label values are known, at zero, so that `rat
 first increase: the base's and UNRESOLVED's at start-up, an adapter's at its load (every outcome,
 both eviction tiers), a GOAT adapter's per-expert selections at its first routed step (its
 expert count is known then). An adapter's series are removed when it is unloaded
-(`forget_adapter`); an adapter evicted from host memory keeps them (it may load again, and its
-names are bounded by the adapter directory).
+(`forget_adapter`). One evicted from host memory keeps its counters (requests, tokens, loads,
+evictions: a few series each, bounded by the adapter store) but loses its detail series (latency
+histograms, expert selections, residency: about a hundred), which exist only while it is loaded;
+so a scrape's size follows the adapters in host memory, not the thousands a store may hold.
 """
 
 import contextlib
@@ -25,9 +27,14 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+# No `*_created` series: in the text format /metrics speaks they are one more gauge per counter
+# and histogram, which Prometheus stores as any other (it reads creation times from OpenMetrics
+# only); they were half the lines of a thousand adapters' counters. (The flag is the process's.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 UNRESOLVED = "_unresolved"  # cannot collide: adapter names start with a letter or digit
 
@@ -94,15 +101,20 @@ class RequestTracker:
         arrival = timing.get("arrival_time", self.arrival)
         first_token = timing.get("first_token_time", self.first_output or now)
         finished = timing.get("finished_time", now)
-        m.ttft.labels(self.label).observe(max(0.0, first_token - arrival))
-        m.e2e.labels(self.label).observe(max(0.0, finished - arrival))
-        if "first_scheduled_time" in timing:
-            queued = max(0.0, timing["first_scheduled_time"] - arrival)
-            m.queue_time.labels(self.label).observe(queued)
+        queued = (max(0.0, timing["first_scheduled_time"] - arrival)
+                  if "first_scheduled_time" in timing else None)
+        if queued is not None:
             m.key_queue_time.labels(self.key).observe(queued)
-        if longest_completion > 1:
-            m.tpot.labels(self.label).observe(
-                max(0.0, finished - first_token) / (longest_completion - 1))
+        with m._detail(self.label) as detailed:
+            if not detailed:
+                return
+            m.ttft.labels(self.label).observe(max(0.0, first_token - arrival))
+            m.e2e.labels(self.label).observe(max(0.0, finished - arrival))
+            if queued is not None:
+                m.queue_time.labels(self.label).observe(queued)
+            if longest_completion > 1:
+                m.tpot.labels(self.label).observe(
+                    max(0.0, finished - first_token) / (longest_completion - 1))
 
 
 def _merge_timings(timings: list[dict[str, float]]) -> dict[str, float]:
@@ -126,6 +138,7 @@ class ServerMetrics:
         self._lock = threading.Lock()
         self._in_flight: set[RequestTracker] = set()
         self._experts: dict[str, int] = {}  # adapter -> experts whose series exist
+        self._detailed: set[str] = set()  # labels whose detail series exist (loaded adapters)
         r = self.registry
         self.requests = Counter("goat_requests", "API requests by adapter and outcome "
                                 "(success, error, abort, rejected).", ["adapter", "outcome"],
@@ -222,15 +235,36 @@ class ServerMetrics:
         if base:
             self._request_series(base)
 
-    def _per_request(self) -> tuple[Any, ...]:
-        return (self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e,
-                self.queue_time)
+    def _latency(self) -> tuple[Any, ...]:
+        return (self.ttft, self.tpot, self.e2e, self.queue_time)
 
     def _request_series(self, label: str) -> None:
         for outcome in OUTCOMES:
             self.requests.labels(label, outcome)
-        for metric in self._per_request():
+        for metric in (self.prompt_tokens, self.generation_tokens, *self._latency()):
             metric.labels(label)
+        with self._lock:
+            self._detailed.add(label)
+
+    @contextlib.contextmanager
+    def _detail(self, label: str) -> Iterator[bool]:
+        """Whether `label`'s detail series exist, held so they cannot go meanwhile (an adapter
+        evicted between its last step and its request's end is not recreated)."""
+        with self._lock:
+            yield label in self._detailed
+
+    def _drop_detail(self, name: str) -> None:
+        """Remove an adapter's detail series: latency histograms, expert selections, residency."""
+        with self._lock:
+            self._detailed.discard(name)
+            experts = self._experts.pop(name, 0)
+        labels: list[tuple[Any, tuple[str, ...]]] = [
+            *((m, (name,)) for m in self._latency()),
+            *((self.adapter_resident, (name, t)) for t in TIERS),
+            *((self.expert_selections, (name, str(e))) for e in range(experts))]
+        for metric, values in labels:
+            with contextlib.suppress(KeyError):  # never created (older clients raise)
+                metric.remove(*values)
 
     def _key_series(self) -> list[tuple[Any, tuple[str, ...]]]:
         return [*((self.key_requests, ("", o)) for o in OUTCOMES),
@@ -259,14 +293,12 @@ class ServerMetrics:
 
     def forget_adapter(self, name: str) -> None:
         """Remove every series labelled with an unloaded adapter."""
-        with self._lock:
-            experts = self._experts.pop(name, 0)
+        self._drop_detail(name)
         labels: list[tuple[Any, tuple[str, ...]]] = [
             *((self.requests, (name, o)) for o in OUTCOMES),
-            *((m, (name,)) for m in (*self._per_request(), self.adapter_loads)),
-            *((self.adapter_evictions, (name, t)) for t in TIERS),
-            *((self.adapter_resident, (name, t)) for t in TIERS),
-            *((self.expert_selections, (name, str(e))) for e in range(experts))]
+            *((m, (name,)) for m in (self.prompt_tokens, self.generation_tokens,
+                                     self.adapter_loads)),
+            *((self.adapter_evictions, (name, t)) for t in TIERS)]
         for metric, values in labels:
             with contextlib.suppress(KeyError):  # never created (older clients raise)
                 metric.remove(*values)
@@ -317,8 +349,12 @@ class ServerMetrics:
         self.adapter_evictions.labels(name, tier).inc()
 
     def on_adapter_location(self, name: str, location: str | None) -> None:
-        for place in ("device", "host"):
-            self.adapter_resident.labels(name, place).set(1 if place == location else 0)
+        if location is None:  # out of host memory (evicted or unloaded): absent is not resident
+            self._drop_detail(name)
+            return
+        with self._detail(name) as detailed:
+            for place in TIERS if detailed else ():
+                self.adapter_resident.labels(name, place).set(1 if place == location else 0)
 
     def on_adapter_memory(self, tier: str, adapters: int, nbytes: int) -> None:
         self.adapter_memory_bytes.labels(tier).set(nbytes)
@@ -338,12 +374,14 @@ class ServerMetrics:
         self.adapter_download_failures.labels(store, reason).inc()
 
     def on_expert_selections(self, adapter: str, counts: list[int]) -> None:
-        with self._lock:
+        with self._detail(adapter) as detailed:
+            if not detailed:
+                return
             known = self._experts.get(adapter, 0)
             self._experts[adapter] = max(known, len(counts))
-        for expert, count in enumerate(counts):
-            if count or expert >= known:  # every expert's series, from the first step
-                self.expert_selections.labels(adapter, str(expert)).inc(count)
+            for expert, count in enumerate(counts):
+                if count or expert >= known:  # every expert's series, from the first step
+                    self.expert_selections.labels(adapter, str(expert)).inc(count)
 
 
 class _LiveCollector(Collector):

@@ -75,8 +75,10 @@ def test_metrics_after_traffic(live: LiveServer) -> None:
     for name in ("goat_time_to_first_token_seconds", "goat_e2e_request_latency_seconds",
                  "goat_request_queue_time_seconds", "goat_time_per_output_token_seconds"):
         assert types[name] == "histogram"
-        assert value(samples, f"{name}_count", adapter="goat0") == 2, name
+        assert value(samples, f"{name}_count", adapter="goat1") == 2, name
         assert value(samples, f"{name}_count", adapter="lora0") == 1, name
+        # goat0 left host memory: its counters stay (above), its detail series went with it
+        assert "goat0" not in labels_of(samples, f"{name}_count", "adapter"), name
     assert value(samples, "goat_e2e_request_latency_seconds_sum", adapter="goat1") > 0
     assert value(samples, "goat_batch_size_count") > 0
     assert value(samples, "goat_batch_adapters_count") > 0
@@ -92,8 +94,9 @@ def test_metrics_after_traffic(live: LiveServer) -> None:
     assert value(samples, "goat_adapter_resident", adapter="goat1", location="device") == 1
     assert value(samples, "goat_adapter_resident", adapter="lora0", location="device") == 1
     assert value(samples, "goat_adapter_resident", adapter="lora0", location="host") == 0
-    assert value(samples, "goat_adapter_resident", adapter="goat0", location="device") == 0
-    assert value(samples, "goat_adapter_resident", adapter="goat0", location="host") == 0
+    assert "goat0" not in labels_of(samples, "goat_adapter_resident", "adapter")
+    assert "goat0" not in labels_of(samples, "goat_router_expert_selections_total", "adapter")
+    assert labels_of(samples, "goat_router_expert_selections_total", "adapter") == {"goat1"}
     assert value(samples, "goat_adapter_evictions_total", adapter="goat0", tier="host") >= 1
     assert sum(v for (n, _), v in samples.items()
                if n == "goat_adapter_evictions_total" and ("tier", "device") in _) == 0
@@ -252,3 +255,60 @@ def test_unload_removes_the_adapters_series(live: LiveServer) -> None:
         "goat_router_expert_selections_total", "goat_e2e_request_latency_seconds_bucket"}
     assert not [key for key in after if ("adapter", "gone") in key[1]]
     assert value(after, "goat_requests_total", adapter=BASE, outcome="success") >= 1
+
+
+def _series_of(metrics: ServerMetrics, adapter: str) -> set[str]:
+    samples, _ = parse_exposition(generate_latest(metrics.registry).decode())
+    return {name for name, key in samples
+            if ("adapter", adapter) in key and not name.endswith("_created")}
+
+
+def test_detail_series_only_while_in_host_memory() -> None:
+    """An adapter evicted from host memory keeps its counters and loses its histograms, expert
+    selections and residency, so a scrape follows the adapters loaded, not the store; a request
+    that ends after the eviction does not bring them back, a reload does (at zero)."""
+    metrics = ServerMetrics()
+    counters = {"goat_requests_total", "goat_prompt_tokens_total",
+                "goat_generation_tokens_total", "goat_adapter_loads_total",
+                "goat_adapter_evictions_total"}
+    metrics.on_adapter_loaded("a", 0.1)
+    metrics.on_adapter_location("a", "host")
+    metrics.on_expert_selections("a", [2, 0])
+    tracker = metrics.track("a", "a", 1, "")
+    tracker.started("a")
+    loaded = _series_of(metrics, "a")
+    assert loaded >= counters | {"goat_adapter_resident", "goat_router_expert_selections_total",
+                                 "goat_time_to_first_token_seconds_bucket"}
+
+    metrics.on_adapter_evicted("a", "host")
+    metrics.on_adapter_location("a", None)
+    tracker.finish("success", prompt_tokens=3, generation_tokens=4, longest_completion=4)
+    metrics.on_expert_selections("a", [1, 1])  # a step's report that lost the race
+    metrics.on_adapter_location("a", "device")
+    samples, _ = parse_exposition(generate_latest(metrics.registry).decode())
+    assert _series_of(metrics, "a") == counters
+    assert value(samples, "goat_requests_total", adapter="a", outcome="success") == 1
+    assert value(samples, "goat_generation_tokens_total", adapter="a") == 4
+    assert value(samples, "goat_adapter_evictions_total", adapter="a", tier="host") == 1
+
+    metrics.on_adapter_loaded("a", 0.1)
+    metrics.on_adapter_location("a", "host")
+    samples, _ = parse_exposition(generate_latest(metrics.registry).decode())
+    assert _series_of(metrics, "a") >= loaded - {"goat_router_expert_selections_total"}
+    assert value(samples, "goat_time_to_first_token_seconds_count", adapter="a") == 0
+    assert value(samples, "goat_adapter_loads_total", adapter="a") == 2
+
+    # 300 adapters through a host tier of 4: the exposition's size is that of 4 loaded ones
+    # and 300 sets of counters
+    for i in range(300):
+        metrics.on_adapter_loaded(f"x{i}", 0.1)
+        metrics.on_adapter_location(f"x{i}", "host")
+        metrics.on_expert_selections(f"x{i}", [1] * 8)
+        if i >= 4:
+            metrics.on_adapter_location(f"x{i - 4}", None)
+    samples, _ = parse_exposition(generate_latest(metrics.registry).decode())
+    last = {f"x{i}" for i in range(296, 300)}
+    for name in ("goat_time_to_first_token_seconds_count", "goat_adapter_resident",
+                 "goat_router_expert_selections_total"):
+        assert labels_of(samples, name, "adapter") - {"a"} == last, name
+    assert len(labels_of(samples, "goat_requests_total", "adapter")) == 300 + 1  # and a
