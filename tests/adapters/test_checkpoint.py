@@ -123,3 +123,40 @@ def test_non_finite_values_are_found_in_any_part(tmp_path: Path) -> None:
     save_file({"x": values}, str(tmp_path / "f.safetensors"))
     with pytest.raises(CheckpointError, match="x contains NaN or Inf"):
         Checkpoint(tmp_path / "f.safetensors")
+
+
+def test_a_header_seen_before_is_checked_once(tmp_path: Path, monkeypatch) -> None:
+    """Files with byte-identical headers (adapters trained alike) share one parsed and checked
+    header; each file's values are still its own and still checked for NaN and Inf, and a
+    refused header is refused again (only headers that passed are kept)."""
+    monkeypatch.setattr(checkpoint, "_CHECKED_HEADERS", checkpoint._HeaderCache(size=2))
+    checks = []
+    original = Checkpoint._check_header
+    monkeypatch.setattr(Checkpoint, "_check_header",
+                        lambda self, *args: checks.append(self.path) or original(self, *args))
+    values = [torch.randn(2, 4) for _ in range(3)]
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for path, value in zip(paths, values, strict=True):
+        save_file({"w": value}, str(path))
+    for path, value in zip(paths, values, strict=True):
+        assert torch.equal(Checkpoint(path).tensor("w"), value)
+    assert checks == paths[:1]
+    assert Checkpoint(paths[1]).entries is Checkpoint(paths[2]).entries
+
+    values[1][0, 0] = float("nan")
+    save_file({"w": values[1]}, str(paths[1]))
+    with pytest.raises(CheckpointError, match="w contains NaN or Inf"):
+        Checkpoint(paths[1])
+    assert checks == paths[:1]
+
+    bad = write(tmp_path / "bad.safetensors", two_tensors(b_data_offsets=[20, 36]), bytes(36))
+    for _ in range(2):
+        with pytest.raises(CheckpointError, match="leave gaps"):
+            Checkpoint(bad)
+    assert checks == [paths[0], bad, bad]
+    # two other headers push the first out of a cache of two
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "x.safetensors"))
+    save_file({"w": torch.zeros(5)}, str(tmp_path / "y.safetensors"))
+    for name in ("x", "y", "0"):
+        Checkpoint(tmp_path / f"{name}.safetensors")
+    assert checks[-3:] == [tmp_path / "x.safetensors", tmp_path / "y.safetensors", paths[0]]
