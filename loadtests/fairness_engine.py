@@ -124,9 +124,6 @@ def run(policies: Sequence[str], args: Namespace) -> dict[str, list[Round]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser("python -m loadtests.fairness_engine", __doc__)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    # Twice the HTTP benchmark's rates: on a quiet machine the engine alone serves about 2,000
-    # tokens/s, which 2 + 20 requests/s do not overload (docs/benchmarks.md section 8).
-    parser.set_defaults(light_rate=4.0)
     args = parser.parse_args(argv)
     policies = POLICIES if args.scheduling_policy == "both" else (args.scheduling_policy,)
     results = run(policies, args)
