@@ -175,7 +175,8 @@ class ServerMetrics:
                                          "Adapters evicted, by tier left (device or host).",
                                          ["adapter", "tier"], registry=r)
         self.adapter_resident = Gauge("goat_adapter_resident",
-                                      "1 where an adapter resides (device or host), else 0.",
+                                      "1 where a loaded adapter resides (device or host), else 0; "
+                                      "absent once it has left host memory.",
                                       ["adapter", "location"], registry=r)
         self.adapter_memory_bytes = Gauge(
             "goat_adapter_memory_bytes", "Bytes of adapters by tier: host (loaded adapters' "
