@@ -12,8 +12,9 @@ MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
 async def completion_prompts(tokenizer: Any, body: CompletionRequest,
-                             ) -> tuple[list[list[int]], list[str]]:
-    """The prompts as token ids, and as text (for echo)."""
+                             ) -> tuple[list[list[int]], list[str] | None]:
+    """The prompts as token ids, and as text when `echo` asks for it (None otherwise: token-id
+    prompts are then not decoded, and take no hop through a thread)."""
     prompt = body.prompt
     items: list[Any] = [prompt] if isinstance(prompt, str) or (
         prompt and isinstance(prompt[0], int)) else list(prompt)
@@ -26,10 +27,12 @@ async def completion_prompts(tokenizer: Any, body: CompletionRequest,
         encoded = await asyncio.to_thread(lambda: tokenizer(items)["input_ids"])
         if any(len(ids) == 0 for ids in encoded):
             raise APIError(400, "prompt must not be empty", param="prompt", code="empty_prompt")
-        return [list(ids) for ids in encoded], items
+        return [list(ids) for ids in encoded], items if body.echo else None
     vocab = len(tokenizer)
     if any(not 0 <= t < vocab for ids in items for t in ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    if not body.echo:
+        return [list(ids) for ids in items], None
     texts = await asyncio.to_thread(lambda: [tokenizer.decode(ids) for ids in items])
     return [list(ids) for ids in items], texts
 

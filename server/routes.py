@@ -157,7 +157,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     jobs = [Job(f"{response_id}-{i}", ids, p)
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True))]
     assembler = CompletionAssembler(response_id, body.model, body.n, prompts, decoder(state),
-                                    texts if body.echo else None, body.logprobs,
+                                    texts, body.logprobs,
                                     params[0].prompt_logprobs)
     return await serve(request, state, target, jobs, assembler, body.stream,
                         body.include_usage)
