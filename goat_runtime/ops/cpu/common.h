@@ -35,11 +35,9 @@ inline vfloat vload(const float* p) {  // unaligned load
   return v;
 }
 inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
-inline vfloat vsplat(float f) {  // broadcast
-  vfloat v;
-  for (int l = 0; l < kVecLen; ++l) v[l] = f;
-  return v;
-}
+// A vector-scalar operation broadcasts the scalar: one vbroadcastss. (A loop setting each lane
+// compiled under AVX-512 to 16 masked moves per broadcast, 60 % of the expand's time.)
+inline vfloat vsplat(float f) { return vfloat{} + f; }
 
 // ------------------------------------------------------------------------------------------
 // Element conversion.

@@ -297,7 +297,8 @@ void run(const Problem& p, const at::Tensor& y, const at::Tensor& x, const at::T
   const float* gp = router.data_ptr<float>();
   const w_t* ep = expand.data_ptr<w_t>();
   const int64_t num_items = static_cast<int64_t>(item_len.size());
-  // Item `it`, then (on this thread) item `next`, whose first rows it prefetches.
+  // Item `it`; `next` is the item likely done next (on this thread or another): its first rows
+  // are prefetched at the end of this one.
   auto do_item = [&](int64_t it, int64_t next) {
     process_item<act_t, w_t>(p, xp, yp, sp, gp, ep, item_slot[it], order.data() + item_start[it],
                              item_len[it], next < num_items ? item_slot[next] : -1);
@@ -313,11 +314,12 @@ void run(const Problem& p, const at::Tensor& y, const at::Tensor& x, const at::T
   std::exception_ptr error;
   parallel_region([&]() {
     try {
-      // Each thread claims its next item before doing the current one, to prefetch it.
-      for (int64_t it = next.fetch_add(1); it < num_items;) {
-        const int64_t following = next.fetch_add(1);
-        do_item(it, following);
-        it = following;
+      // An item is claimed only when its thread is free: claiming the next one up front, to
+      // prefetch it, left the other threads nothing when a call has as few items as threads
+      // (a 32-token decode of one slot is 2 items, and ran on one thread). The first rows of the
+      // item likely next are prefetched instead, whichever thread then takes it.
+      for (int64_t it = next.fetch_add(1); it < num_items; it = next.fetch_add(1)) {
+        do_item(it, next.load(std::memory_order_relaxed));
       }
     } catch (...) {  // e.g. std::bad_alloc growing the scratch: rethrown on the caller's thread
       if (!failed.test_and_set()) error = std::current_exception();
