@@ -31,10 +31,10 @@ async def completion_prompts(tokenizer: Any, body: CompletionRequest,
     vocab = len(tokenizer)
     if any(not 0 <= t < vocab for ids in items for t in ids):
         raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+    prompt_ids = [list(ids) for ids in items]
     if not body.echo:
-        return [list(ids) for ids in items], None
-    texts = await asyncio.to_thread(lambda: [tokenizer.decode(ids) for ids in items])
-    return [list(ids) for ids in items], texts
+        return prompt_ids, None
+    return prompt_ids, await asyncio.to_thread(lambda: [tokenizer.decode(ids) for ids in items])
 
 
 def render_chat(tokenizer: Any, body: ChatCompletionRequest,
