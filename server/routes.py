@@ -34,7 +34,7 @@ router = APIRouter()
 
 # ---- models -------------------------------------------------------------------
 
-def resolve_model(request: Request, name: str) -> Target:
+async def resolve_model(request: Request, name: str) -> Target:
     """What `model` names, for the request's key: every model-taking route calls this.
 
     A name outside the key's list is refused before the engine is asked anything, with the
@@ -47,7 +47,7 @@ def resolve_model(request: Request, name: str) -> Target:
         if name == engine.base_name:
             target = Target(name, None, True)
         elif valid_name(name):
-            info = engine.adapter_info(name)
+            info = await engine.adapter_info(name)
             if info is not None:
                 target = Target(name, name, info.loaded)
     if target is None:
@@ -57,27 +57,27 @@ def resolve_model(request: Request, name: str) -> Target:
     return target
 
 
-def _model_cards(state: ServerState, key: TenantKey) -> list[ModelCard]:
+async def _model_cards(state: ServerState, key: TenantKey) -> list[ModelCard]:
     """The models `key` may use."""
     engine = state.engine
     base, max_len = engine.base_name, engine.max_model_len
     cards = [ModelCard(id=base, root=base, max_model_len=max_len)] + [
         ModelCard(id=info.name, root=info.name, parent=base, kind=info.kind, loaded=info.loaded,
                   location=info.location, max_model_len=max_len)
-        for info in sorted(engine.list_adapters(), key=lambda a: a.name)]
+        for info in sorted(await engine.list_adapters(), key=lambda a: a.name)]
     return [card for card in cards if key.allows(card.id)]
 
 
 @router.get("/v1/models", responses=openapi.MODELS)
 async def list_models(request: Request) -> JSONResponse:
-    cards = _model_cards(get_state(request), tenant(request))
+    cards = await _model_cards(get_state(request), tenant(request))
     return JSONResponse(ModelList(data=cards).model_dump())
 
 
 @router.get("/v1/models/{model_id}", responses=openapi.MODEL)
 async def get_model(model_id: str, request: Request) -> JSONResponse:
-    target = resolve_model(request, model_id)  # 404 if unknown or not the key's
-    card = next(c for c in _model_cards(get_state(request), tenant(request))
+    target = await resolve_model(request, model_id)  # 404 if unknown or not the key's
+    card = next(c for c in await _model_cards(get_state(request), tenant(request))
                 if c.id == target.name)
     return JSONResponse(card.model_dump())
 
@@ -140,7 +140,7 @@ def _check_prompt_logprobs(body: CompletionRequest | ChatCompletionRequest) -> N
 @router.post("/v1/completions", response_model=None, responses=openapi.COMPLETIONS)
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
-    target = resolve_model(request, body.model)
+    target = await resolve_model(request, body.model)
     with _count_error(request, target):
         check_fields(body, "completions")
         _check_prompt_logprobs(body)
@@ -167,7 +167,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
              responses=openapi.CHAT_COMPLETIONS)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
-    target = resolve_model(request, body.model)
+    target = await resolve_model(request, body.model)
     with _count_error(request, target):
         check_fields(body, "chat")
         _check_prompt_logprobs(body)

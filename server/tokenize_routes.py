@@ -25,9 +25,9 @@ from server.state import ServerState, get_state
 router = APIRouter()
 
 
-def _check_model(request: Request, model: str | None) -> None:
+async def _check_model(request: Request, model: str | None) -> None:
     if model is not None:
-        resolve_model(request, model)  # 404 if unknown or not the key's
+        await resolve_model(request, model)  # 404 if unknown or not the key's
 
 
 def _refuse(param: str, message: str) -> APIError:
@@ -59,7 +59,7 @@ async def _token_ids(state: ServerState, body: TokenizeRequest) -> list[int]:
 @router.post("/tokenize", response_model=None, responses=openapi.TOKENIZE)
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     state = get_state(request)
-    _check_model(request, body.model)
+    await _check_model(request, body.model)
     check_fields(body, "tokenize")
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "Give exactly one of prompt (text) and messages (a chat)",
@@ -75,7 +75,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
 @router.post("/detokenize", response_model=None, responses=openapi.DETOKENIZE)
 async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     state = get_state(request)
-    _check_model(request, body.model)
+    await _check_model(request, body.model)
     check_fields(body, "detokenize")
     tokenizer = state.engine.tokenizer
     vocab = len(tokenizer)

@@ -219,10 +219,10 @@ class AsyncEngine:
 
     # ---- adapters ---------------------------------------------------------------------------
 
-    def list_adapters(self) -> list[AdapterInfo]:
+    async def list_adapters(self) -> list[AdapterInfo]:
         return [i for i in self.engine.adapters.infos() if i.name not in self._unloading]
 
-    def adapter_info(self, name: str) -> AdapterInfo | None:
+    async def adapter_info(self, name: str) -> AdapterInfo | None:
         """One adapter's entry (loaded, or available in the adapter directory), or None."""
         if name in self._unloading:
             return None

@@ -350,7 +350,7 @@ class VllmAsyncEngine:
         await self.load_adapter(name, path, on_first_use=True)
         return self._adapters[name]
 
-    def list_adapters(self) -> list[AdapterInfo]:
+    async def list_adapters(self) -> list[AdapterInfo]:
         infos = {name: AdapterInfo(name, _kind(Path(r.lora_path)), True, "host")
                  for name, r in self._adapters.items() if name not in self._unloading}
         root = self.config.adapter_dir
@@ -360,7 +360,7 @@ class VllmAsyncEngine:
                     infos[path.name] = AdapterInfo(path.name, _kind(path), False, "disk")
         return sorted(infos.values(), key=lambda i: i.name)
 
-    def adapter_info(self, name: str) -> AdapterInfo | None:
+    async def adapter_info(self, name: str) -> AdapterInfo | None:
         if name in self._unloading:
             return None
         if name in self._adapters:

@@ -95,7 +95,7 @@ def test_load_and_unload_by_path(engine, tmp_path):
         with pytest.raises(EngineError):
             await engine.load_adapter("mine", FIXTURE / "adapters" / "lora0")
         tokens = await collect(engine, "m", "mine")
-        listed = {i.name: i for i in engine.list_adapters()}
+        listed = {i.name: i for i in await engine.list_adapters()}
         await engine.unload_adapter("mine")
         with pytest.raises(EngineError) as gone:
             await collect(engine, "g", "mine")

@@ -212,10 +212,10 @@ class FakeEngine:
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    def list_adapters(self) -> list[AdapterInfo]:
+    async def list_adapters(self) -> list[AdapterInfo]:
         return list(self.adapters)
 
-    def adapter_info(self, name: str) -> AdapterInfo | None:
+    async def adapter_info(self, name: str) -> AdapterInfo | None:
         return next((a for a in self.adapters if a.name == name), None)
 
     async def load_adapter(self, name: str, path: Path | str) -> None:
