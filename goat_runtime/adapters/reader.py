@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import tempfile
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
@@ -247,7 +248,7 @@ class ScratchPool:
             os.close(fd)
 
 
-def _start_reader() -> None:
+def _start_reader(parent: int) -> None:
     # One core, at the lowest priority: the reader reads on what the engine leaves idle, and
     # never slows a step (the engine gives it a thread when it starves: LLMEngine._share_cores).
     torch.set_num_threads(1)
@@ -258,6 +259,16 @@ def _start_reader() -> None:
     # frozen out of the cyclic GC once, the reads skip them.
     gc.collect()
     gc.freeze()
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch",
+                     daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this process once the process that started it has gone (killed, it never shuts
+    its pool down): an orphaned reader would wait for work forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _keep_freed_memory() -> None:
@@ -363,7 +374,7 @@ class AdapterReader:
                 # forked child would inherit in whatever state they were.
                 self._pool = ProcessPoolExecutor(
                     1, mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_reader)
+                    initializer=_start_reader, initargs=(os.getpid(),))
             return self._pool
 
     def _discard(self, pool: ProcessPoolExecutor) -> None:
