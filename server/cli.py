@@ -182,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--engine", choices=("goat", "vllm"), default="goat",
                    help="goat: goat-serve's engine (default); vllm: vLLM's engine with the goat "
                         "plugin, run in the vLLM environment (GOAT_VLLM_VENV, docs/vllm.md)")
+    m.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+                   help="run goat-serve's engine in a process of its own, so that the HTTP "
+                        "server's Python and the engine's run on two cores instead of taking "
+                        "turns on one interpreter (default off; --engine goat only)")
     m.add_argument("--tensor-parallel-size", type=_positive, default=1, metavar="N",
                    help="devices one model is split over (--engine vllm only; default 1)")
     s = p.add_argument_group("server")
@@ -322,6 +326,7 @@ def _engine(args: argparse.Namespace, config: "EngineConfig",
     from goat_runtime.adapters.format import AdapterError
     from goat_runtime.engine.adapter_slots import SlotBudgetError
     from goat_runtime.engine.async_engine import AsyncEngine
+    from goat_runtime.engine.process_engine import ProcessEngine
 
     logger.info("loading %s", config.model_dir)
     if args.engine == "vllm":
@@ -329,6 +334,8 @@ def _engine(args: argparse.Namespace, config: "EngineConfig",
 
         return build_engine(config, metrics, args.tensor_parallel_size)
     try:  # a pinned adapter that cannot be loaded, a slot budget too small: one line
+        if args.engine_process:
+            return ProcessEngine(config, listener=metrics)
         return AsyncEngine(config, listener=metrics)
     except (AdapterError, SlotBudgetError) as exc:
         raise SystemExit(f"goat-serve: error: {exc}") from exc

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Iterable
 from collections.abc import Sequence as Seq
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
@@ -78,7 +79,7 @@ class LLMEngine:
         self.listener = listener
         self.device, dtype = config.torch_device, config.torch_dtype
         self.model = load_model(config.model_dir, dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(config.model_dir))
+        self.tokenizer = load_tokenizer(config)
         model_config = self.model.config
         self.vocab_size = model_config.vocab_size
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
@@ -482,6 +483,11 @@ def _charge(failures: dict[str, Exception], request_ids: Iterable[str], exc: Exc
     """Charge a fault to these requests (a request keeps the first fault charged to it)."""
     for request_id in request_ids:
         failures.setdefault(request_id, exc)
+
+
+def load_tokenizer(config: EngineConfig) -> Any:
+    """The model's Hugging Face tokenizer (untyped upstream)."""
+    return AutoTokenizer.from_pretrained(str(config.model_dir))
 
 
 def _report_expert_counts(listener: EngineListener, counts: torch.Tensor,

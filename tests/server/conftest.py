@@ -108,9 +108,9 @@ def copy_adapters(dest: Path) -> Path:
 
 
 def start_real_server(tmp: Path, settings: Settings | None = None,
-                      **config: Any) -> LiveServer:
+                      engine_class: Any = None, **config: Any) -> LiveServer:
     """The real engine (fp32, CPU, small KV cache) on the fixture base, with an adapter dir
-    copied into `tmp`."""
+    copied into `tmp`; `engine_class` AsyncEngine (default) or ProcessEngine."""
     from goat_runtime.engine.async_engine import AsyncEngine
     from goat_runtime.engine.config import EngineConfig
 
@@ -120,7 +120,7 @@ def start_real_server(tmp: Path, settings: Settings | None = None,
                    static_cache_dir=tmp / "static")
     options.update(config)
     metrics = ServerMetrics(max_loras=options["max_loras"])
-    engine = AsyncEngine(EngineConfig(**options), listener=metrics)
+    engine = (engine_class or AsyncEngine)(EngineConfig(**options), listener=metrics)
     app = create_app(engine, settings or Settings(), metrics)
     return LiveServer(app, engine, adapter_dir)
 
