@@ -71,7 +71,8 @@ class ClientDisconnected(Exception):
 
 
 class EngineRun:
-    """The engine requests behind one API request, each pumped by a task into one queue.
+    """The engine requests behind one API request (several prompts), each pumped by a task
+    into one queue.
 
     `wait_started` returns once every request produced its first output, so early failures
     (unknown or invalid adapter, prompt too long) become HTTP errors before any byte is sent.
@@ -125,6 +126,49 @@ class EngineRun:
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
+
+
+class OneRequest:
+    """EngineRun's interface on an API request with one prompt (the common case): its engine
+    stream is read by whichever task asks, without a pump task between them, which would
+    cost every output one more turn of the event loop."""
+
+    def __init__(self, engine: ServingEngine, job: Job, adapter: str | None, tenant: str):
+        self._stream = engine.generate(job.request_id, job.prompt_ids, job.params, adapter,
+                                       tenant)
+        self._first: Any = None
+        self._closing: asyncio.Task[None] | None = None
+
+    async def wait_started(self) -> None:
+        self._first = await anext(self._stream, None)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, Any]]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield 0, first
+            if first.finished:
+                return
+        async for output in self._stream:
+            yield 0, output
+
+    def close(self) -> None:
+        """Close the stream (its engine request is aborted unless it has finished); on the
+        event loop, since closing an async generator is a coroutine."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._aclose())
+
+    async def _aclose(self) -> None:
+        # A task cancelled while reading the stream has closed it already (its cancellation
+        # runs first, having been scheduled first); nothing is left to close then.
+        with contextlib.suppress(RuntimeError):
+            await self._stream.aclose()
+
+
+def start_run(engine: ServingEngine, jobs: list[Job], adapter: str | None,
+              tenant: str) -> EngineRun | OneRequest:
+    if len(jobs) == 1:
+        return OneRequest(engine, jobs[0], adapter, tenant)
+    return EngineRun(engine, jobs, adapter, tenant)
 
 
 async def _disconnected(request: Request) -> None:
@@ -197,8 +241,9 @@ def _check_not_aborted(assembler: Assembler) -> None:
                        "shutting down)", code="aborted", headers={"Retry-After": "5"})
 
 
-async def _events(state: ServerState, request_id: str, run: EngineRun, assembler: Assembler,
-                  tracker: RequestTracker, include_usage: bool) -> AsyncIterator[str]:
+async def _events(state: ServerState, request_id: str, run: EngineRun | OneRequest,
+                  assembler: Assembler, tracker: RequestTracker,
+                  include_usage: bool) -> AsyncIterator[str]:
     outcome = "abort"  # unless it ends otherwise: cancelled by a disconnect
     try:
         for chunk in assembler.initial_chunks():
@@ -223,7 +268,7 @@ async def _events(state: ServerState, request_id: str, run: EngineRun, assembler
     yield "data: [DONE]\n\n"
 
 
-async def _collect(run: EngineRun, assembler: Assembler) -> None:
+async def _collect(run: EngineRun | OneRequest, assembler: Assembler) -> None:
     async for job, output in run.outputs():
         assembler.add(job, output)
     _check_not_aborted(assembler)
@@ -246,7 +291,7 @@ async def serve(request: Request, state: ServerState, target: Target, jobs: list
         lease.settle(None)  # never ran: its request and tokens go back
         raise
     tracker = state.metrics.track(target.label, target.adapter, seqs, key.id, lease.settle)
-    run = EngineRun(state.engine, jobs, target.adapter, key.id)
+    run = start_run(state.engine, jobs, target.adapter, key.id)
     try:
         await _unless_disconnected(request, run.wait_started())
     except BaseException as exc:  # including cancellation: the engine requests must not leak
