@@ -17,7 +17,7 @@ same run. `linears` is the measured time of one decode step's base GEMMs alone, 
 the step from below wherever the CPU, not memory, is the limit.
 
     .venv/bin/python -m benchmarks.bench_engine [--rounds 3] [--requests 32] [--prompt 128]
-        [--output 128] [--no-http]
+        [--output 128] [--no-http] [--server-arg=--engine-process]
 """
 
 from __future__ import annotations
@@ -181,6 +181,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (>= 3)")
     parser.add_argument("--no-http", dest="http", action="store_false",
                         help="skip the HTTP pass (a goat-serve server on the same store)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="one more flag for the HTTP pass's server (repeatable), e.g. "
+                             "--server-arg=--engine-process")
     parser.add_argument("--work-dir", type=Path, default=WORK_DIR,
                         help="model, adapters and static-term cache, written once and reused "
                              f"(default {WORK_DIR})")
@@ -261,7 +264,7 @@ def start_server(root: Path, model_dir: Path, store: Path, args):
 
     config = GoatServeConfig(model_dir=model_dir, adapter_dir=store, served_model_name="base",
                              max_loras=2 * NUM_ADAPTERS, max_cpu_adapters=2 * NUM_ADAPTERS,
-                             max_num_seqs=args.requests)
+                             max_num_seqs=args.requests, extra_args=args.server_arg)
     server = goat_serve(config, root / "server.log").start()
     server.wait_healthy()
     return server
