@@ -340,8 +340,9 @@ def build_parser(prog: str = "python -m loadtests.fairness",
     p.add_argument("--model-dir", type=Path, default=FIXTURE)
     p.add_argument("--scheduling-policy", choices=(*POLICIES, "both"), default="both",
                    help="the policy (or both, side by side) to measure")
-    # 4 and 40 requests/s: beyond this machine's capacity at its fastest (2,800 tok/s served
-    # to the heavy key alone, 2026-12-06); at 2 and 20 it kept up on a quiet day
+    # 6 and 60 requests/s (5,760 tok/s asked): beyond this machine's capacity at its fastest
+    # (the heavy key alone was served 2,900 tok/s in process, 4,500-5,800 with
+    # --engine-process, 2026-12-06); at 4 and 40 the engine process kept up
     p.add_argument("--light-rate", type=float, default=6.0, help="light key's requests/s")
     p.add_argument("--ratio", type=float, default=10.0, help="heavy rate / light rate")
     p.add_argument("--prompt-len", type=int, default=16)
