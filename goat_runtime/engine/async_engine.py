@@ -28,14 +28,13 @@ from goat_runtime.engine.outputs import (
     EngineListener,
     EngineStats,
     RequestOutput,
+    StreamItem,
 )
 from goat_runtime.engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# What a request's stream receives from the engine thread: its outputs, or the error that ends it.
-_StreamItem = RequestOutput | BaseException
-_Delivery = tuple["asyncio.Queue[_StreamItem]", RequestOutput]  # an output and its stream
+_Delivery = tuple["asyncio.Queue[StreamItem]", RequestOutput]  # an output and its stream
 
 
 class AsyncEngine:
@@ -48,7 +47,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop,
-                                       asyncio.Queue[_StreamItem]]] = {}
+                                       asyncio.Queue[StreamItem]]] = {}
         self._unloading: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -154,7 +153,7 @@ class AsyncEngine:
         if params.constraint is not None:  # off the engine thread, within the time limit
             await asyncio.to_thread(self.engine.grammars.compile, params.constraint)
         loop = asyncio.get_running_loop()
-        stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
+        stream: asyncio.Queue[StreamItem] = asyncio.Queue()
         self._streams[request_id] = (loop, stream)
         if self._error is not None:  # died since the check above: its handler may miss us
             self._streams.pop(request_id, None)
@@ -195,7 +194,7 @@ class AsyncEngine:
 
     def _add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      adapter: str | None, tenant: str, loop: asyncio.AbstractEventLoop,
-                     stream: asyncio.Queue[_StreamItem]) -> None:
+                     stream: asyncio.Queue[StreamItem]) -> None:
         """On the engine thread: add the request (an error goes to its stream) and wake the
         loop when its adapter has loaded."""
         try:

@@ -36,6 +36,10 @@ class RequestOutput:
     error: Exception | None = None  # the request failed (finished is True); streams raise it
 
 
+# What an engine front puts in a request's asyncio queue: its outputs, or the error that ends it.
+StreamItem = RequestOutput | BaseException
+
+
 class EngineError(RuntimeError):
     """A request failed inside the engine (for example its adapter could not be loaded); the
     stream raises it. `status` is the HTTP status a server should answer with."""

@@ -29,13 +29,13 @@ from goat_runtime.engine.outputs import (
     EngineListener,
     EngineStats,
     RequestOutput,
+    StreamItem,
 )
 from goat_runtime.engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_StreamItem = RequestOutput | BaseException
-_Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[_StreamItem]"]
+_Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[StreamItem]"]
 _Call = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 
 
@@ -198,7 +198,7 @@ class ProcessEngine:
             raise EngineError("The server is shutting down.", status=503)
         if request_id in self._streams:
             raise EngineError(f"Request id {request_id!r} is already running.", status=400)
-        stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
+        stream: asyncio.Queue[StreamItem] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         finished = False
         try:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from goat_runtime.engine.async_engine import AsyncEngine
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.outputs import AdapterInfo, EngineError
+from goat_runtime.engine.process_engine import ProcessEngine
 from goat_runtime.engine.sampling import SamplingParams
 from tests.adapters.adapted_model import FIXTURE
 
@@ -29,7 +30,7 @@ def engine(tmp_path):
     yield async_engine
 
 
-async def collect(engine: AsyncEngine, request_id: str, adapter: str | None,
+async def collect(engine: AsyncEngine | ProcessEngine, request_id: str, adapter: str | None,
                   params: SamplingParams = GREEDY) -> list[int]:
     tokens = []
     async for out in engine.generate(request_id, PROMPT, params, adapter):

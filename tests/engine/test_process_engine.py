@@ -7,7 +7,6 @@ import os
 import signal
 
 import pytest
-from safetensors.torch import load_file
 
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine_core import pack_error, unpack_error
@@ -15,10 +14,7 @@ from goat_runtime.engine.outputs import EngineError
 from goat_runtime.engine.process_engine import ProcessEngine
 from goat_runtime.engine.sampling import SamplingParams, SamplingParamsError
 from tests.adapters.adapted_model import FIXTURE
-
-REFERENCE = load_file(str(FIXTURE / "reference_outputs.safetensors"))
-PROMPT = REFERENCE["input_1"].tolist()
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+from tests.engine.test_async_engine import PROMPT, REFERENCE, collect
 
 
 class Recorder:
@@ -48,14 +44,6 @@ def engine(tmp_path):
     yield process_engine
     if process_engine._process.is_alive():
         asyncio.run(process_engine.shutdown())
-
-
-async def collect(engine: ProcessEngine, request_id: str, adapter: str | None,
-                  params: SamplingParams = GREEDY) -> list[int]:
-    tokens = []
-    async for out in engine.generate(request_id, PROMPT, params, adapter):
-        tokens += [t for d in out.outputs for t in d.token_ids]
-    return tokens
 
 
 def test_errors_cross_the_pipe_whole():
