@@ -21,7 +21,7 @@ from pathlib import Path
 
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
-from goat_runtime.engine.faults import describe
+from goat_runtime.engine.faults import dead_engine_error, describe
 from goat_runtime.engine.outputs import (
     AdapterInfo,
     EngineError,
@@ -111,7 +111,7 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(stream.put_nowait, self._dead_error())
 
     def _dead_error(self, status: int = 500) -> EngineError:
-        return EngineError(f"The engine failed: {self.failure}", status=status)
+        return dead_engine_error(self.failure, status)
 
     def _refresh_stats(self) -> None:
         running, waiting, usage = self.engine.stats()

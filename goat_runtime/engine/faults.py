@@ -44,6 +44,12 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
+def dead_engine_error(failure: str | None, status: int = 500) -> EngineError:
+    """What a request gets from an engine that has died of `failure` (describe's form): 500
+    for one it was serving, 503 for one that arrives after."""
+    return EngineError(f"The engine failed: {failure}", status=status)
+
+
 def request_error(exc: Exception) -> EngineError:
     """The error a request charged with a fault fails with (HTTP 500, naming the cause)."""
     return EngineError(f"The engine failed on this request ({describe(exc)}); other requests "

@@ -23,6 +23,7 @@ from typing import Any
 from goat_runtime.engine import engine_core
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import load_tokenizer
+from goat_runtime.engine.faults import dead_engine_error
 from goat_runtime.engine.outputs import (
     AdapterInfo,
     EngineError,
@@ -111,7 +112,7 @@ class ProcessEngine:
         self._conn.close()
 
     def _dead_error(self, status: int = 500) -> EngineError:
-        return EngineError(f"The engine failed: {self._failure}", status=status)
+        return dead_engine_error(self._failure, status)
 
     # ---- the engine process's messages (on the event loop) --------------------------------
 
