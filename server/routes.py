@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from goat_runtime.engine.outputs import AdapterInfo
 from goat_runtime.engine.sampling import SamplingParamsError
 from server import openapi
 from server.assemblers import ChatAssembler, CompletionAssembler
@@ -40,31 +41,39 @@ async def resolve_model(request: Request, name: str) -> Target:
     A name outside the key's list is refused before the engine is asked anything, with the
     same 404 as a name nothing has: the answer and the work done (hence its time) are the
     same whether someone else's adapter of that name exists or not."""
+    target, _ = await _resolve(request, name)
+    return target
+
+
+async def _resolve(request: Request, name: str) -> tuple[Target, AdapterInfo | None]:
+    """resolve_model's target, and the adapter's entry (None for the base)."""
     state = get_state(request)
     engine = state.engine
-    target = None
     if tenant(request).allows(name):
         if name == engine.base_name:
-            target = Target(name, None, True)
-        elif valid_name(name):
+            return Target(name, None, True), None
+        if valid_name(name):
             info = await engine.adapter_info(name)
             if info is not None:
-                target = Target(name, name, info.loaded)
-    if target is None:
-        shown = f" '{name}'" if valid_name(name) else ""
-        raise APIError(404, f"The model{shown} does not exist. GET /v1/models lists the base "
-                       "model and the adapters.", param="model", code="model_not_found")
-    return target
+                return Target(name, name, info.loaded), info
+    shown = f" '{name}'" if valid_name(name) else ""
+    raise APIError(404, f"The model{shown} does not exist. GET /v1/models lists the base "
+                   "model and the adapters.", param="model", code="model_not_found")
+
+
+def _card(state: ServerState, info: AdapterInfo | None) -> ModelCard:
+    """The base's card (info None) or an adapter's."""
+    base, max_len = state.engine.base_name, state.engine.max_model_len
+    if info is None:
+        return ModelCard(id=base, root=base, max_model_len=max_len)
+    return ModelCard(id=info.name, root=info.name, parent=base, kind=info.kind,
+                     loaded=info.loaded, location=info.location, max_model_len=max_len)
 
 
 async def _model_cards(state: ServerState, key: TenantKey) -> list[ModelCard]:
     """The models `key` may use."""
-    engine = state.engine
-    base, max_len = engine.base_name, engine.max_model_len
-    cards = [ModelCard(id=base, root=base, max_model_len=max_len)] + [
-        ModelCard(id=info.name, root=info.name, parent=base, kind=info.kind, loaded=info.loaded,
-                  location=info.location, max_model_len=max_len)
-        for info in sorted(await engine.list_adapters(), key=lambda a: a.name)]
+    infos = sorted(await state.engine.list_adapters(), key=lambda a: a.name)
+    cards = [_card(state, None)] + [_card(state, info) for info in infos]
     return [card for card in cards if key.allows(card.id)]
 
 
@@ -76,10 +85,8 @@ async def list_models(request: Request) -> JSONResponse:
 
 @router.get("/v1/models/{model_id}", responses=openapi.MODEL)
 async def get_model(model_id: str, request: Request) -> JSONResponse:
-    target = await resolve_model(request, model_id)  # 404 if unknown or not the key's
-    card = next(c for c in await _model_cards(get_state(request), tenant(request))
-                if c.id == target.name)
-    return JSONResponse(card.model_dump())
+    _, info = await _resolve(request, model_id)  # 404 if unknown or not the key's
+    return JSONResponse(_card(get_state(request), info).model_dump())
 
 
 # ---- health and metrics --------------------------------------------------------------------
