@@ -22,6 +22,8 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
+import uvloop
+
 from goat_runtime.adapters.reader import shared_reader
 from goat_runtime.engine.async_engine import AsyncEngine
 from goat_runtime.engine.config import EngineConfig
@@ -135,7 +137,7 @@ def main(config: EngineConfig, conn: Connection, log_level: int) -> None:
         # cyclic GC, whose full collections would walk them all with the GIL held.
         gc.collect()
         gc.freeze()
-        asyncio.run(_Core(engine, conn, listener).serve())
+        uvloop.run(_Core(engine, conn, listener).serve())  # as the server's loop (cli.py)
     finally:
         # A spawned process joins its children before the interpreter's exit hooks run, and
         # only those would stop the reader's pool: stopped here, or the join never returns.
