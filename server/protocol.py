@@ -201,11 +201,24 @@ class CompletionRequest(_SamplingRequest):
         return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 
 
+class CalledFunction(_Body):
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends a JSON string; an object is taken as well
+
+
+class MessageToolCall(_Body):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None  # assistant
+    tool_calls: list[MessageToolCall] | None = None  # assistant
     tool_call_id: str | None = None  # tool
 
 

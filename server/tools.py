@@ -91,11 +91,11 @@ def history_message(message: Any) -> dict[str, Any]:
     if message.tool_calls:
         calls = []
         for call in message.tool_calls:
-            function = dict(call.get("function") or {})
-            if isinstance(function.get("arguments"), str):
+            entry = call.model_dump(exclude_none=True)
+            if isinstance(call.function.arguments, str):
                 with contextlib.suppress(ValueError):  # else the template writes it as is
-                    function["arguments"] = json.loads(function["arguments"])
-            calls.append({**call, "function": function})
+                    entry["function"]["arguments"] = json.loads(call.function.arguments)
+            calls.append(entry)
         out["tool_calls"] = calls
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id

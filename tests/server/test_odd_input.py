@@ -67,6 +67,24 @@ def test_strict_types_inside(http: httpx.Client, route: str, body: dict, param: 
     assert_openai_error(http.post(route, json={**ROUTES[route][1], **body}), 400, param)
 
 
+@pytest.mark.parametrize(("call", "param"), [
+    ({"id": "c", "type": "function", "function": [""]}, "function"),  # found by the fuzz test
+    ({"id": "c", "type": "function", "function": {"arguments": "{}"}}, "function.name"),
+    ({"id": "c", "type": "function", "function": {"name": "f", "arguments": 3}},
+     "function.arguments"),
+    ({"type": "function", "function": {"name": "f", "arguments": "{}"}}, "id"),
+    ({"id": "c", "type": "web", "function": {"name": "f", "arguments": "{}"}}, "type"),
+    ("call", ""),
+])
+def test_malformed_tool_calls_in_history(http: httpx.Client, call: Any, param: str) -> None:
+    """An assistant turn's tool calls, sent back by the client, are checked as OpenAI's shape."""
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [call]}]
+    where = "messages[1].tool_calls[0]" + (f".{param}" if param else "")
+    assert_openai_error(http.post("/v1/chat/completions", json={**CHAT, "messages": messages}),
+                        400, where)
+
+
 def test_tool_choice_needs_tools(http: httpx.Client) -> None:
     for choice in ("auto", "none", {"type": "function", "function": {"name": "f"}}):
         error = assert_openai_error(
