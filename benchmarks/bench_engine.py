@@ -6,7 +6,8 @@ PEFT LoRA adapters (r = 8). Two engines serve it: with default flags (the GOAT s
 static term merged into the base weights) and with --no-merge-static. Each runs 32 concurrent
 requests of 128 prompt + 128 generated tokens (ignore_eos, greedy, all added at once, adapters
 round-robin) for the base, the 16 LoRA and the 16 GOAT adapters; a goat-serve server with
-default flags on the same store runs the same requests over HTTP (`--no-http` skips it). The
+default flags on the same store runs the same requests over HTTP (`--no-http` skips it), each
+right before or after (alternating between rounds) its in-process twin with default flags. The
 configurations run interleaved (round 1: every one, round 2: every one, ...), and each ratio is
 the median of the per-round ratios, printed with each round's.
 
@@ -237,25 +238,45 @@ def bench(root: Path, args) -> None:
             linears.append(linear_seconds(engines["default"].engine.model, args.requests))
             figures: dict[str, float] = {}
             per: dict[str, RunResult] = {}
-            for label, (name, adapters) in cases.items():
-                result = engines[name].run(prompts, adapters, args.output, bandwidths[-1])
+            for label, where, adapters in round_order(cases, server is not None, r):
+                if where == HTTP:
+                    names = [a or "base" for a in adapters]
+                    figures[label] = asyncio.run(http_run(server.url, prompts, names,
+                                                          args.output))
+                    print(f"round {r + 1}: {label:<22} {figures[label]:7.1f} tok/s", flush=True)
+                    continue
+                result = engines[where].run(prompts, adapters, args.output, bandwidths[-1])
                 figures[label], per[label] = result.tok_s, result
                 print(f"round {r + 1}: {label:<22} {result.tok_s:7.1f} tok/s, decode "
                       f"{result.decode_tok_s:6.1f} tok/s = {result.of_floor:.3f} of its floor "
                       f"{result.floor_tok_s:6.1f} ({result.step_mb:.0f} MB/step at "
                       f"{bandwidths[-1] / 1e9:.1f} GB/s)", flush=True)
-            if server is not None:
-                for kind, adapters in kinds.items():
-                    names = [a or "base" for a in adapters]
-                    tok_s = asyncio.run(http_run(server.url, prompts, names, args.output))
-                    figures[f"{kind} (HTTP)"] = tok_s
-                    print(f"round {r + 1}: {kind + ' (HTTP)':<22} {tok_s:7.1f} tok/s", flush=True)
             rounds.append(figures)
             results.append(per)
         report(rounds, results, bandwidths, linears, args, server is not None)
     finally:
         if server is not None:
             server.stop()
+
+
+HTTP = "HTTP"  # round_order's `where` of a run over HTTP
+
+
+def round_order(cases: dict[str, tuple[str, list[str | None]]], http: bool,
+                round_index: int) -> list[tuple[str, str, list[str | None]]]:
+    """One round's runs as (label, where: an engine's name or HTTP, adapters). Each HTTP run
+    comes right before or after its in-process twin with default flags, alternating between
+    rounds: these machines' speed drifts within a round, and adjacent runs in alternating order
+    put the same drift on both sides of their ratio."""
+    order = []
+    for label, (name, adapters) in cases.items():
+        pair = [(label, name, adapters)]
+        if http and name == "default":
+            pair.append((label.replace("(default)", f"({HTTP})"), HTTP, adapters))
+            if round_index % 2:
+                pair.reverse()
+        order += pair
+    return order
 
 
 def start_server(root: Path, model_dir: Path, store: Path, args):

@@ -92,3 +92,20 @@ def test_decode_floor_sums_the_growing_kv_reads():
     assert tok_s == pytest.approx(2 * 3 * 1000.0 / (3 * 100 + 30 * 10))
     with pytest.raises(ValueError):
         decode_floor_tok_s(100, 10, sequences=2, prompt=3, output=1, bandwidth=1.0)
+
+
+def test_each_http_run_is_beside_its_in_process_twin_in_alternating_order():
+    from benchmarks.bench_engine import HTTP, round_order
+
+    cases = {f"{kind} ({engine})": (engine, adapters) for engine in ("default", "unmerged")
+             for kind, adapters in (("base", [None]), ("16 GOAT", ["g0", "g1"]))}
+    first, second = round_order(cases, True, 0), round_order(cases, True, 1)
+    assert [label for label, _, _ in first] == [
+        "base (default)", "base (HTTP)", "16 GOAT (default)", "16 GOAT (HTTP)",
+        "base (unmerged)", "16 GOAT (unmerged)"]
+    assert [label for label, _, _ in second] == [
+        "base (HTTP)", "base (default)", "16 GOAT (HTTP)", "16 GOAT (default)",
+        "base (unmerged)", "16 GOAT (unmerged)"]
+    assert ("16 GOAT (HTTP)", HTTP, ["g0", "g1"]) in first
+    assert [where for _, where, _ in round_order(cases, False, 1)] == [
+        "default", "default", "unmerged", "unmerged"]
