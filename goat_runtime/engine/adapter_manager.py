@@ -73,8 +73,13 @@ class AdapterManager:
         self._failed: dict[str, Exception] = {}
         self._registered: dict[str, Location] = {}  # loaded by path (not from the adapter dir)
         self._refs: Counter[str] = Counter()  # unfinished requests per adapter
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader")
-        self._downloads = ThreadPoolExecutor(4, thread_name_prefix="adapter-download")
+        # Loads run torch on one thread each: a team of OpenMP threads of their own beside the
+        # engine thread's would make the engine's sleep between parallel regions (see
+        # AsyncEngine), for as long as the loader thread lives.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="adapter-loader",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+        self._downloads = ThreadPoolExecutor(4, thread_name_prefix="adapter-download",
+                                             initializer=torch.set_num_threads, initargs=(1,))
         self._load_ids = itertools.count(1)
         # max_loras bounds accelerator slots (with max_device_memory, their bytes) only
         self.slots = DeviceSlots(linears, max_loras, listener, get=self.get, peek=self._peek,

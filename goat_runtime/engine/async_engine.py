@@ -1,7 +1,7 @@
 """The asyncio front of the engine: add a request, get an async stream of its outputs.
 
-The LLMEngine runs on its own thread (torch releases the GIL in its kernels, so the server's
-event loop stays responsive). Everything that touches engine state runs on that thread:
+The LLMEngine is built and run on its own thread (torch releases the GIL in its kernels, so the
+server's event loop stays responsive). Everything that touches engine state runs on that thread:
 callers post commands to it, and it posts each output back to the caller's event loop.
 
 A fault charged to requests fails those alone (faults.py). One that is not ends the engine
@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from goat_runtime.engine.config import EngineConfig
@@ -39,18 +40,27 @@ _Delivery = tuple["asyncio.Queue[StreamItem]", RequestOutput]  # an output and i
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig, listener: EngineListener | None = None):
-        self.engine = LLMEngine(config, listener)
+        self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._go = threading.Event()  # start() or shutdown(): the thread may step or end
+        self._stop = False
+        # The engine thread builds the engine, then steps it: the CPU's OpenMP runtime keeps a
+        # team of threads per thread that ran a parallel region, and with more team threads
+        # than cores (the model built here, stepped there) idle ones sleep instead of spinning,
+        # so each of a step's parallel regions waits for them to wake: steps 1.4x slower
+        # (docs/benchmarks.md section 0).
+        built: Future[LLMEngine] = Future()
+        self._thread = threading.Thread(target=self._main, args=(config, listener, built),
+                                        name="goat-engine", daemon=True)
+        self._thread.start()
+        self.engine = built.result()  # the build's error, raised here
         self.config = config
         self.tokenizer = self.engine.tokenizer
         self.base_name = config.base_name
         self.max_model_len = self.engine.max_model_len
-        self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
-        self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop,
                                        asyncio.Queue[StreamItem]]] = {}
         self._unloading: set[str] = set()
-        self._thread: threading.Thread | None = None
-        self._stop = False
         self._accepting = True
         self._error: BaseException | None = None
         self._stats = EngineStats(0, 0, 0.0)
@@ -58,13 +68,11 @@ class AsyncEngine:
     # ---- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="goat-engine", daemon=True)
-            self._thread.start()
+        self._go.set()
 
     @property
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._error is None
+        return self._go.is_set() and self._thread.is_alive() and self._error is None
 
     @property
     def failure(self) -> str | None:
@@ -82,10 +90,21 @@ class AsyncEngine:
             self.abort(request_id)
         self._stop = True
         self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
+        self._go.set()
+        await asyncio.to_thread(self._thread.join, 10)
         self.engine.adapters.shutdown()
         self.engine.grammars.shutdown()
+
+    def _main(self, config: EngineConfig, listener: EngineListener | None,
+              built: "Future[LLMEngine]") -> None:
+        try:
+            engine = LLMEngine(config, listener)
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
+        built.set_result(engine)
+        self._go.wait()
+        self._run()
 
     def _run(self) -> None:
         try:

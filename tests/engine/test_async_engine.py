@@ -8,10 +8,12 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from goat_runtime.engine.async_engine import AsyncEngine
 from goat_runtime.engine.config import EngineConfig
+from goat_runtime.engine.engine import LLMEngine
 from goat_runtime.engine.outputs import AdapterInfo, EngineError
 from goat_runtime.engine.process_engine import ProcessEngine
 from goat_runtime.engine.sampling import SamplingParams
@@ -28,6 +30,7 @@ def engine(tmp_path):
         model_dir=FIXTURE / "base", adapter_dir=FIXTURE / "adapters", block_size=4,
         static_cache_dir=tmp_path / "static"))
     yield async_engine
+    asyncio.run(async_engine.shutdown())  # ends its thread, started or not
 
 
 async def collect(engine: AsyncEngine | ProcessEngine, request_id: str, adapter: str | None,
@@ -208,3 +211,47 @@ def test_an_unload_while_the_adapter_is_loading_is_a_404(engine):
     loading, loaded = asyncio.run(main())
     assert loading.status == 404 and "not loaded" in str(loading)
     assert not loaded
+
+
+def test_one_thread_builds_and_steps_the_engine_and_loads_run_torch_single_threaded(
+        tmp_path, monkeypatch):
+    """The OpenMP runtime keeps a team per thread that ran a parallel region; more team threads
+    than cores and the idle ones sleep instead of spinning, which made every step 1.4x slower
+    when the model was built on another thread than the one stepping it. So the engine thread
+    builds the engine, and adapter loads (on threads of their own) run torch on one thread."""
+    threads: Counter[tuple[str, str]] = Counter()
+    build, step = LLMEngine.__init__, LLMEngine.step
+
+    def recording_build(self, *args, **kwargs):
+        threads["build", threading.current_thread().name] += 1
+        build(self, *args, **kwargs)
+
+    def recording_step(self):
+        threads["step", threading.current_thread().name] += 1
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "__init__", recording_build)
+    monkeypatch.setattr(LLMEngine, "step", recording_step)
+    engine = AsyncEngine(EngineConfig(
+        model_dir=FIXTURE / "base", adapter_dir=FIXTURE / "adapters", block_size=4,
+        static_cache_dir=tmp_path / "static"))
+    assert not engine.is_alive  # built, not started
+
+    async def main():
+        await engine.start()
+        tokens = await collect(engine, "r0", "goat0")
+        loader_threads = await asyncio.wrap_future(
+            engine.engine.adapters._executor.submit(torch.get_num_threads))
+        await engine.shutdown()
+        return tokens, loader_threads
+
+    tokens, loader_threads = asyncio.run(main())
+    assert tokens == REFERENCE["goat0_greedy_1"].tolist()
+    assert {where for where, _ in threads} == {"build", "step"}
+    assert {name for _, name in threads} == {"goat-engine"}, threads
+    assert loader_threads == 1
+
+
+def test_an_engine_that_fails_to_build_raises_in_the_caller(tmp_path):
+    with pytest.raises(ValueError, match="missing config"):
+        AsyncEngine(EngineConfig(model_dir=tmp_path / "missing", static_cache_dir=tmp_path))
