@@ -16,7 +16,8 @@ Summary lines: per policy the median of the per-round light ratios, and the fair
 throughput ratio of each round and its median. A request still waiting for its first token
 when a phase ends counts with the time it has waited (a lower bound), so a queue that never
 drains shows as such.
-Requests are token ids (random, so the prefix cache never helps) with `ignore_eos`.
+Requests are token ids (random, so the prefix cache never helps) with `ignore_eos`. The load
+generator runs on uvloop, as the server does, to take less of the cores it shares with it.
 
     python -m loadtests.fairness                    # the tiny fixture model, ~7 minutes
     python -m loadtests.fairness --model-dir DIR    # another base model
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import uvloop
 
 from loadtests.common import (
     REPO,
@@ -209,7 +211,7 @@ def warm_up(server: ServerProcess, args: Namespace) -> None:
     their kernels' primitives, which would slow the first round's light-alone phase."""
     if args.warmup > 0:
         rates = {"light": args.light_rate, "heavy": args.light_rate * args.ratio}
-        asyncio.run(run_phase(server, served_model(server), "warm-up", rates,
+        uvloop.run(run_phase(server, served_model(server), "warm-up", rates,
                               argparse.Namespace(**{**vars(args), "duration": args.warmup}),
                               seed=-1))
 
@@ -226,7 +228,7 @@ def phase_plan(args: Namespace) -> list[tuple[str, dict[str, float]]]:
 def run_round(server: ServerProcess, args: Namespace, seed: int) -> list[Phase]:
     """The three phases on one server."""
     model = served_model(server)
-    return [asyncio.run(run_phase(server, model, name, rates, args, seed + i))
+    return [uvloop.run(run_phase(server, model, name, rates, args, seed + i))
             for i, (name, rates) in enumerate(phase_plan(args))]
 
 
