@@ -49,10 +49,10 @@ DEAD = "dead"  # (DEAD, failure): the engine loop died (AsyncEngine.failure)
 STOPPED = "stopped"  # (STOPPED,): shut down; the process exits
 
 CALLS = frozenset({"list_adapters", "adapter_info", "load_adapter", "unload_adapter"})
-TICK_S = 0.05
+TICK_S = 0.05  # how often listener events and stats go out when no output carries them
 # How long the engine thread may hold the GIL while this process's event loop waits for it (a
 # command in, a step's outputs out); Python's default, 5 ms, is a step of a small model.
-SWITCH_INTERVAL_S = 0.0002  # how often listener events and stats go out when no output carries them
+SWITCH_INTERVAL_S = 0.0002
 
 PackedError = tuple[type[BaseException], tuple[Any, ...], dict[str, Any]]
 
