@@ -6,16 +6,17 @@ started at once, the same flags otherwise, each warmed up with both keys for `--
 seconds; rounds alternate between them), three open-loop phases of `--duration` seconds: the
 light key alone, the heavy key alone (one key: the policies must not differ), both at once.
 Printed: the light key's TTFT p50 alone and beside the heavy key (and their ratio), the light
-key's mean queue time beside it as the server measures it (`/metrics`, read with a third,
-admin key: the scheduler's share of the TTFT), the tokens streamed per second in each phase,
-the CPU the server and this load generator used beside the heavy key (cores: CPU seconds per
-second; the load generator shares the machine's cores with the server) with how late its
-event loop woke from 10 ms sleeps (p50/max: when it cannot keep up with the streams, its lag
-is in every TTFT it measures), and how busy other jobs kept the CPUs just before each round.
-Summary lines: per policy the median of the per-round light ratios, and the fair / fcfs
-throughput ratio of each round and its median. A request still waiting for its first token
-when a phase ends counts with the time it has waited (a lower bound), so a queue that never
-drains shows as such.
+key's mean queue time beside it as the server measures it (`/metrics`, read with a third, admin
+key: the scheduler's share of the TTFT), the tokens streamed per second in each phase, the
+engine's steps beside the heavy key (per second, sequences per step, mean step time: which of
+them moved the throughput, also from /metrics), the CPU the server and this load generator used
+beside the heavy key (cores: CPU seconds per second; the load generator shares the machine's
+cores with the server) with how late its event loop woke from 10 ms sleeps (p50/max: when it
+cannot keep up with the streams, its lag is in every TTFT it measures), and how busy other jobs
+kept the CPUs just before each round. Summary lines: per policy the median of the per-round
+light ratios, and the fair / fcfs throughput ratio of each round and its median. A request
+still waiting for its first token when a phase ends counts with the time it has waited (a lower
+bound), so a queue that never drains shows as such.
 Requests are token ids (random, so the prefix cache never helps) with `ignore_eos`. The load
 generator runs on uvloop, as the server does, to take less of the cores it shares with it.
 
@@ -40,6 +41,7 @@ from pathlib import Path
 
 import httpx
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.common import (
     REPO,
@@ -76,6 +78,11 @@ class Phase:
     # How late its event loop woke from 10 ms sleeps (s): a delay every TTFT it measures has.
     client_lag_s: list[float] = field(default_factory=list)
     server_cpu_s: float = 0.0  # the server's
+    # The engine's steps that ran sequences (/metrics): how many, their summed wall time and
+    # summed sequences. Throughput is steps/s x sequences/step: which of the two fell.
+    steps: int = 0
+    step_s: float = 0.0
+    step_seqs: int = 0
 
     def p50_ms(self, key: str) -> float | None:
         values = self.ttft_s[key]
@@ -84,6 +91,13 @@ class Phase:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.duration_s
+
+    def step_figures(self) -> tuple[float, float | None, float | None]:
+        """(steps per second, mean sequences per step, mean step ms)."""
+        if not self.steps:
+            return 0.0, None, None
+        return (self.steps / self.duration_s, self.step_seqs / self.steps,
+                1000 * self.step_s / self.steps)
 
 
 async def _one(http: httpx.AsyncClient, key: str, body: dict, phase: Phase,
@@ -116,20 +130,17 @@ async def _one(http: httpx.AsyncClient, key: str, body: dict, phase: Phase,
             phase.waiting[key] += 1
 
 
-def queue_time(url: str) -> dict[str, tuple[float, float]]:
-    """Per key, (sum of seconds, count) of the server's goat_key_queue_time_seconds."""
+def server_samples(url: str) -> dict[tuple[str, str], float]:
+    """The server's /metrics samples that this benchmark reads, by (name, key label): per key
+    the sum and count of goat_key_queue_time_seconds, and (key "") the engine's steps: the
+    count and sum of goat_step_seconds and the sum of goat_batch_size."""
     text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {OPS_SECRET}"},
                      timeout=30).text
-    totals: dict[str, tuple[float, float]] = {}
-    for key in SECRETS:
-        values = [0.0, 0.0]
-        for i, part in enumerate(("sum", "count")):
-            prefix = f'goat_key_queue_time_seconds_{part}{{key="{key}"}} '
-            for line in text.splitlines():
-                if line.startswith(prefix):
-                    values[i] = float(line[len(prefix):])
-        totals[key] = (values[0], values[1])
-    return totals
+    wanted = {"goat_key_queue_time_seconds_sum", "goat_key_queue_time_seconds_count",
+              "goat_step_seconds_count", "goat_step_seconds_sum", "goat_batch_size_sum"}
+    return {(sample.name, sample.labels.get("key", "")): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name in wanted}
 
 
 async def loop_lag(end: float, lags: list[float]) -> None:
@@ -145,7 +156,7 @@ async def run_phase(server: ServerProcess, model: str, name: str, rates: dict[st
                     args: Namespace, seed: int) -> Phase:
     phase = Phase(name, args.duration)
     url = server.url
-    queued_before = queue_time(url)
+    before = server_samples(url)
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
@@ -174,10 +185,19 @@ async def run_phase(server: ServerProcess, model: str, name: str, rates: dict[st
         phase.client_cpu_s = time.process_time() - client_cpu0
         phase.server_cpu_s = server.cpu_seconds() - server_cpu0
     await asyncio.sleep(2.0)  # let the server finish aborting before the next phase
-    for key, (total, count) in queue_time(url).items():
-        before_total, before_count = queued_before[key]
-        if count > before_count:
-            phase.queue_ms[key] = 1000 * (total - before_total) / (count - before_count)
+    after = server_samples(url)
+
+    def delta(name: str, key: str = "") -> float:
+        return after.get((name, key), 0.0) - before.get((name, key), 0.0)
+
+    for key in SECRETS:
+        count = delta("goat_key_queue_time_seconds_count", key)
+        if count:
+            phase.queue_ms[key] = 1000 * delta("goat_key_queue_time_seconds_sum", key) / count
+    # Includes the aborts' last steps in the 2 s above: a few steps among thousands.
+    phase.steps = int(delta("goat_step_seconds_count"))
+    phase.step_s = delta("goat_step_seconds_sum")
+    phase.step_seqs = int(delta("goat_batch_size_sum"))
     return phase
 
 
@@ -286,7 +306,7 @@ def report(results: dict[str, list[Round]], args: Namespace) -> str:
                          both.p50_ms("light"), light_ratio(rnd), both.queue_ms["light"],
                          both.p50_ms("heavy"),
                          f"{both.waiting['light']}/{len(both.ttft_s['light'])}",
-                         heavy.tokens_per_s, both.tokens_per_s,
+                         heavy.tokens_per_s, both.tokens_per_s, *both.step_figures(),
                          both.server_cpu_s / both.duration_s,
                          None if both.client_cpu_s is None
                          else both.client_cpu_s / both.duration_s, lag(both),
@@ -295,6 +315,7 @@ def report(results: dict[str, list[Round]], args: Namespace) -> str:
                           "light TTFT p50 with heavy (ms)", "ratio",
                           "light queue mean with heavy (ms)", "heavy TTFT p50 (ms)",
                           "light waiting at end", "tok/s heavy alone", "tok/s both",
+                          "steps/s both", "seqs/step both", "step ms both",
                           "server cores both", "client cores both",
                           "client loop lag p50/max both (ms)", "errors"], rows)
     lines = [table, ""]
@@ -373,6 +394,7 @@ def write_json(results: dict[str, list[Round]], path: Path) -> None:
              "heavy_ttft_p50_ms": p.p50_ms("heavy"), "tokens_per_s": p.tokens_per_s,
              "light_queue_ms": p.queue_ms["light"], "waiting_at_end": p.waiting,
              "server_cpu_s": p.server_cpu_s, "client_cpu_s": p.client_cpu_s,
+             "steps": p.steps, "step_s": p.step_s, "step_seqs": p.step_seqs,
              "client_lag_p50_max_ms": lag(p),
              "errors": p.errors} for p in rnd.phases]} for rnd in rounds]
         for policy, rounds in results.items()}, indent=1))

@@ -1,7 +1,19 @@
 """loadtests.fairness says whether its heavy key asked more than the server served it alone:
-below capacity no scheduler has to choose, and the light key's ratio measures nothing."""
+below capacity no scheduler has to choose, and the light key's ratio measures nothing; and it
+reads the engine's steps and queue times from a live server's /metrics."""
 
-from loadtests.fairness import Phase, Round, build_parser, overload, report
+import uvloop
+
+from loadtests.fairness import (
+    Phase,
+    Round,
+    build_parser,
+    overload,
+    report,
+    run_phase,
+    served_model,
+    start_server,
+)
 
 
 def rounds(heavy_alone_tokens: list[int]) -> list[Round]:
@@ -24,3 +36,24 @@ def test_overload_is_judged_against_what_the_heavy_key_was_served_alone() -> Non
     text = report({"fair": rounds([28_000, 27_000, 29_000])}, args)
     assert "light TTFT ratio, fair: median of 3 rounds 1.50" in text
     assert beyond in text
+
+
+def test_a_phase_reads_the_engine_steps_and_queue_times_from_the_live_server(tmp_path) -> None:
+    """One short phase against a real server with the benchmark's key file: the step figures
+    and the light key's queue time come from its /metrics (an admin key that sends nothing)."""
+    args = build_parser("fairness", None).parse_args(
+        ["--duration", "2", "--light-rate", "4", "--output-len", "8", "--warmup", "0"])
+    server = start_server("fair", args, tmp_path)
+    try:
+        server.wait_healthy()
+        phase = uvloop.run(run_phase(server, served_model(server), "light alone",
+                                     {"light": 4.0}, args, seed=0))
+    finally:
+        server.stop()
+    assert phase.errors == 0 and phase.tokens > 0
+    steps_per_s, seqs_per_step, step_ms = phase.step_figures()
+    assert phase.steps >= 8 and steps_per_s == phase.steps / 2
+    assert seqs_per_step is not None and 1 <= seqs_per_step <= args.max_num_seqs
+    assert step_ms is not None and step_ms > 0
+    assert phase.queue_ms["light"] is not None and phase.queue_ms["heavy"] is None
+    assert Phase("empty", 1.0).step_figures() == (0.0, None, None)
