@@ -3,8 +3,9 @@
 
 For each scheduling policy (`--scheduling-policy fcfs` and `fair`, one server each, both
 started at once, the same flags otherwise, each warmed up with both keys for `--warmup`
-seconds; rounds alternate between them), three open-loop phases of `--duration` seconds: the
-light key alone, the heavy key alone (one key: the policies must not differ), both at once.
+seconds), three open-loop phases of `--duration` seconds: the light key alone, the heavy key
+alone (one key: the policies must not differ), both at once. Each round runs every phase on
+both servers back to back, with the same arrivals (`interleaved_rounds`).
 Printed: the light key's TTFT p50 alone and beside the heavy key (and their ratio), the light
 key's mean queue time beside it as the server measures it (`/metrics`, read with a third, admin
 key: the scheduler's share of the TTFT), the tokens streamed per second in each phase, the
@@ -35,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,39 +246,59 @@ def phase_plan(args: Namespace) -> list[tuple[str, dict[str, float]]]:
             ("light + heavy", {"light": args.light_rate, "heavy": heavy})]
 
 
-def run_round(server: ServerProcess, args: Namespace, seed: int) -> list[Phase]:
-    """The three phases on one server."""
-    model = served_model(server)
-    return [uvloop.run(run_phase(server, model, name, rates, args, seed + i))
-            for i, (name, rates) in enumerate(phase_plan(args))]
-
-
 @dataclass
 class Round:
     phases: list[Phase]  # light alone, heavy alone, both
     others_busy: float  # the CPUs' busy fraction just before, with our servers idle
 
 
+# The order a round runs its phases in (indices into phase_plan): light alone, both, heavy
+# alone, each on every policy back to back, so that the light ratio compares phases equally far
+# apart for both policies.
+PHASE_ORDER = (0, 2, 1)
+
+
+def interleaved_rounds(policies: Sequence[str], args: Namespace,
+                       run_phase_on: Callable[[str, str, dict[str, float], int], Phase],
+                       ) -> dict[str, list[Round]]:
+    """`args.rounds` rounds of the three phases, each phase run on every policy back to back
+    (the same arrivals, the policies' order alternating between rounds): this machine's speed
+    drifts by up to 2x within minutes (docs/benchmarks.md section 8), so a ratio between two
+    policies compares phases seconds apart, never minutes. run_phase_on(policy, phase name,
+    rates, seed) runs one phase."""
+    results: dict[str, list[Round]] = {policy: [] for policy in policies}
+    plan = phase_plan(args)
+    for r in range(args.rounds):
+        turn = list(policies) if r % 2 == 0 else list(reversed(policies))
+        busy = wait_for_quiet(args.max_busy)
+        busy = cpu_busy(5.0) if busy is None else busy
+        print(f"round {r} ({', '.join(turn)}): other jobs keep {busy:.0%} of the CPUs busy "
+              f"(load average {load_avg()})", file=sys.stderr, flush=True)
+        phases: dict[str, dict[int, Phase]] = {policy: {} for policy in policies}
+        for j in PHASE_ORDER:
+            name, rates = plan[j]
+            for policy in turn:
+                phases[policy][j] = run_phase_on(policy, name, rates, 10 * r + j)
+        for policy in policies:
+            results[policy].append(Round([phases[policy][j] for j in range(len(plan))], busy))
+    return results
+
+
 def run(policies: Sequence[str], args: Namespace, folder: Path) -> dict[str, list[Round]]:
-    """Both servers up at once (the idle one costs nothing); rounds alternate between them, in
-    turn first, so that the machine's drift falls on both alike."""
+    """Both servers up at once (the idle one costs nothing), their phases interleaved."""
     servers = {policy: start_server(policy, args, folder) for policy in policies}
     try:
         for server in servers.values():
             server.wait_healthy()
         for server in servers.values():
             warm_up(server, args)
-        results: dict[str, list[Round]] = {policy: [] for policy in policies}
-        for r in range(args.rounds):
-            turn = policies if r % 2 == 0 else list(reversed(policies))
-            for policy in turn:
-                busy = wait_for_quiet(args.max_busy)
-                busy = cpu_busy(5.0) if busy is None else busy
-                print(f"round {r}, {policy}: other jobs keep {busy:.0%} of the CPUs busy "
-                      f"(load average {load_avg()})", file=sys.stderr, flush=True)
-                phases = run_round(servers[policy], args, seed=10 * r)
-                results[policy].append(Round(phases, busy))
-        return results
+        models = {policy: served_model(server) for policy, server in servers.items()}
+
+        def run_phase_on(policy: str, name: str, rates: dict[str, float], seed: int) -> Phase:
+            return uvloop.run(run_phase(servers[policy], models[policy], name, rates, args,
+                                        seed))
+
+        return interleaved_rounds(policies, args, run_phase_on)
     finally:
         for server in servers.values():
             server.stop()

@@ -16,7 +16,6 @@ cores, two intra-op threads waiting for each other make every step many times sl
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections.abc import Sequence
 
@@ -25,13 +24,13 @@ import torch
 from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
 from goat_runtime.engine.sampling import SamplingParams
-from loadtests.common import cpu_busy, load_avg, wait_for_quiet
 from loadtests.fairness import (
     POLICIES,
     Namespace,
     Phase,
     Round,
     build_parser,
+    interleaved_rounds,
     phase_plan,
     report,
     write_json,
@@ -98,7 +97,7 @@ def run_phase(engine: LLMEngine, name: str, rates: dict[str, float], args: Names
 
 
 def run(policies: Sequence[str], args: Namespace) -> dict[str, list[Round]]:
-    """Both engines built first; rounds alternate between them, as loadtests.fairness does."""
+    """Both engines built first; their phases interleaved, as loadtests.fairness does."""
     torch.set_num_threads(args.threads)
     engines = {policy: LLMEngine(EngineConfig(
         model_dir=args.model_dir, device="cpu", dtype="float32",
@@ -108,17 +107,9 @@ def run(policies: Sequence[str], args: Namespace) -> dict[str, list[Round]]:
         if args.warmup > 0:
             run_phase(engine, "warm-up", phase_plan(args)[2][1],
                       Namespace(**{**vars(args), "duration": args.warmup}), seed=-1)
-    results: dict[str, list[Round]] = {policy: [] for policy in policies}
-    for r in range(args.rounds):
-        for policy in (policies if r % 2 == 0 else list(reversed(policies))):
-            busy = wait_for_quiet(args.max_busy)
-            busy = cpu_busy(5.0) if busy is None else busy
-            print(f"round {r}, {policy}: other jobs keep {busy:.0%} of the CPUs busy "
-                  f"(load average {load_avg()})", file=sys.stderr, flush=True)
-            phases = [run_phase(engines[policy], name, rates, args, 10 * r + j)
-                      for j, (name, rates) in enumerate(phase_plan(args))]
-            results[policy].append(Round(phases, busy))
-    return results
+    return interleaved_rounds(
+        policies, args, lambda policy, name, rates, seed: run_phase(engines[policy], name, rates,
+                                                                    args, seed))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,10 +4,12 @@ reads the engine's steps and queue times from a live server's /metrics."""
 
 import uvloop
 
+from loadtests import fairness
 from loadtests.fairness import (
     Phase,
     Round,
     build_parser,
+    interleaved_rounds,
     overload,
     report,
     run_phase,
@@ -57,3 +59,27 @@ def test_a_phase_reads_the_engine_steps_and_queue_times_from_the_live_server(tmp
     assert step_ms is not None and step_ms > 0
     assert phase.queue_ms["light"] is not None and phase.queue_ms["heavy"] is None
     assert Phase("empty", 1.0).step_figures() == (0.0, None, None)
+
+
+def test_rounds_run_each_phase_on_every_policy_back_to_back(monkeypatch) -> None:
+    """The machine drifts within minutes: a round runs light alone, both, heavy alone, each on
+    both policies in a row with the same seed (the same arrivals), the policies' order
+    alternating between rounds; each Round keeps its phases in the plan's order."""
+    monkeypatch.setattr(fairness, "cpu_busy", lambda seconds: 0.0)
+    args = build_parser("fairness", None).parse_args(["--rounds", "2"])
+    calls: list[tuple[str, str, int]] = []
+
+    def run_phase_on(policy: str, name: str, rates: dict[str, float], seed: int) -> Phase:
+        calls.append((policy, name, seed))
+        assert set(rates) == {"light", "heavy"} if name == "light + heavy" else len(rates) == 1
+        return Phase(f"{policy} {name}", 1.0)
+
+    results = interleaved_rounds(("fcfs", "fair"), args, run_phase_on)
+    light, heavy, both = "light alone", "heavy alone (one key)", "light + heavy"
+    assert calls == [("fcfs", light, 0), ("fair", light, 0), ("fcfs", both, 2),
+                     ("fair", both, 2), ("fcfs", heavy, 1), ("fair", heavy, 1),
+                     ("fair", light, 10), ("fcfs", light, 10), ("fair", both, 12),
+                     ("fcfs", both, 12), ("fair", heavy, 11), ("fcfs", heavy, 11)]
+    for policy, rounds_ in results.items():
+        assert [[p.name for p in rnd.phases] for rnd in rounds_] == 2 * [
+            [f"{policy} {light}", f"{policy} {heavy}", f"{policy} {both}"]]
