@@ -20,6 +20,9 @@ still waiting for its first token when a phase ends counts with the time it has 
 bound), so a queue that never drains shows as such.
 Requests are token ids (random, so the prefix cache never helps) with `ignore_eos`. The load
 generator runs on uvloop, as the server does, to take less of the cores it shares with it.
+The servers run torch on `--threads` threads (1 by default, as loadtests.fairness_engine): with
+two, each spent 0.6 cores more spinning for no more throughput, and two identical phases back
+to back differed by up to 2x (docs/benchmarks.md section 8).
 
     python -m loadtests.fairness                    # the tiny fixture model, ~7 minutes
     python -m loadtests.fairness --model-dir DIR    # another base model
@@ -219,7 +222,8 @@ def start_server(policy: str, args: Namespace, folder: Path) -> ServerProcess:
            "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-memory", args.kv_cache_memory,
            "--device", "cpu", "--dtype", "float32", "--log-level", "warning",
            "--engine-process" if args.engine_process else "--no-engine-process"]
-    return ServerProcess(f"goat-serve-{policy}", cmd, port, folder / f"{policy}.log").start()
+    return ServerProcess(f"goat-serve-{policy}", cmd, port, folder / f"{policy}.log",
+                         env={"OMP_NUM_THREADS": str(args.threads)}).start()
 
 
 def served_model(server: ServerProcess) -> str:
@@ -399,6 +403,9 @@ def build_parser(prog: str = "python -m loadtests.fairness",
                    help="seconds of both keys on each server first, not measured")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
                    help="the servers' --engine-process")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads of the servers (engines): the tiny model's steps "
+                        "are Python, and a second thread only competes with the event loop")
     p.add_argument("--json", type=Path, help="also write the figures here")
     add_max_busy_arg(p)
     return p

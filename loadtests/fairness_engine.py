@@ -114,7 +114,6 @@ def run(policies: Sequence[str], args: Namespace) -> dict[str, list[Round]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser("python -m loadtests.fairness_engine", __doc__)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)
     policies = POLICIES if args.scheduling_policy == "both" else (args.scheduling_policy,)
     results = run(policies, args)

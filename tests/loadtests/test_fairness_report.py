@@ -46,6 +46,7 @@ def test_a_phase_reads_the_engine_steps_and_queue_times_from_the_live_server(tmp
     args = build_parser("fairness", None).parse_args(
         ["--duration", "2", "--light-rate", "4", "--output-len", "8", "--warmup", "0"])
     server = start_server("fair", args, tmp_path)
+    assert server.env == {"OMP_NUM_THREADS": "1"}  # --threads' default: one torch thread
     try:
         server.wait_healthy()
         phase = uvloop.run(run_phase(server, served_model(server), "light alone",
