@@ -15,9 +15,9 @@ once per admission. A sequence is charged from its own state (its prompt once ad
 output tokens as they grow) while it runs and when it finishes; the charge only ever grows, so
 recomputing a preempted sequence costs its tenant nothing more. Sequences admitted before
 (preempted ones, at the front of the queue) keep their place ahead of the rest. The cost per
-step: the running sequences, plus, with several active tenants, one pass over the waiting
-queue (as the scheduler's own admission loop makes) and a heap over tenants for as many
-sequences as one admission can take.
+step: a pass over the running sequences; with several active tenants, when the batch has room
+(the scheduler asks for no order when it is full), one pass over the waiting queue and a heap
+over tenants for as many sequences as one admission can take.
 
 Ordering alone leaves a light tenant waiting until one of a heavy tenant's running sequences
 finishes (the paper's VTC never preempts). So `victim` names, once per step, a waiting
@@ -34,7 +34,7 @@ everyone.
 """
 
 import heapq
-from collections import Counter, deque
+from collections import deque
 
 from goat_runtime.engine.request import Sequence, SequenceStatus
 
@@ -156,24 +156,41 @@ class VirtualTokenCounter:
         sequence of the most-served running tenant above it that runs 2+ sequences more."""
         if len(self._unfinished) <= 1 or not waiting:
             return None
-        self._charge_running(running)
-        heads: dict[str, Sequence] = {}
-        for seq in waiting:
-            heads.setdefault(seq.request.tenant, seq)
-        tenant = min(heads, key=lambda t: self.counters.get(t, 0.0))  # ties: earliest head
-        floor = self.counters.get(tenant, 0.0)
         newest: dict[str, Sequence] = {}
-        runs: Counter[str] = Counter()
+        runs: dict[str, int] = {}
+        in_running: dict[str, int] = {}
         for seq in running:  # oldest first: the last one of a tenant is its newest
+            tenant = seq.request.tenant
+            in_running[tenant] = in_running.get(tenant, 0) + 1
             if seq.status is SequenceStatus.RUNNING:
-                newest[seq.request.tenant] = seq
-                runs[seq.request.tenant] += 1
-        above = [t for t in newest if t != tenant and self.counters.get(t, 0.0) > floor
-                 and runs[t] >= runs[tenant] + 2]
+                newest[tenant] = seq
+                runs[tenant] = runs.get(tenant, 0) + 1
+        # This runs every step, and under overload the waiting queue is hundreds long: a
+        # tenant's unfinished sequences are waiting or running, so which tenants wait is known
+        # without walking it, and nothing is charged or walked unless some tenant runs two
+        # more sequences than a waiting one (in a steady overload the light tenant's requests
+        # are favoured as they come, so mostly only the heavy one waits).
+        waiters = [t for t, n in self._unfinished.items() if n > in_running.get(t, 0)]
+        if not any(runs.get(t, 0) >= runs.get(w, 0) + 2
+                   for w in waiters for t in newest if t != w):
+            return None
+        self._charge_running(running)
+        floor = min(self.counters.get(t, 0.0) for t in waiters)
+        lowest = {t for t in waiters if self.counters.get(t, 0.0) == floor}
+        fewest = min(runs.get(t, 0) for t in lowest)
+        above = [t for t in newest if self.counters.get(t, 0.0) > floor
+                 and runs[t] >= fewest + 2]
+        if not above:
+            return None
+        head = next((seq for seq in waiting if seq.request.tenant in lowest), None)
+        if head is None:
+            return None
+        tenant = head.request.tenant  # ties: earliest head
+        above = [t for t in above if runs[t] >= runs.get(tenant, 0) + 2]
         if not above:
             return None
         top = max(above, key=lambda t: self.counters.get(t, 0.0))
-        return newest[top], heads[tenant]
+        return newest[top], head
 
     def yielded(self, seq: Sequence) -> None:
         """`seq` was preempted for fairness: it queues with its tenant, not at the front."""

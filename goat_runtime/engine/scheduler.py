@@ -106,7 +106,9 @@ class Scheduler:
                     budget -= n
             except Exception as exc:  # charged to this sequence's request
                 self.faults.append((seq, exc))
-        if not preempted:
+        # A full batch admits nothing: not ordering or walking the waiting queue then keeps a
+        # step's cost independent of how long that queue has grown under overload.
+        if not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             scheduled += self._admit(budget)
         return scheduled
 
@@ -162,13 +164,10 @@ class Scheduler:
             self.draining = None
         kept: deque[Sequence] = deque()
         slot_blocked: list[Sequence] = []
-        stop = False
         while self.waiting:
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
             seq = self.waiting.popleft()
-            if stop or budget == 0 or len(self.running) >= self.config.max_num_seqs:
-                kept.append(seq)
-                stop = True
-                continue
             name = seq.adapter
             if name is not None and self.adapters.status(name) != "ready":
                 kept.append(seq)  # still loading (failures are the engine's to report)
@@ -191,8 +190,7 @@ class Scheduler:
                 continue
             if n == 0:  # its KV blocks do not fit: first come, first served
                 kept.append(seq)
-                stop = True
-                continue
+                break
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if name is not None:
@@ -201,6 +199,7 @@ class Scheduler:
             budget -= n
             for blocked in slot_blocked:
                 blocked.passed_over += 1
+        kept.extend(self.waiting)  # the rest, untouched (one C-level copy)
         self.waiting = kept
         return admitted
 
