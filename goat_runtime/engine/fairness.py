@@ -177,16 +177,12 @@ class VirtualTokenCounter:
         self._charge_running(running)
         floor = min(self.counters.get(t, 0.0) for t in waiters)
         lowest = {t for t in waiters if self.counters.get(t, 0.0) == floor}
-        fewest = min(runs.get(t, 0) for t in lowest)
-        above = [t for t in newest if self.counters.get(t, 0.0) > floor
-                 and runs[t] >= fewest + 2]
-        if not above:
-            return None
         head = next((seq for seq in waiting if seq.request.tenant in lowest), None)
         if head is None:
             return None
         tenant = head.request.tenant  # ties: earliest head
-        above = [t for t in above if runs[t] >= runs.get(tenant, 0) + 2]
+        above = [t for t in newest if self.counters.get(t, 0.0) > floor
+                 and runs[t] >= runs.get(tenant, 0) + 2]
         if not above:
             return None
         top = max(above, key=lambda t: self.counters.get(t, 0.0))
