@@ -10,16 +10,17 @@ Printed: the light key's TTFT p50 alone and beside the heavy key (and their rati
 key's mean queue time beside it as the server measures it (`/metrics`, read with a third, admin
 key: the scheduler's share of the TTFT), the tokens streamed per second in each phase, the
 engine's steps beside the heavy key (per second, sequences per step, mean step time: which of
-them moved the throughput, also from /metrics), the CPU the server and this load generator used
+them moved the throughput, also from /metrics), the CPU the server and the load generator used
 beside the heavy key (cores: CPU seconds per second; the load generator shares the machine's
-cores with the server) with how late its event loop woke from 10 ms sleeps (p50/max: when it
-cannot keep up with the streams, its lag is in every TTFT it measures), and how busy other jobs
-kept the CPUs just before each round. Summary lines: per policy the median of the per-round
+cores with the server) with how late each key's client woke from 10 ms sleeps (p50/max: when
+it cannot keep up with its streams, its lag is in every TTFT it measures), and how busy other
+jobs kept the CPUs just before each round. Summary lines: per policy the median of the per-round
 light ratios, and the fair / fcfs throughput ratio of each round and its median. A request
 still waiting for its first token when a phase ends counts with the time it has waited (a lower
 bound), so a queue that never drains shows as such.
-Requests are token ids (random, so the prefix cache never helps) with `ignore_eos`. The load
-generator runs on uvloop, as the server does, to take less of the cores it shares with it.
+Requests are token ids (random, so the prefix cache never helps) with `ignore_eos`. Each key's
+requests come from a client process of its own (loadtests.key_clients), as each customer's come
+from theirs, on uvloop, as the server runs, to take less of the cores it shares with it.
 The servers run torch on `--threads` threads (1 by default, as loadtests.fairness_engine): with
 two, each spent 0.6 cores more spinning for no more throughput, and two identical phases back
 to back differed by up to 2x (docs/benchmarks.md section 8).
@@ -31,10 +32,8 @@ to back differed by up to 2x (docs/benchmarks.md section 8).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -44,7 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests.common import (
@@ -57,12 +55,12 @@ from loadtests.common import (
     load_avg,
     wait_for_quiet,
 )
+from loadtests.key_clients import START_LEAD_S, KeyClients, KeyJob
 
 FIXTURE = REPO / "tests" / "fixtures" / "goat-peft-tiny" / "base"
 SECRETS = {"light": "light-secret", "heavy": "heavy-secret"}
 OPS_SECRET = "ops-secret"  # an admin key that sends nothing: it reads /metrics
 POLICIES = ("fcfs", "fair")
-EVENT = b"data: {"  # a completion chunk's server-sent event ("data: [DONE]" is not one)
 
 
 @dataclass
@@ -78,9 +76,10 @@ class Phase:
     # The server's own mean queue time (arrival to first scheduled) of the key's requests that
     # finished in the phase, from /metrics: the scheduler's share of the TTFT.
     queue_ms: dict[str, float | None] = field(default_factory=lambda: dict.fromkeys(SECRETS))
-    client_cpu_s: float | None = None  # this load generator's CPU time during the phase
-    # How late its event loop woke from 10 ms sleeps (s): a delay every TTFT it measures has.
-    client_lag_s: list[float] = field(default_factory=list)
+    client_cpu_s: float | None = None  # the key clients' CPU time during the phase, summed
+    # Per key, how late its client's event loop woke from 10 ms sleeps (s): a delay every TTFT
+    # that client measures has.
+    client_lag_s: dict[str, list[float]] = field(default_factory=dict)
     server_cpu_s: float = 0.0  # the server's
     # The engine's steps that ran sequences (/metrics): how many, their summed wall time and
     # summed sequences. Throughput is steps/s x sequences/step: which of the two fell.
@@ -104,36 +103,6 @@ class Phase:
                 1000 * self.step_s / self.steps)
 
 
-async def _one(http: httpx.AsyncClient, key: str, body: dict, phase: Phase,
-               end: float) -> None:
-    start = time.monotonic()
-    first: float | None = None
-    tail = b""  # the end of the previous read: an event's start may straddle two
-    try:
-        async with http.stream("POST", "/v1/completions", json=body,
-                               headers={"Authorization": f"Bearer {SECRETS[key]}"}) as response:
-            if response.status_code != 200:
-                phase.errors += 1
-                return
-            # Events counted in the raw bytes, not parsed line by line: this load generator
-            # shares the server's cores, and its own time per event is in every TTFT it sees.
-            async for data in response.aiter_raw():
-                now = time.monotonic()
-                if now > end:
-                    break
-                seen = tail + data
-                events = seen.count(EVENT)
-                tail = seen[-(len(EVENT) - 1):]
-                if events and first is None:
-                    first = now
-                    phase.ttft_s[key].append(now - start)
-                phase.tokens += events  # one token per event (n = 1)
-    finally:
-        if first is None and time.monotonic() >= end:  # still waiting: censored
-            phase.ttft_s[key].append(end - start)
-            phase.waiting[key] += 1
-
-
 def server_samples(url: str) -> dict[tuple[str, str], float]:
     """The server's /metrics samples that this benchmark reads, by (name, key label): per key
     the sum and count of goat_key_queue_time_seconds, and (key "") the engine's steps: the
@@ -147,49 +116,25 @@ def server_samples(url: str) -> dict[tuple[str, str], float]:
             for sample in family.samples if sample.name in wanted}
 
 
-async def loop_lag(end: float, lags: list[float]) -> None:
-    """How late this event loop wakes from a 10 ms sleep, until `end`: when the load generator
-    cannot keep up with the streams, its own delay shows here (and in every TTFT)."""
-    while time.monotonic() < end:
-        before = time.monotonic()
-        await asyncio.sleep(0.01)
-        lags.append(time.monotonic() - before - 0.01)
-
-
-async def run_phase(server: ServerProcess, model: str, name: str, rates: dict[str, float],
-                    args: Namespace, seed: int) -> Phase:
+def run_phase(server: ServerProcess, model: str, name: str, rates: dict[str, float],
+              args: Namespace, seed: int, clients: KeyClients) -> Phase:
+    """One phase on `server`, each key's requests sent by its own client process."""
     phase = Phase(name, args.duration)
-    url = server.url
-    before = server_samples(url)
-    rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
-        start = time.monotonic()
-        end = start + args.duration
-        tasks: list[asyncio.Task] = []
-        client_cpu0, server_cpu0 = time.process_time(), server.cpu_seconds()
-
-        async def sender(key: str, rate: float) -> None:
-            next_at = start + rng.expovariate(rate)
-            while next_at < end:
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                body = {"model": model, "prompt": [rng.randrange(10, 90)
-                                                   for _ in range(args.prompt_len)],
-                        "max_tokens": args.output_len, "ignore_eos": True, "stream": True,
-                        "temperature": 0}
-                tasks.append(asyncio.create_task(_one(http, key, body, phase, end)))
-                next_at += rng.expovariate(rate)
-
-        await asyncio.gather(loop_lag(end, phase.client_lag_s),
-                             *(sender(k, r) for k, r in rates.items() if r > 0))
-        await asyncio.sleep(max(0.0, end - time.monotonic()))
-        for task in tasks:
-            task.cancel()  # closes the stream: the server aborts the request
-        await asyncio.gather(*tasks, return_exceptions=True)
-        phase.client_cpu_s = time.process_time() - client_cpu0
-        phase.server_cpu_s = server.cpu_seconds() - server_cpu0
-    await asyncio.sleep(2.0)  # let the server finish aborting before the next phase
-    after = server_samples(url)
+    before = server_samples(server.url)
+    server_cpu0 = server.cpu_seconds()
+    start_at = time.time() + START_LEAD_S
+    loads = clients.run([KeyJob(server.url, model, key, SECRETS[key], rate, args.prompt_len,
+                                args.output_len, args.duration, seed, start_at)
+                         for key, rate in rates.items() if rate > 0])
+    phase.server_cpu_s = server.cpu_seconds() - server_cpu0
+    phase.client_cpu_s = sum(load.cpu_s for load in loads.values())
+    for key, load in loads.items():
+        phase.ttft_s[key], phase.waiting[key] = load.ttft_s, load.waiting
+        phase.client_lag_s[key] = load.lag_s
+        phase.tokens += load.tokens
+        phase.errors += load.errors
+    time.sleep(2.0)  # let the server finish aborting before the next phase
+    after = server_samples(server.url)
 
     def delta(name: str, key: str = "") -> float:
         return after.get((name, key), 0.0) - before.get((name, key), 0.0)
@@ -231,14 +176,13 @@ def served_model(server: ServerProcess) -> str:
     return httpx.get(f"{server.url}/v1/models", headers=headers).json()["data"][0]["id"]
 
 
-def warm_up(server: ServerProcess, args: Namespace) -> None:
+def warm_up(server: ServerProcess, args: Namespace, clients: KeyClients) -> None:
     """Both keys for `--warmup` seconds, not measured: the first batches of each size build
     their kernels' primitives, which would slow the first round's light-alone phase."""
     if args.warmup > 0:
         rates = {"light": args.light_rate, "heavy": args.light_rate * args.ratio}
-        uvloop.run(run_phase(server, served_model(server), "warm-up", rates,
-                              argparse.Namespace(**{**vars(args), "duration": args.warmup}),
-                              seed=-1))
+        run_phase(server, served_model(server), "warm-up", rates,
+                  argparse.Namespace(**{**vars(args), "duration": args.warmup}), -1, clients)
 
 
 def phase_plan(args: Namespace) -> list[tuple[str, dict[str, float]]]:
@@ -292,17 +236,19 @@ def run(policies: Sequence[str], args: Namespace, folder: Path) -> dict[str, lis
     """Both servers up at once (the idle one costs nothing), their phases interleaved."""
     servers = {policy: start_server(policy, args, folder) for policy in policies}
     try:
-        for server in servers.values():
-            server.wait_healthy()
-        for server in servers.values():
-            warm_up(server, args)
-        models = {policy: served_model(server) for policy, server in servers.items()}
+        with KeyClients(SECRETS) as clients:
+            for server in servers.values():
+                server.wait_healthy()
+            for server in servers.values():
+                warm_up(server, args, clients)
+            models = {policy: served_model(server) for policy, server in servers.items()}
 
-        def run_phase_on(policy: str, name: str, rates: dict[str, float], seed: int) -> Phase:
-            return uvloop.run(run_phase(servers[policy], models[policy], name, rates, args,
-                                        seed))
+            def run_phase_on(policy: str, name: str, rates: dict[str, float],
+                             seed: int) -> Phase:
+                return run_phase(servers[policy], models[policy], name, rates, args, seed,
+                                 clients)
 
-        return interleaved_rounds(policies, args, run_phase_on)
+            return interleaved_rounds(policies, args, run_phase_on)
     finally:
         for server in servers.values():
             server.stop()
@@ -315,11 +261,11 @@ def light_ratio(rnd: Round) -> float | None:
 
 
 def lag(phase: Phase) -> str | None:
-    """The load generator's loop lag, p50/max in ms (None in process: there is none)."""
-    if not phase.client_lag_s:
+    """Each key client's loop lag, p50/max in ms (None in process: there is none)."""
+    if not any(phase.client_lag_s.values()):
         return None
-    return (f"{statistics.median(phase.client_lag_s) * 1000:.1f}/"
-            f"{max(phase.client_lag_s) * 1000:.0f}")
+    return ", ".join(f"{key} {statistics.median(lags) * 1000:.1f}/{max(lags) * 1000:.0f}"
+                     for key, lags in phase.client_lag_s.items() if lags)
 
 
 def report(results: dict[str, list[Round]], args: Namespace) -> str:

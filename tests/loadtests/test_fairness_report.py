@@ -2,10 +2,13 @@
 below capacity no scheduler has to choose, and the light key's ratio measures nothing; and it
 reads the engine's steps and queue times from a live server's /metrics."""
 
-import uvloop
+import time
+from dataclasses import replace
 
 from loadtests import fairness
+from loadtests.common import free_port
 from loadtests.fairness import (
+    SECRETS,
     Phase,
     Round,
     build_parser,
@@ -16,6 +19,7 @@ from loadtests.fairness import (
     served_model,
     start_server,
 )
+from loadtests.key_clients import KeyClients, KeyJob
 
 
 def rounds(heavy_alone_tokens: list[int]) -> list[Round]:
@@ -41,25 +45,45 @@ def test_overload_is_judged_against_what_the_heavy_key_was_served_alone() -> Non
 
 
 def test_a_phase_reads_the_engine_steps_and_queue_times_from_the_live_server(tmp_path) -> None:
-    """One short phase against a real server with the benchmark's key file: the step figures
-    and the light key's queue time come from its /metrics (an admin key that sends nothing)."""
+    """One short phase of both keys against a real server with the benchmark's key file, each
+    key from its own client process: the step figures and each key's queue time come from
+    the server's /metrics (an admin key that sends nothing)."""
     args = build_parser("fairness", None).parse_args(
         ["--duration", "2", "--light-rate", "4", "--output-len", "8", "--warmup", "0"])
     server = start_server("fair", args, tmp_path)
     assert server.env == {"OMP_NUM_THREADS": "1"}  # --threads' default: one torch thread
     try:
         server.wait_healthy()
-        phase = uvloop.run(run_phase(server, served_model(server), "light alone",
-                                     {"light": 4.0}, args, seed=0))
+        with KeyClients(SECRETS) as clients:
+            phase = run_phase(server, served_model(server), "light + heavy",
+                              {"light": 4.0, "heavy": 8.0}, args, 0, clients)
     finally:
         server.stop()
     assert phase.errors == 0 and phase.tokens > 0
+    assert len(phase.ttft_s["light"]) >= 2 and len(phase.ttft_s["heavy"]) >= 6
+    assert all(0 < ttft < args.duration for ttft in phase.ttft_s["heavy"])
+    assert set(phase.client_lag_s) == {"light", "heavy"} and all(phase.client_lag_s.values())
+    assert phase.client_cpu_s is not None and phase.client_cpu_s > 0
     steps_per_s, seqs_per_step, step_ms = phase.step_figures()
     assert phase.steps >= 8 and steps_per_s == phase.steps / 2
     assert seqs_per_step is not None and 1 <= seqs_per_step <= args.max_num_seqs
     assert step_ms is not None and step_ms > 0
-    assert phase.queue_ms["light"] is not None and phase.queue_ms["heavy"] is None
+    assert phase.queue_ms["light"] is not None and phase.queue_ms["heavy"] is not None
     assert Phase("empty", 1.0).step_figures() == (0.0, None, None)
+
+
+def test_a_key_client_counts_refused_requests_as_errors() -> None:
+    """A client whose server is gone reports errors, not TTFTs; its process serves the next
+    job as well (the same arrivals for the same seed). A request sent in the phase's last
+    instant may be cut off before its refusal arrives: it counts as still waiting."""
+    job = KeyJob(f"http://127.0.0.1:{free_port()}", "m", "light", "s", rate=20.0,
+                 prompt_len=4, output_len=4, duration_s=0.5, seed=3, start_at=time.time())
+    with KeyClients(["light"]) as clients:
+        first = clients.run([job])["light"]
+        again = clients.run([replace(job, start_at=time.time())])["light"]
+    assert first.errors > 0 and first.tokens == again.tokens == 0
+    assert first.errors + first.waiting == again.errors + again.waiting
+    assert len(first.ttft_s) == first.waiting <= 1
 
 
 def test_rounds_run_each_phase_on_every_policy_back_to_back(monkeypatch) -> None:
