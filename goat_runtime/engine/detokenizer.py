@@ -10,8 +10,11 @@ is decoded, never the whole output, so a token costs the same at any length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING
+
+from transformers import PreTrainedTokenizerFast
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -23,6 +26,21 @@ _PROMPT_CONTEXT = 5
 # A window ending in U+FFFD for this many tokens holds a genuine replacement character (a
 # UTF-8 character spans at most 4 bytes), not a character still being completed: emit it.
 _MAX_HELD_TOKENS = 16
+
+
+def window_decoder(tokenizer: PreTrainedTokenizerBase,
+                   skip_special_tokens: bool) -> Callable[[list[int]], str | list[str]]:
+    """Decodes a window of token ids exactly as `tokenizer.decode` does, without clean-up of
+    tokenization spaces (it rewrites text across token boundaries, " ." -> ".", so windows would
+    not add up to the whole). A fast tokenizer whose class decodes as transformers' does is
+    decoded by its Rust tokenizer directly: the wrapper around it costs 5x the decode itself
+    (2.9 against 0.5 us for a window, twice a generated token, on the engine's thread)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(type(tokenizer), "_decode", None) is (
+            PreTrainedTokenizerFast._decode):
+        return partial(backend.decode, skip_special_tokens=skip_special_tokens)
+    return partial(tokenizer.decode, skip_special_tokens=skip_special_tokens,
+                   clean_up_tokenization_spaces=False)
 
 
 class IncrementalDetokenizer:
@@ -39,8 +57,7 @@ class IncrementalDetokenizer:
             raise TypeError("stop must be a sequence of strings, not a string")
         if not all(isinstance(s, str) and s for s in stop):
             raise ValueError("stop strings must be non-empty strings")
-        self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
+        self._decode_window = window_decoder(tokenizer, skip_special_tokens)
         self._stop = tuple(stop)
         context = [int(t) for t in list(prompt_token_ids)[-_PROMPT_CONTEXT:]]
         self._ids = context
@@ -84,10 +101,7 @@ class IncrementalDetokenizer:
         return self._emit(final=True)
 
     def _decode(self, ids: list[int]) -> str:
-        # No clean-up of tokenization spaces: it rewrites text across token boundaries (" ." ->
-        # "."), so windows would not add up to the whole.
-        text = self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens,
-                                      clean_up_tokenization_spaces=False)
+        text = self._decode_window(ids)
         if not isinstance(text, str):  # decode returns a list only for a batch of sequences
             raise TypeError(f"the tokenizer decoded one sequence into {type(text).__name__}")
         return text

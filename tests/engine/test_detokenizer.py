@@ -7,7 +7,11 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from goat_runtime.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from goat_runtime.engine.detokenizer import (
+    REPLACEMENT_CHAR,
+    IncrementalDetokenizer,
+    window_decoder,
+)
 
 FIXTURE_TOKENIZER = Path(__file__).parents[1] / "fixtures" / "goat-peft-tiny" / "base"
 EOS = "<|endoftext|>"
@@ -178,3 +182,40 @@ def test_add_after_finish_and_bad_stop_raise(byte_bpe):
         IncrementalDetokenizer(byte_bpe, [], stop="stop")
     with pytest.raises(ValueError):
         IncrementalDetokenizer(byte_bpe, [], stop=[""])
+
+
+class Wrapped:
+    """A tokenizer seen only through its `decode`: the generic path."""
+
+    def __init__(self, tokenizer):
+        self.decode = tokenizer.decode
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_the_rust_decode_shortcut_streams_what_the_tokenizer_decodes(byte_bpe, word_level, skip):
+    """A fast tokenizer is decoded by its Rust tokenizer directly; the text, special tokens
+    included or skipped, is the generic path's, token by token."""
+    for tokenizer in (byte_bpe, word_level):
+        assert window_decoder(tokenizer, skip).func == tokenizer.backend_tokenizer.decode
+        eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+        ids = tokenizer.encode(TEXT + " the end")
+        ids = [*ids[:5], eos, *ids[5:], eos]
+        for prompt in ([], ids[:3]):
+            fast = stream(IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip),
+                          ids)
+            generic = stream(IncrementalDetokenizer(Wrapped(tokenizer), prompt,
+                                                    skip_special_tokens=skip), ids)
+            assert fast == generic
+        whole = tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        assert "".join(stream(IncrementalDetokenizer(tokenizer, [], skip_special_tokens=skip),
+                              ids)) == whole
+
+
+def test_a_tokenizer_class_that_decodes_its_own_way_keeps_it(byte_bpe):
+    class Shouting(type(byte_bpe)):
+        def _decode(self, token_ids, **kwargs):
+            return super()._decode(token_ids, **kwargs).upper()
+
+    shouting = Shouting(tokenizer_object=byte_bpe.backend_tokenizer, eos_token=EOS)
+    ids = byte_bpe.encode("hello world")
+    assert "".join(stream(IncrementalDetokenizer(shouting, []), ids)) == "HELLO WORLD"
