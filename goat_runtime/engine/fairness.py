@@ -16,8 +16,11 @@ output tokens as they grow) while it runs and when it finishes; the charge only 
 recomputing a preempted sequence costs its tenant nothing more. Sequences admitted before
 (preempted ones, at the front of the queue) keep their place ahead of the rest. The cost per
 step: a pass over the running sequences; with several active tenants, when the batch has room
-(the scheduler asks for no order when it is full), one pass over the waiting queue and a heap
-over tenants for as many sequences as one admission can take.
+(the scheduler asks for no order when it is full), a heap over tenants for as many sequences
+as the batch has room for, fed by a walk of the waiting queue that stops once it holds that
+many of each tenant's (how many each has waiting is known from the counts): under overload
+the queue is hundreds long, and walking all of it at every admission cost 1 % of the
+throughput (docs/benchmarks.md section 8).
 
 Ordering alone leaves a light tenant waiting until one of a heavy tenant's running sequences
 finishes (the paper's VTC never preempts). So `victim` names, once per step, a waiting
@@ -35,6 +38,7 @@ everyone.
 
 import heapq
 from collections import deque
+from itertools import islice
 
 from goat_runtime.engine.request import Sequence, SequenceStatus
 
@@ -53,7 +57,8 @@ class FirstComeFirstServed:
     def finished(self, seq: Sequence) -> None:
         """Nothing to count."""
 
-    def order(self, waiting: deque[Sequence], running: list[Sequence]) -> deque[Sequence]:
+    def order(self, waiting: deque[Sequence], running: list[Sequence],
+              room: int) -> deque[Sequence]:
         return waiting
 
     def victim(self, waiting: deque[Sequence],
@@ -65,10 +70,7 @@ class FirstComeFirstServed:
 
 
 class VirtualTokenCounter:
-    def __init__(self, picks: int = 64) -> None:
-        # Sequences ordered by counter per step: admission takes at most max_num_seqs, so the
-        # rest follow per tenant, first come first served (the next step orders them again).
-        self.picks = picks
+    def __init__(self) -> None:
         self.counters: dict[str, float] = {}
         self._unfinished: dict[str, int] = {}  # tenant -> its sequences waiting or running
         self._present: set[Sequence] = set()
@@ -108,27 +110,45 @@ class VirtualTokenCounter:
             self.counters[tenant] = self.counters.get(tenant, 0.0) + delta
             self._charged[seq] = served
 
-    def order(self, waiting: deque[Sequence], running: list[Sequence]) -> deque[Sequence]:
-        """`waiting` in the order admission should try it."""
+    def order(self, waiting: deque[Sequence], running: list[Sequence],
+              room: int) -> deque[Sequence]:
+        """`waiting` in the order admission should try it, for `room` more running sequences:
+        the first `room` by counter, then the rest (ordered again at the next admission)."""
         self._charge_running(running)
         if len(self._unfinished) <= 1:  # one tenant: first come, first served
             return waiting
+        # A tenant's unfinished sequences are running or waiting, so how many of each tenant's
+        # the walk can find is known: it stops once it holds `room` of each tenant's (or all
+        # of them), not at the end of a queue hundreds long under overload.
+        runs = _runs(running)
+        missing = sum(min(room, max(0, n - runs.get(t, 0))) for t, n in self._unfinished.items())
+        found: dict[str, int] = {}
         ordered: deque[Sequence] = deque()
         queues: dict[str, deque[Sequence]] = {}
+        walked = 0
         for seq in waiting:
+            if missing <= 0:
+                break
+            walked += 1
+            tenant = seq.request.tenant
+            if found.get(tenant, 0) < room:
+                found[tenant] = found.get(tenant, 0) + 1
+                missing -= 1
             # Preempted for KV room, at the front: keeps its place (not if it yielded).
             if seq in self._charged and seq not in self._yielded and not queues:
                 ordered.append(seq)
             else:
-                queues.setdefault(seq.request.tenant, deque()).append(seq)
+                queues.setdefault(tenant, deque()).append(seq)
+        rest = islice(waiting, walked, None)
         if len(queues) <= 1:
             ordered.extend(seq for queue in queues.values() for seq in queue)
+            ordered.extend(rest)
             return ordered
-        # Simulate admitting them all, each tentatively charged its prompt, so that one step's
+        # Simulate admitting them, each tentatively charged its prompt, so that one step's
         # admissions already alternate; ties go to the tenant whose head came first.
         heap = [(self.counters.get(tenant, 0.0), i, tenant) for i, tenant in enumerate(queues)]
         heapq.heapify(heap)
-        for _ in range(self.picks):
+        for _ in range(room):
             if not heap:
                 break
             counter, i, tenant = heapq.heappop(heap)
@@ -140,39 +160,42 @@ class VirtualTokenCounter:
                 heapq.heappush(heap, (counter, i, tenant))
         for _, _, tenant in sorted(heap):  # the rest: lowest counter's first
             ordered.extend(queues[tenant])
+        ordered.extend(rest)
         return ordered
 
-
     def _charge_running(self, running: list[Sequence]) -> None:
+        # _charge(seq, admitted=True) for each, inlined: this runs at every admission.
+        charged, counters = self._charged, self.counters
         for seq in running:
-            if seq.status is SequenceStatus.RUNNING:
-                self._charge(seq, admitted=True)
-                self._yielded.discard(seq)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            served = (GENERATED_WEIGHT * len(seq.output_token_ids)
+                      + PROMPT_WEIGHT * len(seq.request.prompt_token_ids))
+            delta = served - charged.get(seq, 0.0)
+            if delta > 0:
+                tenant = seq.request.tenant
+                counters[tenant] = counters.get(tenant, 0.0) + delta
+                charged[seq] = served
+        if self._yielded:
+            self._yielded.difference_update(running)
 
     def victim(self, waiting: deque[Sequence],
                running: list[Sequence]) -> tuple[Sequence, Sequence] | None:
         """(a running sequence to preempt if need be, the waiting one to favour), or None:
         the earliest waiting sequence of the least-served waiting tenant, and the newest
-        sequence of the most-served running tenant above it that runs 2+ sequences more."""
+        sequence of the most-served running tenant above it that runs 2+ sequences more.
+        `running`: the scheduler's running sequences (all of them RUNNING), oldest first."""
         if len(self._unfinished) <= 1 or not waiting:
             return None
-        newest: dict[str, Sequence] = {}
-        runs: dict[str, int] = {}
-        in_running: dict[str, int] = {}
-        for seq in running:  # oldest first: the last one of a tenant is its newest
-            tenant = seq.request.tenant
-            in_running[tenant] = in_running.get(tenant, 0) + 1
-            if seq.status is SequenceStatus.RUNNING:
-                newest[tenant] = seq
-                runs[tenant] = runs.get(tenant, 0) + 1
-        # This runs every step, and under overload the waiting queue is hundreds long: a
-        # tenant's unfinished sequences are waiting or running, so which tenants wait is known
-        # without walking it, and nothing is charged or walked unless some tenant runs two
-        # more sequences than a waiting one (in a steady overload the light tenant's requests
-        # are favoured as they come, so mostly only the heavy one waits).
-        waiters = [t for t, n in self._unfinished.items() if n > in_running.get(t, 0)]
-        if not any(runs.get(t, 0) >= runs.get(w, 0) + 2
-                   for w in waiters for t in newest if t != w):
+        runs = _runs(running)
+        # This runs every step, and under overload the waiting queue is hundreds long: which
+        # tenants wait is known from the counts without walking it, and nothing is charged or
+        # walked unless some tenant runs two more sequences than a waiting one (in a steady
+        # overload the light tenant's requests are favoured as they come, so mostly only the
+        # heavy one waits).
+        waiters = [t for t, n in self._unfinished.items() if n > runs.get(t, 0)]
+        if not waiters or max(runs.values(), default=0) < min(runs.get(t, 0)
+                                                               for t in waiters) + 2:
             return None
         self._charge_running(running)
         floor = min(self.counters.get(t, 0.0) for t in waiters)
@@ -181,22 +204,31 @@ class VirtualTokenCounter:
         if head is None:
             return None
         tenant = head.request.tenant  # ties: earliest head
-        above = [t for t in newest if self.counters.get(t, 0.0) > floor
+        above = [t for t in runs if self.counters.get(t, 0.0) > floor
                  and runs[t] >= runs.get(tenant, 0) + 2]
         if not above:
             return None
         top = max(above, key=lambda t: self.counters.get(t, 0.0))
-        return newest[top], head
+        return next(seq for seq in reversed(running) if seq.request.tenant == top), head
 
     def yielded(self, seq: Sequence) -> None:
         """`seq` was preempted for fairness: it queues with its tenant, not at the front."""
         self._yielded.add(seq)
 
 
-def make_policy(name: str, picks: int = 64) -> FirstComeFirstServed | VirtualTokenCounter:
-    """`picks`: the most sequences one admission can take (the scheduler's max_num_seqs)."""
+def _runs(running: list[Sequence]) -> dict[str, int]:
+    """Running sequences per tenant (a plain loop: building a Counter costs 3x as much here,
+    and this runs every step)."""
+    runs: dict[str, int] = {}
+    for seq in running:
+        tenant = seq.request.tenant
+        runs[tenant] = runs.get(tenant, 0) + 1
+    return runs
+
+
+def make_policy(name: str) -> FirstComeFirstServed | VirtualTokenCounter:
     if name == "fcfs":
         return FirstComeFirstServed()
     if name == "fair":
-        return VirtualTokenCounter(picks)
+        return VirtualTokenCounter()
     raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {name!r}")

@@ -55,7 +55,7 @@ class Scheduler:
         self.allocator = allocator
         self.adapters = adapters
         self.waiting: deque[Sequence] = deque()
-        self.policy = make_policy(config.policy, config.max_num_seqs)
+        self.policy = make_policy(config.policy)
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_fairness_preemptions = 0  # of num_preemptions, those made for the policy
@@ -158,7 +158,8 @@ class Scheduler:
 
     def _admit(self, budget: int) -> list[ScheduledSeq]:
         admitted: list[ScheduledSeq] = []
-        self.waiting = self.policy.order(self.waiting, self.running)
+        self.waiting = self.policy.order(self.waiting, self.running,
+                                         self.config.max_num_seqs - len(self.running))
         held = Counter(s.adapter for s in self.running if s.adapter is not None)
         if self.draining not in held:  # drained: its slot is free for the waiting adapter
             self.draining = None

@@ -163,10 +163,10 @@ def test_a_preempted_sequence_keeps_its_place_at_the_front() -> None:
         policy.add(seq)
     seqs[0].status = SequenceStatus.RUNNING
     seqs[0].output_token_ids += [1, 1]
-    policy.order(deque(seqs[1:]), [seqs[0]])  # charges heavy 3 + 2 * 2
+    policy.order(deque(seqs[1:]), [seqs[0]], room=2)  # charges heavy 3 + 2 * 2
     assert policy.counters == {"heavy": 7.0, "light": 0.0}
     seqs[0].status = SequenceStatus.WAITING  # preempted: back at the front
-    order = policy.order(deque([seqs[0], seqs[1], seqs[2]]), [])
+    order = policy.order(deque([seqs[0], seqs[1], seqs[2]]), [], room=3)
     assert [s.request.request_id for s in order] == ["heavy-0", "light-2", "heavy-1"]
     for seq in seqs:
         policy.finished(seq)
@@ -315,9 +315,64 @@ def test_a_full_batch_asks_for_no_order() -> None:
         add(scheduler, "heavy" if i % 4 else "light", output_len=20)
     asked: list[int] = []
     order = scheduler.policy.order
-    scheduler.policy.order = lambda waiting, running: asked.append(len(running)) or order(
-        waiting, running)
+    scheduler.policy.order = lambda waiting, running, room: asked.append(len(running)) or order(
+        waiting, running, room)
     for _ in range(30):
         step(scheduler)
     assert asked and all(n < 2 for n in asked)
     assert len(asked) <= 10  # of 30 steps: only those where a sequence had finished
+
+
+def order_by_definition(policy: VirtualTokenCounter, waiting: deque[Sequence],
+                        running: list[Sequence], room: int) -> list[Sequence]:
+    """The first `room` of `order` as the module docstring defines them, walking the whole
+    waiting queue: sequences admitted before (at the front, not yielded) first, then by
+    counter, each pick tentatively charged its prompt (ties: the tenant whose head came
+    first)."""
+    policy._charge_running(running)
+    if len(policy._unfinished) <= 1:
+        return list(waiting)[:room]
+    front: list[Sequence] = []
+    queues: dict[str, list[Sequence]] = {}
+    for seq in waiting:
+        if seq in policy._charged and seq not in policy._yielded and not queues:
+            front.append(seq)
+        else:
+            queues.setdefault(seq.request.tenant, []).append(seq)
+    counters = {t: policy.counters.get(t, 0.0) for t in queues}
+    heads = {t: 0 for t in queues}
+    picked = front[:room]
+    while len(picked) < room and any(heads[t] < len(q) for t, q in queues.items()):
+        tenant = min((t for t in queues if heads[t] < len(queues[t])),
+                     key=lambda t: (counters[t], list(queues).index(t)))
+        seq = queues[tenant][heads[tenant]]
+        heads[tenant] += 1
+        counters[tenant] += len(seq.request.prompt_token_ids)
+        picked.append(seq)
+    return picked
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_order_walks_part_of_the_queue_but_orders_as_defined(seed: int) -> None:
+    """`order` stops walking the waiting queue once it holds `room` of each tenant's; its
+    first `room` must still be what walking all of it gives, and the rest all the others,
+    through random arrivals, preemptions (small KV cache) and finishes of three tenants."""
+    rng = random.Random(seed)
+    scheduler = make("fair", max_num_seqs=6, blocks=40)
+    policy = scheduler.policy
+    assert isinstance(policy, VirtualTokenCounter)
+    compared = 0
+    for _ in range(300):
+        for tenant, rate in (("heavy", 0.9), ("medium", 0.3), ("light", 0.08)):
+            if rng.random() < rate:
+                add(scheduler, tenant, rng.randrange(2, 12), rng.randrange(1, 9))
+        room = rng.randrange(1, 7)
+        waiting, running = deque(scheduler.waiting), list(scheduler.running)
+        expected = order_by_definition(policy, waiting, running, room)
+        got = policy.order(waiting, running, room)
+        assert list(got)[:room] == expected
+        assert Counter(map(id, got)) == Counter(map(id, waiting))
+        compared += len({s.request.tenant for s in expected}) > 1
+        step(scheduler)
+    assert compared >= 20  # orders that mixed tenants, not only one tenant's queue
+    assert scheduler.num_preemptions > 0  # and sequences admitted before, at the front
