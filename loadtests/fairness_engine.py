@@ -7,15 +7,26 @@ streams, the load generator's own delays on the same cores) is left out, so the 
 ratio here is the scheduler's and the steps' share of it: the queue, and the step its first
 chunk is computed in. "server cores both" is this process's CPU (engine and arrivals).
 
-    python -m loadtests.fairness_engine             # the tiny fixture model, ~3 minutes
+    python -m loadtests.fairness_engine             # the tiny fixture model, ~5 minutes
 
 By default the engines run torch on one thread (`--threads`): on a machine busier than its
 cores, two intra-op threads waiting for each other make every step many times slower.
+
+Then, for the throughput ratio alone, `--sliced-rounds` rounds of a time-sliced comparison
+(`sliced_phase`): the phases' throughput moves by 10-20 % between phases seconds apart on these
+machines, even in process and with one key (the same code on both engines), which hides a 5 %
+difference. Here both engines get the same arrivals at once and take turns of `--slice-ms`
+(50) for `--duration` seconds, each stepping only in its own turns: a drift of the machine's
+speed over more than a turn falls on both alike. Each engine runs half the time, so the rates
+are halved: per second of its own turns each still gets the phase's rates. Printed: tokens per
+second of its own turns, per policy, and fair / fcfs with one key (the method's own spread)
+and with two.
 """
 
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -28,7 +39,6 @@ from loadtests.fairness import (
     POLICIES,
     Namespace,
     Phase,
-    Round,
     build_parser,
     interleaved_rounds,
     phase_plan,
@@ -96,8 +106,9 @@ def run_phase(engine: LLMEngine, name: str, rates: dict[str, float], args: Names
     return phase
 
 
-def run(policies: Sequence[str], args: Namespace) -> dict[str, list[Round]]:
-    """Both engines built first; their phases interleaved, as loadtests.fairness does."""
+def build_engines(policies: Sequence[str], args: Namespace) -> dict[str, LLMEngine]:
+    """An engine per policy, each warmed up (not measured); their phases are then interleaved,
+    as loadtests.fairness does."""
     torch.set_num_threads(args.threads)
     engines = {policy: LLMEngine(EngineConfig(
         model_dir=args.model_dir, device="cpu", dtype="float32",
@@ -107,17 +118,91 @@ def run(policies: Sequence[str], args: Namespace) -> dict[str, list[Round]]:
         if args.warmup > 0:
             run_phase(engine, "warm-up", phase_plan(args)[2][1],
                       Namespace(**{**vars(args), "duration": args.warmup}), seed=-1)
-    return interleaved_rounds(
-        policies, args, lambda policy, name, rates, seed: run_phase(engines[policy], name, rates,
-                                                                    args, seed))
+    return engines
+
+
+def sliced_phase(engines: dict[str, LLMEngine], rates: dict[str, float], args: Namespace,
+                 seed: int) -> dict[str, float]:
+    """Every engine gets the same Poisson arrivals (`rates` over wall time) and they take turns
+    of `args.slice_ms`, in order, for `args.duration` seconds; a request is added to an engine
+    in its own turn, once its arrival time has passed. Returns each engine's output tokens per
+    second of its own turns (a turn lasts until its last step ends)."""
+    rng = random.Random(seed)
+    arrivals = poisson_arrivals(rates, args.duration, rng)
+    prompts = [[rng.randrange(10, 90) for _ in range(args.prompt_len)] for _ in arrivals]
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True, temperature=0)
+    added = dict.fromkeys(engines, 0)
+    tokens = dict.fromkeys(engines, 0)
+    turns_s = dict.fromkeys(engines, 0.0)
+    start = time.monotonic()
+    end = start + args.duration
+    turn = 0
+    while (turn_start := time.monotonic()) < end:
+        policy = list(engines)[turn % len(engines)]
+        engine = engines[policy]
+        turn += 1
+        turn_end = min(turn_start + args.slice_ms / 1000, end)
+        while (now := time.monotonic()) < turn_end:
+            i = added[policy]
+            while i < len(arrivals) and start + arrivals[i][0] <= now:
+                engine.add_request(f"sliced-{seed}-{i}", prompts[i], params,
+                                   tenant=arrivals[i][1])
+                i += 1
+            added[policy] = i
+            if not engine.has_work():
+                time.sleep(min(0.0005, max(0.0, turn_end - now)))
+                continue
+            tokens[policy] += sum(len(delta.token_ids)
+                                  for out in engine.step() for delta in out.outputs)
+        turns_s[policy] += time.monotonic() - turn_start
+    for engine in engines.values():
+        for request_id in list(engine.requests):
+            engine.abort(request_id)
+    return {policy: tokens[policy] / turns_s[policy] for policy in engines}
+
+
+def sliced_report(engines: dict[str, LLMEngine], args: Namespace) -> str:
+    """`args.sliced_rounds` rounds of `sliced_phase`, one key then two (the rates halved: each
+    engine steps half the time), fair / fcfs per round and the median."""
+    heavy = args.light_rate * args.ratio / 2
+    plans = (("one key", {"heavy": heavy}), ("two keys", {"light": args.light_rate / 2,
+                                                          "heavy": heavy}))
+    ratios: dict[str, list[float]] = {label: [] for label, _ in plans}
+    lines = []
+    for r in range(args.sliced_rounds):
+        # Which engine takes the first turn alternates between rounds: the first of each
+        # pair of turns served about 2 % less in every round of a run that never swapped.
+        order = list(engines)[r % len(engines):] + list(engines)[:r % len(engines)]
+        for label, rates in plans:
+            served = sliced_phase({p: engines[p] for p in order}, rates, args, seed=10_000 + r)
+            ratios[label].append(served["fair"] / served["fcfs"])
+            lines.append(f"time-sliced round {r}, {label}: tok/s of its own turns fcfs "
+                         f"{served['fcfs']:,.0f}, fair {served['fair']:,.0f}")
+    for label, values in ratios.items():
+        lines.append(f"time-sliced throughput fair / fcfs, {label}: per round "
+                     f"{', '.join(f'{x:.3f}' for x in values)}; median "
+                     f"{statistics.median(values):.3f}")
+    lines.append(f"time-sliced: turns of {args.slice_ms:g} ms over {args.duration:g} s, "
+                 f"rates per second of an engine's own turns: light {args.light_rate:g}, "
+                 f"heavy {args.light_rate * args.ratio:g}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser("python -m loadtests.fairness_engine", __doc__)
+    parser.add_argument("--sliced-rounds", type=int, default=3,
+                        help="rounds of the time-sliced throughput comparison (0: none)")
+    parser.add_argument("--slice-ms", type=float, default=50.0,
+                        help="each engine's turn in the time-sliced comparison")
     args = parser.parse_args(argv)
     policies = POLICIES if args.scheduling_policy == "both" else (args.scheduling_policy,)
-    results = run(policies, args)
+    engines = build_engines(policies, args)
+    results = interleaved_rounds(
+        policies, args, lambda policy, name, rates, seed: run_phase(engines[policy], name, rates,
+                                                                    args, seed))
     print(report(results, args))
+    if args.sliced_rounds > 0 and len(engines) == 2:
+        print(sliced_report(engines, args))
     if args.json:
         write_json(results, args.json)
     return 0

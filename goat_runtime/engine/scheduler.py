@@ -120,7 +120,11 @@ class Scheduler:
         sequence). When the sequence cap or the KV cache leave it no room, the running
         sequence the policy names is preempted for it first; at most one such preemption a
         step. Returns the step's schedule, or None (nothing changed but that preemption):
-        schedule as usual."""
+        schedule as usual. The step of its own costs the batch a step per favoured request
+        (on the tiny model, one 16-token prompt alone takes as long as 16 decodes); admitting
+        it beside the decodes instead was measured (docs/benchmarks.md section 8, 2026-12-07):
+        2-3 % more throughput, but the light key's TTFT beside the heavy key 1.58x of alone
+        against 0.88x at the engine, past the 1.5x goal."""
         if not self.running:
             return None  # nothing to put it ahead of: admission takes it
         choice = self.policy.victim(self.waiting, self.running)
