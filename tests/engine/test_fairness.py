@@ -8,6 +8,7 @@ import itertools
 import random
 import weakref
 from collections import Counter, deque
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -283,27 +284,34 @@ def victim_by_definition(policy: VirtualTokenCounter, waiting: deque[Sequence],
     return newest[top], heads[tenant]
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_victim_skips_the_waiting_queue_but_chooses_as_defined(seed: int) -> None:
-    """Under overload `victim` runs every step over a long waiting queue; it reads which
-    tenants wait from its counts instead of walking the queue, and must still name exactly
-    what walking it would name, through random arrivals, preemptions and finishes of three
-    tenants of different weights."""
+def random_run(seed: int, blocks: int) -> Iterator[tuple[Scheduler, VirtualTokenCounter,
+                                                         random.Random]]:
+    """300 steps of a fair scheduler (6 sequences, `blocks` KV blocks) through random arrivals,
+    preemptions and finishes of three tenants of different weights; yields before each step,
+    the batch as that step sees it (statuses included: the policy charges them)."""
     rng = random.Random(seed)
-    scheduler = make("fair", max_num_seqs=6, blocks=60)
+    scheduler = make("fair", max_num_seqs=6, blocks=blocks)
     policy = scheduler.policy
     assert isinstance(policy, VirtualTokenCounter)
-    named = 0
     for _ in range(300):
         for tenant, rate in (("heavy", 0.9), ("medium", 0.3), ("light", 0.08)):
             if rng.random() < rate:
                 add(scheduler, tenant, rng.randrange(2, 12), rng.randrange(1, 9))
-        # The batch as the next step sees it (statuses included; victim charges them).
+        yield scheduler, policy, rng
+        step(scheduler)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_victim_skips_the_waiting_queue_but_chooses_as_defined(seed: int) -> None:
+    """Under overload `victim` runs every step over a long waiting queue; it reads which
+    tenants wait from its counts instead of walking the queue, and must still name exactly
+    what walking it would name."""
+    named = 0
+    for scheduler, policy, _ in random_run(seed, blocks=60):
         expected = victim_by_definition(policy, scheduler.waiting, scheduler.running)
         got = policy.victim(scheduler.waiting, scheduler.running)
         assert got == expected
         named += got is not None
-        step(scheduler)
     assert named >= 5  # the comparison covered favoured sequences, not only None
 
 
@@ -355,17 +363,10 @@ def order_by_definition(policy: VirtualTokenCounter, waiting: deque[Sequence],
 @pytest.mark.parametrize("seed", range(6))
 def test_order_walks_part_of_the_queue_but_orders_as_defined(seed: int) -> None:
     """`order` stops walking the waiting queue once it holds `room` of each tenant's; its
-    first `room` must still be what walking all of it gives, and the rest all the others,
-    through random arrivals, preemptions (small KV cache) and finishes of three tenants."""
-    rng = random.Random(seed)
-    scheduler = make("fair", max_num_seqs=6, blocks=40)
-    policy = scheduler.policy
-    assert isinstance(policy, VirtualTokenCounter)
-    compared = 0
-    for _ in range(300):
-        for tenant, rate in (("heavy", 0.9), ("medium", 0.3), ("light", 0.08)):
-            if rng.random() < rate:
-                add(scheduler, tenant, rng.randrange(2, 12), rng.randrange(1, 9))
+    first `room` must still be what walking all of it gives, and the rest all the others
+    (a small KV cache: sequences preempted for room keep their place at the front)."""
+    compared = preempted = 0
+    for scheduler, policy, rng in random_run(seed, blocks=40):
         room = rng.randrange(1, 7)
         waiting, running = deque(scheduler.waiting), list(scheduler.running)
         expected = order_by_definition(policy, waiting, running, room)
@@ -373,6 +374,6 @@ def test_order_walks_part_of_the_queue_but_orders_as_defined(seed: int) -> None:
         assert list(got)[:room] == expected
         assert Counter(map(id, got)) == Counter(map(id, waiting))
         compared += len({s.request.tenant for s in expected}) > 1
-        step(scheduler)
+        preempted = scheduler.num_preemptions
     assert compared >= 20  # orders that mixed tenants, not only one tenant's queue
-    assert scheduler.num_preemptions > 0  # and sequences admitted before, at the front
+    assert preempted > 0  # and sequences admitted before, at the front
