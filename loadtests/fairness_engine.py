@@ -25,6 +25,7 @@ and with two.
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
@@ -188,13 +189,18 @@ def sliced_report(engines: dict[str, LLMEngine], args: Namespace) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_engine_parser() -> argparse.ArgumentParser:
+    """loadtests.fairness's flags, and the time-sliced comparison's."""
     parser = build_parser("python -m loadtests.fairness_engine", __doc__)
     parser.add_argument("--sliced-rounds", type=int, default=3,
                         help="rounds of the time-sliced throughput comparison (0: none)")
     parser.add_argument("--slice-ms", type=float, default=50.0,
                         help="each engine's turn in the time-sliced comparison")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_engine_parser().parse_args(argv)
     policies = POLICIES if args.scheduling_policy == "both" else (args.scheduling_policy,)
     engines = build_engines(policies, args)
     results = interleaved_rounds(

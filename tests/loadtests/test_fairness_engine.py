@@ -9,15 +9,17 @@ import pytest
 
 from goat_runtime.engine.engine import LLMEngine
 from loadtests import fairness_engine
-from loadtests.fairness import POLICIES, build_parser
-from loadtests.fairness_engine import build_engines, sliced_phase, sliced_report
+from loadtests.fairness import POLICIES
+from loadtests.fairness_engine import (
+    build_engine_parser,
+    build_engines,
+    sliced_phase,
+    sliced_report,
+)
 
 
 def args(*extra: str) -> Any:
-    parser = build_parser()
-    parser.add_argument("--slice-ms", type=float, default=50.0)
-    parser.add_argument("--sliced-rounds", type=int, default=3)
-    return parser.parse_args(["--warmup", "0", "--output-len", "8", *extra])
+    return build_engine_parser().parse_args(["--warmup", "0", "--output-len", "8", *extra])
 
 
 def test_sliced_engines_take_turns_on_the_same_arrivals(monkeypatch: pytest.MonkeyPatch) -> None:
