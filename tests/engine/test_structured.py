@@ -3,6 +3,7 @@ characters, so choices, regexes and grammars over its words; JSON on SmolLM2 is 
 tests/e2e): constrained and free requests over different adapters in one batch, n > 1 with
 seeds, max_tokens, stop strings, the grammar cache, invalid and too slow constraints."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -82,9 +83,15 @@ def test_invalid_constraints_are_refused_by_name(engine, constraint, message):
     assert not engine.has_work()
 
 
-def test_a_slow_compile_is_refused_within_the_time_limit(tmp_path):
+def test_a_slow_compile_is_refused_within_the_time_limit(tmp_path, monkeypatch):
     engine = make_engine(Path(tmp_path), grammar_compile_timeout=0.001)
-    slow = Constraint("regex", "(w3|w4|w5){1,3000}w6")
+    # A compile that outlasts the limit for sure. A real slow regex (6-20 ms) was accepted
+    # about one run in fifteen: xgrammar holds the GIL for stretches of 4-5 ms while it
+    # compiles, so the waiting thread could look again only after the compile had ended.
+    compile_now = engine.grammars._compile
+    monkeypatch.setattr(engine.grammars, "_compile",
+                        lambda constraint: time.sleep(0.3) or compile_now(constraint))
+    slow = Constraint("regex", "(w3|w4|w5){1,30}w6")
     with pytest.raises(SamplingParamsError, match=r"took longer than 0\.001 s"):
         engine.add_request("slow", PROMPTS[0], SamplingParams(constraint=slow))
     assert not engine.has_work()
