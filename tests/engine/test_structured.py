@@ -86,7 +86,7 @@ def test_invalid_constraints_are_refused_by_name(engine, constraint, message):
 def test_a_slow_compile_is_refused_within_the_time_limit(tmp_path, monkeypatch):
     engine = make_engine(Path(tmp_path), grammar_compile_timeout=0.001)
     # A compile that outlasts the limit for sure. A real slow regex (6-20 ms) was accepted
-    # about one run in fifteen: xgrammar holds the GIL for stretches of 4-5 ms while it
+    # in about one run of twelve here: xgrammar holds the GIL for stretches of 4-5 ms while it
     # compiles, so the waiting thread could look again only after the compile had ended.
     compile_now = engine.grammars._compile
     monkeypatch.setattr(engine.grammars, "_compile",
