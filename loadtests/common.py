@@ -131,6 +131,12 @@ class ServerProcess:
             self._log = None
         return self.proc.returncode
 
+    def process_group(self) -> int:
+        """The server's process group (its own session: it and every worker it starts)."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} was not started")
+        return self.proc.pid
+
     def cpu_seconds(self) -> float:
         """CPU time (user + system) used so far by the live processes of the server's group."""
         if self.proc is None:

@@ -18,6 +18,9 @@ jobs kept the CPUs just before each round. Summary lines: per policy the median 
 light ratios, and the fair / fcfs throughput ratio of each round and its median. A request
 still waiting for its first token when a phase ends counts with the time it has waited (a lower
 bound), so a queue that never drains shows as such.
+Then, for the throughput ratio alone, `--sliced-rounds` rounds of the time-sliced comparison
+(loadtests.time_sliced): both servers get the same arrivals at once, each key's from a client
+per server, and run in turns of `--slice-ms`, the other one stopped (SIGSTOP) meanwhile.
 Requests are token ids (random, so the prefix cache never helps) with `ignore_eos`. Each key's
 requests come from a client process of its own (loadtests.key_clients), as each customer's come
 from theirs, on uvloop, as the server runs, to take less of the cores it shares with it.
@@ -25,7 +28,7 @@ The servers run torch on `--threads` threads (1 by default, as loadtests.fairnes
 two, each spent 0.6 cores more spinning for no more throughput, and two identical phases back
 to back differed by up to 2x (docs/benchmarks.md section 8).
 
-    python -m loadtests.fairness                    # the tiny fixture model, ~7 minutes
+    python -m loadtests.fairness                    # the tiny fixture model, ~9 minutes
     python -m loadtests.fairness --model-dir DIR    # another base model
 """
 
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +60,7 @@ from loadtests.common import (
     wait_for_quiet,
 )
 from loadtests.key_clients import START_LEAD_S, KeyClients, KeyJob
+from loadtests.time_sliced import add_sliced_args, sliced_report, take_turns
 
 FIXTURE = REPO / "tests" / "fixtures" / "goat-peft-tiny" / "base"
 SECRETS = {"light": "light-secret", "heavy": "heavy-secret"}
@@ -123,9 +128,9 @@ def run_phase(server: ServerProcess, model: str, name: str, rates: dict[str, flo
     before = server_samples(server.url)
     server_cpu0 = server.cpu_seconds()
     start_at = time.time() + START_LEAD_S
-    loads = clients.run([KeyJob(server.url, model, key, SECRETS[key], rate, args.prompt_len,
-                                args.output_len, args.duration, seed, start_at)
-                         for key, rate in rates.items() if rate > 0])
+    loads = clients.run({key: KeyJob(server.url, model, key, SECRETS[key], rate, args.prompt_len,
+                                     args.output_len, args.duration, seed, start_at)
+                         for key, rate in rates.items() if rate > 0})
     phase.server_cpu_s = server.cpu_seconds() - server_cpu0
     phase.client_cpu_s = sum(load.cpu_s for load in loads.values())
     for key, load in loads.items():
@@ -148,6 +153,27 @@ def run_phase(server: ServerProcess, model: str, name: str, rates: dict[str, flo
     phase.step_s = delta("goat_step_seconds_sum")
     phase.step_seqs = int(delta("goat_batch_size_sum"))
     return phase
+
+
+def sliced_phase(servers: dict[str, ServerProcess], models: dict[str, str],
+                 rates: dict[str, float], args: Namespace, seed: int,
+                 clients: KeyClients) -> dict[str, float]:
+    """Both servers get the same arrivals at once, from a client per key and server, and run
+    in turns of `args.slice_ms` in the order of `servers` (the others stopped: take_turns).
+    Returns each server's tokens streamed per second of its own turns."""
+    start_at = time.time() + START_LEAD_S
+    jobs = {f"{key}@{policy}": KeyJob(server.url, models[policy], key, SECRETS[key], rate,
+                                      args.prompt_len, args.output_len, args.duration, seed,
+                                      start_at)
+            for policy, server in servers.items() for key, rate in rates.items()}
+    groups = {policy: server.process_group() for policy, server in servers.items()}
+    with ThreadPoolExecutor(1) as pool:
+        turns = pool.submit(take_turns, groups, start_at, args.duration, args.slice_ms / 1000)
+        loads = clients.run(jobs)
+        turn_s = turns.result()
+    time.sleep(2.0)  # let the servers finish aborting before the next phase
+    return {policy: sum(loads[f"{key}@{policy}"].tokens for key in rates) / turn_s[policy]
+            for policy in servers}
 
 
 def key_file(folder: Path) -> Path:
@@ -232,8 +258,10 @@ def interleaved_rounds(policies: Sequence[str], args: Namespace,
     return results
 
 
-def run(policies: Sequence[str], args: Namespace, folder: Path) -> dict[str, list[Round]]:
-    """Both servers up at once (the idle one costs nothing), their phases interleaved."""
+def run(policies: Sequence[str], args: Namespace,
+        folder: Path) -> tuple[dict[str, list[Round]], str | None]:
+    """Both servers up at once (the idle one costs nothing), their phases interleaved; then,
+    with both policies, the time-sliced comparison's report."""
     servers = {policy: start_server(policy, args, folder) for policy in policies}
     try:
         with KeyClients(SECRETS) as clients:
@@ -248,7 +276,13 @@ def run(policies: Sequence[str], args: Namespace, folder: Path) -> dict[str, lis
                 return run_phase(servers[policy], models[policy], name, rates, args, seed,
                                  clients)
 
-            return interleaved_rounds(policies, args, run_phase_on)
+            results = interleaved_rounds(policies, args, run_phase_on)
+        if args.sliced_rounds <= 0 or len(servers) < 2:
+            return results, None
+        with KeyClients(f"{key}@{policy}" for policy in policies for key in SECRETS) as clients:
+            return results, sliced_report(lambda order, rates, seed: sliced_phase(
+                {policy: servers[policy] for policy in order}, models, rates, args, seed,
+                clients), policies, args)
     finally:
         for server in servers.values():
             server.stop()
@@ -353,6 +387,7 @@ def build_parser(prog: str = "python -m loadtests.fairness",
                    help="torch intra-op threads of the servers (engines): the tiny model's steps "
                         "are Python, and a second thread only competes with the event loop")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    add_sliced_args(p)
     add_max_busy_arg(p)
     return p
 
@@ -378,8 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     policies = POLICIES if args.scheduling_policy == "both" else (args.scheduling_policy,)
     with tempfile.TemporaryDirectory() as tmp:
-        results = run(policies, args, Path(tmp))
-    print(report(results, args))
+        results, sliced = run(policies, args, Path(tmp))
+    if args.rounds > 0:
+        print(report(results, args))
+    if sliced:
+        print(sliced)
     if args.json:
         write_json(results, args.json)
     return 0

@@ -12,22 +12,14 @@ chunk is computed in. "server cores both" is this process's CPU (engine and arri
 By default the engines run torch on one thread (`--threads`): on a machine busier than its
 cores, two intra-op threads waiting for each other make every step many times slower.
 
-Then, for the throughput ratio alone, `--sliced-rounds` rounds of a time-sliced comparison
-(`sliced_phase`): the phases' throughput moves by 10-20 % between phases seconds apart on these
-machines, even in process and with one key (the same code on both engines), which hides a 5 %
-difference. Here both engines get the same arrivals at once and take turns of `--slice-ms`
-(50) for `--duration` seconds, each stepping only in its own turns: a drift of the machine's
-speed over more than a turn falls on both alike. Each engine runs half the time, so the rates
-are halved: per second of its own turns each still gets the phase's rates. Printed: tokens per
-second of its own turns, per policy, and fair / fcfs with one key (the method's own spread)
-and with two.
+Then, for the throughput ratio alone, `--sliced-rounds` rounds of the time-sliced comparison
+(loadtests.time_sliced): both engines get the same arrivals at once and step in turns of
+`--slice-ms` (`sliced_phase`).
 """
 
 from __future__ import annotations
 
-import argparse
 import random
-import statistics
 import time
 from collections.abc import Sequence
 
@@ -46,6 +38,7 @@ from loadtests.fairness import (
     report,
     write_json,
 )
+from loadtests.time_sliced import sliced_report
 from server.cli import parse_size
 
 
@@ -162,53 +155,18 @@ def sliced_phase(engines: dict[str, LLMEngine], rates: dict[str, float], args: N
     return {policy: tokens[policy] / turns_s[policy] for policy in engines}
 
 
-def sliced_report(engines: dict[str, LLMEngine], args: Namespace) -> str:
-    """`args.sliced_rounds` rounds of `sliced_phase`, one key then two (the rates halved: each
-    engine steps half the time), fair / fcfs per round and the median."""
-    heavy = args.light_rate * args.ratio / 2
-    plans = (("one key", {"heavy": heavy}), ("two keys", {"light": args.light_rate / 2,
-                                                          "heavy": heavy}))
-    ratios: dict[str, list[float]] = {label: [] for label, _ in plans}
-    lines = []
-    for r in range(args.sliced_rounds):
-        # Which engine takes the first turn alternates between rounds: the first of each
-        # pair of turns served about 2 % less in every round of a run that never swapped.
-        order = list(engines)[r % len(engines):] + list(engines)[:r % len(engines)]
-        for label, rates in plans:
-            served = sliced_phase({p: engines[p] for p in order}, rates, args, seed=10_000 + r)
-            ratios[label].append(served["fair"] / served["fcfs"])
-            lines.append(f"time-sliced round {r}, {label}: tok/s of its own turns fcfs "
-                         f"{served['fcfs']:,.0f}, fair {served['fair']:,.0f}")
-    for label, values in ratios.items():
-        lines.append(f"time-sliced throughput fair / fcfs, {label}: per round "
-                     f"{', '.join(f'{x:.3f}' for x in values)}; median "
-                     f"{statistics.median(values):.3f}")
-    lines.append(f"time-sliced: turns of {args.slice_ms:g} ms over {args.duration:g} s, "
-                 f"rates per second of an engine's own turns: light {args.light_rate:g}, "
-                 f"heavy {args.light_rate * args.ratio:g}")
-    return "\n".join(lines)
-
-
-def build_engine_parser() -> argparse.ArgumentParser:
-    """loadtests.fairness's flags, and the time-sliced comparison's."""
-    parser = build_parser("python -m loadtests.fairness_engine", __doc__)
-    parser.add_argument("--sliced-rounds", type=int, default=3,
-                        help="rounds of the time-sliced throughput comparison (0: none)")
-    parser.add_argument("--slice-ms", type=float, default=50.0,
-                        help="each engine's turn in the time-sliced comparison")
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_engine_parser().parse_args(argv)
+    args = build_parser("python -m loadtests.fairness_engine", __doc__).parse_args(argv)
     policies = POLICIES if args.scheduling_policy == "both" else (args.scheduling_policy,)
     engines = build_engines(policies, args)
     results = interleaved_rounds(
         policies, args, lambda policy, name, rates, seed: run_phase(engines[policy], name, rates,
                                                                     args, seed))
-    print(report(results, args))
+    if args.rounds > 0:
+        print(report(results, args))
     if args.sliced_rounds > 0 and len(engines) == 2:
-        print(sliced_report(engines, args))
+        print(sliced_report(lambda order, rates, seed: sliced_phase(
+            {policy: engines[policy] for policy in order}, rates, args, seed), policies, args))
     if args.json:
         write_json(results, args.json)
     return 0

@@ -3,8 +3,9 @@ and timed by a client of its own, as each customer's are by theirs. With one eve
 streaming both keys, every light TTFT it measured included its own delay reading the heavy
 key's streams (docs/benchmarks.md section 8).
 
-`KeyClients` starts the processes once; `run` hands each the phase of its key (`KeyJob`), all
-starting at one wall-clock instant, and returns what each client saw (`KeyLoad`).
+`KeyClients` starts the processes once, one per name (a key, or a key and the server it sends
+to); `run` hands each client its phase (`KeyJob`), all starting at one wall-clock instant, and
+returns what each client saw (`KeyLoad`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import multiprocessing
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from types import TracebackType
@@ -141,30 +142,30 @@ def _serve(conn: Connection) -> None:
 
 
 class KeyClients:
-    """One spawned client process per key, for as long as the context lasts."""
+    """One spawned client process per name, for as long as the context lasts."""
 
-    def __init__(self, keys: Iterable[str]):
+    def __init__(self, names: Iterable[str]):
         context = multiprocessing.get_context("spawn")
         self._conns: dict[str, Connection] = {}
         self._procs: list[multiprocessing.process.BaseProcess] = []
-        for key in keys:
+        for name in names:
             parent, child = context.Pipe()
-            proc = context.Process(target=_serve, args=(child,), name=f"client-{key}",
+            proc = context.Process(target=_serve, args=(child,), name=f"client-{name}",
                                    daemon=True)
             proc.start()
-            self._conns[key] = parent
+            self._conns[name] = parent
             self._procs.append(proc)
 
-    def run(self, jobs: list[KeyJob]) -> dict[str, KeyLoad]:
-        """Every job on its key's client at once; waits for all of them."""
-        for job in jobs:
-            self._conns[job.key].send(job)
+    def run(self, jobs: Mapping[str, KeyJob]) -> dict[str, KeyLoad]:
+        """Each job (client name -> job) on its client, all at once; waits for all of them."""
+        for name, job in jobs.items():
+            self._conns[name].send(job)
         loads: dict[str, KeyLoad] = {}
-        for job in jobs:
-            result = self._conns[job.key].recv()
+        for name in jobs:
+            result = self._conns[name].recv()
             if isinstance(result, BaseException):
                 raise result
-            loads[job.key] = result
+            loads[name] = result
         return loads
 
     def close(self) -> None:

@@ -5,6 +5,8 @@ reads the engine's steps and queue times from a live server's /metrics."""
 import time
 from dataclasses import replace
 
+import httpx
+
 from loadtests import fairness
 from loadtests.common import free_port
 from loadtests.fairness import (
@@ -17,6 +19,7 @@ from loadtests.fairness import (
     report,
     run_phase,
     served_model,
+    sliced_phase,
     start_server,
 )
 from loadtests.key_clients import KeyClients, KeyJob
@@ -72,6 +75,29 @@ def test_a_phase_reads_the_engine_steps_and_queue_times_from_the_live_server(tmp
     assert Phase("empty", 1.0).step_figures() == (0.0, None, None)
 
 
+def test_sliced_servers_stream_in_their_turns_and_run_again_after(tmp_path) -> None:
+    """The time-sliced comparison against two real servers (take_turns' own test shows the
+    turns): each key's requests go to both from a client per server, both stream tokens, and
+    neither is left stopped."""
+    args = build_parser("fairness", None).parse_args(
+        ["--duration", "2", "--output-len", "8", "--warmup", "0", "--slice-ms", "100"])
+    servers = {policy: start_server(policy, args, tmp_path) for policy in ("fair", "fcfs")}
+    try:
+        for server in servers.values():
+            server.wait_healthy()
+        models = {policy: served_model(server) for policy, server in servers.items()}
+        names = [f"{key}@{policy}" for policy in servers for key in SECRETS]
+        with KeyClients(names) as clients:
+            served = sliced_phase(servers, models, {"light": 2.0, "heavy": 6.0}, args, 0,
+                                  clients)
+        for server in servers.values():
+            assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+    finally:
+        for server in servers.values():
+            server.stop()
+    assert set(served) == {"fair", "fcfs"} and all(rate > 0 for rate in served.values())
+
+
 def test_a_key_client_counts_refused_requests_as_errors() -> None:
     """A client whose server is gone reports errors, not TTFTs; its process serves the next
     job as well (the same arrivals for the same seed). A request sent in the phase's last
@@ -79,8 +105,8 @@ def test_a_key_client_counts_refused_requests_as_errors() -> None:
     job = KeyJob(f"http://127.0.0.1:{free_port()}", "m", "light", "s", rate=20.0,
                  prompt_len=4, output_len=4, duration_s=0.5, seed=3, start_at=time.time())
     with KeyClients(["light"]) as clients:
-        first = clients.run([job])["light"]
-        again = clients.run([replace(job, start_at=time.time())])["light"]
+        first = clients.run({"light": job})["light"]
+        again = clients.run({"light": replace(job, start_at=time.time())})["light"]
     assert first.errors > 0 and first.tokens == again.tokens == 0
     assert first.errors + first.waiting == again.errors + again.waiting
     assert len(first.ttft_s) == first.waiting <= 1
