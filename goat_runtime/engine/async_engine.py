@@ -11,6 +11,7 @@ for a supervisor to restart it (server/cli.py).
 """
 
 import asyncio
+import contextlib
 import functools
 import logging
 import queue
@@ -30,6 +31,7 @@ from goat_runtime.engine.outputs import (
     EngineStats,
     RequestOutput,
     StreamItem,
+    stream_outputs,
 )
 from goat_runtime.engine.sampling import SamplingParams
 
@@ -177,26 +179,18 @@ class AsyncEngine:
         if self._error is not None:  # died since the check above: its handler may miss us
             self._streams.pop(request_id, None)
             raise self._dead_error()
-        self._post(functools.partial(self._add_request, request_id, prompt_token_ids, params,
-                                     adapter, tenant, loop, stream))
-        finished = False
-        try:
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.error is not None:
-                    finished = True
-                    raise item.error
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
+
+        def close(finished: bool) -> None:
             self._streams.pop(request_id, None)
             if not finished:
                 self._post(lambda: self.engine.abort(request_id))
+
+        start = functools.partial(self._post, functools.partial(
+            self._add_request, request_id, prompt_token_ids, params, adapter, tenant, loop,
+            stream))
+        async with contextlib.aclosing(stream_outputs(stream, start, close)) as outputs:
+            async for output in outputs:
+                yield output
 
     def _check_new_request(self, request_id: str, prompt_token_ids: list[int],
                            params: SamplingParams, adapter: str | None) -> None:

@@ -4,7 +4,8 @@ Text and tokens are deltas (what is new since the previous output of the same re
 streaming server forwards them as they are and a non-streaming one concatenates them.
 """
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +39,31 @@ class RequestOutput:
 
 # What an engine front puts in a request's asyncio queue: its outputs, or the error that ends it.
 StreamItem = RequestOutput | BaseException
+
+
+async def stream_outputs(stream: "asyncio.Queue[StreamItem]", start: Callable[[], None],
+                         close: Callable[[bool], None]) -> AsyncGenerator[RequestOutput, None]:
+    """An engine front's side of a request: `start()` sends it to the engine, then its outputs
+    are yielded from `stream` until the finished one, and the error that ends it (put in the
+    queue, or an output's `error`) is raised. `close(finished)` runs however it ends: with
+    False when the consumer closed it early, so that the front aborts the request."""
+    finished = False
+    try:
+        start()
+        while True:
+            item = await stream.get()
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            if item.error is not None:
+                finished = True
+                raise item.error
+            finished = item.finished
+            yield item
+            if finished:
+                return
+    finally:
+        close(finished)
 
 
 class EngineError(RuntimeError):

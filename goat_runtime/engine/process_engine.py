@@ -12,6 +12,7 @@ stream fails with a 500 naming it and `failure` says so, as when `AsyncEngine`'s
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -31,6 +32,7 @@ from goat_runtime.engine.outputs import (
     EngineStats,
     RequestOutput,
     StreamItem,
+    stream_outputs,
 )
 from goat_runtime.engine.sampling import SamplingParams
 
@@ -201,24 +203,18 @@ class ProcessEngine:
             raise EngineError(f"Request id {request_id!r} is already running.", status=400)
         stream: asyncio.Queue[StreamItem] = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        finished = False
-        try:
-            self._send((engine_core.GENERATE, request_id, prompt_token_ids, params, adapter,
-                        tenant))
-            while True:
-                item = await stream.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
+
+        def close(finished: bool) -> None:
             self._streams.pop(request_id, None)
             if not finished and self.is_alive:
                 with contextlib.suppress(OSError):  # a process gone has nothing to abort
                     self._send((engine_core.ABORT, request_id))
+
+        start = functools.partial(self._send, (engine_core.GENERATE, request_id,
+                                               prompt_token_ids, params, adapter, tenant))
+        async with contextlib.aclosing(stream_outputs(stream, start, close)) as outputs:
+            async for output in outputs:
+                yield output
 
     # ---- adapters: calls into the engine process ------------------------------------------
 
