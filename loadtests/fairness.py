@@ -19,8 +19,9 @@ light ratios, and the fair / fcfs throughput ratio of each round and its median.
 still waiting for its first token when a phase ends counts with the time it has waited (a lower
 bound), so a queue that never drains shows as such.
 Then, for the throughput ratio alone, `--sliced-rounds` rounds of the time-sliced comparison
-(loadtests.time_sliced): both servers get the same arrivals at once, each key's from a client
-per server, and run in turns of `--slice-ms`, the other one stopped (SIGSTOP) meanwhile.
+(loadtests.time_sliced): both servers, and a second fcfs server as its control
+(`--sliced-control`), get the same arrivals at once, each key's from a client per server, and
+run in turns of `--slice-ms`, the others stopped (SIGSTOP) meanwhile.
 Requests are token ids (random, so the prefix cache never helps) with `ignore_eos`. Each key's
 requests come from a client process of its own (loadtests.key_clients), as each customer's come
 from theirs, on uvloop, as the server runs, to take less of the cores it shares with it.
@@ -60,7 +61,13 @@ from loadtests.common import (
     wait_for_quiet,
 )
 from loadtests.key_clients import START_LEAD_S, KeyClients, KeyJob
-from loadtests.time_sliced import add_sliced_args, sliced_report, take_turns
+from loadtests.time_sliced import (
+    add_sliced_args,
+    participants,
+    policy_of,
+    sliced_report,
+    take_turns,
+)
 
 FIXTURE = REPO / "tests" / "fixtures" / "goat-peft-tiny" / "base"
 SECRETS = {"light": "light-secret", "heavy": "heavy-secret"}
@@ -186,14 +193,18 @@ def key_file(folder: Path) -> Path:
     return path
 
 
-def start_server(policy: str, args: Namespace, folder: Path) -> ServerProcess:
+def start_server(policy: str, args: Namespace, folder: Path,
+                 name: str | None = None) -> ServerProcess:
+    """A server with `policy`, named `name` (the policy's own name by default) in its process
+    title and log file."""
+    name = name or policy
     port = free_port()
     cmd = [sys.executable, "-m", "server", str(args.model_dir), "--port", str(port),
            "--api-keys-file", str(key_file(folder)), "--scheduling-policy", policy,
            "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-memory", args.kv_cache_memory,
            "--device", "cpu", "--dtype", "float32", "--log-level", "warning",
            "--engine-process" if args.engine_process else "--no-engine-process"]
-    return ServerProcess(f"goat-serve-{policy}", cmd, port, folder / f"{policy}.log",
+    return ServerProcess(f"goat-serve-{name}", cmd, port, folder / f"{name}.log",
                          env={"OMP_NUM_THREADS": str(args.threads)}).start()
 
 
@@ -261,15 +272,18 @@ def interleaved_rounds(policies: Sequence[str], args: Namespace,
 def run(policies: Sequence[str], args: Namespace,
         folder: Path) -> tuple[dict[str, list[Round]], str | None]:
     """Both servers up at once (the idle one costs nothing), their phases interleaved; then,
-    with both policies, the time-sliced comparison's report."""
-    servers = {policy: start_server(policy, args, folder) for policy in policies}
+    with both policies, the time-sliced comparison's report (with its control server, up
+    from the start too)."""
+    sliced = args.sliced_rounds > 0 and len(policies) > 1
+    names = participants(policies, args) if sliced else list(policies)
+    servers = {name: start_server(policy_of(name), args, folder, name) for name in names}
     try:
         with KeyClients(SECRETS) as clients:
             for server in servers.values():
                 server.wait_healthy()
             for server in servers.values():
                 warm_up(server, args, clients)
-            models = {policy: served_model(server) for policy, server in servers.items()}
+            models = {name: served_model(server) for name, server in servers.items()}
 
             def run_phase_on(policy: str, name: str, rates: dict[str, float],
                              seed: int) -> Phase:
@@ -277,12 +291,12 @@ def run(policies: Sequence[str], args: Namespace,
                                  clients)
 
             results = interleaved_rounds(policies, args, run_phase_on)
-        if args.sliced_rounds <= 0 or len(servers) < 2:
+        if not sliced:
             return results, None
-        with KeyClients(f"{key}@{policy}" for policy in policies for key in SECRETS) as clients:
+        with KeyClients(f"{key}@{name}" for name in names for key in SECRETS) as clients:
             return results, sliced_report(lambda order, rates, seed: sliced_phase(
-                {policy: servers[policy] for policy in order}, models, rates, args, seed,
-                clients), policies, args)
+                {name: servers[name] for name in order}, models, rates, args, seed,
+                clients), names, args)
     finally:
         for server in servers.values():
             server.stop()

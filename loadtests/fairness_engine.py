@@ -13,8 +13,8 @@ By default the engines run torch on one thread (`--threads`): on a machine busie
 cores, two intra-op threads waiting for each other make every step many times slower.
 
 Then, for the throughput ratio alone, `--sliced-rounds` rounds of the time-sliced comparison
-(loadtests.time_sliced): both engines get the same arrivals at once and step in turns of
-`--slice-ms` (`sliced_phase`).
+(loadtests.time_sliced): both engines, and a second fcfs one as its control, get the same
+arrivals at once and step in turns of `--slice-ms` (`sliced_phase`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from loadtests.fairness import (
     report,
     write_json,
 )
-from loadtests.time_sliced import sliced_report
+from loadtests.time_sliced import participants, policy_of, sliced_report
 from server.cli import parse_size
 
 
@@ -100,14 +100,14 @@ def run_phase(engine: LLMEngine, name: str, rates: dict[str, float], args: Names
     return phase
 
 
-def build_engines(policies: Sequence[str], args: Namespace) -> dict[str, LLMEngine]:
-    """An engine per policy, each warmed up (not measured); their phases are then interleaved,
-    as loadtests.fairness does."""
+def build_engines(names: Sequence[str], args: Namespace) -> dict[str, LLMEngine]:
+    """An engine per name (a policy, or the sliced comparison's CONTROL), each warmed up (not
+    measured); their phases are then interleaved, as loadtests.fairness does."""
     torch.set_num_threads(args.threads)
-    engines = {policy: LLMEngine(EngineConfig(
+    engines = {name: LLMEngine(EngineConfig(
         model_dir=args.model_dir, device="cpu", dtype="float32",
         max_num_seqs=args.max_num_seqs, kv_cache_memory=parse_size(args.kv_cache_memory),
-        scheduling_policy=policy)) for policy in policies}
+        scheduling_policy=policy_of(name))) for name in names}
     for engine in engines.values():  # warm-up, not measured
         if args.warmup > 0:
             run_phase(engine, "warm-up", phase_plan(args)[2][1],
@@ -158,15 +158,16 @@ def sliced_phase(engines: dict[str, LLMEngine], rates: dict[str, float], args: N
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser("python -m loadtests.fairness_engine", __doc__).parse_args(argv)
     policies = POLICIES if args.scheduling_policy == "both" else (args.scheduling_policy,)
-    engines = build_engines(policies, args)
+    sliced = args.sliced_rounds > 0 and len(policies) > 1
+    engines = build_engines(participants(policies, args) if sliced else policies, args)
     results = interleaved_rounds(
         policies, args, lambda policy, name, rates, seed: run_phase(engines[policy], name, rates,
                                                                     args, seed))
     if args.rounds > 0:
         print(report(results, args))
-    if args.sliced_rounds > 0 and len(engines) == 2:
+    if sliced:
         print(sliced_report(lambda order, rates, seed: sliced_phase(
-            {policy: engines[policy] for policy in order}, rates, args, seed), policies, args))
+            {name: engines[name] for name in order}, rates, args, seed), list(engines), args))
     if args.json:
         write_json(results, args.json)
     return 0

@@ -6,7 +6,9 @@ section 8), which hides a 5 % difference; a drift over more than a turn falls on
 
 `sliced_report` runs the rounds and prints the ratios, given how to run one sliced phase (an
 engine per policy stepped in turns in process, or a server per policy stopped and continued in
-turns, `take_turns`).
+turns, `take_turns`). With `--sliced-control` (the default) a second fcfs server or engine,
+CONTROL, takes turns too: its ratio to the first, the same code on the same arrivals, is the
+comparison's own noise, printed beside fair / fcfs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,17 @@ from collections.abc import Callable, Sequence
 # run_sliced(policies in turn order, each key's requests/s, seed) -> each policy's output
 # tokens per second of its own turns.
 RunSliced = Callable[[list[str], dict[str, float], int], dict[str, float]]
+CONTROL = "control"  # a second fcfs server or engine: the comparison's A/A control
+
+
+def participants(policies: Sequence[str], args: argparse.Namespace) -> list[str]:
+    """Who takes turns: the policies, and CONTROL with `--sliced-control`."""
+    return [*policies, CONTROL] if args.sliced_control else list(policies)
+
+
+def policy_of(name: str) -> str:
+    """The scheduling policy a participant runs (CONTROL: fcfs)."""
+    return "fcfs" if name == CONTROL else name
 
 
 def add_sliced_args(parser: argparse.ArgumentParser) -> None:
@@ -28,29 +41,38 @@ def add_sliced_args(parser: argparse.ArgumentParser) -> None:
                         help="rounds of the time-sliced throughput comparison (0: none)")
     parser.add_argument("--slice-ms", type=float, default=50.0,
                         help="each policy's turn in the time-sliced comparison")
+    parser.add_argument("--sliced-control", action=argparse.BooleanOptionalAction, default=True,
+                        help="a second fcfs server (engine) in the turns: control / fcfs is "
+                        "the comparison's own noise")
 
 
-def sliced_report(run_sliced: RunSliced, policies: Sequence[str],
+def sliced_report(run_sliced: RunSliced, names: Sequence[str],
                   args: argparse.Namespace) -> str:
-    """`args.sliced_rounds` rounds, one key then two, with the rates halved (each policy is
-    served half the time, so per second of its own turns it still gets the phase's rates):
-    fair / fcfs per round and the median."""
-    heavy = args.light_rate * args.ratio / 2
-    plans = (("one key", {"heavy": heavy}), ("two keys", {"light": args.light_rate / 2,
+    """`args.sliced_rounds` rounds, one key then two, with the rates divided by the number of
+    participants `names` (fcfs, fair and maybe CONTROL: each is served that share of the
+    time, so per second of its own turns it still gets the phase's rates): fair / fcfs (and
+    control / fcfs) per round and the median."""
+    share = len(names)
+    heavy = args.light_rate * args.ratio / share
+    plans = (("one key", {"heavy": heavy}), ("two keys", {"light": args.light_rate / share,
                                                           "heavy": heavy}))
-    ratios: dict[str, list[float]] = {label: [] for label, _ in plans}
+    compared = [name for name in names if name != "fcfs"]
+    ratios: dict[tuple[str, str], list[float]] = {
+        (name, label): [] for name in compared for label, _ in plans}
     lines = []
     for r in range(args.sliced_rounds):
-        # Which policy takes the first turn alternates between rounds: the first of each
-        # pair of turns served about 2 % less in every round of a run that never swapped.
-        order = list(policies[r % len(policies):]) + list(policies[:r % len(policies)])
+        # Who takes the first turn rotates between rounds: the first of each pair of turns
+        # served about 2 % less in every round of a run that never swapped.
+        order = list(names[r % share:]) + list(names[:r % share])
         for label, rates in plans:
             served = run_sliced(order, rates, 10_000 + r)
-            ratios[label].append(served["fair"] / served["fcfs"])
-            lines.append(f"time-sliced round {r}, {label}: tok/s of its own turns fcfs "
-                         f"{served['fcfs']:,.0f}, fair {served['fair']:,.0f}")
-    for label, values in ratios.items():
-        lines.append(f"time-sliced throughput fair / fcfs, {label}: per round "
+            for name in compared:
+                ratios[name, label].append(served[name] / served["fcfs"])
+            lines.append(f"time-sliced round {r}, {label}: tok/s of its own turns " + ", ".join(
+                f"{name} {served[name]:,.0f}" for name in names))
+    for (name, label), values in ratios.items():
+        what = "control (fcfs again)" if name == CONTROL else name
+        lines.append(f"time-sliced throughput {what} / fcfs, {label}: per round "
                      f"{', '.join(f'{x:.3f}' for x in values)}; median "
                      f"{statistics.median(values):.3f}")
     lines.append(f"time-sliced: turns of {args.slice_ms:g} ms over {args.duration:g} s, "
