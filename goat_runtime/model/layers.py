@@ -16,6 +16,10 @@ from goat_runtime.ops import RoutedLoRAWeights, add_routed_lora, paged_decode_at
 # MKL GEMM at decode batch sizes and loses to it beyond about 256 rows (figures in
 # docs/benchmarks.md, "Figures behind defaults").
 ONEDNN_MAX_ROWS = 256
+# ... and only for weights of at least this many elements: oneDNN's fixed cost per call (20-50
+# us here, against MKL's 5-10) made every row count up to 64 slower below about 512 x 512
+# (`python -m benchmarks.bench_linear`); SmolLM2's smallest weight, 576 x 576, is above it.
+ONEDNN_MIN_WEIGHT = 1 << 18
 # torch leaves torch.backends.mkldnn.is_available unannotated.
 _HAS_ONEDNN: bool = torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
 
@@ -40,21 +44,27 @@ def onednn_row_bucket(rows: int) -> int:
 ROW_BUCKETS = sorted({onednn_row_bucket(t) for t in range(1, ONEDNN_MAX_ROWS + 1)})
 
 
+def onednn_serves(weight: torch.Tensor) -> bool:
+    """Whether `fast_linear` gives this weight to oneDNN (for at most ONEDNN_MAX_ROWS rows):
+    fp32 on the CPU, at least ONEDNN_MIN_WEIGHT elements."""
+    return (_HAS_ONEDNN and weight.is_cpu and weight.dtype == torch.float32
+            and weight.numel() >= ONEDNN_MIN_WEIGHT)
+
+
 def _onednn_rows(x: torch.Tensor) -> bool:
     # mkldnn's linear has no backward (autograd would silently give wrong gradients): a
     # gradient through x (training) takes F.linear.
-    return (_HAS_ONEDNN and x.is_cpu and x.dtype == torch.float32
-            and 0 < x.shape[0] <= ONEDNN_MAX_ROWS
+    return (x.is_cpu and x.dtype == torch.float32 and 0 < x.shape[0] <= ONEDNN_MAX_ROWS
             and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
     """A copy of weight [d_out, d_in] in oneDNN's blocked layout for `fast_linear`, or None
-    where oneDNN does not serve it (not fp32 on the CPU). Given the plain weight, oneDNN works
+    where oneDNN does not serve it (`onednn_serves`). Given the plain weight, oneDNN works
     from that layout on every call; packed, a decode step's linears take less time
     (`python -m benchmarks.bench_model_step`; figures in docs/benchmarks.md). A copy, not a
     view: it does not see later writes to `weight`."""
-    if not (_HAS_ONEDNN and weight.is_cpu and weight.dtype == torch.float32):
+    if not onednn_serves(weight):
         return None
     packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)
     return packed
@@ -62,9 +72,9 @@ def pack_for_onednn(weight: torch.Tensor) -> torch.Tensor | None:
 
 def fast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 packed: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [T, d_in], routed to the faster GEMM for T on the CPU;
-    packed: `pack_for_onednn(weight)`, if the caller keeps one."""
-    if _onednn_rows(x):
+    """F.linear(x, weight, bias) for x [T, d_in], routed to the faster GEMM for T and the
+    weight's size on the CPU; packed: `pack_for_onednn(weight)`, if the caller keeps one."""
+    if _onednn_rows(x) and onednn_serves(weight):
         rows = x.shape[0]
         bucket = onednn_row_bucket(rows)
         if bucket != rows:  # padded with zero rows; each output row depends on its input row only

@@ -15,6 +15,7 @@ from goat_runtime.engine.config import EngineConfig
 from goat_runtime.engine.engine import LLMEngine
 from goat_runtime.engine.outputs import EngineError, EngineListener
 from goat_runtime.engine.sampling import SamplingParams
+from goat_runtime.model import layers
 from goat_runtime.model.kv_cache import block_bytes
 from tests.adapters.adapted_model import FIXTURE
 from tests.devices import DEVICES, check_logprobs_close
@@ -150,12 +151,19 @@ def test_bfloat16_greedy_close_to_float32(tmp_path, device):
 
 
 @pytest.mark.slow
-def test_weights_packed_once_final(tmp_path):
-    """The engine packs the base weights for oneDNN after merging static terms (the reference
-    tests above run packed, merged and unmerged); --no-pack-weights serves the plain ones."""
+def test_weights_packed_once_final(tmp_path, monkeypatch):
+    """The engine packs the base weights for oneDNN after merging static terms, and serves
+    the reference tokens from them; --no-pack-weights serves the plain ones. The fixture's
+    weights are below oneDNN's size (layers.ONEDNN_MIN_WEIGHT: F.linear serves them, and they
+    get no packed copy), so here every weight is made big enough."""
+    small = make_engine(tmp_path, merge_static=True)
+    assert all(linear.packed is None for linear in small.model.fused_linears())
+    assert small.model.lm_head_packed is None
+    monkeypatch.setattr(layers, "ONEDNN_MIN_WEIGHT", 0)
     packed = make_engine(tmp_path, merge_static=True)
     assert all(linear.packed is not None for linear in packed.model.fused_linears())
     assert packed.model.lm_head_packed is not None
+    check_reference(run(packed, reference_requests()))
     plain = make_engine(tmp_path, pack_weights=False)
     assert all(linear.packed is None for linear in plain.model.fused_linears())
     assert plain.model.lm_head_packed is None
