@@ -50,10 +50,15 @@ def test_echo_logprobs_burst_under_kv_pressure(small_cache_server):
         engine._post(hold)
         assert holding.wait(60)
         with ThreadPoolExecutor(len(bodies)) as pool:
-            futures = [pool.submit(post, body) for body in bodies]
+            # Queued one after another, in the bodies' order: whether the burst preempts depends
+            # on the order (an order whose next prompt's first chunk never fits beside the one
+            # running runs them one by one; CI met one), and this one does.
+            futures = []
             deadline = time.monotonic() + 60
-            while engine._commands.qsize() < len(bodies) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            for queued, body in enumerate(bodies, start=1):
+                futures.append(pool.submit(post, body))
+                while engine._commands.qsize() < queued and time.monotonic() < deadline:
+                    time.sleep(0.005)
             gate.set()
             burst = [f.result() for f in futures]
         preemptions = scheduler.num_preemptions - before
