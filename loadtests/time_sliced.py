@@ -61,8 +61,8 @@ def sliced_report(run_sliced: RunSliced, names: Sequence[str],
         (name, label): [] for name in compared for label, _ in plans}
     lines = []
     for r in range(args.sliced_rounds):
-        # Who takes the first turn rotates between rounds: the first of each pair of turns
-        # served about 2 % less in every round of a run that never swapped.
+        # Who takes the first turn rotates between rounds: with two, the first of each pair
+        # of turns served about 2 % less in every round of a run that never swapped.
         order = list(names[r % share:]) + list(names[:r % share])
         for label, rates in plans:
             served = run_sliced(order, rates, 10_000 + r)
