@@ -6,6 +6,7 @@ and adapter references all come back. A fault no request explains kills the engi
 import asyncio
 import shutil
 import sys
+import threading
 from collections import Counter
 
 import pytest
@@ -262,20 +263,32 @@ def test_a_fault_of_the_engine_kills_it(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_a_dead_async_engine_fails_every_stream_and_says_why(tmp_path, monkeypatch):
+    """Every stream open when the engine dies fails with a 500 naming the cause; a request
+    sent after that is refused with a 503 naming it."""
     engine = AsyncEngine(EngineConfig(model_dir=FIXTURE / "base",
                                       adapter_dir=FIXTURE / "adapters", block_size=4,
                                       static_cache_dir=tmp_path / "static"))
+    # The first forward waits for every stream to open: otherwise the engine can die before a
+    # later request is sent, which is then refused with a 503 (what "late" checks).
+    all_open = threading.Event()
 
     def broken(input_ids, positions):
+        all_open.wait(10)
         raise RuntimeError("injected: device lost")
 
     monkeypatch.setattr(engine.engine.model, "forward", broken)
+
+    async def release_when_all_open() -> None:
+        while len(engine._streams) < len(NAMES):
+            await asyncio.sleep(0.01)
+        all_open.set()
 
     async def main():
         await engine.start()
         results = await asyncio.gather(*(collect(engine, f"r{i}", name)
                                          for i, name in enumerate(NAMES)),
-                                       return_exceptions=True)
+                                       release_when_all_open(), return_exceptions=True)
+        results = results[: len(NAMES)]
         late = await asyncio.gather(collect(engine, "late", None), return_exceptions=True)
         alive, failure = engine.is_alive, engine.failure
         await engine.shutdown()
