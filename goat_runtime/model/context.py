@@ -13,7 +13,7 @@ benchmarks) builds a context per step with `build_step_context` and installs it.
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +40,8 @@ class DecodeBatch:
 
 @dataclass
 class StepContext:
+    """Built by `build_step_context` (which checks the layout), read by the layers."""
+
     slot_mapping: torch.Tensor  # [T] int64: the cache slot (block * block_size + offset) per token
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32; pad with 0 (gathered, masked)
     seq_starts: tuple[int, ...]
@@ -48,53 +50,21 @@ class StepContext:
     token_adapter_slots: torch.Tensor  # [T] int32, -1: the base model
     logits_indices: torch.Tensor  # [N] int64: flat tokens whose hidden states give logits
     block_size: int
+    # Derived once per step (not per layer): whether the adapter op runs, the attention's plan.
+    has_adapter_tokens: bool
+    prefills: tuple[PrefillSeq, ...]
+    decode: DecodeBatch | None
     # [num_slots, E] int64: the routed op counts the experts each slot's routers choose (metrics)
     expert_counts: torch.Tensor | None = None
-    # Derived once per step (not per layer): the attention's gather plan.
-    has_adapter_tokens: bool = field(init=False)
-    prefills: tuple[PrefillSeq, ...] = field(init=False)
-    decode: DecodeBatch | None = field(init=False)
 
-    def __post_init__(self) -> None:
-        num_seqs = len(self.query_lens)
-        if not (len(self.seq_starts) == len(self.context_lens) == num_seqs
-                == self.block_tables.shape[0]):
-            raise ValueError("seq_starts, query_lens, context_lens and block_tables must have "
-                             "one entry per sequence")
-        for q, c in zip(self.query_lens, self.context_lens, strict=True):
-            if not 1 <= q <= c:
-                raise ValueError(f"a sequence needs 1 <= query_len <= context_len, got {q}, {c}")
-            if -(-c // self.block_size) > self.block_tables.shape[1]:
-                raise ValueError(f"context of {c} tokens exceeds the block table width "
-                                 f"{self.block_tables.shape[1]} x block_size {self.block_size}")
-        # One host sync per step, so the linears never sync to skip the adapter op.
-        self.has_adapter_tokens = bool((self.token_adapter_slots >= 0).any())
-        self.prefills = tuple(
-            PrefillSeq(s, q, c, None if c == q else self._context_slots([i], c)[0])
-            for i, (s, q, c) in enumerate(
-                zip(self.seq_starts, self.query_lens, self.context_lens, strict=True))
-            if q > 1)
-        decodes = [i for i, q in enumerate(self.query_lens) if q == 1]
-        self.decode = self._decode_batch(decodes) if decodes else None
 
-    def _context_slots(self, seqs: list[int], length: int) -> torch.Tensor:
-        """[len(seqs), length] cache slots of the first `length` tokens of the sequences."""
-        device = self.block_tables.device
-        num_blocks = -(-length // self.block_size)
-        blocks = self.block_tables[seqs, :num_blocks].long()
-        offsets = torch.arange(self.block_size, device=device)
-        return (blocks[:, :, None] * self.block_size + offsets).flatten(1)[:, :length]
-
-    def _decode_batch(self, seqs: list[int]) -> DecodeBatch:
-        device = self.block_tables.device
-        lens = [self.context_lens[i] for i in seqs]
-        all_seqs = len(seqs) == self.block_tables.shape[0]  # a pure decode step: no copy
-        return DecodeBatch(
-            token_indices=torch.tensor([self.seq_starts[i] for i in seqs], device=device),
-            block_tables=self.block_tables if all_seqs else self.block_tables[seqs],
-            context_lens=torch.tensor(lens, dtype=torch.int64, device=device),
-            max_context_len=max(lens),
-        )
+def _context_slots(block_tables: torch.Tensor, seq: int, length: int,
+                   block_size: int) -> torch.Tensor:
+    """[length] cache slots of the first `length` tokens of sequence `seq`."""
+    num_blocks = -(-length // block_size)
+    blocks = block_tables[seq, :num_blocks].long()
+    offsets = torch.arange(block_size, device=block_tables.device)
+    return (blocks[:, None] * block_size + offsets).flatten()[:length]
 
 
 def build_step_context(query_lens: Sequence[int], context_lens: Sequence[int],
@@ -108,39 +78,74 @@ def build_step_context(query_lens: Sequence[int], context_lens: Sequence[int],
     all_logits: logits for every token (prompt logprobs), not only each sequence's last one.
     num_logits: per sequence, how many of its last query tokens give logits (0: none, as for a
       prompt chunk that is not the last); overrides all_logits.
+
+    The integers go to the device as two tensors (int64 and int32), split into views: each
+    tensor made from a list is a host call of its own (and a copy on a GPU), and a decode step
+    of the tiny model is only a few milliseconds.
     """
+    num_seqs = len(query_lens)
+    if not len(context_lens) == len(block_tables) == len(adapter_slots) == num_seqs:
+        raise ValueError("query_lens, context_lens, block_tables and adapter_slots must have "
+                         "one entry per sequence")
     positions: list[int] = []
     slots: list[int] = []
     starts: list[int] = []
-    token_slots: list[int] = []
+    ints32: list[int] = []  # each token's adapter slot, then the padded block tables
     for q, c, table, a in zip(query_lens, context_lens, block_tables, adapter_slots,
                               strict=True):
+        if not 1 <= q <= c:
+            raise ValueError(f"a sequence needs 1 <= query_len <= context_len, got {q}, {c}")
         if len(table) * block_size < c:
             raise ValueError(f"a context of {c} tokens needs {-(-c // block_size)} blocks of "
                              f"{block_size}; its block table has {len(table)}")
         starts.append(len(positions))
-        for p in range(c - q, c):
-            positions.append(p)
-            slots.append(table[p // block_size] * block_size + p % block_size)
-        token_slots += [a] * q
+        if q == 1:  # most sequences of most steps
+            positions.append(c - 1)
+            slots.append(table[(c - 1) // block_size] * block_size + (c - 1) % block_size)
+            ints32.append(a)
+            continue
+        positions.extend(range(c - q, c))
+        slots.extend(table[p // block_size] * block_size + p % block_size
+                     for p in range(c - q, c))
+        ints32 += [a] * q
     width = max((len(t) for t in block_tables), default=0)
-    padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
     if num_logits is None:
-        num_logits = list(query_lens) if all_logits else [1] * len(query_lens)
+        num_logits = list(query_lens) if all_logits else [1] * num_seqs
     logits_indices = [i for s, q, k in zip(starts, query_lens, num_logits, strict=True)
                       for i in range(s + q - k, s + q)]
+    decodes = [i for i, q in enumerate(query_lens) if q == 1]
+    decode_lens = [context_lens[i] for i in decodes]
+    ints64 = torch.tensor(positions + slots + logits_indices + [starts[i] for i in decodes]
+                          + decode_lens, dtype=torch.int64, device=device)
+    # split_with_sizes: Tensor.split is a Python wrapper around it, 10 us a call here.
+    positions_t, slot_mapping, logits_t, decode_indices, decode_lens_t = (
+        ints64.split_with_sizes([len(positions), len(slots), len(logits_indices),
+                                 len(decodes), len(decodes)]))
+    for t in block_tables:
+        ints32 += t
+        if len(t) < width:
+            ints32 += [0] * (width - len(t))
+    token_adapter_slots, tables = torch.tensor(
+        ints32, dtype=torch.int32, device=device).split_with_sizes(
+        [len(positions), num_seqs * width])
+    tables = tables.view(num_seqs, width)
+    decode = None
+    if decodes:
+        decode = DecodeBatch(
+            token_indices=decode_indices,
+            block_tables=tables if len(decodes) == num_seqs else tables[decodes],
+            context_lens=decode_lens_t, max_context_len=max(decode_lens))
+    prefills = tuple(
+        PrefillSeq(s, q, c, None if c == q else _context_slots(tables, i, c, block_size))
+        for i, (s, q, c) in enumerate(zip(starts, query_lens, context_lens, strict=True))
+        if q > 1)
     ctx = StepContext(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(len(padded),
-                                                                                  width),
-        seq_starts=tuple(starts),
-        query_lens=tuple(query_lens),
-        context_lens=tuple(context_lens),
-        token_adapter_slots=torch.tensor(token_slots, dtype=torch.int32, device=device),
-        logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
-        block_size=block_size,
-    )
-    return torch.tensor(positions, dtype=torch.int64, device=device), ctx
+        slot_mapping=slot_mapping, block_tables=tables, seq_starts=tuple(starts),
+        query_lens=tuple(query_lens), context_lens=tuple(context_lens),
+        token_adapter_slots=token_adapter_slots, logits_indices=logits_t,
+        block_size=block_size, has_adapter_tokens=any(a >= 0 for a in adapter_slots),
+        prefills=prefills, decode=decode)
+    return positions_t, ctx
 
 
 _current: StepContext | None = None

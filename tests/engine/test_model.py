@@ -364,6 +364,65 @@ def test_step_contexts_do_not_nest(base_model):
 def test_short_block_table_refused():
     with pytest.raises(ValueError, match="block table"):
         build_step_context([5], [9], [[0, 1]], [-1], 4)
+    with pytest.raises(ValueError, match="query_len <= context_len"):
+        build_step_context([3], [2], [[0]], [-1], 4)
+    with pytest.raises(ValueError, match="one entry per sequence"):
+        build_step_context([1, 1], [1, 1], [[0]], [-1, -1], 4)
+
+
+@pytest.mark.parametrize("kinds", ["decodes", "mixed", "prefills"])
+def test_step_context_is_its_definition(kinds):
+    """The builder's tensors (views of two host tensors) against the layout they stand for:
+    sequences with cached prefixes, fresh prompts and decodes, block tables of several
+    widths, base and adapter tokens."""
+    block_size = 4
+    seqs = {  # (query_len, context_len, block table, adapter slot)
+        "decodes": [(1, 9, [7, 3, 5], 0), (1, 1, [2], -1), (1, 14, [1, 4, 6, 8], 2)],
+        "mixed": [(1, 9, [7, 3, 5], -1), (5, 5, [9, 10], 1), (3, 10, [11, 0, 12], -1),
+                  (1, 3, [13], 3)],
+        "prefills": [(6, 6, [4, 5], -1), (2, 7, [1, 2], -1)],
+    }[kinds]
+    query_lens, context_lens, tables, adapters = (list(x) for x in zip(*seqs, strict=True))
+    num_logits = [min(2, q) for q in query_lens]
+    positions, ctx = build_step_context(query_lens, context_lens, tables, adapters,
+                                        block_size, num_logits=num_logits)
+
+    def slot(table: list[int], p: int) -> int:
+        return table[p // block_size] * block_size + p % block_size
+
+    starts = [sum(query_lens[:i]) for i in range(len(seqs))]
+    assert ctx.seq_starts == tuple(starts)
+    assert positions.tolist() == [p for q, c, _, _ in seqs for p in range(c - q, c)]
+    assert ctx.slot_mapping.dtype == torch.int64 and ctx.slot_mapping.tolist() == [
+        slot(t, p) for q, c, t, _ in seqs for p in range(c - q, c)]
+    width = max(len(t) for t in tables)
+    assert ctx.block_tables.dtype == torch.int32 and ctx.block_tables.tolist() == [
+        t + [0] * (width - len(t)) for t in tables]
+    assert ctx.token_adapter_slots.dtype == torch.int32
+    assert ctx.token_adapter_slots.tolist() == [a for q, _, _, a in seqs for _ in range(q)]
+    assert ctx.logits_indices.tolist() == [i for s, q, k in zip(starts, query_lens, num_logits,
+                                                                strict=True)
+                                           for i in range(s + q - k, s + q)]
+    assert ctx.has_adapter_tokens == any(a >= 0 for a in adapters)
+    decodes = [i for i, q in enumerate(query_lens) if q == 1]
+    if decodes:
+        assert ctx.decode is not None
+        assert ctx.decode.token_indices.tolist() == [starts[i] for i in decodes]
+        assert ctx.decode.context_lens.tolist() == [context_lens[i] for i in decodes]
+        assert ctx.decode.block_tables.tolist() == [ctx.block_tables[i].tolist()
+                                                    for i in decodes]
+        assert ctx.decode.max_context_len == max(context_lens[i] for i in decodes)
+    else:
+        assert ctx.decode is None
+    assert [(p.start, p.query_len, p.context_len) for p in ctx.prefills] == [
+        (starts[i], q, c) for i, (q, c, _, _) in enumerate(seqs) if q > 1]
+    for prefill, (q, c, t, _) in zip(ctx.prefills, [x for x in seqs if x[0] > 1],
+                                     strict=True):
+        if q == c:
+            assert prefill.context_slots is None
+        else:
+            assert prefill.context_slots is not None
+            assert prefill.context_slots.tolist() == [slot(t, p) for p in range(c)]
 
 
 def test_block_allocator_refcounts():
