@@ -279,7 +279,9 @@ def test_a_dead_async_engine_fails_every_stream_and_says_why(tmp_path, monkeypat
     monkeypatch.setattr(engine.engine.model, "forward", broken)
 
     async def release_when_all_open() -> None:
-        while len(engine._streams) < len(NAMES):
+        for _ in range(1000):  # 10 s at most: a request refused at once never opens one
+            if len(engine._streams) >= len(NAMES):
+                break
             await asyncio.sleep(0.01)
         all_open.set()
 
